@@ -1,0 +1,197 @@
+//! Tokenizers: a character-level vocabulary, or a Hugging Face `tokenizer.json`
+//! (through the `tokenizers` crate), optionally trained here as byte-level BPE.
+//!
+//! Both are stored in a run directory as `tokenizer.json`; a character tokenizer is a
+//! small JSON object `{"type": "char", "chars": [...]}`, anything else is read as a
+//! Hugging Face tokenizer.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::models::bpe::{BPE, BpeTrainer};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+
+use crate::DataError;
+
+/// What the config's `tokenizer = "..."` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenizerSpec {
+    Char,
+    /// Train a byte-level BPE with this vocabulary size on the training text.
+    Bpe(usize),
+    /// Load a Hugging Face `tokenizer.json`.
+    File(PathBuf),
+}
+
+impl TokenizerSpec {
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        if spec == "char" {
+            return Ok(Self::Char);
+        }
+        if let Some(n) = spec.strip_prefix("bpe:") {
+            let n: usize = n
+                .parse()
+                .map_err(|_| format!("\"{spec}\": expected bpe:<vocab size>, e.g. bpe:512"))?;
+            if n < 257 {
+                return Err(format!(
+                    "\"{spec}\": a byte-level BPE needs a vocabulary of at least 257"
+                ));
+            }
+            return Ok(Self::Bpe(n));
+        }
+        if spec.ends_with(".json") {
+            return Ok(Self::File(PathBuf::from(spec)));
+        }
+        Err(format!(
+            "\"{spec}\": expected \"char\", \"bpe:<vocab size>\" or a path to tokenizer.json"
+        ))
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct CharFile {
+    r#type: String,
+    chars: Vec<char>,
+}
+
+/// A tokenizer of either kind.
+#[derive(Clone)]
+pub enum Tokenizer {
+    Char(CharTokenizer),
+    Hf(Box<tokenizers::Tokenizer>),
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Tokenizer::Char(c) => write!(f, "CharTokenizer(vocab={})", c.chars.len()),
+            Tokenizer::Hf(t) => write!(f, "HfTokenizer(vocab={})", t.get_vocab_size(true)),
+        }
+    }
+}
+
+/// One token per distinct character of the corpus, ids in sorted character order
+/// (nanoGPT's `shakespeare_char`).
+#[derive(Debug, Clone)]
+pub struct CharTokenizer {
+    chars: Vec<char>,
+    index: std::collections::HashMap<char, u32>,
+}
+
+impl CharTokenizer {
+    pub fn from_text(text: &str) -> Self {
+        let chars: BTreeSet<char> = text.chars().collect();
+        Self::from_chars(chars.into_iter().collect())
+    }
+
+    fn from_chars(chars: Vec<char>) -> Self {
+        let index = chars.iter().enumerate().map(|(i, &c)| (c, i as u32)).collect();
+        Self { chars, index }
+    }
+}
+
+impl Tokenizer {
+    /// Build the tokenizer `spec` asks for; `train_text` is what a char vocabulary or a
+    /// BPE is built from.
+    pub fn build(spec: &TokenizerSpec, train_text: &str) -> Result<Self, DataError> {
+        match spec {
+            TokenizerSpec::Char => Ok(Self::Char(CharTokenizer::from_text(train_text))),
+            TokenizerSpec::Bpe(vocab) => Self::train_bpe(*vocab, train_text),
+            TokenizerSpec::File(path) => Self::load(path),
+        }
+    }
+
+    fn train_bpe(vocab_size: usize, text: &str) -> Result<Self, DataError> {
+        let mut tokenizer = tokenizers::Tokenizer::new(BPE::default());
+        tokenizer.with_pre_tokenizer(Some(ByteLevel::default()));
+        tokenizer.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+        let mut trainer: TrainerWrapper = BpeTrainer::builder()
+            .vocab_size(vocab_size)
+            .min_frequency(2)
+            .show_progress(false)
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .build()
+            .into();
+        tokenizer
+            .train(&mut trainer, text.lines())
+            .map_err(|e| DataError::Tokenizer(format!("training BPE: {e}")))?;
+        Ok(Self::Hf(Box::new(tokenizer)))
+    }
+
+    /// Read a `tokenizer.json` of either kind.
+    pub fn load(path: &Path) -> Result<Self, DataError> {
+        let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+        if let Ok(file) = serde_json::from_str::<CharFile>(&text)
+            && file.r#type == "char"
+        {
+            if file.chars.is_empty() {
+                return Err(DataError::format(path, "character tokenizer with an empty vocabulary"));
+            }
+            return Ok(Self::Char(CharTokenizer::from_chars(file.chars)));
+        }
+        let tokenizer = text
+            .parse::<tokenizers::Tokenizer>()
+            .map_err(|e| DataError::format(path, format!("not a Hugging Face tokenizer.json: {e}")))?;
+        Ok(Self::Hf(Box::new(tokenizer)))
+    }
+
+    /// Write `tokenizer.json` (the caller makes it atomic).
+    pub fn to_json(&self) -> Result<String, DataError> {
+        match self {
+            Tokenizer::Char(c) => Ok(serde_json::to_string(&CharFile {
+                r#type: "char".into(),
+                chars: c.chars.clone(),
+            })
+            .expect("char list serialises")),
+            Tokenizer::Hf(t) => t
+                .to_string(false)
+                .map_err(|e| DataError::Tokenizer(format!("serialising: {e}"))),
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Tokenizer::Char(c) => c.chars.len(),
+            Tokenizer::Hf(t) => t.get_vocab_size(true),
+        }
+    }
+
+    /// Text -> ids. A character outside a char vocabulary is an error naming it.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, DataError> {
+        match self {
+            Tokenizer::Char(c) => text
+                .chars()
+                .map(|ch| {
+                    c.index
+                        .get(&ch)
+                        .copied()
+                        .ok_or_else(|| DataError::Tokenizer(format!("character {ch:?} is not in the vocabulary")))
+                })
+                .collect(),
+            Tokenizer::Hf(t) => t
+                .encode(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| DataError::Tokenizer(format!("encoding: {e}"))),
+        }
+    }
+
+    /// Ids -> text.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, DataError> {
+        match self {
+            Tokenizer::Char(c) => ids
+                .iter()
+                .map(|&i| {
+                    c.chars
+                        .get(i as usize)
+                        .copied()
+                        .ok_or_else(|| DataError::Tokenizer(format!("id {i} is outside the vocabulary")))
+                })
+                .collect(),
+            Tokenizer::Hf(t) => t
+                .decode(ids, false)
+                .map_err(|e| DataError::Tokenizer(format!("decoding: {e}"))),
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! GPT-2: token + learned position embeddings, pre-LayerNorm blocks of causal
+//! self-attention and a GELU MLP, a final LayerNorm, and an LM head tied to the token
+//! embedding. Module paths follow Hugging Face's `GPT2LMHeadModel`
+//! (`transformer.wte`, `transformer.h.{i}.attn.c_attn`, ...).
+//!
+//! Shapes: B = batch, T = sequence, C = n_embd, H = n_head, D = C / H, V = vocab.
+
+use burn::nn::{
+    Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+};
+use burn::prelude::*;
+use burn::tensor::activation::gelu_approximate;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ConfigError, ensure};
+use crate::{CausalLm, KvCache};
+
+fn default_epsilon() -> f64 {
+    1e-5
+}
+fn default_true() -> bool {
+    true
+}
+
+/// GPT-2 hyper-parameters (`[model] arch = "gpt2"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gpt2Config {
+    /// Number of transformer blocks.
+    pub n_layer: usize,
+    /// Attention heads per block.
+    pub n_head: usize,
+    /// Embedding width C.
+    pub n_embd: usize,
+    /// Context length (number of learned positions).
+    pub block_size: usize,
+    /// Vocabulary size; 0 in a config means "take it from the tokenizer".
+    #[serde(default)]
+    pub vocab_size: usize,
+    /// Dropout on embeddings, attention weights and residual branches.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Biases in Linear and LayerNorm layers (GPT-2 has them).
+    #[serde(default = "default_true")]
+    pub bias: bool,
+    #[serde(default = "default_epsilon")]
+    pub layer_norm_epsilon: f64,
+}
+
+impl Gpt2Config {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ensure(self.n_layer > 0, "n_layer", "must be at least 1")?;
+        ensure(self.n_head > 0, "n_head", "must be at least 1")?;
+        ensure(self.n_embd > 0, "n_embd", "must be at least 1")?;
+        ensure(
+            self.n_embd % self.n_head == 0,
+            "n_embd",
+            format!("{} is not divisible by n_head = {}", self.n_embd, self.n_head),
+        )?;
+        ensure(self.block_size > 0, "block_size", "must be at least 1")?;
+        ensure(
+            (0.0..1.0).contains(&self.dropout),
+            "dropout",
+            format!("{} is not in [0, 1)", self.dropout),
+        )?;
+        ensure(self.layer_norm_epsilon > 0.0, "layer_norm_epsilon", "must be positive")
+    }
+
+    /// Build the model with GPT-2's initialisation: N(0, 0.02) weights, residual
+    /// projections scaled by 1/sqrt(2 * n_layer), zero biases.
+    pub fn init(&self, device: &Device) -> Gpt2LMHeadModel {
+        assert!(self.vocab_size > 0, "Gpt2Config::init: vocab_size must be set");
+        let normal = Initializer::Normal { mean: 0.0, std: 0.02 };
+        let proj = Initializer::Normal {
+            mean: 0.0,
+            std: 0.02 / (2.0 * self.n_layer as f64).sqrt(),
+        };
+        // Weights drawn from `init`, biases zero (a fresh parameter that trains).
+        let linear = |d_in, d_out, init: &Initializer| {
+            let mut layer = LinearConfig::new(d_in, d_out)
+                .with_bias(false)
+                .with_initializer(init.clone())
+                .init(device);
+            layer.bias = self.bias.then(|| Initializer::Zeros.init([d_out], device));
+            layer
+        };
+        let layer_norm = || {
+            LayerNormConfig::new(self.n_embd)
+                .with_epsilon(self.layer_norm_epsilon)
+                .with_bias(self.bias)
+                .init(device)
+        };
+        let c = self.n_embd;
+        let h = (0..self.n_layer)
+            .map(|_| Block {
+                ln_1: layer_norm(),
+                attn: CausalSelfAttention {
+                    c_attn: linear(c, 3 * c, &normal),
+                    c_proj: linear(c, c, &proj),
+                    resid_dropout: DropoutConfig::new(self.dropout).init(),
+                    n_head: self.n_head,
+                },
+                ln_2: layer_norm(),
+                mlp: Gpt2Mlp {
+                    c_fc: linear(c, 4 * c, &normal),
+                    c_proj: linear(4 * c, c, &proj),
+                    dropout: DropoutConfig::new(self.dropout).init(),
+                },
+            })
+            .collect();
+        Gpt2LMHeadModel {
+            transformer: Gpt2Model {
+                wte: EmbeddingConfig::new(self.vocab_size, c)
+                    .with_initializer(normal.clone())
+                    .init(device),
+                wpe: EmbeddingConfig::new(self.block_size, c)
+                    .with_initializer(normal)
+                    .init(device),
+                drop: DropoutConfig::new(self.dropout).init(),
+                h,
+                ln_f: layer_norm(),
+            },
+        }
+    }
+}
+
+/// `GPT2LMHeadModel`: the transformer plus an LM head tied to `transformer.wte`.
+#[derive(Module, Debug)]
+pub struct Gpt2LMHeadModel {
+    pub transformer: Gpt2Model,
+}
+
+/// `GPT2Model`: embeddings, blocks, final LayerNorm.
+#[derive(Module, Debug)]
+pub struct Gpt2Model {
+    /// Token embedding `[V, C]`, also the LM head.
+    pub wte: Embedding,
+    /// Position embedding `[block_size, C]`.
+    pub wpe: Embedding,
+    pub drop: Dropout,
+    pub h: Vec<Block>,
+    pub ln_f: LayerNorm,
+}
+
+/// One pre-LayerNorm transformer block: `x + attn(ln_1(x))`, then `x + mlp(ln_2(x))`.
+#[derive(Module, Debug)]
+pub struct Block {
+    pub ln_1: LayerNorm,
+    pub attn: CausalSelfAttention,
+    pub ln_2: LayerNorm,
+    pub mlp: Gpt2Mlp,
+}
+
+/// Multi-head causal self-attention with a fused q/k/v projection.
+#[derive(Module, Debug)]
+pub struct CausalSelfAttention {
+    /// `[C, 3C]`: q, k and v in one matmul (HF's Conv1D layout is `[in, out]` too).
+    pub c_attn: Linear,
+    /// `[C, C]`
+    pub c_proj: Linear,
+    pub resid_dropout: Dropout,
+    pub n_head: usize,
+}
+
+/// Position-wise MLP: `C -> 4C -> GELU -> C`.
+#[derive(Module, Debug)]
+pub struct Gpt2Mlp {
+    pub c_fc: Linear,
+    pub c_proj: Linear,
+    pub dropout: Dropout,
+}
+
+impl CausalSelfAttention {
+    /// `x`: `[B, T, C]` -> `[B, T, C]`. With a cache, `x` holds only the new positions
+    /// and attends over every cached one.
+    fn forward(&self, x: Tensor<3>, cache: Option<(&mut KvCache, usize)>) -> Tensor<3> {
+        let [b, t, c] = x.dims();
+        let (h, d) = (self.n_head, c / self.n_head);
+        // [B, T, 3C] -> 3 x [B, H, T, D]
+        let qkv = self.c_attn.forward(x).reshape([b, t, 3, h, d]).permute([2, 0, 3, 1, 4]);
+        let mut qkv = qkv.chunk(3, 0).into_iter().map(|p| p.squeeze_dim::<4>(0));
+        let (q, k, v) = (qkv.next().unwrap(), qkv.next().unwrap(), qkv.next().unwrap());
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, k, v),
+            None => (k, v),
+        };
+        // softmax(q k^T / sqrt(D)) v, causal (aligned to the last key): [B, H, T, D]
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: t > 1,
+        };
+        let y = attention(q, k, v, None, None, options);
+        // [B, H, T, D] -> [B, T, C]
+        let y = y.swap_dims(1, 2).reshape([b, t, c]);
+        self.resid_dropout.forward(self.c_proj.forward(y))
+    }
+}
+
+impl Gpt2Mlp {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        // GPT-2 uses the tanh approximation of GELU ("gelu_new").
+        let x = gelu_approximate(self.c_fc.forward(x));
+        self.dropout.forward(self.c_proj.forward(x))
+    }
+}
+
+impl Block {
+    fn forward(&self, x: Tensor<3>, cache: Option<(&mut KvCache, usize)>) -> Tensor<3> {
+        let x = x.clone() + self.attn.forward(self.ln_1.forward(x), cache);
+        x.clone() + self.mlp.forward(self.ln_2.forward(x))
+    }
+}
+
+impl Gpt2LMHeadModel {
+    /// `tokens` `[B, T]` starting at position `start` -> logits `[B, T, V]`.
+    fn forward_from(&self, tokens: Tensor<2, Int>, start: usize, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+        let tf = &self.transformer;
+        let [b, t] = tokens.dims();
+        let device = tokens.device();
+        // [T] positions start..start+T -> [1, T]
+        let positions = Tensor::<1, Int>::arange(start as i64..(start + t) as i64, &device).reshape([1, t]);
+        // [B, T, C] + [1, T, C]
+        let mut x = tf.drop.forward(tf.wte.forward(tokens) + tf.wpe.forward(positions));
+        for (i, block) in tf.h.iter().enumerate() {
+            x = block.forward(x, cache.as_deref_mut().map(|c| (c, i)));
+        }
+        if let Some(cache) = cache {
+            cache.advance(t);
+        }
+        let x = tf.ln_f.forward(x);
+        // Tied head: [B*T, C] @ [C, V] -> [B, T, V]
+        let [_, _, c] = x.dims();
+        let logits = x.reshape([b * t, c]).matmul(tf.wte.weight.val().transpose());
+        let v = logits.dims()[1];
+        logits.reshape([b, t, v])
+    }
+}
+
+impl CausalLm for Gpt2LMHeadModel {
+    fn context_len(&self) -> usize {
+        self.transformer.wpe.weight.dims()[0]
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.transformer.wte.weight.dims()[0]
+    }
+
+    fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        self.forward_from(tokens, 0, None)
+    }
+
+    fn new_cache(&self, batch: usize, device: &Device) -> KvCache {
+        let c = self.transformer.wte.weight.dims()[1];
+        let h = self.transformer.h[0].attn.n_head;
+        KvCache::new(self.transformer.h.len(), batch, h, self.context_len(), c / h, device)
+    }
+
+    fn forward_cached(&self, tokens: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
+        let start = cache.len();
+        self.forward_from(tokens, start, Some(cache))
+    }
+}

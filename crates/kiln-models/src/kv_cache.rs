@@ -1,0 +1,89 @@
+//! Key/value cache for incremental decoding.
+//!
+//! Each layer holds a buffer `[batch, kv_heads, context, head_dim]` allocated once;
+//! new keys and values are written into it in place (`slice_assign` on a uniquely owned
+//! tensor), so a decode step allocates no new cache storage.
+
+use burn::prelude::*;
+
+/// Cached keys and values of one attention layer.
+#[derive(Debug, Clone)]
+pub struct LayerKv {
+    keys: Tensor<4>,
+    values: Tensor<4>,
+}
+
+/// Keys and values of every layer, plus how many positions are filled.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<LayerKv>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    /// An empty cache of `layers` layers, each `[batch, kv_heads, capacity, head_dim]`.
+    pub fn new(
+        layers: usize,
+        batch: usize,
+        kv_heads: usize,
+        capacity: usize,
+        head_dim: usize,
+        device: &Device,
+    ) -> Self {
+        let layers = (0..layers)
+            .map(|_| LayerKv {
+                keys: Tensor::zeros([batch, kv_heads, capacity, head_dim], device),
+                values: Tensor::zeros([batch, kv_heads, capacity, head_dim], device),
+            })
+            .collect();
+        Self {
+            layers,
+            len: 0,
+            capacity,
+        }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Maximum number of positions.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forget every cached position (the buffers are kept).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Write `keys`/`values` `[batch, kv_heads, new, head_dim]` of `layer` at the current
+    /// position and return all cached keys and values `[batch, kv_heads, len + new, head_dim]`.
+    /// The position only advances in [`advance`](Self::advance), once every layer is written.
+    pub fn append(&mut self, layer: usize, keys: Tensor<4>, values: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let new = keys.dims()[2];
+        let end = self.len + new;
+        assert!(end <= self.capacity, "KV cache overflow: {end} > {}", self.capacity);
+        let start = self.len;
+        let kv = &mut self.layers[layer];
+        kv.keys
+            .inplace(|buf| buf.slice_assign(s![.., .., start..end, ..], keys));
+        kv.values
+            .inplace(|buf| buf.slice_assign(s![.., .., start..end, ..], values));
+        (
+            kv.keys.clone().slice(s![.., .., 0..end, ..]),
+            kv.values.clone().slice(s![.., .., 0..end, ..]),
+        )
+    }
+
+    /// Mark `new` positions as filled.
+    pub fn advance(&mut self, new: usize) {
+        self.len += new;
+    }
+}

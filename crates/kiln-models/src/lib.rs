@@ -1,0 +1,50 @@
+//! Every Kiln architecture, defined once and run unchanged on every Burn backend.
+//!
+//! In Burn 0.22 modules and tensors carry no backend type: the backend is the
+//! [`Device`](burn::tensor::Device) the parameters live on, chosen at run time.
+//! Each architecture reads top to bottom in its own file with shapes in comments,
+//! and has a typed config (serde, validated) that [`ModelConfig`] selects by `arch`.
+//!
+//! Parameter paths of `gpt2` and `llama` follow the Hugging Face names of those
+//! architectures (`transformer.h.0.attn.c_attn`, `model.layers.0.self_attn.q_proj`, ...)
+//! so that weights convert in and out by small rule tables.
+
+pub mod cnn;
+pub mod config;
+pub mod gpt2;
+pub mod kv_cache;
+pub mod llama;
+pub mod mlp;
+
+pub use cnn::{Cnn, CnnConfig};
+pub use config::{ConfigError, ModelConfig, ModelKind};
+pub use gpt2::{Gpt2Config, Gpt2LMHeadModel};
+pub use kv_cache::KvCache;
+pub use llama::{LlamaConfig, LlamaForCausalLM};
+pub use mlp::{Mlp, MlpConfig};
+
+use burn::prelude::*;
+
+/// A causal language model: tokens in, next-token logits out, with an incremental
+/// (KV-cached) path for generation.
+pub trait CausalLm {
+    /// Maximum number of positions the model attends over.
+    fn context_len(&self) -> usize;
+    /// Size of the output vocabulary.
+    fn vocab_size(&self) -> usize;
+    /// Full forward pass. `tokens`: `[batch, seq]` -> logits `[batch, seq, vocab]`.
+    fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3>;
+    /// An empty cache sized for `batch` sequences of up to [`context_len`](Self::context_len).
+    fn new_cache(&self, batch: usize, device: &Device) -> KvCache;
+    /// Incremental forward pass: `tokens` `[batch, new]` continue the sequence held in
+    /// `cache`; returns logits `[batch, new, vocab]` and appends the new keys/values.
+    fn forward_cached(&self, tokens: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3>;
+}
+
+/// An image classifier: `[batch, channels, height, width]` -> logits `[batch, classes]`.
+pub trait ImageClassifier {
+    fn num_classes(&self) -> usize;
+    /// Expected input `[channels, height, width]`.
+    fn input_shape(&self) -> [usize; 3];
+    fn forward(&self, images: Tensor<4>) -> Tensor<2>;
+}

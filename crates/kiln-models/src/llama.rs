@@ -1,0 +1,344 @@
+//! Llama: token embedding, pre-RMSNorm decoder layers of grouped-query attention with
+//! rotary positions and a SwiGLU MLP, a final RMSNorm and an untied LM head; no biases.
+//! Module paths follow Hugging Face's `LlamaForCausalLM`
+//! (`model.embed_tokens`, `model.layers.{i}.self_attn.q_proj`, `lm_head`, ...).
+//! Rotary embeddings use HF's "rotate half" layout, so HF checkpoints load unpermuted.
+//!
+//! Shapes: B = batch, T = sequence, C = n_embd, H = n_head, K = n_kv_head,
+//! D = C / H, F = intermediate_size, V = vocab.
+
+use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ConfigError, ensure};
+use crate::{CausalLm, KvCache};
+
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_rms_norm_eps() -> f64 {
+    1e-5
+}
+
+/// Llama hyper-parameters (`[model] arch = "llama"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlamaConfig {
+    /// Number of decoder layers.
+    pub n_layer: usize,
+    /// Query heads H.
+    pub n_head: usize,
+    /// Key/value heads K (grouped-query attention: H must be a multiple of K).
+    pub n_kv_head: usize,
+    /// Hidden width C.
+    pub n_embd: usize,
+    /// SwiGLU hidden width F.
+    pub intermediate_size: usize,
+    /// Context length.
+    pub block_size: usize,
+    /// Vocabulary size; 0 in a config means "take it from the tokenizer".
+    #[serde(default)]
+    pub vocab_size: usize,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+}
+
+impl LlamaConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ensure(self.n_layer > 0, "n_layer", "must be at least 1")?;
+        ensure(self.n_head > 0, "n_head", "must be at least 1")?;
+        ensure(self.n_kv_head > 0, "n_kv_head", "must be at least 1")?;
+        ensure(
+            self.n_head % self.n_kv_head == 0,
+            "n_kv_head",
+            format!(
+                "n_head = {} is not a multiple of n_kv_head = {}",
+                self.n_head, self.n_kv_head
+            ),
+        )?;
+        ensure(
+            self.n_embd % self.n_head == 0,
+            "n_embd",
+            format!("{} is not divisible by n_head = {}", self.n_embd, self.n_head),
+        )?;
+        ensure(
+            (self.n_embd / self.n_head) % 2 == 0,
+            "n_embd",
+            "head dimension must be even for rotary embeddings",
+        )?;
+        ensure(self.intermediate_size > 0, "intermediate_size", "must be at least 1")?;
+        ensure(self.block_size > 0, "block_size", "must be at least 1")?;
+        ensure(self.rope_theta > 0.0, "rope_theta", "must be positive")?;
+        ensure(self.rms_norm_eps > 0.0, "rms_norm_eps", "must be positive")
+    }
+
+    fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+
+    /// Build the model with HF's initialisation: N(0, 0.02) weights, unit norms.
+    pub fn init(&self, device: &Device) -> LlamaForCausalLM {
+        assert!(self.vocab_size > 0, "LlamaConfig::init: vocab_size must be set");
+        let init = Initializer::Normal { mean: 0.0, std: 0.02 };
+        let linear = |d_in, d_out| {
+            LinearConfig::new(d_in, d_out)
+                .with_bias(false)
+                .with_initializer(init.clone())
+                .init(device)
+        };
+        let rms_norm = || {
+            RmsNormConfig::new(self.n_embd)
+                .with_epsilon(self.rms_norm_eps)
+                .init(device)
+        };
+        let (c, d, f) = (self.n_embd, self.head_dim(), self.intermediate_size);
+        let layers = (0..self.n_layer)
+            .map(|_| LlamaDecoderLayer {
+                input_layernorm: rms_norm(),
+                self_attn: LlamaAttention {
+                    q_proj: linear(c, self.n_head * d),
+                    k_proj: linear(c, self.n_kv_head * d),
+                    v_proj: linear(c, self.n_kv_head * d),
+                    o_proj: linear(self.n_head * d, c),
+                    n_head: self.n_head,
+                    n_kv_head: self.n_kv_head,
+                },
+                post_attention_layernorm: rms_norm(),
+                mlp: LlamaMlp {
+                    gate_proj: linear(c, f),
+                    up_proj: linear(c, f),
+                    down_proj: linear(f, c),
+                },
+            })
+            .collect();
+        LlamaForCausalLM {
+            model: LlamaModel {
+                embed_tokens: EmbeddingConfig::new(self.vocab_size, c)
+                    .with_initializer(init.clone())
+                    .init(device),
+                layers,
+                norm: rms_norm(),
+                rotary: RotaryEmbedding::new(d, self.block_size, self.rope_theta, device),
+            },
+            lm_head: linear(c, self.vocab_size),
+        }
+    }
+}
+
+/// `LlamaForCausalLM`: the decoder plus an untied LM head.
+#[derive(Module, Debug)]
+pub struct LlamaForCausalLM {
+    pub model: LlamaModel,
+    /// `[C, V]`
+    pub lm_head: Linear,
+}
+
+/// `LlamaModel`: embedding, decoder layers, final norm, and the rotary tables.
+#[derive(Module, Debug)]
+pub struct LlamaModel {
+    /// `[V, C]`
+    pub embed_tokens: Embedding,
+    pub layers: Vec<LlamaDecoderLayer>,
+    pub norm: RmsNorm,
+    /// Precomputed cos/sin tables (constants: not parameters, not saved).
+    pub rotary: RotaryEmbedding,
+}
+
+/// `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+#[derive(Module, Debug)]
+pub struct LlamaDecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: LlamaAttention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: LlamaMlp,
+}
+
+/// Grouped-query attention: H query heads share K key/value heads.
+#[derive(Module, Debug)]
+pub struct LlamaAttention {
+    /// `[C, H*D]`
+    pub q_proj: Linear,
+    /// `[C, K*D]`
+    pub k_proj: Linear,
+    /// `[C, K*D]`
+    pub v_proj: Linear,
+    /// `[H*D, C]`
+    pub o_proj: Linear,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+}
+
+/// SwiGLU: `down(silu(gate(x)) * up(x))`, `C -> F -> C`.
+#[derive(Module, Debug)]
+pub struct LlamaMlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+/// Rotary position tables `cos`, `sin`: `[max_positions, D]`, computed once at init.
+#[derive(Module, Debug)]
+pub struct RotaryEmbedding {
+    pub cos: Tensor<2>,
+    pub sin: Tensor<2>,
+}
+
+impl RotaryEmbedding {
+    pub fn new(head_dim: usize, max_positions: usize, theta: f64, device: &Device) -> Self {
+        // inv_freq[i] = theta^(-2i/D), i < D/2; angles[p, i] = p * inv_freq[i],
+        // duplicated to [p, D] as HF does (cat(freqs, freqs)).
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(max_positions * head_dim);
+        let mut sin = Vec::with_capacity(max_positions * head_dim);
+        for p in 0..max_positions {
+            for j in 0..head_dim {
+                let i = j % half;
+                let inv_freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
+                let angle = p as f64 * inv_freq;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        Self {
+            cos: Tensor::from_data(TensorData::new(cos, [max_positions, head_dim]), device),
+            sin: Tensor::from_data(TensorData::new(sin, [max_positions, head_dim]), device),
+        }
+    }
+
+    /// Rotate `x` `[B, heads, T, D]` for positions `start..start+T`:
+    /// `x * cos + rotate_half(x) * sin`, `rotate_half([x1, x2]) = [-x2, x1]`.
+    pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
+        let [_, _, t, d] = x.dims();
+        let cos = self.cos.clone().slice(s![start..start + t, ..]).unsqueeze::<4>(); // [1, 1, T, D]
+        let sin = self.sin.clone().slice(s![start..start + t, ..]).unsqueeze::<4>();
+        let x1 = x.clone().slice(s![.., .., .., 0..d / 2]);
+        let x2 = x.clone().slice(s![.., .., .., d / 2..d]);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * cos + rotated * sin
+    }
+}
+
+/// Repeat each of K key/value heads H/K times: `[B, K, T, D]` -> `[B, H, T, D]`.
+fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, k, t, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, k, n_rep, t, d])
+        .reshape([b, k * n_rep, t, d])
+}
+
+impl LlamaAttention {
+    /// `x`: `[B, T, C]` at positions `start..start+T` -> `[B, T, C]`.
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        rotary: &RotaryEmbedding,
+        start: usize,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Tensor<3> {
+        let [b, t, c] = x.dims();
+        let (h, k) = (self.n_head, self.n_kv_head);
+        let d = c / h;
+        // [B, T, H*D] -> [B, H, T, D]; keys and values with K heads
+        let q = self.q_proj.forward(x.clone()).reshape([b, t, h, d]).swap_dims(1, 2);
+        let kk = self.k_proj.forward(x.clone()).reshape([b, t, k, d]).swap_dims(1, 2);
+        let v = self.v_proj.forward(x).reshape([b, t, k, d]).swap_dims(1, 2);
+        let q = rotary.apply(q, start);
+        let kk = rotary.apply(kk, start);
+        let (kk, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, kk, v),
+            None => (kk, v),
+        };
+        let (kk, v) = (repeat_kv(kk, h / k), repeat_kv(v, h / k));
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: t > 1,
+        };
+        // [B, H, T, D] -> [B, T, H*D] -> [B, T, C]
+        let y = attention(q, kk, v, None, None, options)
+            .swap_dims(1, 2)
+            .reshape([b, t, h * d]);
+        self.o_proj.forward(y)
+    }
+}
+
+impl LlamaMlp {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+}
+
+impl LlamaDecoderLayer {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        rotary: &RotaryEmbedding,
+        start: usize,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Tensor<3> {
+        let x = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), rotary, start, cache);
+        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+    }
+}
+
+impl LlamaForCausalLM {
+    fn forward_from(&self, tokens: Tensor<2, Int>, start: usize, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+        let m = &self.model;
+        let t = tokens.dims()[1];
+        // [B, T] -> [B, T, C]
+        let mut x = m.embed_tokens.forward(tokens);
+        for (i, layer) in m.layers.iter().enumerate() {
+            x = layer.forward(x, &m.rotary, start, cache.as_deref_mut().map(|c| (c, i)));
+        }
+        if let Some(cache) = cache {
+            cache.advance(t);
+        }
+        // [B, T, C] -> [B, T, V]
+        self.lm_head.forward(m.norm.forward(x))
+    }
+}
+
+impl CausalLm for LlamaForCausalLM {
+    fn context_len(&self) -> usize {
+        self.model.rotary.cos.dims()[0]
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.model.embed_tokens.weight.dims()[0]
+    }
+
+    fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        self.forward_from(tokens, 0, None)
+    }
+
+    fn new_cache(&self, batch: usize, device: &Device) -> KvCache {
+        let attn = &self.model.layers[0].self_attn;
+        let d = self.model.embed_tokens.weight.dims()[1] / attn.n_head;
+        KvCache::new(
+            self.model.layers.len(),
+            batch,
+            attn.n_kv_head,
+            self.context_len(),
+            d,
+            device,
+        )
+    }
+
+    fn forward_cached(&self, tokens: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
+        let start = cache.len();
+        self.forward_from(tokens, start, Some(cache))
+    }
+}

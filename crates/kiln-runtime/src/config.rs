@@ -1,0 +1,289 @@
+//! Run configs: typed TOML, validated at load, with `--set key=value` overrides.
+//!
+//! ```toml
+//! [model]   # kiln_models::ModelConfig, tagged by `arch`
+//! [data]    # kiln_data::DataConfig, tagged by `kind`
+//! [train]   # TrainConfig
+//! [optim]   # OptimConfig
+//! ```
+//! An unknown key, a wrong type or an impossible value is an error naming the key and
+//! the file.
+
+use std::path::{Path, PathBuf};
+
+use kiln_data::DataConfig;
+use kiln_models::ModelConfig;
+use serde::{Deserialize, Serialize};
+
+/// A config that could not be read, parsed or validated.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("--set {0}: expected key=value, e.g. --set train.max_steps=200")]
+    BadOverride(String),
+}
+
+fn invalid(path: &Path, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+fn d_seed() -> u64 {
+    1337
+}
+fn d_one() -> usize {
+    1
+}
+fn d_eval_iters() -> usize {
+    20
+}
+fn d_log_interval() -> usize {
+    10
+}
+fn d_grad_clip() -> f64 {
+    1.0
+}
+fn d_keep() -> usize {
+    2
+}
+
+/// The `[train]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    /// Sequences (or images) per micro-batch.
+    pub batch_size: usize,
+    /// Optimizer steps.
+    pub max_steps: usize,
+    /// Micro-batches accumulated per optimizer step.
+    #[serde(default = "d_one")]
+    pub grad_accum_steps: usize,
+    /// Evaluate (and write metrics, plot, best checkpoint) every N steps and at the end.
+    pub eval_interval: usize,
+    /// Validation batches per evaluation (language models).
+    #[serde(default = "d_eval_iters")]
+    pub eval_iters: usize,
+    /// Write a resumable checkpoint every N steps (0: at evaluations only) and at the end.
+    #[serde(default)]
+    pub checkpoint_interval: usize,
+    /// How many resumable checkpoints to keep.
+    #[serde(default = "d_keep")]
+    pub keep_checkpoints: usize,
+    /// Progress-bar refresh interval in steps.
+    #[serde(default = "d_log_interval")]
+    pub log_interval: usize,
+    /// Clip the global gradient norm to this value (0 disables).
+    #[serde(default = "d_grad_clip")]
+    pub grad_clip: f64,
+}
+
+fn d_lr() -> f64 {
+    1e-3
+}
+fn d_beta1() -> f64 {
+    0.9
+}
+fn d_beta2() -> f64 {
+    0.99
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+fn d_wd() -> f64 {
+    0.1
+}
+
+/// The `[optim]` section: AdamW with linear warmup and cosine decay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    #[serde(default = "d_lr")]
+    pub lr: f64,
+    /// The learning rate at the end of the cosine decay (default lr / 10).
+    #[serde(default)]
+    pub min_lr: Option<f64>,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Cosine decay length (default: train.max_steps).
+    #[serde(default)]
+    pub decay_steps: Option<usize>,
+    #[serde(default = "d_beta1")]
+    pub beta1: f64,
+    #[serde(default = "d_beta2")]
+    pub beta2: f64,
+    #[serde(default = "d_eps")]
+    pub eps: f64,
+    /// Decoupled weight decay, applied to matrices only (not to biases, norms).
+    #[serde(default = "d_wd")]
+    pub weight_decay: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("every optim field has a default")
+    }
+}
+
+/// A whole run config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub optim: OptimConfig,
+}
+
+impl OptimConfig {
+    pub fn min_lr(&self) -> f64 {
+        self.min_lr.unwrap_or(self.lr / 10.0)
+    }
+
+    /// Learning rate of optimizer step `step` (0-based): linear warmup over
+    /// `warmup_steps`, then cosine decay to `min_lr` at `decay_steps`, then flat.
+    pub fn lr_at(&self, step: usize, max_steps: usize) -> f64 {
+        let decay_steps = self.decay_steps.unwrap_or(max_steps);
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        if step >= decay_steps {
+            return self.min_lr();
+        }
+        let progress = (step - self.warmup_steps) as f64 / (decay_steps - self.warmup_steps).max(1) as f64;
+        let coeff = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+        self.min_lr() + coeff * (self.lr - self.min_lr())
+    }
+}
+
+impl RunConfig {
+    /// Read `path`, apply `overrides` (`section.key=value`, the value parsed as TOML and
+    /// taken as a string if it is not TOML), deserialize and validate.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path, overrides)
+    }
+
+    /// [`load`](Self::load) from text; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let mut value: toml::Table = toml::from_str(text).map_err(|e| invalid(path, e.to_string()))?;
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        let config: RunConfig = serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
+            let key = e.path().to_string();
+            invalid(path, format!("{key}: {}", e.into_inner()))
+        })?;
+        config.validate().map_err(|m| invalid(path, m))?;
+        Ok(config)
+    }
+
+    /// Check values the types cannot express; the message starts with the key.
+    pub fn validate(&self) -> Result<(), String> {
+        self.model.validate().map_err(|e| e.to_string())?;
+        self.data.validate().map_err(|e| e.to_string())?;
+        let t = &self.train;
+        let positive = [
+            ("train.batch_size", t.batch_size),
+            ("train.max_steps", t.max_steps),
+            ("train.grad_accum_steps", t.grad_accum_steps),
+            ("train.eval_interval", t.eval_interval),
+            ("train.eval_iters", t.eval_iters),
+            ("train.log_interval", t.log_interval),
+            ("train.keep_checkpoints", t.keep_checkpoints),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(format!("{key}: must be at least 1"));
+            }
+        }
+        if !(t.grad_clip >= 0.0 && t.grad_clip.is_finite()) {
+            return Err(format!(
+                "train.grad_clip: {} must be >= 0 (0 disables clipping)",
+                t.grad_clip
+            ));
+        }
+        let o = &self.optim;
+        if !(o.lr > 0.0 && o.lr.is_finite()) {
+            return Err(format!("optim.lr: {} must be positive", o.lr));
+        }
+        if !(o.min_lr() >= 0.0 && o.min_lr() <= o.lr) {
+            return Err(format!("optim.min_lr: {} must be in [0, lr]", o.min_lr()));
+        }
+        if let Some(d) = o.decay_steps
+            && d < o.warmup_steps
+        {
+            return Err(format!(
+                "optim.decay_steps: {d} is shorter than warmup_steps = {}",
+                o.warmup_steps
+            ));
+        }
+        for (key, b) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(format!("{key}: {b} is not in [0, 1)"));
+            }
+        }
+        if !(o.eps > 0.0) {
+            return Err(format!("optim.eps: {} must be positive", o.eps));
+        }
+        if !(o.weight_decay >= 0.0) {
+            return Err(format!("optim.weight_decay: {} must be >= 0", o.weight_decay));
+        }
+        match (&self.model.kind(), &self.data) {
+            (kiln_models::ModelKind::CausalLm, DataConfig::Text { .. })
+            | (kiln_models::ModelKind::ImageClassifier, DataConfig::Idx { .. }) => Ok(()),
+            _ => Err(format!(
+                "data.kind: a {} model cannot train on this data (language models take kind = \"text\", image models kind = \"idx\")",
+                self.model.arch()
+            )),
+        }
+    }
+
+    /// The resolved config as TOML (what a run directory stores as `config.toml`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a RunConfig serialises to TOML")
+    }
+}
+
+/// Set `a.b.c = value` in `table`, creating tables on the way.
+fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), ConfigError> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| ConfigError::BadOverride(assignment.to_string()))?;
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(ConfigError::BadOverride(assignment.to_string()));
+    }
+    let raw = raw.trim();
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().expect("split yields at least one part");
+    let mut cursor = table;
+    for part in parts {
+        let entry = cursor
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cursor = entry
+            .as_table_mut()
+            .ok_or_else(|| ConfigError::BadOverride(format!("{assignment} ({part} is not a table)")))?;
+    }
+    cursor.insert(last.to_string(), value);
+    Ok(())
+}

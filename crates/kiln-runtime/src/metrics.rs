@@ -1,0 +1,222 @@
+//! `metrics.jsonl` (one JSON object per evaluation) and the loss-curve PNGs.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{CheckpointError, atomic_write};
+
+/// One evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    pub step: usize,
+    /// Mean training loss over the steps since the previous evaluation.
+    pub train_loss: f64,
+    pub val_loss: f64,
+    /// Classification accuracy on the evaluation split (image models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_accuracy: Option<f64>,
+    pub lr: f64,
+    /// Global gradient norm (before clipping) at this step.
+    pub grad_norm: f64,
+    /// Training throughput since the previous evaluation: tokens (LMs) or images per second.
+    pub tokens_per_s: f64,
+    /// Wall time since the run started (excluding time before a resume).
+    pub elapsed_s: f64,
+}
+
+/// Appends records to `metrics.jsonl`, flushing each line.
+pub struct MetricsLog {
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    pub fn new(run_dir: &Path) -> Self {
+        Self {
+            path: run_dir.join("metrics.jsonl"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every record in the file (an empty list when it does not exist).
+    pub fn read(&self) -> Result<Vec<EvalRecord>, CheckpointError> {
+        read_metrics(&self.path)
+    }
+
+    /// Keep only records up to `step` (a resumed run rewrites what came after).
+    pub fn truncate_after(&self, step: usize) -> Result<(), CheckpointError> {
+        let kept: Vec<EvalRecord> = self.read()?.into_iter().filter(|r| r.step <= step).collect();
+        let mut text = String::new();
+        for r in &kept {
+            text.push_str(&serde_json::to_string(r).expect("records serialise"));
+            text.push('\n');
+        }
+        atomic_write(&self.path, text.as_bytes())
+    }
+
+    pub fn append(&self, record: &EvalRecord) -> Result<(), CheckpointError> {
+        let io = |source| CheckpointError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(io)?;
+        let line = serde_json::to_string(record).expect("records serialise") + "\n";
+        file.write_all(line.as_bytes()).map_err(io)?;
+        file.sync_data().map_err(io)
+    }
+}
+
+/// Read a `metrics.jsonl`; a torn last line (a crash mid-write) is ignored.
+pub fn read_metrics(path: &Path) -> Result<Vec<EvalRecord>, CheckpointError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(CheckpointError::Io {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut out = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        match serde_json::from_str(line) {
+            Ok(r) => out.push(r),
+            Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => break,
+            Err(e) => {
+                return Err(CheckpointError::Other {
+                    path: path.to_path_buf(),
+                    message: format!("line {}: {e}", i + 1),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+static FONT: Once = Once::new();
+
+fn register_font() {
+    FONT.call_once(|| {
+        let bytes: &'static [u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
+        for family in ["sans-serif", "monospace"] {
+            plotters::style::register_font(family, FontStyle::Normal, bytes)
+                .unwrap_or_else(|_| panic!("embedded font is valid"));
+        }
+    });
+}
+
+/// One named curve: `(step, loss)` points.
+pub struct Curve {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+    pub dashed: bool,
+    pub color_index: usize,
+}
+
+impl Curve {
+    pub fn new(label: impl Into<String>, points: Vec<(f64, f64)>, color_index: usize, dashed: bool) -> Self {
+        Self {
+            label: label.into(),
+            points,
+            dashed,
+            color_index,
+        }
+    }
+}
+
+/// Draw curves into a PNG at `path` (written atomically).
+pub fn plot_curves(path: &Path, title: &str, y_label: &str, curves: &[Curve]) -> Result<(), CheckpointError> {
+    register_font();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".plot-{}.tmp.png", std::process::id()));
+    let draw = || -> Result<(), Box<dyn std::error::Error>> {
+        let root = BitMapBackend::new(&tmp, (960, 600)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let all = curves.iter().flat_map(|c| c.points.iter());
+        let (mut x_max, mut y_min, mut y_max) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
+        for &(x, y) in all {
+            x_max = x_max.max(x);
+            if y.is_finite() {
+                y_min = y_min.min(y);
+                y_max = y_max.max(y);
+            }
+        }
+        if !y_min.is_finite() {
+            (y_min, y_max) = (0.0, 1.0);
+        }
+        let pad = ((y_max - y_min) * 0.05).max(1e-3);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(16)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0.0..x_max, (y_min - pad)..(y_max + pad))?;
+        chart.configure_mesh().x_desc("step").y_desc(y_label).draw()?;
+        for c in curves {
+            let color = Palette99::pick(c.color_index).to_rgba();
+            let style = ShapeStyle::from(color).stroke_width(2);
+            let series = if c.dashed {
+                chart.draw_series(DashedLineSeries::new(c.points.iter().copied(), 6, 4, style))?
+            } else {
+                chart.draw_series(LineSeries::new(c.points.iter().copied(), style))?
+            };
+            series
+                .label(c.label.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    };
+    // Drawn to a temporary file, then renamed: a reader never sees half a PNG.
+    if let Err(e) = draw() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(CheckpointError::Other {
+            path: path.to_path_buf(),
+            message: format!("plotting: {e}"),
+        });
+    }
+    std::fs::rename(&tmp, path).map_err(|source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The loss curves of one run: train and validation loss against step.
+pub fn plot_run(run_dir: &Path, records: &[EvalRecord]) -> Result<(), CheckpointError> {
+    let train: Vec<(f64, f64)> = records.iter().map(|r| (r.step as f64, r.train_loss)).collect();
+    let val: Vec<(f64, f64)> = records.iter().map(|r| (r.step as f64, r.val_loss)).collect();
+    let name = run_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    plot_curves(
+        &run_dir.join("loss.png"),
+        &format!("{name}: loss"),
+        "loss",
+        &[
+            Curve::new("train", train, 0, false),
+            Curve::new("validation", val, 1, false),
+        ],
+    )
+}

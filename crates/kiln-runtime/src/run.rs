@@ -1,0 +1,252 @@
+//! From a run config to a trained run directory: prepare the directory, load the data,
+//! build the model for the configured architecture, train.
+//!
+//! Run directory layout:
+//! `config.toml` (resolved), `run.json` (backend, device, parameters), `tokenizer.json`
+//! (language models), `model.safetensors`, `best.safetensors`, `metrics.jsonl`,
+//! `loss.png`, `summary.json`, `checkpoints/` (resumable state).
+
+use std::path::{Path, PathBuf};
+
+use kiln_data::{DataConfig, ImageDataset, TextDataset, Tokenizer, TokenizerSpec};
+use kiln_models::{ModelConfig, ModelKind};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::Selected;
+use crate::checkpoint::{CheckpointDir, atomic_write, load_weights};
+use crate::config::RunConfig;
+use crate::task::{ImageTask, LmTask, Task};
+use crate::training::{TrainOptions, TrainSummary, train};
+
+pub const CONFIG_FILE: &str = "config.toml";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const RUN_INFO_FILE: &str = "run.json";
+
+/// Recorded in `run.json` at start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub arch: String,
+    pub backend: String,
+    pub device: String,
+    pub device_index: usize,
+    pub num_params: usize,
+    pub kiln_version: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Data(#[from] kiln_data::DataError),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    #[error(transparent)]
+    Train(#[from] crate::training::TrainError),
+    #[error("{path}: {message}")]
+    RunDir { path: PathBuf, message: String },
+}
+
+/// Prepare `run_dir` and return the config to use. A fresh run refuses a directory
+/// that already holds a run; `--resume` reads the run's own `config.toml` (plus
+/// `overrides`, e.g. a larger `train.max_steps`).
+pub fn prepare_run_dir(
+    run_dir: &Path,
+    config: Option<&RunConfig>,
+    resume: bool,
+    overrides: &[String],
+) -> Result<RunConfig, RunError> {
+    let saved = run_dir.join(CONFIG_FILE);
+    if resume && saved.exists() {
+        return Ok(RunConfig::load(&saved, overrides)?);
+    }
+    let config = config.ok_or_else(|| RunError::RunDir {
+        path: saved.clone(),
+        message: "no config to resume from; pass --config".into(),
+    })?;
+    if !resume && (saved.exists() || CheckpointDir::new(run_dir).latest()?.is_some()) {
+        return Err(RunError::RunDir {
+            path: run_dir.to_path_buf(),
+            message: "already holds a run: pass --resume to continue it, or choose another --out".into(),
+        });
+    }
+    std::fs::create_dir_all(run_dir).map_err(|e| RunError::RunDir {
+        path: run_dir.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Ok(config.clone())
+}
+
+/// Train the configured model on the configured data into `options.run_dir`.
+pub fn run_training(mut cfg: RunConfig, backend: &Selected, options: &TrainOptions) -> Result<TrainSummary, RunError> {
+    let device = backend.device.clone().autodiff();
+    let run_dir = &options.run_dir;
+    let info = |num_params: usize, cfg: &RunConfig| -> Result<(), RunError> {
+        atomic_write(&run_dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
+        let info = RunInfo {
+            arch: cfg.model.arch().into(),
+            backend: backend.backend.to_string(),
+            device: format!("{:?}", backend.device),
+            device_index: backend.index,
+            num_params,
+            kiln_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        atomic_write(
+            &run_dir.join(RUN_INFO_FILE),
+            serde_json::to_string_pretty(&info).expect("serialises").as_bytes(),
+        )?;
+        if options.progress {
+            eprintln!(
+                "{} | {} | {:.2}M parameters | {}",
+                cfg.model.arch(),
+                backend.describe(),
+                num_params as f64 / 1e6,
+                run_dir.display()
+            );
+        }
+        Ok(())
+    };
+    let t = cfg.train.clone();
+    device.seed(t.seed);
+    match cfg.data.clone() {
+        DataConfig::Text {
+            path,
+            tokenizer,
+            val_fraction,
+        } => {
+            let tokenizer_path = run_dir.join(TOKENIZER_FILE);
+            // A resumed run keeps its tokenizer (a retrained BPE could differ).
+            let (data, tok) = if options.resume && tokenizer_path.exists() {
+                let tok = Tokenizer::load(&tokenizer_path)?;
+                (TextDataset::load_with(&path, &tok, val_fraction)?, tok)
+            } else {
+                let spec = TokenizerSpec::parse(&tokenizer).map_err(|m| kiln_data::DataError::Config {
+                    key: "tokenizer",
+                    message: m,
+                })?;
+                TextDataset::load(&path, &spec, val_fraction)?
+            };
+            let context = cfg.model.context_len().expect("language model");
+            data.check_context(context)?;
+            if cfg.model.vocab_size().is_some_and(|v| v != 0 && v != tok.vocab_size()) {
+                return Err(RunError::RunDir {
+                    path: run_dir.join(CONFIG_FILE),
+                    message: format!(
+                        "model.vocab_size = {} but the tokenizer has {} tokens",
+                        cfg.model.vocab_size().unwrap_or(0),
+                        tok.vocab_size()
+                    ),
+                });
+            }
+            cfg.model.set_vocab_size(tok.vocab_size());
+            atomic_write(&tokenizer_path, tok.to_json()?.as_bytes())?;
+            let (b, seed, accum, iters) = (t.batch_size, t.seed, t.grad_accum_steps, t.eval_iters);
+            match &cfg.model {
+                ModelConfig::Gpt2(m) => fit(
+                    LmTask::new(data, b, context, seed, accum, iters),
+                    m.init(&device),
+                    &cfg,
+                    &device,
+                    options,
+                    info,
+                ),
+                ModelConfig::Llama(m) => fit(
+                    LmTask::new(data, b, context, seed, accum, iters),
+                    m.init(&device),
+                    &cfg,
+                    &device,
+                    options,
+                    info,
+                ),
+                _ => unreachable!("validated: language models take text data"),
+            }
+        }
+        DataConfig::Idx {
+            path,
+            max_train,
+            max_test,
+        } => {
+            let data = ImageDataset::load(&path, max_train, max_test)?;
+            match &cfg.model {
+                ModelConfig::Mlp(m) => fit(
+                    ImageTask::new(data, t.batch_size, t.seed, t.grad_accum_steps),
+                    m.init(&device),
+                    &cfg,
+                    &device,
+                    options,
+                    info,
+                ),
+                ModelConfig::Cnn(m) => fit(
+                    ImageTask::new(data, t.batch_size, t.seed, t.grad_accum_steps),
+                    m.init(&device),
+                    &cfg,
+                    &device,
+                    options,
+                    info,
+                ),
+                _ => unreachable!("validated: image models take idx data"),
+            }
+        }
+    }
+}
+
+fn fit<T: Task>(
+    mut task: T,
+    model: T::Model,
+    cfg: &RunConfig,
+    device: &burn::tensor::Device,
+    options: &TrainOptions,
+    info: impl Fn(usize, &RunConfig) -> Result<(), RunError>,
+) -> Result<TrainSummary, RunError> {
+    info(burn::module::Module::num_params(&model), cfg)?;
+    Ok(train(&mut task, model, cfg, device, options)?.1)
+}
+
+/// A trained run directory opened for inference.
+pub struct LoadedRun {
+    pub dir: PathBuf,
+    pub config: RunConfig,
+    pub tokenizer: Option<Tokenizer>,
+    pub weights: PathBuf,
+}
+
+impl LoadedRun {
+    /// Open `dir`: its `config.toml`, its tokenizer (language models) and the weights
+    /// file (`best.safetensors` unless `latest`, falling back to `model.safetensors`).
+    pub fn open(dir: &Path, latest: bool) -> Result<Self, RunError> {
+        if !dir.is_dir() {
+            return Err(RunError::RunDir {
+                path: dir.to_path_buf(),
+                message: "no such run directory".into(),
+            });
+        }
+        let config = RunConfig::load(&dir.join(CONFIG_FILE), &[])?;
+        let tokenizer = match config.model.kind() {
+            ModelKind::CausalLm => Some(Tokenizer::load(&dir.join(TOKENIZER_FILE))?),
+            ModelKind::ImageClassifier => None,
+        };
+        let best = dir.join("best.safetensors");
+        let weights = if !latest && best.exists() {
+            best
+        } else {
+            dir.join("model.safetensors")
+        };
+        if !weights.exists() {
+            return Err(RunError::RunDir {
+                path: weights,
+                message: "no weights in this run directory".into(),
+            });
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            tokenizer,
+            weights,
+        })
+    }
+
+    /// Build the model on `device` and load the weights, checking every name and shape.
+    pub fn load_model<M: burn::module::Module>(&self, init: impl FnOnce() -> M) -> Result<M, RunError> {
+        Ok(load_weights(init(), &self.weights)?)
+    }
+}

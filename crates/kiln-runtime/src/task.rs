@@ -1,0 +1,173 @@
+//! What the training loop trains: a model, its batches, its loss and its evaluation.
+//! One implementation per kind of model; `train` and `finetune` share them.
+
+use burn::module::Module;
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+use kiln_data::{EpochSampler, ImageBatch, ImageDataset, SplitMix64, TextDataset, TokenBatch};
+use kiln_models::{CausalLm, ImageClassifier};
+
+/// Mean cross-entropy of `logits` `[N, K]` against class ids `targets` `[N]`.
+pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
+    let [n, _] = logits.dims();
+    let log_probs = log_softmax(logits, 1);
+    log_probs.gather(1, targets.reshape([n, 1])).mean().neg()
+}
+
+/// Result of one evaluation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    pub loss: f64,
+    pub accuracy: Option<f64>,
+}
+
+pub trait Task {
+    type Model: Module + Clone;
+    type Batch;
+
+    /// Tokens (or images) in one micro-batch, for throughput.
+    fn items_per_batch(&self) -> usize;
+    /// Micro-batch `micro` of optimizer step `step`: a pure function of both.
+    fn train_batch(&mut self, step: usize, micro: usize, device: &Device) -> Self::Batch;
+    /// Scalar training loss `[1]`.
+    fn loss(&self, model: &Self::Model, batch: &Self::Batch) -> Tensor<1>;
+    /// Evaluate `model` (already in validation mode) on the held-out split.
+    fn evaluate(&mut self, model: &Self::Model, device: &Device) -> Evaluation;
+}
+
+/// Next-token prediction on a tokenized corpus.
+pub struct LmTask<M> {
+    pub data: TextDataset,
+    pub batch_size: usize,
+    pub context: usize,
+    pub seed: u64,
+    pub grad_accum: usize,
+    pub eval_iters: usize,
+    _model: std::marker::PhantomData<M>,
+}
+
+impl<M> LmTask<M> {
+    pub fn new(
+        data: TextDataset,
+        batch_size: usize,
+        context: usize,
+        seed: u64,
+        grad_accum: usize,
+        eval_iters: usize,
+    ) -> Self {
+        Self {
+            data,
+            batch_size,
+            context,
+            seed,
+            grad_accum,
+            eval_iters,
+            _model: std::marker::PhantomData,
+        }
+    }
+}
+
+/// Salt that separates the evaluation batches' stream from the training stream.
+const EVAL_STREAM: u64 = 0xE7A1_0000_0000_0000;
+
+fn lm_loss<M: CausalLm>(model: &M, batch: &TokenBatch) -> Tensor<1> {
+    let logits = model.forward(batch.inputs.clone());
+    let [b, t, v] = logits.dims();
+    cross_entropy(logits.reshape([b * t, v]), batch.targets.clone().reshape([b * t]))
+}
+
+impl<M: CausalLm + Module + Clone> Task for LmTask<M> {
+    type Model = M;
+    type Batch = TokenBatch;
+
+    fn items_per_batch(&self) -> usize {
+        self.batch_size * self.context
+    }
+
+    fn train_batch(&mut self, step: usize, micro: usize, device: &Device) -> TokenBatch {
+        let mut rng = SplitMix64::derive(self.seed, (step * self.grad_accum + micro) as u64);
+        TextDataset::sample(&self.data.train, self.batch_size, self.context, &mut rng, device)
+    }
+
+    fn loss(&self, model: &M, batch: &TokenBatch) -> Tensor<1> {
+        lm_loss(model, batch)
+    }
+
+    /// Mean loss over `eval_iters` fixed validation batches (the same ones every time).
+    fn evaluate(&mut self, model: &M, device: &Device) -> Evaluation {
+        let mut total = 0.0;
+        for i in 0..self.eval_iters {
+            let mut rng = SplitMix64::derive(self.seed ^ EVAL_STREAM, i as u64);
+            let batch = TextDataset::sample(&self.data.val, self.batch_size, self.context, &mut rng, device);
+            total += lm_loss(model, &batch).into_scalar::<f32>() as f64;
+        }
+        Evaluation {
+            loss: total / self.eval_iters as f64,
+            accuracy: None,
+        }
+    }
+}
+
+/// Image classification on an IDX dataset.
+pub struct ImageTask<M> {
+    pub data: ImageDataset,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    sampler: EpochSampler,
+    indices: Vec<usize>,
+    _model: std::marker::PhantomData<M>,
+}
+
+impl<M> ImageTask<M> {
+    pub fn new(data: ImageDataset, batch_size: usize, seed: u64, grad_accum: usize) -> Self {
+        let sampler = EpochSampler::new(seed, data.train.len());
+        Self {
+            data,
+            batch_size,
+            grad_accum,
+            sampler,
+            indices: Vec::with_capacity(batch_size),
+            _model: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<M: ImageClassifier + Module + Clone> Task for ImageTask<M> {
+    type Model = M;
+    type Batch = ImageBatch;
+
+    fn items_per_batch(&self) -> usize {
+        self.batch_size
+    }
+
+    fn train_batch(&mut self, step: usize, micro: usize, device: &Device) -> ImageBatch {
+        self.sampler
+            .indices(step * self.grad_accum + micro, self.batch_size, &mut self.indices);
+        self.data.train.batch(&self.indices, device)
+    }
+
+    fn loss(&self, model: &M, batch: &ImageBatch) -> Tensor<1> {
+        cross_entropy(model.forward(batch.images.clone()), batch.labels.clone())
+    }
+
+    /// Loss and accuracy over the whole test split.
+    fn evaluate(&mut self, model: &M, device: &Device) -> Evaluation {
+        let n = self.data.test.len();
+        let chunk = 500;
+        let (mut loss, mut correct) = (0.0, 0usize);
+        let mut indices = Vec::with_capacity(chunk);
+        for start in (0..n).step_by(chunk) {
+            indices.clear();
+            indices.extend(start..(start + chunk).min(n));
+            let batch = self.data.test.batch(&indices, device);
+            let logits = model.forward(batch.images);
+            let predicted = logits.clone().argmax(1).reshape([indices.len()]);
+            correct += predicted.equal(batch.labels.clone()).int().sum().into_scalar::<i64>() as usize;
+            loss += cross_entropy(logits, batch.labels).into_scalar::<f32>() as f64 * indices.len() as f64;
+        }
+        Evaluation {
+            loss: loss / n as f64,
+            accuracy: Some(correct as f64 / n as f64),
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! The training loop shared by `train` and `finetune`.
+//!
+//! Per optimizer step: seed the device from `(seed, step)` (dropout), accumulate
+//! gradients over `grad_accum_steps` micro-batches, clip their global norm, take an
+//! AdamW step at the scheduled learning rate. Every `eval_interval` steps: evaluate,
+//! append to `metrics.jsonl`, redraw `loss.png`, save `model.safetensors` (and
+//! `best.safetensors` on a new best). Checkpoints hold the model and optimizer records
+//! (with parameter ids, so optimizer state re-attaches) and the loop state; batches and
+//! learning rates are pure functions of the step, so a resumed run continues exactly.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer, OptimizerRecord};
+use burn::prelude::*;
+use burn::store::ModuleRecord;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{CheckpointDir, CheckpointError, atomic_write, save_weights};
+use crate::config::RunConfig;
+use crate::metrics::{EvalRecord, MetricsLog, plot_run};
+use crate::optim::{adamw, clip_global_norm};
+use crate::task::Task;
+
+/// The loop's own state, saved with every checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoopState {
+    /// Optimizer steps completed.
+    pub step: usize,
+    pub best_val_loss: Option<f64>,
+    pub best_step: Option<usize>,
+    /// Training-loss sum and count since the last evaluation.
+    pub loss_sum: f64,
+    pub loss_count: usize,
+    pub last_grad_norm: f64,
+    /// Wall time spent training before this process (resumed runs).
+    pub elapsed_s: f64,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub final_val_loss: f64,
+    pub final_val_accuracy: Option<f64>,
+    pub best_val_loss: f64,
+    pub best_step: usize,
+    pub wall_time_s: f64,
+    pub ms_per_step: f64,
+    pub items_per_s: f64,
+    pub num_params: usize,
+}
+
+/// Where a run writes, and how it reports.
+pub struct TrainOptions {
+    pub run_dir: PathBuf,
+    pub resume: bool,
+    /// Draw a progress bar (stderr) and print evaluation lines.
+    pub progress: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{path}: {message}")]
+    Resume { path: PathBuf, message: String },
+    #[error("training diverged at step {step}: the loss is {loss}")]
+    Diverged { step: usize, loss: f64 },
+}
+
+fn resume_err(path: &Path, message: impl std::fmt::Display) -> TrainError {
+    TrainError::Resume {
+        path: path.to_path_buf(),
+        message: message.to_string(),
+    }
+}
+
+/// Files of a resumable checkpoint directory.
+const MODEL_RECORD: &str = "model.bpk";
+const OPTIM_RECORD: &str = "optim.bpk";
+const LOOP_STATE: &str = "state.json";
+
+/// Train `model` (already on `device`, an autodiff device) on `task` per `cfg`.
+pub fn train<T: Task>(
+    task: &mut T,
+    model: T::Model,
+    cfg: &RunConfig,
+    device: &Device,
+    options: &TrainOptions,
+) -> Result<(T::Model, TrainSummary), TrainError> {
+    let t = &cfg.train;
+    let run_dir = &options.run_dir;
+    let checkpoints = CheckpointDir::new(run_dir);
+    let metrics = MetricsLog::new(run_dir);
+    let eval_device = device.clone().without_autodiff();
+    let num_params = model.num_params();
+
+    let mut model = model;
+    let mut optim_record = None;
+    let mut state = LoopState::default();
+    if options.resume {
+        if let Some(dir) = checkpoints.latest()? {
+            let record =
+                ModuleRecord::load(dir.join(MODEL_RECORD)).map_err(|e| resume_err(&dir.join(MODEL_RECORD), e))?;
+            model = model
+                .try_load_record(record)
+                .map_err(|e| resume_err(&dir.join(MODEL_RECORD), e))?;
+            let record =
+                OptimizerRecord::load(dir.join(OPTIM_RECORD)).map_err(|e| resume_err(&dir.join(OPTIM_RECORD), e))?;
+            optim_record = Some(record);
+            let state_path = dir.join(LOOP_STATE);
+            let text = std::fs::read_to_string(&state_path).map_err(|e| resume_err(&state_path, e))?;
+            state = serde_json::from_str(&text).map_err(|e| resume_err(&state_path, e))?;
+            metrics.truncate_after(state.step)?;
+            if options.progress {
+                eprintln!("resuming from {} (step {})", dir.display(), state.step);
+            }
+        } else if options.progress {
+            eprintln!(
+                "--resume: no checkpoint in {} yet, starting from step 0",
+                run_dir.display()
+            );
+        }
+    }
+
+    // Built after the model record is loaded: parameter groups are keyed by the
+    // (restored) parameter ids.
+    let mut optim: ModuleOptimizer = adamw(&cfg.optim, &model);
+    if let Some(record) = optim_record {
+        optim = optim.load_record(record);
+    }
+    let start_step = state.step;
+    let progress = progress_bar(options.progress, start_step, t.max_steps);
+    let started = Instant::now();
+    let mut window_start = Instant::now();
+    let mut window_items = 0usize;
+    let mut last_eval = None;
+    let mut accumulator = GradientsAccumulator::<T::Model>::new();
+
+    for step in start_step..t.max_steps {
+        // Dropout and any other device randomness depend only on the step.
+        device.seed(kiln_data::SplitMix64::derive(t.seed, step as u64).next_u64());
+        let lr = cfg.optim.lr_at(step, t.max_steps);
+        let mut step_loss = 0.0;
+        for micro in 0..t.grad_accum_steps {
+            let batch = task.train_batch(step, micro, device);
+            let loss = task.loss(&model, &batch);
+            let loss = if t.grad_accum_steps > 1 {
+                loss / t.grad_accum_steps as f64
+            } else {
+                loss
+            };
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            step_loss += loss.inner().into_scalar::<f32>() as f64;
+            if t.grad_accum_steps > 1 {
+                accumulator.accumulate(&model, grads);
+            } else {
+                model = optimizer_step(&mut optim, model, grads, lr, t.grad_clip, &mut state);
+            }
+        }
+        if t.grad_accum_steps > 1 {
+            let grads = accumulator.grads();
+            model = optimizer_step(&mut optim, model, grads, lr, t.grad_clip, &mut state);
+        }
+        if !step_loss.is_finite() {
+            return Err(TrainError::Diverged { step, loss: step_loss });
+        }
+        state.step = step + 1;
+        state.loss_sum += step_loss;
+        state.loss_count += 1;
+        window_items += task.items_per_batch() * t.grad_accum_steps;
+
+        let done = state.step == t.max_steps;
+        if state.step % t.log_interval == 0 || done {
+            let rate = window_items as f64 / window_start.elapsed().as_secs_f64();
+            progress.set_position(state.step as u64);
+            progress.set_message(format!("loss {step_loss:.4} | lr {lr:.2e} | {} /s", human(rate)));
+        }
+        if state.step % t.eval_interval == 0 || done {
+            let secs = window_start.elapsed().as_secs_f64();
+            let eval = task.evaluate(&model.valid(), &eval_device);
+            let record = EvalRecord {
+                step: state.step,
+                train_loss: state.loss_sum / state.loss_count.max(1) as f64,
+                val_loss: eval.loss,
+                val_accuracy: eval.accuracy,
+                lr,
+                grad_norm: state.last_grad_norm,
+                tokens_per_s: window_items as f64 / secs,
+                elapsed_s: state.elapsed_s + started.elapsed().as_secs_f64(),
+            };
+            metrics.append(&record)?;
+            plot_run(run_dir, &metrics.read()?)?;
+            save_weights(&model.valid(), &run_dir.join("model.safetensors"))?;
+            if state.best_val_loss.is_none_or(|b| eval.loss < b) {
+                state.best_val_loss = Some(eval.loss);
+                state.best_step = Some(state.step);
+                save_weights(&model.valid(), &run_dir.join("best.safetensors"))?;
+            }
+            let acc = eval
+                .accuracy
+                .map(|a| format!(" | val acc {:.2}%", a * 100.0))
+                .unwrap_or_default();
+            if options.progress {
+                let line = format!(
+                    "step {:>6} | train loss {:.4} | val loss {:.4}{acc} | lr {:.2e} | {} /s",
+                    record.step,
+                    record.train_loss,
+                    record.val_loss,
+                    lr,
+                    human(record.tokens_per_s)
+                );
+                progress.suspend(|| eprintln!("{line}"));
+            }
+            state.loss_sum = 0.0;
+            state.loss_count = 0;
+            last_eval = Some(eval);
+            window_items = 0;
+            window_start = Instant::now();
+        }
+        let ckpt_due = if t.checkpoint_interval > 0 {
+            state.step % t.checkpoint_interval == 0
+        } else {
+            state.step % t.eval_interval == 0
+        };
+        if ckpt_due || done {
+            let mut saved = state.clone();
+            saved.elapsed_s = state.elapsed_s + started.elapsed().as_secs_f64();
+            checkpoints.commit(state.step, t.keep_checkpoints, |dir| {
+                let io = |path: PathBuf| {
+                    move |e| CheckpointError::Other {
+                        path,
+                        message: format!("{e}"),
+                    }
+                };
+                model
+                    .clone()
+                    .into_record()
+                    .save(dir.join(MODEL_RECORD))
+                    .map_err(io(dir.join(MODEL_RECORD)))?;
+                optim
+                    .to_record()
+                    .save(dir.join(OPTIM_RECORD))
+                    .map_err(io(dir.join(OPTIM_RECORD)))?;
+                atomic_write(
+                    &dir.join(LOOP_STATE),
+                    serde_json::to_string_pretty(&saved)
+                        .expect("state serialises")
+                        .as_bytes(),
+                )
+            })?;
+        }
+    }
+    progress.finish_and_clear();
+
+    let wall = started.elapsed().as_secs_f64();
+    let steps_run = t.max_steps.saturating_sub(start_step);
+    let eval = match last_eval {
+        Some(e) => e,
+        None => task.evaluate(&model.valid(), &eval_device),
+    };
+    let summary = TrainSummary {
+        steps: t.max_steps,
+        final_val_loss: eval.loss,
+        final_val_accuracy: eval.accuracy,
+        best_val_loss: state.best_val_loss.unwrap_or(eval.loss),
+        best_step: state.best_step.unwrap_or(t.max_steps),
+        wall_time_s: state.elapsed_s + wall,
+        ms_per_step: if steps_run > 0 {
+            wall * 1000.0 / steps_run as f64
+        } else {
+            0.0
+        },
+        items_per_s: if wall > 0.0 {
+            (steps_run * task.items_per_batch() * t.grad_accum_steps) as f64 / wall
+        } else {
+            0.0
+        },
+        num_params,
+    };
+    atomic_write(
+        &run_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)
+            .expect("summary serialises")
+            .as_bytes(),
+    )?;
+    Ok((model, summary))
+}
+
+fn optimizer_step<M: Module>(
+    optim: &mut ModuleOptimizer,
+    model: M,
+    mut grads: GradientsParams,
+    lr: f64,
+    max_norm: f64,
+    state: &mut LoopState,
+) -> M {
+    state.last_grad_norm = clip_global_norm(&model, &mut grads, max_norm);
+    optim.step(lr, model, grads)
+}
+
+fn progress_bar(enabled: bool, position: usize, total: usize) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr_with_hz(4));
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} steps | {msg} | ETA {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_position(position as u64);
+    bar
+}
+
+/// `12345.6` -> `"12.3k"`.
+pub fn human(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.2}M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1}k", x / 1e3)
+    } else {
+        format!("{x:.1}")
+    }
+}

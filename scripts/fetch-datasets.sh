@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Every dataset the configs and tests use.
+set -euo pipefail
+here="$(dirname "$0")"
+"$here/fetch-shakespeare.sh"
+"$here/fetch-fashion-mnist.sh"

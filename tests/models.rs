@@ -1,0 +1,289 @@
+//! Architectures: shapes, the KV cache against the full forward pass, safetensors
+//! round trips, and bad checkpoints.
+
+mod common;
+
+use burn::prelude::*;
+use kiln_models::{CausalLm, CnnConfig, Gpt2Config, ImageClassifier, LlamaConfig, MlpConfig};
+use kiln_runtime::checkpoint::{CheckpointError, load_weights, save_weights};
+
+fn device() -> Device {
+    Device::flex()
+}
+
+fn gpt2() -> Gpt2Config {
+    Gpt2Config {
+        n_layer: 2,
+        n_head: 2,
+        n_embd: 16,
+        block_size: 12,
+        vocab_size: 11,
+        dropout: 0.0,
+        bias: true,
+        layer_norm_epsilon: 1e-5,
+    }
+}
+
+fn llama() -> LlamaConfig {
+    LlamaConfig {
+        n_layer: 2,
+        n_head: 4,
+        n_kv_head: 2,
+        n_embd: 16,
+        intermediate_size: 24,
+        block_size: 12,
+        vocab_size: 11,
+        rope_theta: 10_000.0,
+        rms_norm_eps: 1e-5,
+    }
+}
+
+fn tokens(b: usize, t: usize) -> Tensor<2, Int> {
+    let ids: Vec<i64> = (0..b * t).map(|i| ((i * 7 + 3) % 11) as i64).collect();
+    Tensor::from_data(TensorData::new(ids, [b, t]), &device())
+}
+
+fn max_abs_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+    (a - b).abs().max().into_scalar::<f32>()
+}
+
+#[test]
+fn language_model_shapes() {
+    let d = device();
+    let g = gpt2().init(&d);
+    assert_eq!(g.forward(tokens(3, 5)).dims(), [3, 5, 11]);
+    assert_eq!((g.context_len(), g.vocab_size()), (12, 11));
+    let l = llama().init(&d);
+    assert_eq!(l.forward(tokens(2, 12)).dims(), [2, 12, 11]);
+    assert_eq!((l.context_len(), l.vocab_size()), (12, 11));
+}
+
+#[test]
+fn image_model_shapes() {
+    let d = device();
+    let x = Tensor::<4>::zeros([4, 1, 28, 28], &d);
+    let mlp = MlpConfig {
+        hidden_sizes: vec![32, 16],
+        input_shape: [1, 28, 28],
+        num_classes: 10,
+        dropout: 0.0,
+    }
+    .init(&d);
+    assert_eq!(mlp.forward(x.clone()).dims(), [4, 10]);
+    let cnn = CnnConfig {
+        channels: [4, 8],
+        hidden_size: 16,
+        input_shape: [1, 28, 28],
+        num_classes: 10,
+        dropout: 0.0,
+    }
+    .init(&d);
+    assert_eq!(cnn.forward(x).dims(), [4, 10]);
+    assert_eq!(cnn.input_shape(), [1, 28, 28]);
+}
+
+/// Parameter names follow Hugging Face's (the conversion rule tables rely on it).
+#[test]
+fn parameter_names_follow_hugging_face() {
+    let d = device();
+    let names = kiln_runtime::checkpoint::expected_shapes(&gpt2().init(&d));
+    for name in [
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        "transformer.h.1.attn.c_attn.weight",
+        "transformer.h.0.mlp.c_proj.bias",
+        "transformer.ln_f.gamma",
+    ] {
+        assert!(names.contains_key(name), "gpt2 lacks {name}: {:?}", names.keys());
+    }
+    assert_eq!(
+        names["transformer.h.0.attn.c_attn.weight"],
+        vec![16, 48],
+        "Conv1D layout [in, out]"
+    );
+    let names = kiln_runtime::checkpoint::expected_shapes(&llama().init(&d));
+    for name in [
+        "model.embed_tokens.weight",
+        "model.layers.1.self_attn.k_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.norm.gamma",
+        "lm_head.weight",
+    ] {
+        assert!(names.contains_key(name), "llama lacks {name}: {:?}", names.keys());
+    }
+    assert_eq!(
+        names["model.layers.0.self_attn.k_proj.weight"],
+        vec![16, 8],
+        "2 kv heads of 4 dims"
+    );
+    assert!(
+        !names.keys().any(|n| n.contains("rotary")),
+        "rotary tables are not parameters"
+    );
+}
+
+/// Incremental decoding through the cache gives the logits of the full forward pass,
+/// for a prefill of several tokens followed by single-token steps.
+fn check_cache<M: CausalLm>(model: &M) {
+    let d = device();
+    let seq = tokens(2, 10);
+    let full = model.forward(seq.clone());
+    let mut cache = model.new_cache(2, &d);
+    let mut parts = vec![model.forward_cached(seq.clone().slice(s![.., 0..4]), &mut cache)];
+    for t in 4..10 {
+        parts.push(model.forward_cached(seq.clone().slice(s![.., t..t + 1]), &mut cache));
+    }
+    assert_eq!(cache.len(), 10);
+    let cached = Tensor::cat(parts, 1);
+    let diff = max_abs_diff(full, cached);
+    assert!(diff < 1e-5, "cached logits differ from the full pass by {diff}");
+}
+
+#[test]
+fn kv_cache_matches_full_forward_gpt2() {
+    check_cache(&gpt2().init(&device()));
+}
+
+#[test]
+fn kv_cache_matches_full_forward_llama() {
+    check_cache(&llama().init(&device()));
+}
+
+/// The fused causal attention path equals softmax(q k^T / sqrt(d) + causal mask) v
+/// computed by hand, including a query block that ends at the last key (the cache case).
+#[test]
+fn causal_attention_matches_textbook() {
+    use burn::tensor::activation::softmax;
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    let d = device();
+    let q = Tensor::<4>::random([1, 2, 3, 4], burn::tensor::Distribution::Normal(0.0, 1.0), &d);
+    let k = Tensor::<4>::random([1, 2, 5, 4], burn::tensor::Distribution::Normal(0.0, 1.0), &d);
+    let v = Tensor::<4>::random([1, 2, 5, 4], burn::tensor::Distribution::Normal(0.0, 1.0), &d);
+    let fused = attention(
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        None,
+        None,
+        AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: true,
+        },
+    );
+    let scores = q.matmul(k.swap_dims(2, 3)) / 2.0;
+    // query i (of 3) sits at position i + 2 of 5: it sees keys 0..=i+2
+    let mask = Tensor::<2, Bool>::tril_mask([3, 5], 2, &d).unsqueeze::<4>();
+    let reference = softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 3).matmul(v);
+    assert!(max_abs_diff(fused, reference) < 1e-5);
+}
+
+fn roundtrip<M: burn::module::Module>(model: M, fresh: M) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    let before = kiln_runtime::checkpoint::weights_to_bytes(&model).unwrap();
+    save_weights(&model, &path).unwrap();
+    let loaded = load_weights(fresh, &path).unwrap();
+    let after = kiln_runtime::checkpoint::weights_to_bytes(&loaded).unwrap();
+    common::assert_same_tensors(&before, &after);
+}
+
+#[test]
+fn safetensors_round_trip_is_exact_for_every_architecture() {
+    let d = device();
+    roundtrip(gpt2().init(&d), gpt2().init(&d));
+    roundtrip(llama().init(&d), llama().init(&d));
+    let mlp = MlpConfig {
+        hidden_sizes: vec![8],
+        input_shape: [1, 28, 28],
+        num_classes: 10,
+        dropout: 0.0,
+    };
+    roundtrip(mlp.init(&d), mlp.init(&d));
+    let cnn = CnnConfig {
+        channels: [2, 4],
+        hidden_size: 8,
+        input_shape: [1, 28, 28],
+        num_classes: 10,
+        dropout: 0.0,
+    };
+    roundtrip(cnn.init(&d), cnn.init(&d));
+}
+
+#[test]
+fn loaded_weights_give_identical_logits() {
+    let d = device();
+    let model = gpt2().init(&d);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    save_weights(&model, &path).unwrap();
+    let loaded = load_weights(gpt2().init(&d), &path).unwrap();
+    assert_eq!(
+        max_abs_diff(model.forward(tokens(1, 6)), loaded.forward(tokens(1, 6))),
+        0.0
+    );
+}
+
+#[test]
+fn mismatched_checkpoint_names_the_tensor() {
+    let d = device();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    save_weights(&gpt2().init(&d), &path).unwrap();
+    let mut wider = gpt2();
+    wider.n_embd = 32;
+    let err = load_weights(wider.init(&d), &path).unwrap_err();
+    assert!(matches!(err, CheckpointError::Mismatch { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("m.safetensors") && msg.contains("transformer.wte.weight") && msg.contains("[11, 16]"),
+        "{msg}"
+    );
+    // Another architecture altogether: every tensor is reported missing or unexpected.
+    let err = load_weights(llama().init(&d), &path).unwrap_err().to_string();
+    assert!(
+        err.contains("missing tensor model.embed_tokens.weight")
+            && err.contains("unexpected tensor transformer.wte.weight"),
+        "{err}"
+    );
+}
+
+#[test]
+fn corrupt_checkpoints_are_errors_not_panics() {
+    let d = device();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    save_weights(&gpt2().init(&d), &path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    // Truncated.
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_weights(gpt2().init(&d), &path).unwrap_err();
+    assert!(matches!(err, CheckpointError::Corrupt { .. }), "{err}");
+    // Not safetensors at all.
+    std::fs::write(&path, b"hello").unwrap();
+    assert!(matches!(
+        load_weights(gpt2().init(&d), &path).unwrap_err(),
+        CheckpointError::Corrupt { .. }
+    ));
+    // Missing file.
+    let err = load_weights(gpt2().init(&d), &dir.path().join("nope.safetensors")).unwrap_err();
+    assert!(
+        matches!(err, CheckpointError::Io { .. }) && err.to_string().contains("nope.safetensors"),
+        "{err}"
+    );
+}
+
+#[test]
+fn atomic_write_replaces_whole_files_and_leaves_no_temporaries() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f.bin");
+    kiln_runtime::checkpoint::atomic_write(&path, b"first").unwrap();
+    kiln_runtime::checkpoint::atomic_write(&path, b"second version").unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"second version");
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("f.bin")]);
+}
