@@ -228,7 +228,6 @@ fn global_norm_clipping_scales_all_gradients_together() {
 /// without `require_grad` would silently never train).
 #[test]
 fn every_parameter_receives_a_gradient() {
-    use burn::module::Module;
     use burn::optim::GradientsParams;
     use kiln_models::{CausalLm, ImageClassifier};
     let d = Device::flex().autodiff();

@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::tensor::Device;
 use kiln_data::{DataConfig, ImageDataset, TextDataset, Tokenizer, TokenizerSpec};
 use kiln_models::{ModelConfig, ModelKind};
 use serde::{Deserialize, Serialize};
@@ -77,86 +78,77 @@ pub fn prepare_run_dir(
     Ok(config.clone())
 }
 
-/// Train the configured model on the configured data into `options.run_dir`.
-pub fn run_training(mut cfg: RunConfig, backend: &Selected, options: &TrainOptions) -> Result<TrainSummary, RunError> {
-    let device = backend.device.clone().autodiff();
-    let run_dir = &options.run_dir;
-    let info = |num_params: usize, cfg: &RunConfig| -> Result<(), RunError> {
-        atomic_write(&run_dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
-        let info = RunInfo {
-            arch: cfg.model.arch().into(),
-            backend: backend.backend.to_string(),
-            device: format!("{:?}", backend.device),
-            device_index: backend.index,
-            num_params,
-            kiln_version: env!("CARGO_PKG_VERSION").into(),
-        };
-        atomic_write(
-            &run_dir.join(RUN_INFO_FILE),
-            serde_json::to_string_pretty(&info).expect("serialises").as_bytes(),
-        )?;
-        if options.progress {
-            eprintln!(
-                "{} | {} | {:.2}M parameters | {}",
-                cfg.model.arch(),
-                backend.describe(),
-                num_params as f64 / 1e6,
-                run_dir.display()
-            );
-        }
-        Ok(())
-    };
+/// The config with everything resolved (e.g. the vocabulary size) and the tokenizer of
+/// a language model, as handed to a [`TaskJob`].
+pub struct Prepared {
+    pub config: RunConfig,
+    pub tokenizer: Option<Tokenizer>,
+}
+
+/// Something to do with the configured task and a fresh model of the configured
+/// architecture: train it, benchmark it, ... One generic method instead of one match
+/// over architectures per use.
+pub trait TaskJob {
+    type Output;
+    fn run<T: Task>(self, task: T, model: T::Model, prepared: &Prepared) -> Result<Self::Output, RunError>;
+}
+
+/// Load the configured data (tokenized with `tokenizer` when given, else with the one
+/// the config asks for), build the task and the model on `device` (seeded with
+/// `train.seed`), and hand both to `job`.
+pub fn with_task<J: TaskJob>(
+    mut cfg: RunConfig,
+    tokenizer: Option<Tokenizer>,
+    device: &Device,
+    job: J,
+) -> Result<J::Output, RunError> {
     let t = cfg.train.clone();
     device.seed(t.seed);
     match cfg.data.clone() {
         DataConfig::Text {
             path,
-            tokenizer,
+            tokenizer: spec,
             val_fraction,
         } => {
-            let tokenizer_path = run_dir.join(TOKENIZER_FILE);
-            // A resumed run keeps its tokenizer (a retrained BPE could differ).
-            let (data, tok) = if options.resume && tokenizer_path.exists() {
-                let tok = Tokenizer::load(&tokenizer_path)?;
-                (TextDataset::load_with(&path, &tok, val_fraction)?, tok)
-            } else {
-                let spec = TokenizerSpec::parse(&tokenizer).map_err(|m| kiln_data::DataError::Config {
-                    key: "tokenizer",
-                    message: m,
-                })?;
-                TextDataset::load(&path, &spec, val_fraction)?
+            let (data, tok) = match tokenizer {
+                Some(tok) => (TextDataset::load_with(&path, &tok, val_fraction)?, tok),
+                None => {
+                    let spec = TokenizerSpec::parse(&spec).map_err(|message| kiln_data::DataError::Config {
+                        key: "tokenizer",
+                        message,
+                    })?;
+                    TextDataset::load(&path, &spec, val_fraction)?
+                }
             };
             let context = cfg.model.context_len().expect("language model");
             data.check_context(context)?;
             if cfg.model.vocab_size().is_some_and(|v| v != 0 && v != tok.vocab_size()) {
-                return Err(RunError::RunDir {
-                    path: run_dir.join(CONFIG_FILE),
+                return Err(RunError::Config(crate::config::ConfigError::Invalid {
+                    path: CONFIG_FILE.into(),
                     message: format!(
                         "model.vocab_size = {} but the tokenizer has {} tokens",
                         cfg.model.vocab_size().unwrap_or(0),
                         tok.vocab_size()
                     ),
-                });
+                }));
             }
             cfg.model.set_vocab_size(tok.vocab_size());
-            atomic_write(&tokenizer_path, tok.to_json()?.as_bytes())?;
             let (b, seed, accum, iters) = (t.batch_size, t.seed, t.grad_accum_steps, t.eval_iters);
-            match &cfg.model {
-                ModelConfig::Gpt2(m) => fit(
+            let model = cfg.model.clone();
+            let prepared = Prepared {
+                config: cfg,
+                tokenizer: Some(tok),
+            };
+            match model {
+                ModelConfig::Gpt2(m) => job.run(
                     LmTask::new(data, b, context, seed, accum, iters),
-                    m.init(&device),
-                    &cfg,
-                    &device,
-                    options,
-                    info,
+                    m.init(device),
+                    &prepared,
                 ),
-                ModelConfig::Llama(m) => fit(
+                ModelConfig::Llama(m) => job.run(
                     LmTask::new(data, b, context, seed, accum, iters),
-                    m.init(&device),
-                    &cfg,
-                    &device,
-                    options,
-                    info,
+                    m.init(device),
+                    &prepared,
                 ),
                 _ => unreachable!("validated: language models take text data"),
             }
@@ -167,22 +159,21 @@ pub fn run_training(mut cfg: RunConfig, backend: &Selected, options: &TrainOptio
             max_test,
         } => {
             let data = ImageDataset::load(&path, max_train, max_test)?;
-            match &cfg.model {
-                ModelConfig::Mlp(m) => fit(
+            let model = cfg.model.clone();
+            let prepared = Prepared {
+                config: cfg,
+                tokenizer: None,
+            };
+            match model {
+                ModelConfig::Mlp(m) => job.run(
                     ImageTask::new(data, t.batch_size, t.seed, t.grad_accum_steps),
-                    m.init(&device),
-                    &cfg,
-                    &device,
-                    options,
-                    info,
+                    m.init(device),
+                    &prepared,
                 ),
-                ModelConfig::Cnn(m) => fit(
+                ModelConfig::Cnn(m) => job.run(
                     ImageTask::new(data, t.batch_size, t.seed, t.grad_accum_steps),
-                    m.init(&device),
-                    &cfg,
-                    &device,
-                    options,
-                    info,
+                    m.init(device),
+                    &prepared,
                 ),
                 _ => unreachable!("validated: image models take idx data"),
             }
@@ -190,16 +181,61 @@ pub fn run_training(mut cfg: RunConfig, backend: &Selected, options: &TrainOptio
     }
 }
 
-fn fit<T: Task>(
-    mut task: T,
-    model: T::Model,
-    cfg: &RunConfig,
-    device: &burn::tensor::Device,
-    options: &TrainOptions,
-    info: impl Fn(usize, &RunConfig) -> Result<(), RunError>,
-) -> Result<TrainSummary, RunError> {
-    info(burn::module::Module::num_params(&model), cfg)?;
-    Ok(train(&mut task, model, cfg, device, options)?.1)
+/// Train the configured model on the configured data into `options.run_dir`.
+pub fn run_training(cfg: RunConfig, backend: &Selected, options: &TrainOptions) -> Result<TrainSummary, RunError> {
+    let device = backend.device.clone().autodiff();
+    // A resumed run keeps its tokenizer (a retrained BPE could differ).
+    let tokenizer_path = options.run_dir.join(TOKENIZER_FILE);
+    let tokenizer = if options.resume && tokenizer_path.exists() {
+        Some(Tokenizer::load(&tokenizer_path)?)
+    } else {
+        None
+    };
+    with_task(
+        cfg,
+        tokenizer,
+        &device,
+        TrainJob {
+            backend,
+            options,
+            device: device.clone(),
+        },
+    )
+}
+
+struct TrainJob<'a> {
+    backend: &'a Selected,
+    options: &'a TrainOptions,
+    device: Device,
+}
+
+impl TaskJob for TrainJob<'_> {
+    type Output = TrainSummary;
+
+    fn run<T: Task>(self, mut task: T, model: T::Model, prepared: &Prepared) -> Result<TrainSummary, RunError> {
+        let (cfg, run_dir) = (&prepared.config, &self.options.run_dir);
+        let num_params = burn::module::Module::num_params(&model);
+        atomic_write(&run_dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
+        if let Some(tok) = &prepared.tokenizer {
+            atomic_write(&run_dir.join(TOKENIZER_FILE), tok.to_json()?.as_bytes())?;
+        }
+        let info = RunInfo {
+            arch: cfg.model.arch().into(),
+            backend: self.backend.backend.to_string(),
+            device: format!("{:?}", self.backend.device),
+            device_index: self.backend.index,
+            num_params,
+            kiln_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let info_json = serde_json::to_string_pretty(&info).expect("serialises");
+        atomic_write(&run_dir.join(RUN_INFO_FILE), info_json.as_bytes())?;
+        if self.options.progress {
+            let params = num_params as f64 / 1e6;
+            let (arch, backend) = (cfg.model.arch(), self.backend.describe());
+            eprintln!("{arch} | {backend} | {params:.2}M parameters | {}", run_dir.display());
+        }
+        Ok(train(&mut task, model, cfg, &self.device, self.options)?.1)
+    }
 }
 
 /// A trained run directory opened for inference.

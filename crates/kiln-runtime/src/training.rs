@@ -138,33 +138,13 @@ pub fn train<T: Task>(
     let mut window_start = Instant::now();
     let mut window_items = 0usize;
     let mut last_eval = None;
-    let mut accumulator = GradientsAccumulator::<T::Model>::new();
 
     for step in start_step..t.max_steps {
-        // Dropout and any other device randomness depend only on the step.
-        device.seed(kiln_data::SplitMix64::derive(t.seed, step as u64).next_u64());
         let lr = cfg.optim.lr_at(step, t.max_steps);
-        let mut step_loss = 0.0;
-        for micro in 0..t.grad_accum_steps {
-            let batch = task.train_batch(step, micro, device);
-            let loss = task.loss(&model, &batch);
-            let loss = if t.grad_accum_steps > 1 {
-                loss / t.grad_accum_steps as f64
-            } else {
-                loss
-            };
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            step_loss += loss.inner().into_scalar::<f32>() as f64;
-            if t.grad_accum_steps > 1 {
-                accumulator.accumulate(&model, grads);
-            } else {
-                model = optimizer_step(&mut optim, model, grads, lr, t.grad_clip, &mut state);
-            }
-        }
-        if t.grad_accum_steps > 1 {
-            let grads = accumulator.grads();
-            model = optimizer_step(&mut optim, model, grads, lr, t.grad_clip, &mut state);
-        }
+        let (next, stats) = train_step(task, model, &mut optim, cfg, step, device);
+        model = next;
+        let step_loss = stats.loss;
+        state.last_grad_norm = stats.grad_norm;
         if !step_loss.is_finite() {
             return Err(TrainError::Diverged { step, loss: step_loss });
         }
@@ -290,16 +270,59 @@ pub fn train<T: Task>(
     Ok((model, summary))
 }
 
-fn optimizer_step<M: Module>(
+/// Loss and gradient norm of one optimizer step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// One optimizer step of `model` on `task`: seed the device from `(seed, step)`
+/// (dropout), accumulate gradients over `grad_accum_steps` micro-batches, clip their
+/// global norm, and take an AdamW step at the scheduled learning rate.
+pub fn train_step<T: Task>(
+    task: &mut T,
+    mut model: T::Model,
     optim: &mut ModuleOptimizer,
-    model: M,
-    mut grads: GradientsParams,
-    lr: f64,
-    max_norm: f64,
-    state: &mut LoopState,
-) -> M {
-    state.last_grad_norm = clip_global_norm(&model, &mut grads, max_norm);
-    optim.step(lr, model, grads)
+    cfg: &RunConfig,
+    step: usize,
+    device: &Device,
+) -> (T::Model, StepStats) {
+    let t = &cfg.train;
+    device.seed(kiln_data::SplitMix64::derive(t.seed, step as u64).next_u64());
+    let lr = cfg.optim.lr_at(step, t.max_steps);
+    let mut loss_sum = 0.0;
+    let mut accumulator = (t.grad_accum_steps > 1).then(GradientsAccumulator::<T::Model>::new);
+    let mut grads = None;
+    for micro in 0..t.grad_accum_steps {
+        let batch = task.train_batch(step, micro, device);
+        let loss = task.loss(&model, &batch);
+        let loss = if t.grad_accum_steps > 1 {
+            loss / t.grad_accum_steps as f64
+        } else {
+            loss
+        };
+        let micro_grads = GradientsParams::from_grads(loss.backward(), &model);
+        loss_sum += loss.inner().into_scalar::<f32>() as f64;
+        match accumulator.as_mut() {
+            Some(acc) => acc.accumulate(&model, micro_grads),
+            None => grads = Some(micro_grads),
+        }
+    }
+    let mut grads = match accumulator.as_mut() {
+        Some(acc) => acc.grads(),
+        None => grads.expect("at least one micro-batch"),
+    };
+    let grad_norm = clip_global_norm(&model, &mut grads, t.grad_clip);
+    model = optim.step(lr, model, grads);
+    (
+        model,
+        StepStats {
+            loss: loss_sum,
+            grad_norm,
+        },
+    )
 }
 
 fn progress_bar(enabled: bool, position: usize, total: usize) -> ProgressBar {
