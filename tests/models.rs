@@ -287,3 +287,14 @@ fn atomic_write_replaces_whole_files_and_leaves_no_temporaries() {
         .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("f.bin")]);
 }
+
+/// The sigmoid form of GPT-2's GELU equals Burn's tanh approximation.
+#[test]
+fn gelu_tanh_matches_the_tanh_formula() {
+    let x = Tensor::<1>::from_floats([-8.0, -3.0, -1.0, -0.1, 0.0, 0.1, 0.5, 1.0, 3.0, 8.0], &device());
+    let diff = max_abs_diff(
+        kiln_models::gpt2::gelu_tanh(x.clone()),
+        burn::tensor::activation::gelu_approximate(x),
+    );
+    assert!(diff < 1e-6, "{diff}");
+}

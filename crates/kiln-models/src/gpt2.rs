@@ -9,7 +9,7 @@ use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
 };
 use burn::prelude::*;
-use burn::tensor::activation::gelu_approximate;
+use burn::tensor::activation::sigmoid;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use serde::{Deserialize, Serialize};
@@ -201,10 +201,21 @@ impl CausalSelfAttention {
 
 impl Gpt2Mlp {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        // GPT-2 uses the tanh approximation of GELU ("gelu_new").
-        let x = gelu_approximate(self.c_fc.forward(x));
+        let x = gelu_tanh(self.c_fc.forward(x));
         self.dropout.forward(self.c_proj.forward(x))
     }
+}
+
+/// GPT-2's GELU, the tanh approximation (HF "gelu_new"):
+/// `0.5 x (1 + tanh(u))` with `u = sqrt(2/pi) (x + 0.044715 x^3)`, computed as the equal
+/// `x * sigmoid(2u)`: one `exp` per element instead of `tanh` and `powf`, and a backward
+/// pass that reuses the sigmoid's output (on the CPU backends those transcendental calls
+/// were a third of a training step).
+pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    const TWO_SQRT_2_OVER_PI: f64 = 2.0 * 0.797_884_560_802_865_4;
+    let cube = x.clone() * x.clone() * x.clone();
+    let u2 = (x.clone() + cube * 0.044715) * TWO_SQRT_2_OVER_PI;
+    x * sigmoid(u2)
 }
 
 impl Block {
