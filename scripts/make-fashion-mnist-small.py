@@ -39,8 +39,13 @@ def main(src, dst):
         write_idx(dst / f"{split}-images-idx3-ubyte.gz", [n, dims[1], dims[2]], pixels[: n * size])
         write_idx(dst / f"{split}-labels-idx1-ubyte.gz", [n], labels[:n])
         counts = Counter(labels[:n])
+        # Every class present and none above 3x its fair share: a usable test slice.
+        assert len(counts) == 10 and max(counts.values()) <= 3 * n // 10, counts
         print(f"{split}: {n} images {dims[1]}x{dims[2]}, labels {dict(sorted(counts.items()))}")
+    print(f"wrote the small slice to {dst}")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    main(sys.argv[1], sys.argv[2])
