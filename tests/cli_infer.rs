@@ -117,6 +117,49 @@ fn cached_and_uncached_greedy_generation_agree() {
     }
 }
 
+/// Past the context the window slides and generation goes on.
+#[test]
+fn generates_past_the_context() {
+    let (_, gpt2, llama, _) = runs();
+    for run in [gpt2, llama] {
+        let out = infer(&[
+            "--checkpoint",
+            run.to_str().unwrap(),
+            "--prompt",
+            "A",
+            "--max-new-tokens",
+            "100",
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout).trim_end_matches('\n').chars().count(), 101);
+    }
+}
+
+#[test]
+fn classifies_a_png_image() {
+    let (_, _, _, cnn) = runs();
+    // A real test image written as an 8-bit grayscale PNG.
+    let images = kiln_data::idx::read(&common::fashion_small().join("t10k-images-idx3-ubyte.gz")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("item.png");
+    image::GrayImage::from_raw(28, 28, images.data[..784].to_vec())
+        .unwrap()
+        .save(&png)
+        .unwrap();
+    let out = infer(&[
+        "--checkpoint",
+        cnn.to_str().unwrap(),
+        "--image",
+        png.to_str().unwrap(),
+        "--top",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().filter(|l| l.contains('%')).count(), 2);
+    let out = infer(&["--checkpoint", cnn.to_str().unwrap(), "--image", "no-such.png"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("no-such.png"));
+}
+
 #[test]
 fn classifies_an_idx_image() {
     let (_, _, _, cnn) = runs();

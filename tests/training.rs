@@ -37,7 +37,10 @@ fn thirty_steps_lower_the_loss_of_both_language_models() {
         let dir = tempfile::tempdir().unwrap();
         let summary = train_toml(&common::tiny_lm_toml(arch, 30), dir.path());
         let (first, last) = first_and_last_val_loss(dir.path());
-        let uniform = (65f64).ln();
+        let vocab = kiln_data::Tokenizer::load(&dir.path().join("tokenizer.json"))
+            .unwrap()
+            .vocab_size();
+        let uniform = (vocab as f64).ln();
         assert!(last < first, "{arch}: val loss did not go down: {first} -> {last}");
         assert!(
             summary.final_val_loss < uniform - 0.8,
@@ -304,4 +307,66 @@ impl<M: burn::module::Module> CountTensors for M {
     fn num_params_tensors(&self) -> usize {
         kiln_runtime::checkpoint::expected_shapes(self).len()
     }
+}
+
+/// `tokenizer = "bpe:<vocab>"` trains a byte-level BPE on the training split; the run
+/// stores it as a Hugging Face tokenizer.json that a later run can name as its tokenizer.
+#[test]
+fn bpe_tokenizer_is_trained_saved_and_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = common::tiny_lm_toml("gpt2", 10).replace("kind = \"text\"", "kind = \"text\"\ntokenizer = \"bpe:300\"");
+    train_toml(&toml, &dir.path().join("a"));
+    let saved = dir.path().join("a/tokenizer.json");
+    let tok = kiln_data::Tokenizer::load(&saved).unwrap();
+    assert!(matches!(tok, kiln_data::Tokenizer::Hf(_)));
+    assert_eq!(tok.vocab_size(), 300);
+    let text = "ROMEO: But soft, what light through yonder window breaks?\n";
+    let ids = tok.encode(text).unwrap();
+    assert!(
+        ids.len() < text.len(),
+        "BPE merges characters: {} ids for {} chars",
+        ids.len(),
+        text.len()
+    );
+    assert_eq!(tok.decode(&ids).unwrap(), text);
+    // A second run names the saved file and gets the same vocabulary.
+    let toml = common::tiny_lm_toml("gpt2", 10).replace(
+        "kind = \"text\"",
+        &format!("kind = \"text\"\ntokenizer = {:?}", saved.display().to_string()),
+    );
+    train_toml(&toml, &dir.path().join("b"));
+    let again = kiln_data::Tokenizer::load(&dir.path().join("b/tokenizer.json")).unwrap();
+    assert_eq!(again.encode(text).unwrap(), ids);
+}
+
+#[test]
+fn char_tokenizer_round_trips_the_corpus() {
+    let text = kiln_data::text::read_corpus(&common::shakespeare()).unwrap();
+    let tok = kiln_data::Tokenizer::build(&kiln_data::TokenizerSpec::Char, &text).unwrap();
+    // 52 letters, digits, punctuation and whitespace of the eight plays.
+    assert_eq!(tok.vocab_size(), 78);
+    let sample: String = text.chars().take(5000).collect();
+    assert_eq!(tok.decode(&tok.encode(&sample).unwrap()).unwrap(), sample);
+    assert!(
+        tok.encode("\u{263A}")
+            .unwrap_err()
+            .to_string()
+            .contains("not in the vocabulary")
+    );
+}
+
+/// The IDX reader checks its header against the data it holds.
+#[test]
+fn idx_reader_rejects_bad_files() {
+    use kiln_data::idx::parse;
+    let mut good = vec![0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 2];
+    good.extend([1u8; 8]);
+    assert_eq!(parse(&good).unwrap().dims, vec![2, 2, 2]);
+    assert!(parse(&good[..good.len() - 1]).unwrap_err().contains("header says"));
+    assert!(parse(b"PK\x03\x04").unwrap_err().contains("magic"));
+    let mut floats = good.clone();
+    floats[2] = 0x0d;
+    assert!(parse(&floats).unwrap_err().contains("0x0d"));
+    let data = kiln_data::ImageDataset::load(&common::fashion_small(), 0, 0).unwrap();
+    assert_eq!((data.train.len(), data.test.len(), data.num_classes), (2000, 500, 10));
 }

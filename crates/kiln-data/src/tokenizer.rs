@@ -105,8 +105,10 @@ impl Tokenizer {
 
     fn train_bpe(vocab_size: usize, text: &str) -> Result<Self, DataError> {
         let mut tokenizer = tokenizers::Tokenizer::new(BPE::default());
-        tokenizer.with_pre_tokenizer(Some(ByteLevel::default()));
-        tokenizer.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+        // GPT-2's byte-level BPE: no prefix space, so decode(encode(text)) == text.
+        let byte_level = ByteLevel::new(false, true, true);
+        tokenizer.with_pre_tokenizer(Some(byte_level));
+        tokenizer.with_decoder(Some(byte_level));
         let mut trainer: TrainerWrapper = BpeTrainer::builder()
             .vocab_size(vocab_size)
             .min_frequency(2)

@@ -166,7 +166,12 @@ pub fn plot_curves(path: &Path, title: &str, y_label: &str, curves: &[Curve]) ->
             .x_label_area_size(40)
             .y_label_area_size(60)
             .build_cartesian_2d(0.0..x_max, (y_min - pad)..(y_max + pad))?;
-        chart.configure_mesh().x_desc("step").y_desc(y_label).draw()?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc(y_label)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .draw()?;
         for c in curves {
             let color = Palette99::pick(c.color_index).to_rgba();
             let style = ShapeStyle::from(color).stroke_width(2);

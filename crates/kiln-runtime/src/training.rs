@@ -161,7 +161,8 @@ pub fn train<T: Task>(
         }
         if state.step % t.eval_interval == 0 || done {
             let secs = window_start.elapsed().as_secs_f64();
-            let eval = task.evaluate(&model.valid(), &eval_device);
+            let snapshot = model.valid();
+            let eval = task.evaluate(&snapshot, &eval_device);
             let record = EvalRecord {
                 step: state.step,
                 train_loss: state.loss_sum / state.loss_count.max(1) as f64,
@@ -174,11 +175,11 @@ pub fn train<T: Task>(
             };
             metrics.append(&record)?;
             plot_run(run_dir, &metrics.read()?)?;
-            save_weights(&model.valid(), &run_dir.join("model.safetensors"))?;
+            save_weights(&snapshot, &run_dir.join("model.safetensors"))?;
             if state.best_val_loss.is_none_or(|b| eval.loss < b) {
                 state.best_val_loss = Some(eval.loss);
                 state.best_step = Some(state.step);
-                save_weights(&model.valid(), &run_dir.join("best.safetensors"))?;
+                save_weights(&snapshot, &run_dir.join("best.safetensors"))?;
             }
             let acc = eval
                 .accuracy
