@@ -140,10 +140,9 @@ pub fn train<T: Task>(
     let mut last_eval = None;
 
     for step in start_step..t.max_steps {
-        let lr = cfg.optim.lr_at(step, t.max_steps);
         let (next, stats) = train_step(task, model, &mut optim, cfg, step, device);
         model = next;
-        let step_loss = stats.loss;
+        let (step_loss, lr) = (stats.loss, stats.lr);
         state.last_grad_norm = stats.grad_norm;
         if !step_loss.is_finite() {
             return Err(TrainError::Diverged { step, loss: step_loss });
@@ -277,6 +276,8 @@ pub struct StepStats {
     pub loss: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// The learning rate the step used.
+    pub lr: f64,
 }
 
 /// One optimizer step of `model` on `task`: seed the device from `(seed, step)`
@@ -322,6 +323,7 @@ pub fn train_step<T: Task>(
         StepStats {
             loss: loss_sum,
             grad_norm,
+            lr,
         },
     )
 }
