@@ -52,6 +52,13 @@ struct Cli {
     #[arg(long)]
     no_cache: bool,
 
+    /// Text to embed (encoder models; repeatable).
+    #[arg(long)]
+    text: Vec<String>,
+    /// Print sentence embeddings (encoder models) as JSON lines.
+    #[arg(long)]
+    embed: bool,
+
     /// PNG image to classify (image models).
     #[arg(long)]
     image: Option<PathBuf>,
@@ -86,15 +93,16 @@ fn main() -> Result<()> {
     let device = backend.device.clone();
     eprintln!(
         "{} | {} | weights {}",
-        run.config.model.arch(),
+        run.model.arch(),
         backend.describe(),
         run.weights.display()
     );
-    match &run.config.model {
+    match &run.model {
         ModelConfig::Gpt2(c) => sample_text(&cli, &run, run.load_model(|| c.init(&device))?, &device),
         ModelConfig::Llama(c) => sample_text(&cli, &run, run.load_model(|| c.init(&device))?, &device),
         ModelConfig::Mlp(c) => classify(&cli, run.load_model(|| c.init(&device))?, &device),
         ModelConfig::Cnn(c) => classify(&cli, run.load_model(|| c.init(&device))?, &device),
+        ModelConfig::Bert(c) => embed(&cli, &run, run.load_model(|| c.init(&device))?, &device),
     }
 }
 
@@ -144,6 +152,31 @@ fn sample_text<M: CausalLm>(cli: &Cli, run: &LoadedRun, model: M, device: &Devic
         stats.prefill_s * 1e3,
         stats.tokens_per_s(),
         if cli.no_cache { "no cache" } else { "KV cache" }
+    );
+    Ok(())
+}
+
+fn embed(cli: &Cli, run: &LoadedRun, model: kiln_models::BertModel, device: &Device) -> Result<()> {
+    let tokenizer = run.tokenizer.as_ref().context("encoder without a tokenizer")?;
+    if !cli.embed {
+        bail!(
+            "a {} model gives sentence embeddings: pass --embed with --text \"...\"",
+            run.model.arch()
+        );
+    }
+    if cli.text.is_empty() {
+        bail!("pass at least one --text \"...\" to embed");
+    }
+    let texts: Vec<&str> = cli.text.iter().map(String::as_str).collect();
+    let started = std::time::Instant::now();
+    let embeddings = kiln_runtime::embed::embed_texts(&model, tokenizer, &texts, 32, device)?;
+    for (text, e) in texts.iter().zip(&embeddings) {
+        println!("{}", serde_json::json!({ "text": text, "embedding": e }));
+    }
+    eprintln!(
+        "{} texts embedded in {:.1} ms",
+        texts.len(),
+        started.elapsed().as_secs_f64() * 1e3
     );
     Ok(())
 }

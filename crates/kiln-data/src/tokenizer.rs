@@ -179,6 +179,31 @@ impl Tokenizer {
         }
     }
 
+    /// A batch of texts as model input: token ids (with the tokenizer's special tokens,
+    /// truncation and padding) and attention masks (1 = token, 0 = padding), every row
+    /// padded to the longest. Only Hugging Face tokenizers (e.g. BERT's WordPiece) do this.
+    pub fn encode_batch(&self, texts: &[&str]) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>), DataError> {
+        let Tokenizer::Hf(t) = self else {
+            return Err(DataError::Tokenizer(
+                "a character tokenizer has no special tokens or padding".into(),
+            ));
+        };
+        let encodings = t
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| DataError::Tokenizer(format!("encoding: {e}")))?;
+        let longest = encodings.iter().map(|e| e.get_ids().len()).max().unwrap_or(0);
+        let (mut ids, mut masks) = (Vec::new(), Vec::new());
+        for e in encodings {
+            let mut i = e.get_ids().to_vec();
+            let mut m = e.get_attention_mask().to_vec();
+            i.resize(longest, 0);
+            m.resize(longest, 0);
+            ids.push(i);
+            masks.push(m);
+        }
+        Ok((ids, masks))
+    }
+
     /// Ids -> text.
     pub fn decode(&self, ids: &[u32]) -> Result<String, DataError> {
         match self {

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{CnnConfig, Gpt2Config, LlamaConfig, MlpConfig};
+use crate::{BertConfig, CnnConfig, Gpt2Config, LlamaConfig, MlpConfig};
 
 /// An impossible hyper-parameter, named by its config key.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +38,8 @@ pub enum ModelKind {
     CausalLm,
     /// Images in, class logits out.
     ImageClassifier,
+    /// Token ids in, contextual states and sentence embeddings out (BERT).
+    Encoder,
 }
 
 /// One architecture's hyper-parameters, tagged by `arch`.
@@ -48,6 +50,7 @@ pub enum ModelConfig {
     Llama(LlamaConfig),
     Mlp(MlpConfig),
     Cnn(CnnConfig),
+    Bert(BertConfig),
 }
 
 impl ModelConfig {
@@ -57,6 +60,7 @@ impl ModelConfig {
             Self::Llama(_) => "llama",
             Self::Mlp(_) => "mlp",
             Self::Cnn(_) => "cnn",
+            Self::Bert(_) => "bert",
         }
     }
 
@@ -64,6 +68,7 @@ impl ModelConfig {
         match self {
             Self::Gpt2(_) | Self::Llama(_) => ModelKind::CausalLm,
             Self::Mlp(_) | Self::Cnn(_) => ModelKind::ImageClassifier,
+            Self::Bert(_) => ModelKind::Encoder,
         }
     }
 
@@ -74,6 +79,7 @@ impl ModelConfig {
             Self::Llama(c) => c.validate(),
             Self::Mlp(c) => c.validate(),
             Self::Cnn(c) => c.validate(),
+            Self::Bert(c) => c.validate(),
         }
     }
 

@@ -9,6 +9,7 @@
 //! architectures (`transformer.h.0.attn.c_attn`, `model.layers.0.self_attn.q_proj`, ...)
 //! so that weights convert in and out by small rule tables.
 
+pub mod bert;
 pub mod cnn;
 pub mod config;
 pub mod gpt2;
@@ -16,6 +17,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod mlp;
 
+pub use bert::{BertConfig, BertModel};
 pub use cnn::{Cnn, CnnConfig};
 pub use config::{ConfigError, ModelConfig, ModelKind};
 pub use gpt2::{Gpt2Config, Gpt2LMHeadModel};

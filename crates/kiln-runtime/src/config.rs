@@ -246,6 +246,10 @@ impl RunConfig {
         match (&self.model.kind(), &self.data) {
             (kiln_models::ModelKind::CausalLm, DataConfig::Text { .. })
             | (kiln_models::ModelKind::ImageClassifier, DataConfig::Idx { .. }) => Ok(()),
+            (kiln_models::ModelKind::Encoder, _) => Err(format!(
+                "model.arch: {} models are not trained by `train` (convert a pretrained one; fine-tuning is `finetune`)",
+                self.model.arch()
+            )),
             _ => Err(format!(
                 "data.kind: a {} model cannot train on this data (language models take kind = \"text\", image models kind = \"idx\")",
                 self.model.arch()

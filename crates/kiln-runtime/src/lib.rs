@@ -6,6 +6,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod compare;
 pub mod config;
+pub mod embed;
 pub mod generate;
 pub mod metrics;
 pub mod optim;

@@ -238,10 +238,35 @@ impl TaskJob for TrainJob<'_> {
     }
 }
 
-/// A trained run directory opened for inference.
+/// The `[model]` section of a `config.toml`: all a model directory needs (a training
+/// run's config has more sections, a converted model's has only this one).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelFile {
+    pub model: ModelConfig,
+}
+
+impl ModelFile {
+    pub fn load(path: &Path) -> Result<Self, crate::config::ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| crate::config::ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let file: Self = toml::from_str(&text).map_err(|e| crate::config::ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        file.model.validate().map_err(|e| crate::config::ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Ok(file)
+    }
+}
+
+/// A model directory opened for inference: a training run, or the output of `convert`.
 pub struct LoadedRun {
     pub dir: PathBuf,
-    pub config: RunConfig,
+    pub model: ModelConfig,
     pub tokenizer: Option<Tokenizer>,
     pub weights: PathBuf,
 }
@@ -256,9 +281,9 @@ impl LoadedRun {
                 message: "no such run directory".into(),
             });
         }
-        let config = RunConfig::load(&dir.join(CONFIG_FILE), &[])?;
-        let tokenizer = match config.model.kind() {
-            ModelKind::CausalLm => Some(Tokenizer::load(&dir.join(TOKENIZER_FILE))?),
+        let model = ModelFile::load(&dir.join(CONFIG_FILE))?.model;
+        let tokenizer = match model.kind() {
+            ModelKind::CausalLm | ModelKind::Encoder => Some(Tokenizer::load(&dir.join(TOKENIZER_FILE))?),
             ModelKind::ImageClassifier => None,
         };
         let best = dir.join("best.safetensors");
@@ -275,7 +300,7 @@ impl LoadedRun {
         }
         Ok(Self {
             dir: dir.to_path_buf(),
-            config,
+            model,
             tokenizer,
             weights,
         })

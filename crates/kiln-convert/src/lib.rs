@@ -1,0 +1,448 @@
+//! Convert checkpoints trained elsewhere into Kiln model directories.
+//!
+//! Sources are read through Burn's store crate (`burn::store`): `SafetensorsStore` for
+//! `.safetensors` files and Hugging Face directories (sharded ones included), and
+//! `PytorchStore` for PyTorch `.pt`/`.pth`/`.bin` files, which reads the pickle without
+//! executing it. Names are mapped by the architecture's rule table ([`rules`]), checked
+//! against the Kiln model's own names and shapes, and written as one safetensors file.
+
+pub mod hf_config;
+pub mod rules;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::store::{ModuleSnapshot, ModuleStore, PytorchStore, SafetensorsStore};
+use burn::tensor::{DType, Device, TensorData};
+use burn_pack::Tensor as PackTensor;
+use kiln_models::ModelConfig;
+use regex::Regex;
+
+pub use rules::{Rules, rules_for};
+
+/// A conversion that cannot be done; every variant names the file or the tensors.
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error("{path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("{0}")]
+    Config(String),
+    #[error(
+        "the checkpoint does not fit the {arch} model ({summary}); pass --allow-partial to convert anyway:\n{details}"
+    )]
+    Refused {
+        arch: String,
+        summary: String,
+        details: String,
+    },
+    #[error("{path}: {message}")]
+    Write { path: PathBuf, message: String },
+}
+
+fn read_err(path: &Path, message: impl std::fmt::Display) -> ConvertError {
+    ConvertError::Read {
+        path: path.to_path_buf(),
+        message: message.to_string(),
+    }
+}
+
+/// What a checkpoint holds: its tensors, and the config and tokenizer found beside them.
+pub struct Source {
+    pub tensors: BTreeMap<String, PackTensor>,
+    /// A Hugging Face `config.json`, when the input had one.
+    pub hf_config: Option<(PathBuf, serde_json::Value)>,
+    pub tokenizer: Option<PathBuf>,
+    /// The files the tensors came from.
+    pub files: Vec<PathBuf>,
+}
+
+fn read_store(
+    store: &mut impl ModuleStore,
+    path: &Path,
+    into: &mut BTreeMap<String, PackTensor>,
+) -> Result<(), ConvertError> {
+    let tensors = store.get_all_tensors().map_err(|e| read_err(path, e))?;
+    for (name, tensor) in tensors {
+        if into.insert(name.clone(), tensor.clone()).is_some() {
+            return Err(read_err(path, format!("tensor {name} appears twice")));
+        }
+    }
+    Ok(())
+}
+
+fn read_file(path: &Path, into: &mut BTreeMap<String, PackTensor>) -> Result<(), ConvertError> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    match ext {
+        "safetensors" => {
+            // Validate the header against the file first (a lying or truncated header is
+            // an error here, before any tensor is touched).
+            let bytes = std::fs::read(path).map_err(|e| read_err(path, e))?;
+            safetensors::SafeTensors::deserialize(&bytes)
+                .map_err(|e| read_err(path, format!("not a valid safetensors file: {e}")))?;
+            read_store(&mut SafetensorsStore::from_bytes(Some(bytes)), path, into)
+        }
+        "pt" | "pth" | "bin" => {
+            if !path.is_file() {
+                return Err(read_err(path, "no such file"));
+            }
+            refuse_foreign_calls(path)?;
+            read_store(&mut PytorchStore::from_file(path), path, into)
+        }
+        "onnx" => Err(read_err(
+            path,
+            "ONNX input is not supported yet (PyTorch, safetensors and Hugging Face directories are)",
+        )),
+        _ => Err(read_err(
+            path,
+            "unknown checkpoint type: expected .safetensors, .pt, .pth, .bin or a Hugging Face directory",
+        )),
+    }
+}
+
+/// Python types a PyTorch checkpoint legitimately holds beside plain data.
+const ALLOWED_PICKLE_TYPES: &[&str] = &["torch.", "collections.", "numpy.", "builtins.", "__builtin__."];
+
+/// Refuse a pickle that calls anything but PyTorch's tensor rebuilding (a `__reduce__`
+/// payload such as `os.system`). Burn's reader never executes a pickle: it keeps an
+/// unknown call as an opaque value, which is found here and named.
+fn refuse_foreign_calls(path: &Path) -> Result<(), ConvertError> {
+    use pytorch_reader::{PickleValue, PytorchReader};
+    fn walk(value: &PickleValue, found: &mut BTreeSet<String>) {
+        match value {
+            PickleValue::Unsupported(name) if !ALLOWED_PICKLE_TYPES.iter().any(|p| name.starts_with(p)) => {
+                found.insert(name.clone());
+            }
+            PickleValue::List(items) => items.iter().for_each(|v| walk(v, found)),
+            PickleValue::Dict(map) => map.values().for_each(|v| walk(v, found)),
+            _ => {}
+        }
+    }
+    let value = PytorchReader::read_pickle_data(path, None)
+        .map_err(|e| read_err(path, format!("not a readable PyTorch checkpoint: {e}")))?;
+    let mut found = BTreeSet::new();
+    walk(&value, &mut found);
+    if found.is_empty() {
+        Ok(())
+    } else {
+        let names: Vec<String> = found.into_iter().collect();
+        Err(read_err(
+            path,
+            format!(
+                "refused: the pickle calls {} (not run; only tensors are read)",
+                names.join(", ")
+            ),
+        ))
+    }
+}
+
+impl Source {
+    /// Read a checkpoint file, or a Hugging Face directory (`config.json` + `model.safetensors`,
+    /// a sharded `model.safetensors.index.json`, or `pytorch_model.bin`).
+    pub fn read(input: &Path) -> Result<Self, ConvertError> {
+        let mut tensors = BTreeMap::new();
+        let mut files = Vec::new();
+        if !input.exists() {
+            return Err(read_err(input, "no such file or directory"));
+        }
+        if !input.is_dir() {
+            read_file(input, &mut tensors)?;
+            files.push(input.to_path_buf());
+            return Ok(Self {
+                tensors,
+                hf_config: None,
+                tokenizer: None,
+                files,
+            });
+        }
+        let index = input.join("model.safetensors.index.json");
+        if index.is_file() {
+            let text = std::fs::read_to_string(&index).map_err(|e| read_err(&index, e))?;
+            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| read_err(&index, e))?;
+            let shards: BTreeSet<&str> = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| read_err(&index, "no weight_map"))?
+                .values()
+                .filter_map(|v| v.as_str())
+                .collect();
+            for shard in shards {
+                let path = input.join(shard);
+                read_file(&path, &mut tensors)?;
+                files.push(path);
+            }
+        } else {
+            let file = ["model.safetensors", "pytorch_model.bin"]
+                .iter()
+                .map(|f| input.join(f))
+                .find(|p| p.is_file())
+                .ok_or_else(|| {
+                    read_err(
+                        input,
+                        "no model.safetensors, model.safetensors.index.json or pytorch_model.bin",
+                    )
+                })?;
+            read_file(&file, &mut tensors)?;
+            files.push(file);
+        }
+        let config = input.join("config.json");
+        let hf_config = if config.is_file() {
+            let text = std::fs::read_to_string(&config).map_err(|e| read_err(&config, e))?;
+            Some((
+                config.clone(),
+                serde_json::from_str(&text).map_err(|e| read_err(&config, e))?,
+            ))
+        } else {
+            None
+        };
+        let tokenizer = Some(input.join("tokenizer.json")).filter(|p| p.is_file());
+        Ok(Self {
+            tensors,
+            hf_config,
+            tokenizer,
+            files,
+        })
+    }
+}
+
+/// What happened to every tensor.
+#[derive(Debug, Default, Clone)]
+pub struct Report {
+    /// `(source name, Kiln name, transposed)`
+    pub mapped: Vec<(String, String, bool)>,
+    pub ignored: Vec<String>,
+    /// Kiln parameters the checkpoint does not provide (initialised values kept).
+    pub missing: Vec<String>,
+    /// Source tensors no rule maps onto a Kiln parameter.
+    pub unexpected: Vec<String>,
+    pub mismatched: Vec<String>,
+}
+
+impl Report {
+    pub fn is_complete(&self) -> bool {
+        self.missing.is_empty() && self.unexpected.is_empty() && self.mismatched.is_empty()
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "{} mapped, {} ignored, {} missing, {} unexpected, {} shape mismatches",
+            self.mapped.len(),
+            self.ignored.len(),
+            self.missing.len(),
+            self.unexpected.len(),
+            self.mismatched.len()
+        )
+    }
+
+    /// Every problem, one per line.
+    pub fn details(&self) -> String {
+        let mut out = String::new();
+        for m in &self.missing {
+            out += &format!("  missing: {m}\n");
+        }
+        for u in &self.unexpected {
+            out += &format!("  unexpected: {u}\n");
+        }
+        for m in &self.mismatched {
+            out += &format!("  shape mismatch: {m}\n");
+        }
+        out
+    }
+}
+
+/// Initial parameters of the configured model (names, shapes, values).
+fn initial_tensors(model: &ModelConfig, device: &Device) -> Vec<PackTensor> {
+    fn collect<M: Module>(m: M) -> Vec<PackTensor> {
+        m.collect(None, None, false)
+    }
+    match model {
+        ModelConfig::Gpt2(c) => collect(c.init(device)),
+        ModelConfig::Llama(c) => collect(c.init(device)),
+        ModelConfig::Bert(c) => collect(c.init(device)),
+        ModelConfig::Mlp(c) => collect(c.init(device)),
+        ModelConfig::Cnn(c) => collect(c.init(device)),
+    }
+}
+
+/// `[rows, cols]` row-major -> `[cols, rows]`.
+fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
+}
+
+fn compile(patterns: &[&str]) -> Vec<Regex> {
+    patterns
+        .iter()
+        .map(|p| Regex::new(p).expect("rule tables hold valid regexes"))
+        .collect()
+}
+
+/// Map `source` onto `model`'s parameters; returns Kiln safetensors bytes and the report.
+/// Refuses (listing every tensor) on missing, unexpected or mis-shaped tensors unless
+/// `allow_partial`, in which case missing parameters keep their initial values.
+pub fn convert(source: &Source, model: &ModelConfig, allow_partial: bool) -> Result<(Vec<u8>, Report), ConvertError> {
+    let rules = rules_for(model);
+    let renames: Vec<(Regex, &str)> = rules
+        .renames
+        .iter()
+        .map(|(from, to)| (Regex::new(from).expect("valid rule"), *to))
+        .collect();
+    let ignore = compile(rules.ignore);
+    let transposed = compile(rules.transpose);
+    let device = Device::flex();
+    let initial = initial_tensors(model, &device);
+    let expected: BTreeMap<String, Vec<usize>> = initial
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.as_slice().to_vec()))
+        .collect();
+
+    let mut report = Report::default();
+    let mut out: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
+    for (name, tensor) in &source.tensors {
+        if ignore.iter().any(|r| r.is_match(name)) {
+            report.ignored.push(name.clone());
+            continue;
+        }
+        let mut kiln = name.clone();
+        for (from, to) in &renames {
+            kiln = from.replace_all(&kiln, *to).into_owned();
+        }
+        let Some(want) = expected.get(&kiln) else {
+            report.unexpected.push(format!("{name} {:?}", tensor.shape.as_slice()));
+            continue;
+        };
+        let shape = tensor.shape.as_slice().to_vec();
+        let transpose_it = transposed.iter().any(|r| r.is_match(&kiln));
+        let shape_in_kiln = if transpose_it && shape.len() == 2 {
+            vec![shape[1], shape[0]]
+        } else {
+            shape.clone()
+        };
+        if &shape_in_kiln != want || !matches!(tensor.dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) {
+            report.mismatched.push(format!(
+                "{name} -> {kiln}: source {shape:?} {:?}{}, Kiln expects {want:?}",
+                tensor.dtype,
+                if transpose_it { " (transposed)" } else { "" }
+            ));
+            continue;
+        }
+        let bytes = tensor.to_bytes().map_err(|e| read_err(Path::new(name), e))?;
+        let values = TensorData::from_bytes(bytes, shape.clone(), tensor.dtype)
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| read_err(Path::new(name), format!("{e:?}")))?;
+        let values = if transpose_it {
+            transpose(&values, shape[0], shape[1])
+        } else {
+            values
+        };
+        report.mapped.push((name.clone(), kiln.clone(), transpose_it));
+        out.insert(kiln, (shape_in_kiln, values));
+    }
+    for t in &initial {
+        if !out.contains_key(&t.name) {
+            report.missing.push(format!("{} {:?}", t.name, t.shape.as_slice()));
+        }
+    }
+    if !report.is_complete() && !allow_partial {
+        return Err(ConvertError::Refused {
+            arch: model.arch().to_string(),
+            summary: report.summary(),
+            details: report.details(),
+        });
+    }
+    // Parameters the checkpoint lacks keep their initial values (--allow-partial).
+    for t in initial {
+        if !out.contains_key(&t.name) {
+            let data = TensorData::from_bytes(
+                t.to_bytes().map_err(|e| read_err(Path::new(&t.name), e))?,
+                t.shape.as_slice().to_vec(),
+                t.dtype,
+            );
+            let values = data
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .map_err(|e| read_err(Path::new(&t.name), format!("{e:?}")))?;
+            out.insert(t.name.clone(), (t.shape.as_slice().to_vec(), values));
+        }
+    }
+    let bytes = serialize(&out).map_err(|message| ConvertError::Write {
+        path: "model.safetensors".into(),
+        message,
+    })?;
+    Ok((bytes, report))
+}
+
+fn serialize(tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Result<Vec<u8>, String> {
+    let raw: Vec<(&String, &Vec<usize>, &[u8])> = tensors
+        .iter()
+        .map(|(name, (shape, values))| {
+            // f32 -> little-endian bytes without copying (x86-64/aarch64 are little-endian).
+            let bytes = unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, values.len() * 4) };
+            (name, shape, bytes)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = raw
+        .iter()
+        .map(|(name, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), bytes)
+                .map(|v| ((*name).clone(), v))
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    safetensors::serialize(views, None).map_err(|e| e.to_string())
+}
+
+/// Write a Kiln model directory atomically: everything goes into a temporary directory
+/// beside `out`, which is renamed into place only when complete. `out` must not exist.
+pub fn write_model_dir(
+    out: &Path,
+    model: &ModelConfig,
+    weights: &[u8],
+    hf_config: Option<&Path>,
+    tokenizer: Option<&Path>,
+) -> Result<(), ConvertError> {
+    let werr = |path: &Path, e: &dyn std::fmt::Display| ConvertError::Write {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    if out.exists() {
+        return Err(werr(out, &"already exists; choose a new --output directory"));
+    }
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| werr(parent, &e))?;
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| -> Result<(), ConvertError> {
+        std::fs::create_dir_all(&tmp).map_err(|e| werr(&tmp, &e))?;
+        kiln_runtime::checkpoint::atomic_write(&tmp.join("model.safetensors"), weights).map_err(|e| werr(&tmp, &e))?;
+        let file = kiln_runtime::run::ModelFile { model: model.clone() };
+        let toml = toml::to_string_pretty(&file).map_err(|e| werr(&tmp, &e))?;
+        kiln_runtime::checkpoint::atomic_write(&tmp.join("config.toml"), toml.as_bytes())
+            .map_err(|e| werr(&tmp, &e))?;
+        if let Some(src) = hf_config {
+            std::fs::copy(src, tmp.join("config.json")).map_err(|e| werr(src, &e))?;
+        }
+        if let Some(src) = tokenizer {
+            std::fs::copy(src, tmp.join("tokenizer.json")).map_err(|e| werr(src, &e))?;
+        }
+        kiln_runtime::checkpoint::sync_dir(&tmp).map_err(|e| werr(&tmp, &e))?;
+        std::fs::rename(&tmp, out).map_err(|e| werr(out, &e))?;
+        kiln_runtime::checkpoint::sync_dir(parent).map_err(|e| werr(parent, &e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}

@@ -1,0 +1,268 @@
+//! BERT encoder: word + position + token-type embeddings and LayerNorm, post-norm
+//! encoder layers (self-attention, then a GELU MLP, each added to its input and
+//! normalised), a tanh pooler, and sentence embeddings by masked mean pooling + L2
+//! normalisation (sentence-transformers' recipe). Module paths follow Hugging Face's
+//! `BertModel` with two renames the conversion table applies: `LayerNorm` ->
+//! `layer_norm` and `attention.self` -> `attention.self_attn` (`self` is a keyword).
+//!
+//! Shapes: B = batch, T = sequence, C = hidden, H = heads, D = C / H, F = intermediate.
+
+use burn::nn::{Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::{gelu, tanh};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ConfigError, ensure};
+
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_type_vocab() -> usize {
+    2
+}
+
+/// BERT hyper-parameters (`[model] arch = "bert"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BertConfig {
+    pub n_layer: usize,
+    pub n_head: usize,
+    /// Hidden width C.
+    pub n_embd: usize,
+    /// MLP width F.
+    pub intermediate_size: usize,
+    /// Learned positions (maximum sequence length).
+    pub max_positions: usize,
+    pub vocab_size: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+}
+
+impl BertConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ensure(self.n_layer > 0, "n_layer", "must be at least 1")?;
+        ensure(self.n_head > 0, "n_head", "must be at least 1")?;
+        ensure(
+            self.n_embd % self.n_head == 0,
+            "n_embd",
+            format!("{} is not divisible by n_head = {}", self.n_embd, self.n_head),
+        )?;
+        ensure(self.intermediate_size > 0, "intermediate_size", "must be at least 1")?;
+        ensure(self.max_positions > 0, "max_positions", "must be at least 1")?;
+        ensure(self.vocab_size > 0, "vocab_size", "must be at least 1")?;
+        ensure(self.type_vocab_size > 0, "type_vocab_size", "must be at least 1")?;
+        ensure(self.layer_norm_eps > 0.0, "layer_norm_eps", "must be positive")
+    }
+
+    pub fn init(&self, device: &Device) -> BertModel {
+        let init = Initializer::Normal { mean: 0.0, std: 0.02 };
+        let c = self.n_embd;
+        let linear = |d_in, d_out| {
+            let mut layer = LinearConfig::new(d_in, d_out)
+                .with_bias(false)
+                .with_initializer(init.clone())
+                .init(device);
+            layer.bias = Some(Initializer::Zeros.init([d_out], device));
+            layer
+        };
+        let layer_norm = || LayerNormConfig::new(c).with_epsilon(self.layer_norm_eps).init(device);
+        let embedding = |n| EmbeddingConfig::new(n, c).with_initializer(init.clone()).init(device);
+        BertModel {
+            embeddings: BertEmbeddings {
+                word_embeddings: embedding(self.vocab_size),
+                position_embeddings: embedding(self.max_positions),
+                token_type_embeddings: embedding(self.type_vocab_size),
+                layer_norm: layer_norm(),
+            },
+            encoder: BertEncoder {
+                layer: (0..self.n_layer)
+                    .map(|_| BertLayer {
+                        attention: BertAttention {
+                            self_attn: BertSelfAttention {
+                                query: linear(c, c),
+                                key: linear(c, c),
+                                value: linear(c, c),
+                                n_head: self.n_head,
+                            },
+                            output: BertSelfOutput {
+                                dense: linear(c, c),
+                                layer_norm: layer_norm(),
+                            },
+                        },
+                        intermediate: BertIntermediate {
+                            dense: linear(c, self.intermediate_size),
+                        },
+                        output: BertOutput {
+                            dense: linear(self.intermediate_size, c),
+                            layer_norm: layer_norm(),
+                        },
+                    })
+                    .collect(),
+            },
+            pooler: BertPooler { dense: linear(c, c) },
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct BertModel {
+    pub embeddings: BertEmbeddings,
+    pub encoder: BertEncoder,
+    pub pooler: BertPooler,
+}
+
+#[derive(Module, Debug)]
+pub struct BertEmbeddings {
+    /// `[V, C]`
+    pub word_embeddings: Embedding,
+    /// `[max_positions, C]`
+    pub position_embeddings: Embedding,
+    /// `[type_vocab, C]`
+    pub token_type_embeddings: Embedding,
+    pub layer_norm: LayerNorm,
+}
+
+#[derive(Module, Debug)]
+pub struct BertEncoder {
+    pub layer: Vec<BertLayer>,
+}
+
+/// `a = norm(x + attn(x))`, then `norm(a + mlp(a))` (post-norm).
+#[derive(Module, Debug)]
+pub struct BertLayer {
+    pub attention: BertAttention,
+    pub intermediate: BertIntermediate,
+    pub output: BertOutput,
+}
+
+#[derive(Module, Debug)]
+pub struct BertAttention {
+    pub self_attn: BertSelfAttention,
+    pub output: BertSelfOutput,
+}
+
+#[derive(Module, Debug)]
+pub struct BertSelfAttention {
+    /// `[C, C]` each
+    pub query: Linear,
+    pub key: Linear,
+    pub value: Linear,
+    pub n_head: usize,
+}
+
+#[derive(Module, Debug)]
+pub struct BertSelfOutput {
+    pub dense: Linear,
+    pub layer_norm: LayerNorm,
+}
+
+#[derive(Module, Debug)]
+pub struct BertIntermediate {
+    /// `[C, F]`
+    pub dense: Linear,
+}
+
+#[derive(Module, Debug)]
+pub struct BertOutput {
+    /// `[F, C]`
+    pub dense: Linear,
+    pub layer_norm: LayerNorm,
+}
+
+#[derive(Module, Debug)]
+pub struct BertPooler {
+    pub dense: Linear,
+}
+
+impl BertSelfAttention {
+    /// `x` `[B, T, C]`, `pad` `[B, H, T, T]` (true = masked key) -> `[B, T, C]`.
+    fn forward(&self, x: Tensor<3>, pad: Tensor<4, Bool>) -> Tensor<3> {
+        let [b, t, c] = x.dims();
+        let (h, d) = (self.n_head, c / self.n_head);
+        let heads = |l: &Linear| l.forward(x.clone()).reshape([b, t, h, d]).swap_dims(1, 2); // [B, H, T, D]
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: false,
+        };
+        let y = attention(
+            heads(&self.query),
+            heads(&self.key),
+            heads(&self.value),
+            Some(pad),
+            None,
+            options,
+        );
+        y.swap_dims(1, 2).reshape([b, t, c])
+    }
+}
+
+impl BertLayer {
+    fn forward(&self, x: Tensor<3>, pad: Tensor<4, Bool>) -> Tensor<3> {
+        let attn = self.attention.self_attn.forward(x.clone(), pad);
+        let a = self
+            .attention
+            .output
+            .layer_norm
+            .forward(x + self.attention.output.dense.forward(attn));
+        // BERT's "gelu" is the exact (erf) GELU.
+        let m = self
+            .output
+            .dense
+            .forward(gelu(self.intermediate.dense.forward(a.clone())));
+        self.output.layer_norm.forward(a + m)
+    }
+}
+
+impl BertModel {
+    pub fn max_positions(&self) -> usize {
+        self.embeddings.position_embeddings.weight.dims()[0]
+    }
+
+    /// Token ids and attention mask (1 = token, 0 = padding), both `[B, T]` ->
+    /// last hidden states `[B, T, C]`. Token types are all 0 (single sentences).
+    pub fn forward(&self, ids: Tensor<2, Int>, mask: Tensor<2, Int>) -> Tensor<3> {
+        let [b, t] = ids.dims();
+        let device = ids.device();
+        let e = &self.embeddings;
+        let positions = Tensor::<1, Int>::arange(0..t as i64, &device).reshape([1, t]);
+        let types = Tensor::<2, Int>::zeros([b, t], &device);
+        let x = e.word_embeddings.forward(ids)
+            + e.position_embeddings.forward(positions)
+            + e.token_type_embeddings.forward(types);
+        let mut x = e.layer_norm.forward(x);
+        // [B, T] -> [B, H, T(query), T(key)]: true where the key is padding.
+        let h = self.encoder.layer.first().map_or(1, |l| l.attention.self_attn.n_head);
+        let pad = mask.equal_elem(0).reshape([b, 1, 1, t]).expand([b, h, t, t]);
+        for layer in &self.encoder.layer {
+            x = layer.forward(x, pad.clone());
+        }
+        x
+    }
+
+    /// The pooler: `tanh(dense(h[:, 0]))`, `[B, C]`.
+    pub fn pooled(&self, hidden: Tensor<3>) -> Tensor<2> {
+        let [b, _, c] = hidden.dims();
+        tanh(
+            self.pooler
+                .dense
+                .forward(hidden.slice(s![.., 0..1, ..]).reshape([b, c])),
+        )
+    }
+
+    /// Sentence embeddings: mean of the token states over the mask, L2-normalised, `[B, C]`.
+    pub fn embed(&self, ids: Tensor<2, Int>, mask: Tensor<2, Int>) -> Tensor<2> {
+        let hidden = self.forward(ids, mask.clone());
+        let [b, t, c] = hidden.dims();
+        let m = mask.float().reshape([b, t, 1]);
+        let summed = (hidden * m.clone()).sum_dim(1).reshape([b, c]);
+        let counts = m.sum_dim(1).reshape([b, 1]).clamp_min(1e-9);
+        let mean = summed / counts;
+        let norm = mean.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
+        mean / norm
+    }
+}

@@ -1,0 +1,242 @@
+//! `convert` on a real pretrained model: all-MiniLM-L6-v2 (scripts/fetch-minilm.sh)
+//! converted to Kiln gives sentence-transformers' embeddings; bad input is refused
+//! with errors naming the file or the tensors, and leaves no output behind.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use kiln_convert::{ConvertError, Source, convert, write_model_dir};
+use kiln_runtime::run::LoadedRun;
+
+fn minilm() -> PathBuf {
+    let dir = common::repo_root().join("datasets/pretrained/all-MiniLM-L6-v2");
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "{} is missing: run scripts/fetch-minilm.sh",
+        dir.display()
+    );
+    dir
+}
+
+fn convert_dir(
+    input: &Path,
+    arch: &str,
+    out: &Path,
+    allow_partial: bool,
+) -> Result<kiln_convert::Report, ConvertError> {
+    let source = Source::read(input)?;
+    let (path, json) = source.hf_config.clone().expect("config.json");
+    let model = kiln_convert::hf_config::model_config(arch, &json, &path.display().to_string())?;
+    let (weights, report) = convert(&source, &model, allow_partial)?;
+    write_model_dir(out, &model, &weights, Some(&path), source.tokenizer.as_deref())?;
+    Ok(report)
+}
+
+#[derive(serde::Deserialize)]
+struct Fixture {
+    sentences: Vec<String>,
+    embeddings: Vec<Vec<f32>>,
+}
+
+/// Converted Kiln embeddings of 12 sentences match sentence-transformers' (PyTorch):
+/// cosine >= 0.99999 and max abs difference <= 1e-4 for every sentence.
+#[test]
+fn minilm_embeddings_match_sentence_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("minilm");
+    let report = convert_dir(&minilm(), "bert", &out, false).unwrap();
+    assert_eq!(report.mapped.len(), 103);
+    assert_eq!(report.ignored, vec!["embeddings.position_ids".to_string()]);
+    let transposed = report.mapped.iter().filter(|m| m.2).count();
+    assert_eq!(
+        transposed,
+        6 * 6 + 1,
+        "q, k, v, attention/intermediate/output dense per layer + pooler"
+    );
+
+    let fixture: Fixture = serde_json::from_str(
+        &std::fs::read_to_string(common::repo_root().join("tests/fixtures/minilm_embeddings.json")).unwrap(),
+    )
+    .unwrap();
+    let run = LoadedRun::open(&out, false).unwrap();
+    let kiln_models::ModelConfig::Bert(cfg) = &run.model else {
+        panic!("not bert")
+    };
+    let device = Device::flex();
+    let model = run.load_model(|| cfg.init(&device)).unwrap();
+    let texts: Vec<&str> = fixture.sentences.iter().map(String::as_str).collect();
+    let ours = kiln_runtime::embed::embed_texts(&model, run.tokenizer.as_ref().unwrap(), &texts, 5, &device).unwrap();
+    assert_eq!(ours.len(), 12);
+    for (i, (a, b)) in ours.iter().zip(&fixture.embeddings).enumerate() {
+        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let (na, nb) = (
+            a.iter().map(|x| x * x).sum::<f32>().sqrt(),
+            b.iter().map(|x| x * x).sum::<f32>().sqrt(),
+        );
+        let cosine = dot / (na * nb);
+        let max_diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        assert!(cosine >= 0.99999, "sentence {i}: cosine {cosine}");
+        assert!(max_diff <= 1e-4, "sentence {i}: max abs diff {max_diff}");
+    }
+}
+
+#[test]
+fn a_checkpoint_of_another_architecture_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x");
+    let err = convert_dir(&minilm(), "gpt2", &out, false).unwrap_err().to_string();
+    assert!(err.contains("config.json") && err.contains("n_layer"), "{err}");
+    // With a config forced to another architecture the tensors themselves disagree.
+    let source = Source::read(&minilm()).unwrap();
+    let llama = kiln_models::ModelConfig::Llama(kiln_models::LlamaConfig {
+        n_layer: 6,
+        n_head: 12,
+        n_kv_head: 12,
+        n_embd: 384,
+        intermediate_size: 1536,
+        block_size: 512,
+        vocab_size: 30522,
+        rope_theta: 1e4,
+        rms_norm_eps: 1e-6,
+    });
+    let err = convert(&source, &llama, false).err().unwrap().to_string();
+    assert!(
+        err.contains("missing: model.embed_tokens.weight")
+            && err.contains("unexpected: embeddings.word_embeddings.weight"),
+        "{}",
+        &err[..err.len().min(2000)]
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn missing_tensors_are_named_and_partial_conversion_is_explicit() {
+    let dir = tempfile::tempdir().unwrap();
+    // A copy of MiniLM with one tensor removed.
+    let src = dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::copy(minilm().join("config.json"), src.join("config.json")).unwrap();
+    let bytes = std::fs::read(minilm().join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != "pooler.dense.bias")
+        .collect();
+    std::fs::write(
+        src.join("model.safetensors"),
+        safetensors::serialize(kept, None).unwrap(),
+    )
+    .unwrap();
+    let err = convert_dir(&src, "bert", &dir.path().join("out"), false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("missing: pooler.dense.bias [384]") && err.contains("--allow-partial"),
+        "{err}"
+    );
+    assert!(!dir.path().join("out").exists(), "a refused conversion writes nothing");
+    let report = convert_dir(&src, "bert", &dir.path().join("out"), true).unwrap();
+    assert_eq!(report.missing, vec!["pooler.dense.bias [384]".to_string()]);
+    assert!(dir.path().join("out/model.safetensors").is_file());
+}
+
+#[test]
+fn corrupt_and_lying_safetensors_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(minilm().join("model.safetensors")).unwrap();
+    let truncated = dir.path().join("truncated.safetensors");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    let err = Source::read(&truncated).err().unwrap().to_string();
+    assert!(
+        err.contains("truncated.safetensors") && err.contains("not a valid safetensors file"),
+        "{err}"
+    );
+    // A header that claims more data than the file holds.
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
+    let lying = header.replacen("\"data_offsets\":[0,", "\"data_offsets\":[0,9", 1);
+    let mut forged = (lying.len() as u64).to_le_bytes().to_vec();
+    forged.extend(lying.as_bytes());
+    forged.extend(&bytes[8 + n..]);
+    let path = dir.path().join("lying.safetensors");
+    std::fs::write(&path, forged).unwrap();
+    let err = Source::read(&path).err().unwrap().to_string();
+    assert!(err.contains("lying.safetensors"), "{err}");
+    let not_onnx = dir.path().join("model.onnx");
+    std::fs::write(&not_onnx, b"not onnx").unwrap();
+    assert!(
+        Source::read(&not_onnx)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("model.onnx")
+    );
+    let err = Source::read(&dir.path().join("nothing.pt")).err().unwrap().to_string();
+    assert!(err.contains("nothing.pt"), "{err}");
+}
+
+/// A `torch.save`d state dict (nn.Linear `[out, in]` weights) converts through Burn's
+/// pickle reader and gives PyTorch's logits on real images.
+#[test]
+fn pytorch_state_dict_converts_and_matches_pytorch_logits() {
+    #[derive(serde::Deserialize)]
+    struct Logits {
+        logits: Vec<Vec<f32>>,
+    }
+    let fixtures = common::repo_root().join("tests/fixtures");
+    let source = Source::read(&fixtures.join("mlp_torch.pt")).unwrap();
+    let model = kiln_models::ModelConfig::Mlp(kiln_models::MlpConfig {
+        hidden_sizes: vec![16],
+        input_shape: [1, 28, 28],
+        num_classes: 10,
+        dropout: 0.0,
+    });
+    let (weights, report) = convert(&source, &model, false).unwrap();
+    assert_eq!(report.mapped.len(), 4);
+    assert!(
+        report.mapped.iter().filter(|m| m.1.ends_with(".weight")).all(|m| m.2),
+        "Linear weights are transposed"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    write_model_dir(&dir.path().join("mlp"), &model, &weights, None, None).unwrap();
+    let run = LoadedRun::open(&dir.path().join("mlp"), false).unwrap();
+    let kiln_models::ModelConfig::Mlp(cfg) = &run.model else {
+        panic!()
+    };
+    let device = Device::flex();
+    let mlp = run.load_model(|| cfg.init(&device)).unwrap();
+    let images = kiln_data::ImageDataset::load(&common::fashion_small(), 0, 4).unwrap();
+    let batch = images.test.batch(&[0, 1, 2, 3], &device);
+    let ours = kiln_models::ImageClassifier::forward(&mlp, batch.images)
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let reference: Logits =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("mlp_torch.json")).unwrap()).unwrap();
+    let reference: Vec<f32> = reference.logits.concat();
+    let max_diff = ours
+        .iter()
+        .zip(&reference)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(max_diff <= 1e-4, "max abs logit difference {max_diff}");
+}
+
+/// A pickle with a `__reduce__` payload is refused, names the call, and runs nothing.
+#[test]
+fn a_pickle_that_runs_code_is_refused_and_runs_nothing() {
+    let marker = Path::new("/tmp/kiln-pickle-payload-ran");
+    let _ = std::fs::remove_file(marker);
+    let err = Source::read(&common::repo_root().join("tests/fixtures/evil.pt"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("evil.pt") && err.contains("refused") && err.contains("system"),
+        "{err}"
+    );
+    assert!(!marker.exists(), "the payload ran");
+}
