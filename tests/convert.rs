@@ -240,3 +240,57 @@ fn a_pickle_that_runs_code_is_refused_and_runs_nothing() {
     );
     assert!(!marker.exists(), "the payload ran");
 }
+
+#[derive(serde::Deserialize)]
+struct HfLogits {
+    tokens: Vec<Vec<i64>>,
+    gpt2: Vec<Vec<Vec<f32>>>,
+    llama: Vec<Vec<Vec<f32>>>,
+}
+
+/// Tiny random HF GPT2LMHeadModel and LlamaForCausalLM (made by scripts/make_hf_fixtures.py),
+/// from both their safetensors and their pickled state dicts, give transformers' logits
+/// (<= 1e-4) after conversion, on every CPU backend.
+#[test]
+fn tiny_hf_gpt2_and_llama_match_transformers_logits() {
+    use kiln_models::CausalLm;
+    let fixtures = common::repo_root().join("tests/fixtures");
+    let expected: HfLogits = serde_json::from_str(&std::fs::read_to_string(fixtures.join("hf_tiny_logits.json")).unwrap()).unwrap();
+    let (b, t) = (expected.tokens.len(), expected.tokens[0].len());
+    let tokens: Vec<i64> = expected.tokens.concat();
+    for (arch, reference) in [("gpt2", &expected.gpt2), ("llama", &expected.llama)] {
+        let dir = fixtures.join(format!("hf-tiny-{arch}"));
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        let model = kiln_convert::hf_config::model_config(arch, &json, "config.json").unwrap();
+        let reference: Vec<f32> = reference.iter().flatten().flatten().copied().collect();
+        for file in ["model.safetensors", "pytorch_model.bin"] {
+            let source = Source::read(&dir.join(file)).unwrap();
+            let (weights, report) = convert(&source, &model, false).unwrap();
+            assert!(report.is_complete(), "{arch} {file}: {}", report.details());
+            let out = tempfile::tempdir().unwrap();
+            let path = out.path().join("m");
+            write_model_dir(&path, &model, &weights, None, None).unwrap();
+            let run = LoadedRun::open(&path, false);
+            // A converted LM directory without tokenizer.json cannot be opened for sampling;
+            // load the weights directly.
+            assert!(run.is_err());
+            for backend in [kiln_runtime::BackendKind::Flex, kiln_runtime::BackendKind::Ndarray] {
+                let device = backend.device(0).unwrap();
+                let input = Tensor::<2, Int>::from_data(TensorData::new(tokens.clone(), [b, t]), &device);
+                let logits = match &model {
+                    kiln_models::ModelConfig::Gpt2(c) => {
+                        kiln_runtime::checkpoint::load_weights(c.init(&device), &path.join("model.safetensors")).unwrap().forward(input)
+                    }
+                    kiln_models::ModelConfig::Llama(c) => {
+                        kiln_runtime::checkpoint::load_weights(c.init(&device), &path.join("model.safetensors")).unwrap().forward(input)
+                    }
+                    _ => unreachable!(),
+                };
+                let ours = logits.into_data().try_to_vec::<f32>().unwrap();
+                let max_diff = ours.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                eprintln!("{arch} {file} on {backend}: max abs logit difference {max_diff:.2e}");
+                assert!(max_diff <= 1e-4, "{arch} {file} on {backend}: max abs logit difference {max_diff}");
+            }
+        }
+    }
+}
