@@ -7,6 +7,9 @@
 //!     [--config config.json|config.toml] --output DIR [--allow-partial] [--verbose]
 //! ```
 //! PATH: a `.safetensors`, `.pt`/`.pth`/`.bin` file, or a Hugging Face directory.
+//!
+//! The reverse direction: `--to hf --input KILN_DIR --output DIR` writes Hugging Face
+//! names and layouts (`model.safetensors`, `config.json`) that `transformers` loads.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -22,9 +25,12 @@ struct Cli {
     /// Checkpoint file or Hugging Face model directory.
     #[arg(long)]
     input: PathBuf,
-    /// Target architecture.
-    #[arg(long, value_parser = ["gpt2", "llama", "bert", "mlp", "cnn"])]
-    arch: String,
+    /// Target architecture (required unless --to hf, which reads it from the Kiln directory).
+    #[arg(long, value_parser = ["gpt2", "llama", "bert", "mlp", "cnn"], required_unless_present = "to")]
+    arch: Option<String>,
+    /// `hf`: convert a Kiln model directory back to Hugging Face names and layouts.
+    #[arg(long, value_parser = ["hf"])]
+    to: Option<String>,
     /// Hyper-parameters: a Hugging Face config.json or a Kiln config.toml
     /// (default: the input directory's config.json).
     #[arg(long)]
@@ -41,8 +47,40 @@ struct Cli {
     verbose: bool,
 }
 
+fn to_hf(cli: &Cli) -> Result<()> {
+    let started = Instant::now();
+    let model = ModelFile::load(&cli.input.join("config.toml"))?.model;
+    let best = cli.input.join("best.safetensors");
+    let weights = if best.is_file() {
+        best
+    } else {
+        cli.input.join("model.safetensors")
+    };
+    let bytes = std::fs::read(&weights).with_context(|| format!("reading {}", weights.display()))?;
+    let hf = kiln_convert::export_hf(&bytes, &model)?;
+    let config = serde_json::to_vec_pretty(&hf_config::to_hf_json(&model)?)?;
+    let tokenizer = std::fs::read(cli.input.join("tokenizer.json")).ok();
+    let mut files: Vec<(&str, &[u8])> = vec![("model.safetensors", &hf), ("config.json", &config)];
+    if let Some(t) = &tokenizer {
+        files.push(("tokenizer.json", t));
+    }
+    kiln_convert::write_dir_atomically(&cli.output, &files)?;
+    println!(
+        "exported {} ({}) -> {} with Hugging Face names | {:.2} s",
+        weights.display(),
+        model.arch(),
+        cli.output.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if cli.to.is_some() {
+        return to_hf(&cli);
+    }
+    let arch = cli.arch.clone().expect("clap requires --arch without --to");
     let started = Instant::now();
     let source = Source::read(&cli.input)?;
     let model = match &cli.config {
@@ -50,18 +88,18 @@ fn main() -> Result<()> {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             let json = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
-            hf_config::model_config(&cli.arch, &json, &path.display().to_string())?
+            hf_config::model_config(&arch, &json, &path.display().to_string())?
         }
         None => match &source.hf_config {
-            Some((path, json)) => hf_config::model_config(&cli.arch, json, &path.display().to_string())?,
+            Some((path, json)) => hf_config::model_config(&arch, json, &path.display().to_string())?,
             None => bail!(
                 "{}: no config.json beside the weights; pass --config",
                 cli.input.display()
             ),
         },
     };
-    if model.arch() != cli.arch {
-        bail!("--config describes a {} model, not --arch {}", model.arch(), cli.arch);
+    if model.arch() != arch {
+        bail!("--config describes a {} model, not --arch {arch}", model.arch());
     }
     let (weights, report) = convert(&source, &model, cli.allow_partial)?;
     if cli.verbose || cli.allow_partial {

@@ -76,3 +76,37 @@ pub fn model_config(arch: &str, json: &Value, path: &str) -> Result<ModelConfig,
         .map_err(|e| ConvertError::Config(format!("{path}: {e}")))?;
     Ok(config)
 }
+
+/// A Hugging Face `config.json` for a Kiln model config (`--to hf`).
+pub fn to_hf_json(model: &ModelConfig) -> Result<Value, ConvertError> {
+    Ok(match model {
+        ModelConfig::Gpt2(c) => serde_json::json!({
+            "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+            "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
+            "n_positions": c.block_size, "n_ctx": c.block_size, "vocab_size": c.vocab_size,
+            "layer_norm_epsilon": c.layer_norm_epsilon, "activation_function": "gelu_new",
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": true,
+        }),
+        ModelConfig::Llama(c) => serde_json::json!({
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+            "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+            "num_key_value_heads": c.n_kv_head, "hidden_size": c.n_embd,
+            "intermediate_size": c.intermediate_size, "max_position_embeddings": c.block_size,
+            "vocab_size": c.vocab_size, "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_norm_eps,
+            "hidden_act": "silu", "tie_word_embeddings": false, "attention_bias": false, "mlp_bias": false,
+        }),
+        ModelConfig::Bert(c) => serde_json::json!({
+            "model_type": "bert", "architectures": ["BertModel"],
+            "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "hidden_size": c.n_embd,
+            "intermediate_size": c.intermediate_size, "max_position_embeddings": c.max_positions,
+            "vocab_size": c.vocab_size, "type_vocab_size": c.type_vocab_size,
+            "layer_norm_eps": c.layer_norm_eps, "hidden_act": "gelu", "position_embedding_type": "absolute",
+        }),
+        other => {
+            return Err(ConvertError::Config(format!(
+                "--to hf: {} has no Hugging Face counterpart",
+                other.arch()
+            )));
+        }
+    })
+}

@@ -398,15 +398,9 @@ fn serialize(tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Result<Vec<u
     safetensors::serialize(views, None).map_err(|e| e.to_string())
 }
 
-/// Write a Kiln model directory atomically: everything goes into a temporary directory
-/// beside `out`, which is renamed into place only when complete. `out` must not exist.
-pub fn write_model_dir(
-    out: &Path,
-    model: &ModelConfig,
-    weights: &[u8],
-    hf_config: Option<&Path>,
-    tokenizer: Option<&Path>,
-) -> Result<(), ConvertError> {
+/// Write the files of a model directory atomically: everything goes into a temporary
+/// directory beside `out`, renamed into place only when complete. `out` must not exist.
+pub fn write_dir_atomically(out: &Path, files: &[(&str, &[u8])]) -> Result<(), ConvertError> {
     let werr = |path: &Path, e: &dyn std::fmt::Display| ConvertError::Write {
         path: path.to_path_buf(),
         message: e.to_string(),
@@ -426,16 +420,8 @@ pub fn write_model_dir(
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| -> Result<(), ConvertError> {
         std::fs::create_dir_all(&tmp).map_err(|e| werr(&tmp, &e))?;
-        kiln_runtime::checkpoint::atomic_write(&tmp.join("model.safetensors"), weights).map_err(|e| werr(&tmp, &e))?;
-        let file = kiln_runtime::run::ModelFile { model: model.clone() };
-        let toml = toml::to_string_pretty(&file).map_err(|e| werr(&tmp, &e))?;
-        kiln_runtime::checkpoint::atomic_write(&tmp.join("config.toml"), toml.as_bytes())
-            .map_err(|e| werr(&tmp, &e))?;
-        if let Some(src) = hf_config {
-            std::fs::copy(src, tmp.join("config.json")).map_err(|e| werr(src, &e))?;
-        }
-        if let Some(src) = tokenizer {
-            std::fs::copy(src, tmp.join("tokenizer.json")).map_err(|e| werr(src, &e))?;
+        for (file, bytes) in files {
+            kiln_runtime::checkpoint::atomic_write(&tmp.join(file), bytes).map_err(|e| werr(&tmp, &e))?;
         }
         kiln_runtime::checkpoint::sync_dir(&tmp).map_err(|e| werr(&tmp, &e))?;
         std::fs::rename(&tmp, out).map_err(|e| werr(out, &e))?;
@@ -445,4 +431,79 @@ pub fn write_model_dir(
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// Write a Kiln model directory: `model.safetensors`, `config.toml` (the `[model]`
+/// section), and the source's `config.json` and `tokenizer.json` when given.
+pub fn write_model_dir(
+    out: &Path,
+    model: &ModelConfig,
+    weights: &[u8],
+    hf_config: Option<&Path>,
+    tokenizer: Option<&Path>,
+) -> Result<(), ConvertError> {
+    let toml = toml::to_string_pretty(&kiln_runtime::run::ModelFile { model: model.clone() }).map_err(|e| {
+        ConvertError::Write {
+            path: out.join("config.toml"),
+            message: e.to_string(),
+        }
+    })?;
+    let mut files: Vec<(&str, Vec<u8>)> = vec![
+        ("model.safetensors", weights.to_vec()),
+        ("config.toml", toml.into_bytes()),
+    ];
+    for (name, src) in [("config.json", hf_config), ("tokenizer.json", tokenizer)] {
+        if let Some(src) = src {
+            files.push((name, std::fs::read(src).map_err(|e| read_err(src, e))?));
+        }
+    }
+    let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+    write_dir_atomically(out, &refs)
+}
+
+/// Kiln safetensors `weights` of `model` -> Hugging Face names and layouts (the
+/// reverse of [`convert`]), as safetensors bytes.
+pub fn export_hf(weights: &[u8], model: &ModelConfig) -> Result<Vec<u8>, ConvertError> {
+    let rules = rules_for(model);
+    let renames: Vec<(Regex, &str)> = rules
+        .export
+        .iter()
+        .map(|(f, t)| (Regex::new(f).expect("valid rule"), *t))
+        .collect();
+    let transposed = compile(rules.transpose);
+    let st = safetensors::SafeTensors::deserialize(weights).map_err(|e| {
+        read_err(
+            Path::new("model.safetensors"),
+            format!("not a valid safetensors file: {e}"),
+        )
+    })?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(read_err(
+                Path::new(&name),
+                format!("{:?}: Kiln weights are F32", view.dtype()),
+            ));
+        }
+        let shape = view.shape().to_vec();
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let (shape, values) = if transposed.iter().any(|r| r.is_match(&name)) && shape.len() == 2 {
+            (vec![shape[1], shape[0]], transpose(&values, shape[0], shape[1]))
+        } else {
+            (shape, values)
+        };
+        let mut hf = name.clone();
+        for (from, to) in &renames {
+            hf = from.replace_all(&hf, *to).into_owned();
+        }
+        out.insert(hf, (shape, values));
+    }
+    serialize(&out).map_err(|message| ConvertError::Write {
+        path: "model.safetensors".into(),
+        message,
+    })
 }

@@ -14,6 +14,8 @@ pub struct Rules {
     pub ignore: &'static [&'static str],
     /// Kiln names (regex) whose source is `[out, in]` and is transposed.
     pub transpose: &'static [&'static str],
+    /// `(regex, replacement)` from Kiln names back to Hugging Face ones (`--to hf`).
+    pub export: &'static [(&'static str, &'static str)],
 }
 
 const GPT2: Rules = Rules {
@@ -28,6 +30,7 @@ const GPT2: Rules = Rules {
         r"^lm_head\.weight$",           // tied to transformer.wte.weight
     ],
     transpose: &[],
+    export: &[(r"\.gamma$", ".weight"), (r"\.beta$", ".bias")],
 };
 
 const LLAMA: Rules = Rules {
@@ -37,6 +40,7 @@ const LLAMA: Rules = Rules {
     )],
     ignore: &[r"\.rotary_emb\.inv_freq$"],
     transpose: &[r"_proj\.weight$", r"^lm_head\.weight$"],
+    export: &[(r"\.gamma$", ".weight")],
 };
 
 const BERT: Rules = Rules {
@@ -48,18 +52,25 @@ const BERT: Rules = Rules {
     ],
     ignore: &[r"^embeddings\.position_ids$", r"^cls\."],
     transpose: &[r"\.(query|key|value|dense)\.weight$"],
+    export: &[
+        (r"\.layer_norm\.gamma$", ".LayerNorm.weight"),
+        (r"\.layer_norm\.beta$", ".LayerNorm.bias"),
+        (r"\.attention\.self_attn\.", ".attention.self."),
+    ],
 };
 
 const MLP: Rules = Rules {
     renames: &[],
     ignore: &[],
     transpose: &[r"\.weight$"],
+    export: &[],
 };
 
 const CNN: Rules = Rules {
     renames: &[],
     ignore: &[],
     transpose: &[r"^fc\d\.weight$"],
+    export: &[],
 };
 
 /// The table for `model`'s architecture.
