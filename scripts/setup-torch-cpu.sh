@@ -26,7 +26,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cache="${KILN_CACHE:-$HOME/.cache/kiln}/pip"
-venv="$root/.venv"
+venv="${KILN_VENV:-$root/.venv}"
 py="$venv/bin/python"
 mode=wheels
 case "${1:-}" in

@@ -353,3 +353,58 @@ fn export_to_hugging_face_round_trips_exactly() {
         );
     }
 }
+
+/// The same MiniLM re-saved by torch as a pickled `.bin` and exported to ONNX
+/// (scripts/fetch-minilm.sh --torch) converts to the same tensors as its safetensors,
+/// and the Kiln embeddings match onnxruntime's within 1e-4.
+#[test]
+fn minilm_bin_and_onnx_convert_to_the_same_weights_and_match_onnxruntime() {
+    let dir = minilm();
+    let onnx = dir.join("model.onnx");
+    assert!(
+        onnx.is_file(),
+        "{} is missing: run scripts/fetch-minilm.sh --torch",
+        onnx.display()
+    );
+    let (path, json) = Source::read(&dir).unwrap().hf_config.unwrap();
+    let model = kiln_convert::hf_config::model_config("bert", &json, &path.display().to_string()).unwrap();
+    let (reference, _) = convert(&Source::read(&dir.join("model.safetensors")).unwrap(), &model, false).unwrap();
+    for file in ["pytorch_model.bin", "model.onnx"] {
+        let (weights, report) = convert(&Source::read(&dir.join(file)).unwrap(), &model, false).unwrap();
+        assert!(report.is_complete(), "{file}: {}", report.details());
+        common::assert_same_tensors(&reference, &weights);
+    }
+    #[derive(serde::Deserialize)]
+    struct Ort {
+        sentences: Vec<String>,
+        embeddings: Vec<Vec<f32>>,
+    }
+    let ort: Ort =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("model.onnx.reference.json")).unwrap()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (weights, _) = convert(&Source::read(&onnx).unwrap(), &model, false).unwrap();
+    write_model_dir(
+        &out.path().join("m"),
+        &model,
+        &weights,
+        None,
+        Some(&dir.join("tokenizer.json")),
+    )
+    .unwrap();
+    let run = LoadedRun::open(&out.path().join("m"), false).unwrap();
+    let kiln_models::ModelConfig::Bert(cfg) = &model else {
+        unreachable!()
+    };
+    let device = Device::flex();
+    let bert = run.load_model(|| cfg.init(&device)).unwrap();
+    let texts: Vec<&str> = ort.sentences.iter().map(String::as_str).collect();
+    let ours = kiln_runtime::embed::embed_texts(&bert, run.tokenizer.as_ref().unwrap(), &texts, 4, &device).unwrap();
+    let max_diff = ours
+        .iter()
+        .flatten()
+        .zip(ort.embeddings.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    eprintln!("MiniLM from ONNX vs onnxruntime: max abs difference {max_diff:.2e}");
+    assert!(max_diff <= 1e-4, "max abs difference from onnxruntime {max_diff}");
+}

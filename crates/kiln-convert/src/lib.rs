@@ -89,15 +89,75 @@ fn read_file(path: &Path, into: &mut BTreeMap<String, PackTensor>) -> Result<(),
             refuse_foreign_calls(path)?;
             read_store(&mut PytorchStore::from_file(path), path, into)
         }
-        "onnx" => Err(read_err(
-            path,
-            "ONNX input is not supported yet (PyTorch, safetensors and Hugging Face directories are)",
-        )),
+        "onnx" => read_onnx(path, into),
         _ => Err(read_err(
             path,
-            "unknown checkpoint type: expected .safetensors, .pt, .pth, .bin or a Hugging Face directory",
+            "unknown checkpoint type: expected .safetensors, .pt, .pth, .bin, .onnx or a Hugging Face directory",
         )),
     }
+}
+
+/// The float initializers of an ONNX model (its weights), parsed with Burn's ONNX crate
+/// (`onnx-ir`'s protobuf types). Integer initializers are graph constants, not weights.
+fn read_onnx(path: &Path, into: &mut BTreeMap<String, PackTensor>) -> Result<(), ConvertError> {
+    use onnx_ir::Message;
+    let bytes = std::fs::read(path).map_err(|e| read_err(path, e))?;
+    let model =
+        onnx_ir::ModelProto::parse_from_bytes(&bytes).map_err(|e| read_err(path, format!("not an ONNX model: {e}")))?;
+    let graph = model
+        .graph
+        .as_ref()
+        .ok_or_else(|| read_err(path, "not an ONNX model: no graph"))?;
+    if graph.node.is_empty() && graph.initializer.is_empty() {
+        return Err(read_err(path, "not an ONNX model: an empty graph"));
+    }
+    for init in &graph.initializer {
+        // TensorProto.DataType: 1 = FLOAT, 10 = FLOAT16, 16 = BFLOAT16, 11 = DOUBLE.
+        let (dtype, width) = match init.data_type {
+            1 => (DType::F32, 4),
+            10 => (DType::F16, 2),
+            16 => (DType::BF16, 2),
+            11 => (DType::F64, 8),
+            _ => continue,
+        };
+        if !init.external_data.is_empty() {
+            return Err(read_err(
+                path,
+                format!("initializer {} uses external data, which is not supported", init.name),
+            ));
+        }
+        let shape: Vec<usize> = init.dims.iter().map(|&d| d as usize).collect();
+        let count: usize = shape.iter().product();
+        let raw = if !init.raw_data.is_empty() {
+            init.raw_data.to_vec()
+        } else if dtype == DType::F32 {
+            init.float_data.iter().flat_map(|v| v.to_le_bytes()).collect()
+        } else if dtype == DType::F64 {
+            init.double_data.iter().flat_map(|v| v.to_le_bytes()).collect()
+        } else {
+            return Err(read_err(
+                path,
+                format!("initializer {}: half-precision data outside raw_data", init.name),
+            ));
+        };
+        if raw.len() != count * width {
+            return Err(read_err(
+                path,
+                format!("initializer {}: {} bytes for shape {shape:?}", init.name, raw.len()),
+            ));
+        }
+        let tensor = PackTensor::new(
+            init.name.clone(),
+            dtype,
+            shape,
+            None,
+            burn_pack::Bytes::from_bytes_vec(raw),
+        );
+        if into.insert(init.name.clone(), tensor).is_some() {
+            return Err(read_err(path, format!("tensor {} appears twice", init.name)));
+        }
+    }
+    Ok(())
 }
 
 /// Python types a PyTorch checkpoint legitimately holds beside plain data.
