@@ -66,12 +66,56 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// The parameter names and shapes a model expects, as safetensors would store them.
-pub fn expected_shapes<M: Module>(model: &M) -> BTreeMap<String, Vec<usize>> {
+/// What a model expects of each stored tensor: its shape and its safetensors dtype.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedTensor {
+    pub shape: Vec<usize>,
+    pub dtype: safetensors::Dtype,
+}
+
+/// The safetensors dtype a Burn dtype is stored as.
+fn storage_dtype(dtype: burn::tensor::DType) -> safetensors::Dtype {
+    use burn::tensor::DType as B;
+    use safetensors::Dtype as S;
+    match dtype {
+        B::F64 => S::F64,
+        B::F16 => S::F16,
+        B::BF16 => S::BF16,
+        B::I64 => S::I64,
+        B::I32 => S::I32,
+        B::I16 => S::I16,
+        B::I8 => S::I8,
+        B::U64 => S::U64,
+        B::U32 => S::U32,
+        B::U16 => S::U16,
+        B::U8 => S::U8,
+        B::Bool(_) => S::BOOL,
+        _ => S::F32,
+    }
+}
+
+/// The parameter names, shapes and dtypes a model expects, as safetensors would store them.
+pub fn expected_tensors<M: Module>(model: &M) -> BTreeMap<String, ExpectedTensor> {
     model
         .collect(None, None, false)
         .into_iter()
-        .map(|t| (t.name.clone(), t.shape.as_slice().to_vec()))
+        .map(|t| {
+            (
+                t.name.clone(),
+                ExpectedTensor {
+                    shape: t.shape.as_slice().to_vec(),
+                    dtype: storage_dtype(t.dtype),
+                },
+            )
+        })
+        .collect()
+}
+
+/// The parameter names and shapes a model expects, as safetensors would store them.
+pub fn expected_shapes<M: Module>(model: &M) -> BTreeMap<String, Vec<usize>> {
+    expected_tensors(model)
+        .into_iter()
+        .map(|(name, t)| (name, t.shape))
         .collect()
 }
 
@@ -96,7 +140,7 @@ pub fn save_weights<M: Module>(model: &M, path: &Path) -> Result<(), CheckpointE
 pub fn check_weights(
     bytes: &[u8],
     path: &Path,
-    expected: &BTreeMap<String, Vec<usize>>,
+    expected: &BTreeMap<String, ExpectedTensor>,
 ) -> Result<(), CheckpointError> {
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| CheckpointError::Corrupt {
         path: path.to_path_buf(),
@@ -108,14 +152,15 @@ pub fn check_weights(
         .into_iter()
         .map(|(name, view)| (name, (view.shape().to_vec(), view.dtype())))
         .collect();
-    for (name, shape) in expected {
+    for (name, want) in expected {
+        let shape = &want.shape;
         match found.get(name) {
             None => problems.push(format!("missing tensor {name} {shape:?}")),
             Some((s, _)) if s != shape => {
                 problems.push(format!("tensor {name} has shape {s:?}, the model expects {shape:?}"))
             }
-            Some((_, dtype)) if *dtype != safetensors::Dtype::F32 => {
-                problems.push(format!("tensor {name} is {dtype:?}, expected F32"))
+            Some((_, dtype)) if *dtype != want.dtype => {
+                problems.push(format!("tensor {name} is {dtype:?}, expected {:?}", want.dtype))
             }
             _ => {}
         }
@@ -136,7 +181,7 @@ pub fn check_weights(
 /// Load safetensors weights from `path` into `model`, after checking every name and shape.
 pub fn load_weights<M: Module>(mut model: M, path: &Path) -> Result<M, CheckpointError> {
     let bytes = std::fs::read(path).map_err(io_err(path))?;
-    check_weights(&bytes, path, &expected_shapes(&model))?;
+    check_weights(&bytes, path, &expected_tensors(&model))?;
     let mut store = SafetensorsStore::from_bytes(Some(bytes));
     let result = model.load_from(&mut store).map_err(|e| CheckpointError::Other {
         path: path.to_path_buf(),
