@@ -408,3 +408,49 @@ fn minilm_bin_and_onnx_convert_to_the_same_weights_and_match_onnxruntime() {
     eprintln!("MiniLM from ONNX vs onnxruntime: max abs difference {max_diff:.2e}");
     assert!(max_diff <= 1e-4, "max abs difference from onnxruntime {max_diff}");
 }
+
+/// A Hugging Face directory sharded with `model.safetensors.index.json` converts to
+/// the same weights as the single file.
+#[test]
+fn sharded_hugging_face_directory_converts_like_a_single_file() {
+    let fixtures = common::repo_root().join("tests/fixtures/hf-tiny-llama");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixtures.join("config.json"), dir.path().join("config.json")).unwrap();
+    let bytes = std::fs::read(fixtures.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (mut a, mut b, mut map) = (Vec::new(), Vec::new(), serde_json::Map::new());
+    for (i, (name, view)) in st.tensors().into_iter().enumerate() {
+        let shard = if i % 2 == 0 {
+            "model-00001-of-00002.safetensors"
+        } else {
+            "model-00002-of-00002.safetensors"
+        };
+        map.insert(name.clone(), serde_json::Value::String(shard.into()));
+        if i % 2 == 0 {
+            a.push((name, view))
+        } else {
+            b.push((name, view))
+        }
+    }
+    std::fs::write(
+        dir.path().join("model-00001-of-00002.safetensors"),
+        safetensors::serialize(a, None).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("model-00002-of-00002.safetensors"),
+        safetensors::serialize(b, None).unwrap(),
+    )
+    .unwrap();
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let sharded = Source::read(dir.path()).unwrap();
+    assert_eq!(sharded.files.len(), 2);
+    let single = Source::read(&fixtures).unwrap();
+    let (path, json) = single.hf_config.clone().unwrap();
+    let model = kiln_convert::hf_config::model_config("llama", &json, &path.display().to_string()).unwrap();
+    let (x, _) = convert(&single, &model, false).unwrap();
+    let (y, _) = convert(&sharded, &model, false).unwrap();
+    common::assert_same_tensors(&x, &y);
+}

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p convert -- --input PATH --arch gpt2|llama|bert|mlp|cnn
-//!     [--config config.json|config.toml] --output DIR [--allow-partial] [--verbose]
+//!     [--config config.json|config.toml] --output DIR [--allow-partial]
 //! ```
 //! PATH: a `.safetensors`, `.pt`/`.pth`/`.bin` file, or a Hugging Face directory.
 //!
@@ -42,9 +42,6 @@ struct Cli {
     /// their initial values); prints the full report.
     #[arg(long)]
     allow_partial: bool,
-    /// Print every mapped tensor.
-    #[arg(long)]
-    verbose: bool,
 }
 
 fn to_hf(cli: &Cli) -> Result<()> {
@@ -102,13 +99,11 @@ fn main() -> Result<()> {
         bail!("--config describes a {} model, not --arch {arch}", model.arch());
     }
     let (weights, report) = convert(&source, &model, cli.allow_partial)?;
-    if cli.verbose || cli.allow_partial {
-        for (from, to, transposed) in &report.mapped {
-            println!("  {from} -> {to}{}", if *transposed { " (transposed)" } else { "" });
-        }
-        for name in &report.ignored {
-            println!("  ignored: {name}");
-        }
+    for (from, to, transposed) in &report.mapped {
+        println!("  {from} -> {to}{}", if *transposed { " (transposed)" } else { "" });
+    }
+    for name in &report.ignored {
+        println!("  ignored: {name}");
     }
     if !report.is_complete() {
         print!("{}", report.details());
