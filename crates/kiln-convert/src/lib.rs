@@ -342,16 +342,26 @@ fn compile(patterns: &[&str]) -> Vec<Regex> {
         .collect()
 }
 
+fn compile_renames(rules: &'static [(&'static str, &'static str)]) -> Vec<(Regex, &'static str)> {
+    rules
+        .iter()
+        .map(|(from, to)| (Regex::new(from).expect("rule tables hold valid regexes"), *to))
+        .collect()
+}
+
+/// `name` after every rename rule, in order.
+fn rename(name: &str, renames: &[(Regex, &str)]) -> String {
+    renames
+        .iter()
+        .fold(name.to_string(), |n, (from, to)| from.replace_all(&n, *to).into_owned())
+}
+
 /// Map `source` onto `model`'s parameters; returns Kiln safetensors bytes and the report.
 /// Refuses (listing every tensor) on missing, unexpected or mis-shaped tensors unless
 /// `allow_partial`, in which case missing parameters keep their initial values.
 pub fn convert(source: &Source, model: &ModelConfig, allow_partial: bool) -> Result<(Vec<u8>, Report), ConvertError> {
     let rules = rules_for(model);
-    let renames: Vec<(Regex, &str)> = rules
-        .renames
-        .iter()
-        .map(|(from, to)| (Regex::new(from).expect("valid rule"), *to))
-        .collect();
+    let renames = compile_renames(rules.renames);
     let ignore = compile(rules.ignore);
     let transposed = compile(rules.transpose);
     let device = Device::flex();
@@ -368,10 +378,7 @@ pub fn convert(source: &Source, model: &ModelConfig, allow_partial: bool) -> Res
             report.ignored.push(name.clone());
             continue;
         }
-        let mut kiln = name.clone();
-        for (from, to) in &renames {
-            kiln = from.replace_all(&kiln, *to).into_owned();
-        }
+        let kiln = rename(name, &renames);
         let Some(want) = expected.get(&kiln) else {
             report.unexpected.push(format!("{name} {:?}", tensor.shape.as_slice()));
             continue;
@@ -525,11 +532,7 @@ pub fn write_model_dir(
 /// reverse of [`convert`]), as safetensors bytes.
 pub fn export_hf(weights: &[u8], model: &ModelConfig) -> Result<Vec<u8>, ConvertError> {
     let rules = rules_for(model);
-    let renames: Vec<(Regex, &str)> = rules
-        .export
-        .iter()
-        .map(|(f, t)| (Regex::new(f).expect("valid rule"), *t))
-        .collect();
+    let renames = compile_renames(rules.export);
     let transposed = compile(rules.transpose);
     let st = safetensors::SafeTensors::deserialize(weights).map_err(|e| {
         read_err(
@@ -556,11 +559,7 @@ pub fn export_hf(weights: &[u8], model: &ModelConfig) -> Result<Vec<u8>, Convert
         } else {
             (shape, values)
         };
-        let mut hf = name.clone();
-        for (from, to) in &renames {
-            hf = from.replace_all(&hf, *to).into_owned();
-        }
-        out.insert(hf, (shape, values));
+        out.insert(rename(&name, &renames), (shape, values));
     }
     serialize(&out).map_err(|message| ConvertError::Write {
         path: "model.safetensors".into(),
