@@ -56,6 +56,9 @@ struct CharFile {
     chars: Vec<char>,
 }
 
+/// Rows of token ids (or of attention-mask values), one per text.
+pub type TokenRows = Vec<Vec<u32>>;
+
 /// A tokenizer of either kind.
 #[derive(Clone)]
 pub enum Tokenizer {
@@ -182,7 +185,7 @@ impl Tokenizer {
     /// A batch of texts as model input: token ids (with the tokenizer's special tokens,
     /// truncation and padding) and attention masks (1 = token, 0 = padding), every row
     /// padded to the longest. Only Hugging Face tokenizers (e.g. BERT's WordPiece) do this.
-    pub fn encode_batch(&self, texts: &[&str]) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>), DataError> {
+    pub fn encode_batch(&self, texts: &[&str]) -> Result<(TokenRows, TokenRows), DataError> {
         let Tokenizer::Hf(t) = self else {
             return Err(DataError::Tokenizer(
                 "a character tokenizer has no special tokens or padding".into(),

@@ -47,7 +47,7 @@ impl BertConfig {
         ensure(self.n_layer > 0, "n_layer", "must be at least 1")?;
         ensure(self.n_head > 0, "n_head", "must be at least 1")?;
         ensure(
-            self.n_embd % self.n_head == 0,
+            self.n_embd.is_multiple_of(self.n_head),
             "n_embd",
             format!("{} is not divisible by n_head = {}", self.n_embd, self.n_head),
         )?;

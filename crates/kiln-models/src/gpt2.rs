@@ -55,7 +55,7 @@ impl Gpt2Config {
         ensure(self.n_head > 0, "n_head", "must be at least 1")?;
         ensure(self.n_embd > 0, "n_embd", "must be at least 1")?;
         ensure(
-            self.n_embd % self.n_head == 0,
+            self.n_embd.is_multiple_of(self.n_head),
             "n_embd",
             format!("{} is not divisible by n_head = {}", self.n_embd, self.n_head),
         )?;

@@ -55,7 +55,7 @@ impl LlamaConfig {
         ensure(self.n_head > 0, "n_head", "must be at least 1")?;
         ensure(self.n_kv_head > 0, "n_kv_head", "must be at least 1")?;
         ensure(
-            self.n_head % self.n_kv_head == 0,
+            self.n_head.is_multiple_of(self.n_kv_head),
             "n_kv_head",
             format!(
                 "n_head = {} is not a multiple of n_kv_head = {}",
@@ -63,12 +63,12 @@ impl LlamaConfig {
             ),
         )?;
         ensure(
-            self.n_embd % self.n_head == 0,
+            self.n_embd.is_multiple_of(self.n_head),
             "n_embd",
             format!("{} is not divisible by n_head = {}", self.n_embd, self.n_head),
         )?;
         ensure(
-            (self.n_embd / self.n_head) % 2 == 0,
+            (self.n_embd / self.n_head).is_multiple_of(2),
             "n_embd",
             "head dimension must be even for rotary embeddings",
         )?;

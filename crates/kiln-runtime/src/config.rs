@@ -237,10 +237,10 @@ impl RunConfig {
                 return Err(format!("{key}: {b} is not in [0, 1)"));
             }
         }
-        if !(o.eps > 0.0) {
+        if o.eps.is_nan() || o.eps <= 0.0 {
             return Err(format!("optim.eps: {} must be positive", o.eps));
         }
-        if !(o.weight_decay >= 0.0) {
+        if o.weight_decay.is_nan() || o.weight_decay < 0.0 {
             return Err(format!("optim.weight_decay: {} must be >= 0", o.weight_decay));
         }
         match (&self.model.kind(), &self.data) {

@@ -103,7 +103,6 @@ pub fn with_task<J: TaskJob>(
     job: J,
 ) -> Result<J::Output, RunError> {
     let t = cfg.train.clone();
-    device.seed(t.seed);
     match cfg.data.clone() {
         DataConfig::Text {
             path,
@@ -142,12 +141,12 @@ pub fn with_task<J: TaskJob>(
             match model {
                 ModelConfig::Gpt2(m) => job.run(
                     LmTask::new(data, b, context, seed, accum, iters),
-                    m.init(device),
+                    seeded_init(t.seed, device, || m.init(device)),
                     &prepared,
                 ),
                 ModelConfig::Llama(m) => job.run(
                     LmTask::new(data, b, context, seed, accum, iters),
-                    m.init(device),
+                    seeded_init(t.seed, device, || m.init(device)),
                     &prepared,
                 ),
                 _ => unreachable!("validated: language models take text data"),
@@ -167,18 +166,38 @@ pub fn with_task<J: TaskJob>(
             match model {
                 ModelConfig::Mlp(m) => job.run(
                     ImageTask::new(data, t.batch_size, t.seed, t.grad_accum_steps),
-                    m.init(device),
+                    seeded_init(t.seed, device, || m.init(device)),
                     &prepared,
                 ),
                 ModelConfig::Cnn(m) => job.run(
                     ImageTask::new(data, t.batch_size, t.seed, t.grad_accum_steps),
-                    m.init(device),
+                    seeded_init(t.seed, device, || m.init(device)),
                     &prepared,
                 ),
                 _ => unreachable!("validated: image models take idx data"),
             }
         }
     }
+}
+
+/// Initialise a model from `seed`, reproducibly even while other threads of the process
+/// use the device's (process-wide) RNG: seeding and drawing every parameter happen under
+/// one lock. Parameters are lazy in Burn, so each is read once here to draw it now.
+pub fn seeded_init<M: burn::module::Module>(seed: u64, device: &Device, init: impl FnOnce() -> M) -> M {
+    use burn::module::{ModuleVisitor, Param};
+    use burn::tensor::Tensor;
+    struct Materialize;
+    impl ModuleVisitor for Materialize {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let _ = param.val();
+        }
+    }
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    device.seed(seed);
+    let model = init();
+    model.visit(&mut Materialize);
+    model
 }
 
 /// Train the configured model on the configured data into `options.run_dir`.

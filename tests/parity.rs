@@ -1,0 +1,289 @@
+//! Backend parity: the same weights (one safetensors file) and the same batch give the
+//! same logits and loss (1e-4 relative), the same gradients after one backward (1e-3
+//! relative) and the same 20-step training curve (1e-3) on every backend compiled into
+//! this build (flex and ndarray by default; wgpu and tch when their features are on).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use kiln_models::{BertConfig, CausalLm, CnnConfig, Gpt2Config, ImageClassifier, LlamaConfig, MlpConfig};
+use kiln_runtime::BackendKind;
+use kiln_runtime::checkpoint::{load_weights, save_weights};
+use kiln_runtime::config::RunConfig;
+use kiln_runtime::optim::adamw;
+use kiln_runtime::run::{Prepared, RunError, TaskJob, with_task};
+use kiln_runtime::task::{Task, cross_entropy};
+use kiln_runtime::training::train_step;
+
+/// Every compiled CPU-capable backend other than the reference (flex).
+fn others() -> Vec<BackendKind> {
+    [BackendKind::Ndarray, BackendKind::Wgpu, BackendKind::Tch]
+        .into_iter()
+        .filter(|b| b.is_compiled())
+        .collect()
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_to_vec::<f32>().unwrap()
+}
+
+/// max |a - b| / max(1, max |b|)
+fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
+}
+
+/// Gradients keyed by parameter path (ids differ between separately loaded copies).
+struct GradsByPath<'a> {
+    grads: &'a GradientsParams,
+    path: Vec<String>,
+    out: BTreeMap<String, Vec<f32>>,
+}
+
+impl ModuleVisitor for GradsByPath<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.get::<D>(param.id) {
+            self.out.insert(self.path.join("."), values(g));
+        }
+    }
+}
+
+fn grads_by_path<M: Module>(model: &M, grads: &GradientsParams) -> BTreeMap<String, Vec<f32>> {
+    let mut v = GradsByPath {
+        grads,
+        path: Vec::new(),
+        out: BTreeMap::new(),
+    };
+    model.visit(&mut v);
+    v.out
+}
+
+/// Forward `loss_of` on `backend` with the weights at `path`: (logits, loss, grads).
+fn run_on<M: Module>(
+    backend: BackendKind,
+    init: impl Fn(&Device) -> M,
+    path: &Path,
+    logits_of: impl Fn(&M, &Device) -> Tensor<2>,
+    targets: &[i64],
+) -> (Vec<f32>, f32, BTreeMap<String, Vec<f32>>) {
+    let device = backend.device(0).unwrap().autodiff();
+    let model = load_weights(init(&device), path).unwrap();
+    let logits = logits_of(&model, &device);
+    let n = targets.len();
+    let loss = cross_entropy(
+        logits.clone(),
+        Tensor::from_data(TensorData::new(targets.to_vec(), [n]), &device),
+    );
+    let grads = GradientsParams::from_grads(loss.backward(), &model);
+    let grads = grads_by_path(&model, &grads);
+    (values(logits.inner()), loss.inner().into_scalar::<f32>(), grads)
+}
+
+fn check_arch<M: Module>(
+    arch: &str,
+    init: impl Fn(&Device) -> M,
+    logits_of: impl Fn(&M, &Device) -> Tensor<2>,
+    targets: &[i64],
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    save_weights(&init(&Device::flex()), &path).unwrap();
+    let (logits, loss, grads) = run_on(BackendKind::Flex, &init, &path, &logits_of, targets);
+    assert_eq!(
+        grads.len(),
+        kiln_runtime::checkpoint::expected_shapes(&init(&Device::flex())).len(),
+        "{arch}: every parameter has a gradient"
+    );
+    for backend in others() {
+        let (l, s, g) = run_on(backend, &init, &path, &logits_of, targets);
+        let d = rel_diff(&l, &logits);
+        eprintln!(
+            "{arch} {backend} vs flex: logits {d:.2e}, loss {:.2e}",
+            (s - loss).abs() / loss.abs()
+        );
+        assert!(d <= 1e-4, "{arch} on {backend}: logits differ by {d} (relative)");
+        assert!(
+            (s - loss).abs() <= 1e-4 * loss.abs(),
+            "{arch} on {backend}: loss {s} vs {loss}"
+        );
+        let worst = grads.iter().map(|(k, v)| rel_diff(&g[k], v)).fold(0.0, f32::max);
+        eprintln!("{arch} {backend} vs flex: gradients {worst:.2e}");
+        assert!(
+            worst <= 1e-3,
+            "{arch} on {backend}: gradients differ by {worst} (relative)"
+        );
+    }
+}
+
+fn tokens(device: &Device, b: usize, t: usize, vocab: usize) -> Tensor<2, Int> {
+    let ids: Vec<i64> = (0..b * t).map(|i| ((i * 31 + 7) % vocab) as i64).collect();
+    Tensor::from_data(TensorData::new(ids, [b, t]), device)
+}
+
+#[test]
+fn every_architecture_computes_the_same_on_every_backend() {
+    let (b, t, v) = (2usize, 16usize, 50usize);
+    let lm_targets: Vec<i64> = (0..b * t).map(|i| ((i * 13 + 5) % v) as i64).collect();
+    let gpt2 = Gpt2Config {
+        n_layer: 2,
+        n_head: 4,
+        n_embd: 32,
+        block_size: 16,
+        vocab_size: v,
+        dropout: 0.0,
+        bias: true,
+        layer_norm_epsilon: 1e-5,
+    };
+    check_arch(
+        "gpt2",
+        |d| gpt2.init(d),
+        |m, d| CausalLm::forward(m, tokens(d, b, t, v)).reshape([b * t, v]),
+        &lm_targets,
+    );
+    let llama = LlamaConfig {
+        n_layer: 2,
+        n_head: 4,
+        n_kv_head: 2,
+        n_embd: 32,
+        intermediate_size: 64,
+        block_size: 16,
+        vocab_size: v,
+        rope_theta: 1e4,
+        rms_norm_eps: 1e-5,
+    };
+    check_arch(
+        "llama",
+        |d| llama.init(d),
+        |m, d| CausalLm::forward(m, tokens(d, b, t, v)).reshape([b * t, v]),
+        &lm_targets,
+    );
+    let bert = BertConfig {
+        n_layer: 2,
+        n_head: 4,
+        n_embd: 32,
+        intermediate_size: 64,
+        max_positions: 16,
+        vocab_size: v,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+    };
+    check_arch(
+        "bert",
+        |d| bert.init(d),
+        |m, d| {
+            // Token states plus the pooled output, so that every parameter is exercised.
+            let mask = Tensor::<2, Int>::ones([b, t], d);
+            let hidden = m.forward(tokens(d, b, t, v), mask);
+            let pooled = m.pooled(hidden.clone()).reshape([b, 1, 32]);
+            (hidden + pooled).reshape([b * t, 32])
+        },
+        &lm_targets.iter().map(|x| x % 32).collect::<Vec<_>>(),
+    );
+    let images = kiln_data::ImageDataset::load(&common::fashion_small(), 8, 8).unwrap();
+    let labels: Vec<i64> = images.train.labels.iter().map(|&l| l as i64).collect();
+    let batch = |d: &Device| images.train.batch(&(0..8).collect::<Vec<_>>(), d).images;
+    let mlp = MlpConfig {
+        hidden_sizes: vec![32],
+        input_shape: [1, 28, 28],
+        num_classes: 10,
+        dropout: 0.0,
+    };
+    check_arch(
+        "mlp",
+        |d| mlp.init(d),
+        |m, d| ImageClassifier::forward(m, batch(d)),
+        &labels,
+    );
+    let cnn = CnnConfig {
+        channels: [4, 8],
+        hidden_size: 16,
+        input_shape: [1, 28, 28],
+        num_classes: 10,
+        dropout: 0.0,
+    };
+    check_arch(
+        "cnn",
+        |d| cnn.init(d),
+        |m, d| ImageClassifier::forward(m, batch(d)),
+        &labels,
+    );
+}
+
+/// 20 optimizer steps of the real training loop, from the same initial weights.
+struct Curve<'a> {
+    weights: &'a Path,
+    save: bool,
+    device: Device,
+}
+
+impl TaskJob for Curve<'_> {
+    type Output = Vec<f64>;
+
+    fn run<T: Task>(self, mut task: T, model: T::Model, prepared: &Prepared) -> Result<Vec<f64>, RunError> {
+        if self.save {
+            save_weights(&model, self.weights)?;
+        }
+        let mut model = load_weights(model, self.weights)?;
+        let mut optim = adamw(&prepared.config.optim, &model);
+        let mut losses = Vec::new();
+        for step in 0..20 {
+            let (next, stats) = train_step(&mut task, model, &mut optim, &prepared.config, step, &self.device);
+            model = next;
+            losses.push(stats.loss);
+        }
+        Ok(losses)
+    }
+}
+
+#[test]
+fn twenty_training_steps_follow_the_same_curve_on_every_backend() {
+    for (arch, toml) in [
+        ("gpt2", common::tiny_lm_toml("gpt2", 20)),
+        ("llama", common::tiny_lm_toml("llama", 20)),
+        ("cnn", common::tiny_image_toml("cnn", 20)),
+    ] {
+        let cfg = RunConfig::parse(&toml, Path::new("t.toml"), &[]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let weights = dir.path().join("init.safetensors");
+        let run = |backend: BackendKind, save: bool| {
+            let device = backend.device(0).unwrap().autodiff();
+            with_task(
+                cfg.clone(),
+                None,
+                &device,
+                Curve {
+                    weights: &weights,
+                    save,
+                    device: device.clone(),
+                },
+            )
+            .unwrap()
+        };
+        let reference = run(BackendKind::Flex, true);
+        for backend in others() {
+            let curve = run(backend, false);
+            let worst = curve
+                .iter()
+                .zip(&reference)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            eprintln!("{arch} {backend} vs flex: 20-step loss curve {worst:.2e}");
+            assert!(
+                worst <= 1e-3,
+                "{arch} on {backend}: loss curves differ by {worst}: {curve:?} vs {reference:?}"
+            );
+        }
+    }
+}
