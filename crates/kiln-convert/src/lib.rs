@@ -324,6 +324,15 @@ fn initial_tensors(model: &ModelConfig, device: &Device) -> Vec<PackTensor> {
     }
 }
 
+/// A tensor's values as f32 (converted from f16/bf16/f64), in its stored layout.
+fn f32_values(tensor: &PackTensor) -> Result<Vec<f32>, ConvertError> {
+    let bytes = tensor.to_bytes().map_err(|e| read_err(Path::new(&tensor.name), e))?;
+    TensorData::from_bytes(bytes, tensor.shape.as_slice().to_vec(), tensor.dtype)
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| read_err(Path::new(&tensor.name), format!("{e:?}")))
+}
+
 /// `[rows, cols]` row-major -> `[cols, rows]`.
 fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0; values.len()];
@@ -398,11 +407,7 @@ pub fn convert(source: &Source, model: &ModelConfig, allow_partial: bool) -> Res
             ));
             continue;
         }
-        let bytes = tensor.to_bytes().map_err(|e| read_err(Path::new(name), e))?;
-        let values = TensorData::from_bytes(bytes, shape.clone(), tensor.dtype)
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .map_err(|e| read_err(Path::new(name), format!("{e:?}")))?;
+        let values = f32_values(tensor)?;
         let values = if transpose_it {
             transpose(&values, shape[0], shape[1])
         } else {
@@ -426,15 +431,7 @@ pub fn convert(source: &Source, model: &ModelConfig, allow_partial: bool) -> Res
     // Parameters the checkpoint lacks keep their initial values (--allow-partial).
     for t in initial {
         if !out.contains_key(&t.name) {
-            let data = TensorData::from_bytes(
-                t.to_bytes().map_err(|e| read_err(Path::new(&t.name), e))?,
-                t.shape.as_slice().to_vec(),
-                t.dtype,
-            );
-            let values = data
-                .convert::<f32>()
-                .try_into_vec::<f32>()
-                .map_err(|e| read_err(Path::new(&t.name), format!("{e:?}")))?;
+            let values = f32_values(&t)?;
             out.insert(t.name.clone(), (t.shape.as_slice().to_vec(), values));
         }
     }
