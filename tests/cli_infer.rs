@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::assert_clean_failure;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -186,15 +187,6 @@ fn classifies_an_idx_image() {
         "99999",
     ]);
     assert!(!out.status.success() && text(&out.stderr).contains("out of range"));
-}
-
-fn assert_clean_failure(out: &Output, needles: &[&str]) {
-    let err = text(&out.stderr);
-    assert!(!out.status.success(), "expected failure: {err}");
-    assert!(!err.contains("panicked"), "a panic is not an error message: {err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr {err:?} does not mention {n:?}");
-    }
 }
 
 #[test]

@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::assert_clean_failure;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -21,15 +22,6 @@ fn run(cmd: &mut Command) -> Output {
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_clean_failure(out: &Output, needles: &[&str]) {
-    let err = stderr(out);
-    assert!(!out.status.success(), "expected failure, got success: {err}");
-    assert!(!err.contains("panicked"), "a panic is not an error message: {err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr {err:?} does not mention {n:?}");
-    }
 }
 
 #[test]

@@ -239,7 +239,14 @@ impl TaskJob for Curve<'_> {
         let mut optim = adamw(&prepared.config.optim, &model);
         let mut losses = Vec::new();
         for step in 0..20 {
-            let (next, stats) = train_step(&mut task, model, &mut optim, &prepared.config, step, &self.device);
+            let (next, stats) = train_step(
+                &mut task,
+                model,
+                &mut optim,
+                prepared.config.recipe(),
+                step,
+                &self.device,
+            );
             model = next;
             losses.push(stats.loss);
         }

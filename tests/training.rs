@@ -176,12 +176,16 @@ fn every_shipped_config_loads() {
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "toml") {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("finetune-") {
+            kiln_runtime::finetune::FinetuneConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+            n += 1;
+        } else if name.ends_with(".toml") {
             RunConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
             n += 1;
         }
     }
-    assert!(n >= 4);
+    assert!(n >= 6);
 }
 
 #[test]

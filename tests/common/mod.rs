@@ -78,3 +78,25 @@ pub fn assert_same_tensors(a: &[u8], b: &[u8]) {
         assert!(x.data() == y.data(), "{name}: tensors differ");
     }
 }
+
+/// A command failed cleanly: non-zero exit, no panic, and stderr names every needle.
+pub fn assert_clean_failure(out: &std::process::Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, got success: {err}");
+    assert!(!err.contains("panicked"), "a panic is not an error message: {err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr {err:?} does not mention {n:?}");
+    }
+}
+
+/// Whether the pretrained MiniLM has been fetched and converted (scripts/fetch-minilm.sh,
+/// which CI runs); tests that need it fail with this hint when it is missing.
+pub fn minilm_kiln() -> PathBuf {
+    let dir = repo_root().join("datasets/pretrained/all-MiniLM-L6-v2-kiln");
+    assert!(
+        dir.join("model.safetensors").exists(),
+        "{} is missing: run scripts/fetch-minilm.sh",
+        dir.display()
+    );
+    dir
+}

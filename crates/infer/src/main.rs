@@ -6,7 +6,12 @@
 //!     [--temperature 0.8] [--top-k 40] [--top-p 0.95] [--seed 1] [--backend flex]
 //! cargo run --release -p infer -- --checkpoint runs/fashion-mnist-cnn --image shirt.png
 //! cargo run --release -p infer -- --checkpoint runs/fashion-mnist-cnn --idx t10k-images-idx3-ubyte.gz --index 0
+//! cargo run --release -p infer -- --checkpoint runs/finetune-minilm-sentiment --text "A gem." [--text-file FILE]
+//! cargo run --release -p infer -- --checkpoint datasets/pretrained/all-MiniLM-L6-v2-kiln --embed --text "..."
 //! ```
+//!
+//! Text classifiers (a `finetune` run with `task = "classify"`) print one JSON line per
+//! text: `{"text", "label", "probabilities": {label: p}}`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -52,9 +57,12 @@ struct Cli {
     #[arg(long)]
     no_cache: bool,
 
-    /// Text to embed (encoder models; repeatable).
+    /// Text to classify or embed (encoder models; repeatable).
     #[arg(long)]
     text: Vec<String>,
+    /// File with one text a line to classify or embed (encoder models).
+    #[arg(long)]
+    text_file: Option<PathBuf>,
     /// Print sentence embeddings (encoder models) as JSON lines.
     #[arg(long)]
     embed: bool,
@@ -102,8 +110,91 @@ fn main() -> Result<()> {
         ModelConfig::Llama(c) => sample_text(&cli, &run, run.load_model(|| c.init(&device))?, &device),
         ModelConfig::Mlp(c) => classify(&cli, run.load_model(|| c.init(&device))?, &device),
         ModelConfig::Cnn(c) => classify(&cli, run.load_model(|| c.init(&device))?, &device),
-        ModelConfig::Bert(c) => embed(&cli, &run, run.load_model(|| c.init(&device))?, &device),
+        ModelConfig::Bert(c) => match &run.head {
+            Some(head) => {
+                let model = run.load_model(|| head.init(c.init(&device), &device))?;
+                classify_text(&cli, &run, head, model, &device)
+            }
+            None => embed(&cli, &run, run.load_model(|| c.init(&device))?, &device),
+        },
     }
+}
+
+/// The texts of `--text` and `--text-file` (one a line), each with where it came from.
+fn input_texts(cli: &Cli) -> Result<Vec<(String, String)>> {
+    let mut texts: Vec<(String, String)> = cli
+        .text
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), format!("--text #{}", i + 1)))
+        .collect();
+    if let Some(path) = &cli.text_file {
+        let content = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        for (i, line) in content.lines().enumerate() {
+            texts.push((line.to_string(), format!("{}:{}", path.display(), i + 1)));
+        }
+    }
+    if texts.is_empty() {
+        bail!("pass --text \"...\" (repeatable) or --text-file FILE (one text a line)");
+    }
+    if let Some((_, place)) = texts.iter().find(|(t, _)| t.trim().is_empty()) {
+        bail!("{place}: the text is empty");
+    }
+    Ok(texts)
+}
+
+fn classify_text(
+    cli: &Cli,
+    run: &LoadedRun,
+    head: &kiln_models::ClassifierHead,
+    model: kiln_models::BertForSequenceClassification,
+    device: &Device,
+) -> Result<()> {
+    if cli.embed {
+        return embed(cli, run, model.bert, device);
+    }
+    let tokenizer = run.tokenizer.as_ref().context("classifier without a tokenizer")?;
+    let texts = input_texts(cli)?;
+    let examples: Vec<kiln_data::Example> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, (text, _))| kiln_data::Example {
+            text: text.clone(),
+            label: 0,
+            line: i as u64 + 1,
+        })
+        .collect();
+    let max_len = head.max_length.unwrap_or_else(|| model.bert.max_positions());
+    let started = std::time::Instant::now();
+    let (split, truncated) = kiln_data::EncodedSplit::encode(
+        &examples,
+        std::path::Path::new("input"),
+        tokenizer,
+        max_len,
+        kiln_data::Truncation::Warn,
+    )?;
+    if truncated > 0 {
+        eprintln!("warning: {truncated} text(s) were longer than {max_len} tokens and were cut");
+    }
+    let (probs, _) = kiln_runtime::task::predict(&model, &split, 32, device);
+    let mut out = std::io::stdout().lock();
+    for ((text, _), p) in texts.iter().zip(&probs) {
+        let best = kiln_runtime::task::argmax(p);
+        let probabilities: serde_json::Map<String, serde_json::Value> = head
+            .labels
+            .iter()
+            .zip(p)
+            .map(|(l, &v)| (l.clone(), serde_json::json!(v)))
+            .collect();
+        let line = serde_json::json!({ "text": text, "label": head.labels[best], "probabilities": probabilities });
+        writeln!(out, "{line}")?;
+    }
+    eprintln!(
+        "{} texts classified in {:.1} ms",
+        texts.len(),
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
 }
 
 fn sample_text<M: CausalLm>(cli: &Cli, run: &LoadedRun, model: M, device: &Device) -> Result<()> {
@@ -164,10 +255,8 @@ fn embed(cli: &Cli, run: &LoadedRun, model: kiln_models::BertModel, device: &Dev
             run.model.arch()
         );
     }
-    if cli.text.is_empty() {
-        bail!("pass at least one --text \"...\" to embed");
-    }
-    let texts: Vec<&str> = cli.text.iter().map(String::as_str).collect();
+    let texts = input_texts(cli)?;
+    let texts: Vec<&str> = texts.iter().map(|(t, _)| t.as_str()).collect();
     let started = std::time::Instant::now();
     let embeddings = kiln_runtime::embed::embed_texts(&model, tokenizer, &texts, 32, device)?;
     for (text, e) in texts.iter().zip(&embeddings) {

@@ -506,11 +506,13 @@ pub fn write_model_dir(
     hf_config: Option<&Path>,
     tokenizer: Option<&Path>,
 ) -> Result<(), ConvertError> {
-    let toml = toml::to_string_pretty(&kiln_runtime::run::ModelFile { model: model.clone() }).map_err(|e| {
-        ConvertError::Write {
-            path: out.join("config.toml"),
-            message: e.to_string(),
-        }
+    let toml = toml::to_string_pretty(&kiln_runtime::run::ModelFile {
+        model: model.clone(),
+        head: None,
+    })
+    .map_err(|e| ConvertError::Write {
+        path: out.join("config.toml"),
+        message: e.to_string(),
     })?;
     let mut files: Vec<(&str, Vec<u8>)> = vec![
         ("model.safetensors", weights.to_vec()),

@@ -42,6 +42,12 @@ fn default_val_fraction() -> f64 {
 fn default_tokenizer() -> String {
     "char".into()
 }
+fn default_text_column() -> String {
+    "text".into()
+}
+fn default_label_column() -> String {
+    "label".into()
+}
 
 /// Where the data comes from and how it is cut, tagged by `kind`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,6 +75,26 @@ pub enum DataConfig {
         #[serde(default)]
         max_test: usize,
     },
+    /// Labelled texts for classification (`finetune` with `task = "classify"`): three CSV
+    /// files with a header, one text and one label column.
+    Csv {
+        train: PathBuf,
+        validation: PathBuf,
+        test: PathBuf,
+        #[serde(default = "default_text_column")]
+        text_column: String,
+        #[serde(default = "default_label_column")]
+        label_column: String,
+        /// Rows with these labels are skipped (and counted).
+        #[serde(default)]
+        drop_labels: Vec<String>,
+        /// `"strict"` (invalid UTF-8 is an error) or `"lenient"` (repaired and counted).
+        #[serde(default)]
+        encoding: crate::labeled::Encoding,
+        /// `"error"` or `"drop"` for rows whose text is empty.
+        #[serde(default)]
+        empty_text: crate::labeled::EmptyText,
+    },
 }
 
 impl DataConfig {
@@ -92,7 +118,33 @@ impl DataConfig {
                         message,
                     })
             }
-            DataConfig::Idx { .. } => Ok(()),
+            DataConfig::Idx { .. } | DataConfig::Csv { .. } => Ok(()),
+        }
+    }
+
+    /// The CSV fields of a `kind = "csv"` config.
+    pub fn csv_spec(&self) -> Option<crate::labeled::CsvSpec> {
+        match self {
+            DataConfig::Csv {
+                train,
+                validation,
+                test,
+                text_column,
+                label_column,
+                drop_labels,
+                encoding,
+                empty_text,
+            } => Some(crate::labeled::CsvSpec {
+                train: train.clone(),
+                validation: validation.clone(),
+                test: test.clone(),
+                text_column: text_column.clone(),
+                label_column: label_column.clone(),
+                drop_labels: drop_labels.clone(),
+                encoding: *encoding,
+                empty_text: *empty_text,
+            }),
+            _ => None,
         }
     }
 }

@@ -7,12 +7,14 @@
 pub mod config;
 pub mod idx;
 pub mod images;
+pub mod labeled;
 pub mod rng;
 pub mod text;
 pub mod tokenizer;
 
 pub use config::{DataConfig, DataError};
 pub use images::{EpochSampler, ImageBatch, ImageDataset, ImageSplit};
+pub use labeled::{ClassBatch, CsvSpec, EncodedSplit, Example, LabeledTexts, LoadReport, Truncation};
 pub use rng::SplitMix64;
 pub use text::{TextDataset, TokenBatch};
 pub use tokenizer::{Tokenizer, TokenizerSpec};

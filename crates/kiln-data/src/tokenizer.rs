@@ -182,6 +182,32 @@ impl Tokenizer {
         }
     }
 
+    /// This tokenizer with its own padding and truncation (as a `tokenizer.json` may
+    /// configure them) turned off, for callers that cut and pad themselves.
+    pub fn unpadded(&self) -> Self {
+        match self {
+            Tokenizer::Char(_) => self.clone(),
+            Tokenizer::Hf(t) => {
+                let mut t = t.clone();
+                t.with_padding(None);
+                t.with_truncation(None).expect("turning truncation off cannot fail");
+                Tokenizer::Hf(t)
+            }
+        }
+    }
+
+    /// Text -> ids with the tokenizer's special tokens (BERT's `[CLS] ... [SEP]`); a
+    /// character tokenizer has none and encodes as [`encode`](Self::encode).
+    pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>, DataError> {
+        match self {
+            Tokenizer::Char(_) => self.encode(text),
+            Tokenizer::Hf(t) => t
+                .encode(text, true)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| DataError::Tokenizer(format!("encoding: {e}"))),
+        }
+    }
+
     /// A batch of texts as model input: token ids (with the tokenizer's special tokens,
     /// truncation and padding) and attention masks (1 = token, 0 = padding), every row
     /// padded to the longest. Only Hugging Face tokenizers (e.g. BERT's WordPiece) do this.

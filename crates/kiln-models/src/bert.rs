@@ -7,7 +7,9 @@
 //!
 //! Shapes: B = batch, T = sequence, C = hidden, H = heads, D = C / H, F = intermediate.
 
-use burn::nn::{Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::nn::{
+    Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
+};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, tanh};
 use burn::tensor::module::attention;
@@ -254,15 +256,107 @@ impl BertModel {
         )
     }
 
-    /// Sentence embeddings: mean of the token states over the mask, L2-normalised, `[B, C]`.
-    pub fn embed(&self, ids: Tensor<2, Int>, mask: Tensor<2, Int>) -> Tensor<2> {
-        let hidden = self.forward(ids, mask.clone());
+    /// Mean of the token states `[B, T, C]` over the mask `[B, T]` -> `[B, C]`.
+    pub fn mean_pooled(hidden: Tensor<3>, mask: Tensor<2, Int>) -> Tensor<2> {
         let [b, t, c] = hidden.dims();
         let m = mask.float().reshape([b, t, 1]);
         let summed = (hidden * m.clone()).sum_dim(1).reshape([b, c]);
         let counts = m.sum_dim(1).reshape([b, 1]).clamp_min(1e-9);
-        let mean = summed / counts;
+        summed / counts
+    }
+
+    /// Sentence embeddings: mean of the token states over the mask, L2-normalised, `[B, C]`.
+    pub fn embed(&self, ids: Tensor<2, Int>, mask: Tensor<2, Int>) -> Tensor<2> {
+        let mean = Self::mean_pooled(self.forward(ids, mask.clone()), mask);
         let norm = mean.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
         mean / norm
+    }
+}
+
+/// How a classifier turns token states into one vector per text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// Masked mean of the last hidden states (sentence-transformers' pooling).
+    #[default]
+    Mean,
+    /// BERT's pooler: `tanh(dense(h[:, 0]))` (Hugging Face's `BertForSequenceClassification`).
+    Cls,
+}
+
+fn default_head_dropout() -> f64 {
+    0.1
+}
+
+/// A sequence-classification head (`[head]` of a fine-tuned model directory).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifierHead {
+    /// Class names; logit `i` is `labels[i]`.
+    pub labels: Vec<String>,
+    #[serde(default)]
+    pub pooling: Pooling,
+    /// Dropout on the pooled vector during training.
+    #[serde(default = "default_head_dropout")]
+    pub dropout: f64,
+    /// Longest input (tokens) the classifier was trained on; inference cuts there too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<usize>,
+}
+
+impl ClassifierHead {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            self.labels.len() >= 2,
+            "head.labels",
+            "a classifier needs at least 2 labels",
+        )?;
+        ensure(
+            (0.0..1.0).contains(&self.dropout),
+            "head.dropout",
+            format!("{} is not in [0, 1)", self.dropout),
+        )
+    }
+
+    /// The encoder `bert` with this head on top. The head starts at zero (weights and
+    /// bias), so every run from the same checkpoint starts from the same function.
+    pub fn init(&self, bert: BertModel, device: &Device) -> BertForSequenceClassification {
+        let c = bert.embeddings.word_embeddings.weight.dims()[1];
+        BertForSequenceClassification {
+            bert,
+            dropout: DropoutConfig::new(self.dropout).init(),
+            classifier: LinearConfig::new(c, self.labels.len())
+                .with_initializer(Initializer::Zeros)
+                .init(device),
+            cls_pooling: self.pooling == Pooling::Cls,
+        }
+    }
+}
+
+/// BERT with a linear classifier on the pooled output (Hugging Face's
+/// `BertForSequenceClassification` layout: `bert.*`, `classifier`).
+#[derive(Module, Debug)]
+pub struct BertForSequenceClassification {
+    pub bert: BertModel,
+    pub dropout: Dropout,
+    /// `[C, K]`
+    pub classifier: Linear,
+    pub cls_pooling: bool,
+}
+
+impl BertForSequenceClassification {
+    pub fn num_classes(&self) -> usize {
+        self.classifier.weight.dims()[1]
+    }
+
+    /// Token ids and attention mask `[B, T]` -> class logits `[B, K]`.
+    pub fn forward(&self, ids: Tensor<2, Int>, mask: Tensor<2, Int>) -> Tensor<2> {
+        let hidden = self.bert.forward(ids, mask.clone()); // [B, T, C]
+        let pooled = if self.cls_pooling {
+            self.bert.pooled(hidden)
+        } else {
+            BertModel::mean_pooled(hidden, mask)
+        }; // [B, C]
+        self.classifier.forward(self.dropout.forward(pooled))
     }
 }

@@ -17,7 +17,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod mlp;
 
-pub use bert::{BertConfig, BertModel};
+pub use bert::{BertConfig, BertForSequenceClassification, BertModel, ClassifierHead, Pooling};
 pub use cnn::{Cnn, CnnConfig};
 pub use config::{ConfigError, ModelConfig, ModelKind};
 pub use gpt2::{Gpt2Config, Gpt2LMHeadModel};

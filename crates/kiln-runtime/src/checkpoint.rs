@@ -126,6 +126,36 @@ pub fn weights_to_bytes<M: Module>(model: &M) -> Result<Vec<u8>, String> {
     store.get_bytes().map_err(|e| e.to_string())
 }
 
+/// Path fragment of the factors of a LoRA adapter (`<weight>.lora.a`, `<weight>.lora.b`).
+pub const LORA_PATHS: &str = r"\.lora\.";
+
+/// Whether `model` carries LoRA adapters.
+pub fn has_adapters<M: Module>(model: &M) -> bool {
+    model
+        .collect(None, None, false)
+        .iter()
+        .any(|t| t.name.contains(".lora."))
+}
+
+/// Save the weights of a (validation-mode) model as inference uses them: adapters merged
+/// into their base weights, to `path`. A model with LoRA adapters also gets the adapter
+/// factors alone in `<stem>.adapter.safetensors` beside it. Both writes are atomic.
+pub fn save_inference_weights<M: Module>(model: &M, path: &Path) -> Result<(), CheckpointError> {
+    if has_adapters(model) {
+        let mut store = SafetensorsStore::from_bytes(None).with_regex(LORA_PATHS);
+        let err = |message: String| CheckpointError::Other {
+            path: path.to_path_buf(),
+            message,
+        };
+        model.save_into(&mut store).map_err(|e| err(e.to_string()))?;
+        let bytes = store.get_bytes().map_err(|e| err(e.to_string()))?;
+        atomic_write(&path.with_extension("adapter.safetensors"), &bytes)?;
+        save_weights(&model.clone().materialize(), path)
+    } else {
+        save_weights(model, path)
+    }
+}
+
 /// Save a model's parameters to `path` as safetensors, atomically.
 pub fn save_weights<M: Module>(model: &M, path: &Path) -> Result<(), CheckpointError> {
     let bytes = weights_to_bytes(model).map_err(|message| CheckpointError::Other {

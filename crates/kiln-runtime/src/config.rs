@@ -30,7 +30,7 @@ pub enum ConfigError {
     BadOverride(String),
 }
 
-fn invalid(path: &Path, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(path: &Path, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         path: path.to_path_buf(),
         message: message.into(),
@@ -127,6 +127,27 @@ pub struct OptimConfig {
     /// Decoupled weight decay, applied to matrices only (not to biases, norms).
     #[serde(default = "d_wd")]
     pub weight_decay: f64,
+    /// Parameters with their own peak learning rate (e.g. a new head faster than a
+    /// pretrained backbone). The same warmup and cosine shape applies, scaled to `lr`.
+    /// A parameter matching several groups takes the last one.
+    #[serde(default)]
+    pub groups: Vec<LrGroup>,
+}
+
+/// `[[optim.groups]]`: parameters whose path matches `pattern` (a regex, e.g.
+/// `"^classifier\\."`) train at peak learning rate `lr`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LrGroup {
+    pub pattern: String,
+    pub lr: f64,
+}
+
+/// What the training loop needs of a config: its `[train]` and `[optim]` sections.
+#[derive(Debug, Clone, Copy)]
+pub struct Recipe<'a> {
+    pub train: &'a TrainConfig,
+    pub optim: &'a OptimConfig,
 }
 
 impl Default for OptimConfig {
@@ -165,59 +186,27 @@ impl OptimConfig {
         let coeff = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
         self.min_lr() + coeff * (self.lr - self.min_lr())
     }
-}
 
-impl RunConfig {
-    /// Read `path`, apply `overrides` (`section.key=value`, the value parsed as TOML and
-    /// taken as a string if it is not TOML), deserialize and validate.
-    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text, path, overrides)
-    }
-
-    /// [`load`](Self::load) from text; `path` only names the source in errors.
-    pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
-        let mut value: toml::Table = toml::from_str(text).map_err(|e| invalid(path, e.to_string()))?;
-        for o in overrides {
-            apply_override(&mut value, o)?;
+    /// The learning rate of every parameter at step `step`: [`lr_at`](Self::lr_at) for
+    /// all, and for each group the same schedule scaled to its own peak.
+    pub fn lr_policy(
+        &self,
+        step: usize,
+        max_steps: usize,
+    ) -> burn::optim::lr_scheduler::module_lr_scheduler::ModuleLearningRate {
+        use burn::optim::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
+        let lr = self.lr_at(step, max_steps);
+        let mut policy = ModuleLrScheduler::new(lr);
+        for group in &self.groups {
+            let params = burn::module::ParamGroup::from_regex(&group.pattern).expect("validated at load");
+            policy = policy.with_group(params, lr * group.lr / self.lr);
         }
-        let config: RunConfig = serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
-            let key = e.path().to_string();
-            invalid(path, format!("{key}: {}", e.into_inner()))
-        })?;
-        config.validate().map_err(|m| invalid(path, m))?;
-        Ok(config)
+        policy.step()
     }
 
-    /// Check values the types cannot express; the message starts with the key.
+    /// Check the values types cannot express; the message starts with the key.
     pub fn validate(&self) -> Result<(), String> {
-        self.model.validate().map_err(|e| e.to_string())?;
-        self.data.validate().map_err(|e| e.to_string())?;
-        let t = &self.train;
-        let positive = [
-            ("train.batch_size", t.batch_size),
-            ("train.max_steps", t.max_steps),
-            ("train.grad_accum_steps", t.grad_accum_steps),
-            ("train.eval_interval", t.eval_interval),
-            ("train.eval_iters", t.eval_iters),
-            ("train.log_interval", t.log_interval),
-            ("train.keep_checkpoints", t.keep_checkpoints),
-        ];
-        for (key, v) in positive {
-            if v == 0 {
-                return Err(format!("{key}: must be at least 1"));
-            }
-        }
-        if !(t.grad_clip >= 0.0 && t.grad_clip.is_finite()) {
-            return Err(format!(
-                "train.grad_clip: {} must be >= 0 (0 disables clipping)",
-                t.grad_clip
-            ));
-        }
-        let o = &self.optim;
+        let o = self;
         if !(o.lr > 0.0 && o.lr.is_finite()) {
             return Err(format!("optim.lr: {} must be positive", o.lr));
         }
@@ -243,6 +232,70 @@ impl RunConfig {
         if o.weight_decay.is_nan() || o.weight_decay < 0.0 {
             return Err(format!("optim.weight_decay: {} must be >= 0", o.weight_decay));
         }
+        for (i, g) in o.groups.iter().enumerate() {
+            if let Err(e) = burn::module::ParamGroup::from_regex(&g.pattern) {
+                return Err(format!("optim.groups[{i}].pattern: {:?}: {e:?}", g.pattern));
+            }
+            if !(g.lr > 0.0 && g.lr.is_finite()) {
+                return Err(format!("optim.groups[{i}].lr: {} must be positive", g.lr));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TrainConfig {
+    /// Check the values types cannot express; the message starts with the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let t = self;
+        let positive = [
+            ("train.batch_size", t.batch_size),
+            ("train.max_steps", t.max_steps),
+            ("train.grad_accum_steps", t.grad_accum_steps),
+            ("train.eval_interval", t.eval_interval),
+            ("train.eval_iters", t.eval_iters),
+            ("train.log_interval", t.log_interval),
+            ("train.keep_checkpoints", t.keep_checkpoints),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(format!("{key}: must be at least 1"));
+            }
+        }
+        if !(t.grad_clip >= 0.0 && t.grad_clip.is_finite()) {
+            return Err(format!(
+                "train.grad_clip: {} must be >= 0 (0 disables clipping)",
+                t.grad_clip
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl RunConfig {
+    /// Read `path`, apply `overrides` (`section.key=value`, the value parsed as TOML and
+    /// taken as a string if it is not TOML), deserialize and validate.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path, overrides)
+    }
+
+    /// [`load`](Self::load) from text; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let config: RunConfig = parse_toml(text, path, overrides)?;
+        config.validate().map_err(|m| invalid(path, m))?;
+        Ok(config)
+    }
+
+    /// Check values the types cannot express; the message starts with the key.
+    pub fn validate(&self) -> Result<(), String> {
+        self.model.validate().map_err(|e| e.to_string())?;
+        self.data.validate().map_err(|e| e.to_string())?;
+        self.train.validate()?;
+        self.optim.validate()?;
         match (&self.model.kind(), &self.data) {
             (kiln_models::ModelKind::CausalLm, DataConfig::Text { .. })
             | (kiln_models::ModelKind::ImageClassifier, DataConfig::Idx { .. }) => Ok(()),
@@ -250,6 +303,9 @@ impl RunConfig {
                 "model.arch: {} models are not trained by `train` (convert a pretrained one; fine-tuning is `finetune`)",
                 self.model.arch()
             )),
+            (_, DataConfig::Csv { .. }) => {
+                Err("data.kind: labelled texts (kind = \"csv\") are for `finetune` with task = \"classify\"".into())
+            }
             _ => Err(format!(
                 "data.kind: a {} model cannot train on this data (language models take kind = \"text\", image models kind = \"idx\")",
                 self.model.arch()
@@ -257,10 +313,35 @@ impl RunConfig {
         }
     }
 
+    /// The `[train]` and `[optim]` sections, for the training loop.
+    pub fn recipe(&self) -> Recipe<'_> {
+        Recipe {
+            train: &self.train,
+            optim: &self.optim,
+        }
+    }
+
     /// The resolved config as TOML (what a run directory stores as `config.toml`).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a RunConfig serialises to TOML")
     }
+}
+
+/// Deserialize TOML `text` (read from `path`) after applying `--set` `overrides`; an
+/// error names the key and the file.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &Path,
+    overrides: &[String],
+) -> Result<T, ConfigError> {
+    let mut value: toml::Table = toml::from_str(text).map_err(|e| invalid(path, e.to_string()))?;
+    for o in overrides {
+        apply_override(&mut value, o)?;
+    }
+    serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
+        let key = e.path().to_string();
+        invalid(path, format!("{key}: {}", e.into_inner()))
+    })
 }
 
 /// Set `a.b.c = value` in `table`, creating tables on the way.

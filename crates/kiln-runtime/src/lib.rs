@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod compare;
 pub mod config;
 pub mod embed;
+pub mod finetune;
 pub mod generate;
 pub mod metrics;
 pub mod optim;

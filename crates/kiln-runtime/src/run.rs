@@ -177,6 +177,7 @@ pub fn with_task<J: TaskJob>(
                 _ => unreachable!("validated: image models take idx data"),
             }
         }
+        DataConfig::Csv { .. } => unreachable!("validated: `train` refuses labelled-text data"),
     }
 }
 
@@ -253,7 +254,7 @@ impl TaskJob for TrainJob<'_> {
             let (arch, backend) = (cfg.model.arch(), self.backend.describe());
             eprintln!("{arch} | {backend} | {params:.2}M parameters | {}", run_dir.display());
         }
-        Ok(train(&mut task, model, cfg, &self.device, self.options)?.1)
+        Ok(train(&mut task, model, cfg.recipe(), &self.device, self.options)?.1)
     }
 }
 
@@ -262,6 +263,9 @@ impl TaskJob for TrainJob<'_> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelFile {
     pub model: ModelConfig,
+    /// The classification head of a fine-tuned classifier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<kiln_models::ClassifierHead>,
 }
 
 impl ModelFile {
@@ -274,10 +278,14 @@ impl ModelFile {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        file.model.validate().map_err(|e| crate::config::ConfigError::Invalid {
+        let invalid = |e: kiln_models::ConfigError| crate::config::ConfigError::Invalid {
             path: path.to_path_buf(),
             message: e.to_string(),
-        })?;
+        };
+        file.model.validate().map_err(invalid)?;
+        if let Some(head) = &file.head {
+            head.validate().map_err(invalid)?;
+        }
         Ok(file)
     }
 }
@@ -286,6 +294,7 @@ impl ModelFile {
 pub struct LoadedRun {
     pub dir: PathBuf,
     pub model: ModelConfig,
+    pub head: Option<kiln_models::ClassifierHead>,
     pub tokenizer: Option<Tokenizer>,
     pub weights: PathBuf,
 }
@@ -300,7 +309,7 @@ impl LoadedRun {
                 message: "no such run directory".into(),
             });
         }
-        let model = ModelFile::load(&dir.join(CONFIG_FILE))?.model;
+        let ModelFile { model, head } = ModelFile::load(&dir.join(CONFIG_FILE))?;
         let tokenizer = match model.kind() {
             ModelKind::CausalLm | ModelKind::Encoder => Some(Tokenizer::load(&dir.join(TOKENIZER_FILE))?),
             ModelKind::ImageClassifier => None,
@@ -320,6 +329,7 @@ impl LoadedRun {
         Ok(Self {
             dir: dir.to_path_buf(),
             model,
+            head,
             tokenizer,
             weights,
         })

@@ -4,8 +4,10 @@
 use burn::module::Module;
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
-use kiln_data::{EpochSampler, ImageBatch, ImageDataset, SplitMix64, TextDataset, TokenBatch};
-use kiln_models::{CausalLm, ImageClassifier};
+use kiln_data::{
+    ClassBatch, EncodedSplit, EpochSampler, ImageBatch, ImageDataset, SplitMix64, TextDataset, TokenBatch,
+};
+use kiln_models::{BertForSequenceClassification, CausalLm, ImageClassifier};
 
 /// Mean cross-entropy of `logits` `[N, K]` against class ids `targets` `[N]`.
 pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
@@ -168,6 +170,155 @@ impl<M: ImageClassifier + Module + Clone> Task for ImageTask<M> {
         Evaluation {
             loss: loss / n as f64,
             accuracy: Some(correct as f64 / n as f64),
+        }
+    }
+}
+
+/// Sequence classification of labelled texts with an encoder and a head.
+pub struct ClassifyTask {
+    pub train: EncodedSplit,
+    /// The split [`evaluate`](Task::evaluate) scores (validation).
+    pub eval: EncodedSplit,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    sampler: EpochSampler,
+    indices: Vec<usize>,
+}
+
+impl ClassifyTask {
+    pub fn new(train: EncodedSplit, eval: EncodedSplit, batch_size: usize, seed: u64, grad_accum: usize) -> Self {
+        let sampler = EpochSampler::new(seed, train.len());
+        Self {
+            train,
+            eval,
+            batch_size,
+            grad_accum,
+            sampler,
+            indices: Vec::with_capacity(batch_size),
+        }
+    }
+
+    /// Optimizer steps in one pass over the training split.
+    pub fn steps_per_epoch(&self) -> usize {
+        self.train.len().div_ceil(self.batch_size * self.grad_accum)
+    }
+}
+
+/// Class probabilities `[N][K]` of every text of `split`, with the loss summed over
+/// them, in batches of `batch` texts of similar length (less padding).
+pub fn predict(
+    model: &BertForSequenceClassification,
+    split: &EncodedSplit,
+    batch: usize,
+    device: &Device,
+) -> (Vec<Vec<f32>>, f64) {
+    let mut order: Vec<usize> = (0..split.len()).collect();
+    order.sort_by_key(|&i| split.ids[i].len());
+    let k = model.num_classes();
+    let mut probs = vec![Vec::new(); split.len()];
+    let mut loss = 0.0;
+    for chunk in order.chunks(batch.max(1)) {
+        let b = split.batch(chunk, device);
+        let logits = model.forward(b.ids, b.mask);
+        loss += cross_entropy(logits.clone(), b.labels).into_scalar::<f32>() as f64 * chunk.len() as f64;
+        let p = burn::tensor::activation::softmax(logits, 1)
+            .into_data()
+            .try_into_vec::<f32>()
+            .expect("probabilities are f32");
+        for (row, &i) in chunk.iter().enumerate() {
+            probs[i] = p[row * k..(row + 1) * k].to_vec();
+        }
+    }
+    (probs, loss)
+}
+
+/// Accuracy, macro-averaged F1 and per-class F1 of predictions against labels.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ClassMetrics {
+    pub n: usize,
+    pub accuracy: f64,
+    pub macro_f1: f64,
+    pub f1: Vec<f64>,
+}
+
+impl ClassMetrics {
+    pub fn new(predicted: &[usize], labels: &[usize], num_classes: usize) -> Self {
+        let n = labels.len();
+        let correct = predicted.iter().zip(labels).filter(|(p, l)| p == l).count();
+        let f1: Vec<f64> = (0..num_classes)
+            .map(|c| {
+                let tp = predicted
+                    .iter()
+                    .zip(labels)
+                    .filter(|&(&p, &l)| p == c && l == c)
+                    .count() as f64;
+                let fp = predicted
+                    .iter()
+                    .zip(labels)
+                    .filter(|&(&p, &l)| p == c && l != c)
+                    .count() as f64;
+                let fn_ = predicted
+                    .iter()
+                    .zip(labels)
+                    .filter(|&(&p, &l)| p != c && l == c)
+                    .count() as f64;
+                if tp == 0.0 {
+                    0.0
+                } else {
+                    2.0 * tp / (2.0 * tp + fp + fn_)
+                }
+            })
+            .collect();
+        Self {
+            n,
+            accuracy: correct as f64 / n.max(1) as f64,
+            macro_f1: f1.iter().sum::<f64>() / num_classes.max(1) as f64,
+            f1,
+        }
+    }
+}
+
+/// Index of the largest value.
+pub fn argmax(values: &[f32]) -> usize {
+    values
+        .iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |best, (i, &v)| if v > best.1 { (i, v) } else { best },
+        )
+        .0
+}
+
+impl Task for ClassifyTask {
+    type Model = BertForSequenceClassification;
+    type Batch = ClassBatch;
+
+    fn items_per_batch(&self) -> usize {
+        self.batch_size
+    }
+
+    fn train_batch(&mut self, step: usize, micro: usize, device: &Device) -> ClassBatch {
+        self.sampler
+            .indices(step * self.grad_accum + micro, self.batch_size, &mut self.indices);
+        self.train.batch(&self.indices, device)
+    }
+
+    fn loss(&self, model: &BertForSequenceClassification, batch: &ClassBatch) -> Tensor<1> {
+        cross_entropy(
+            model.forward(batch.ids.clone(), batch.mask.clone()),
+            batch.labels.clone(),
+        )
+    }
+
+    /// Loss and accuracy over the whole validation split.
+    fn evaluate(&mut self, model: &BertForSequenceClassification, device: &Device) -> Evaluation {
+        let (probs, loss) = predict(model, &self.eval, 64, device);
+        let predicted: Vec<usize> = probs.iter().map(|p| argmax(p)).collect();
+        let metrics = ClassMetrics::new(&predicted, &self.eval.labels, model.num_classes());
+        Evaluation {
+            loss: loss / self.eval.len().max(1) as f64,
+            accuracy: Some(metrics.accuracy),
         }
     }
 }

@@ -4,7 +4,8 @@
 //! gradients over `grad_accum_steps` micro-batches, clip their global norm, take an
 //! AdamW step at the scheduled learning rate. Every `eval_interval` steps: evaluate,
 //! append to `metrics.jsonl`, redraw `loss.png`, save `model.safetensors` (and
-//! `best.safetensors` on a new best). Checkpoints hold the model and optimizer records
+//! `best.safetensors` on a new best), LoRA adapters merged (and also saved alone as
+//! `*.adapter.safetensors`). Checkpoints hold the model and optimizer records
 //! (with parameter ids, so optimizer state re-attaches) and the loop state; batches and
 //! learning rates are pure functions of the step, so a resumed run continues exactly.
 
@@ -18,8 +19,8 @@ use burn::store::ModuleRecord;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{CheckpointDir, CheckpointError, atomic_write, save_weights};
-use crate::config::RunConfig;
+use crate::checkpoint::{CheckpointDir, CheckpointError, atomic_write, save_inference_weights};
+use crate::config::Recipe;
 use crate::metrics::{EvalRecord, MetricsLog, plot_run};
 use crate::optim::{adamw, clip_global_norm};
 use crate::task::Task;
@@ -49,6 +50,9 @@ pub struct TrainSummary {
     pub best_step: usize,
     pub wall_time_s: f64,
     pub ms_per_step: f64,
+    /// Mean milliseconds of the optimizer steps alone (no evaluation, no checkpoints).
+    #[serde(default)]
+    pub train_ms_per_step: f64,
     pub items_per_s: f64,
     pub num_params: usize,
 }
@@ -87,11 +91,11 @@ const LOOP_STATE: &str = "state.json";
 pub fn train<T: Task>(
     task: &mut T,
     model: T::Model,
-    cfg: &RunConfig,
+    cfg: Recipe<'_>,
     device: &Device,
     options: &TrainOptions,
 ) -> Result<(T::Model, TrainSummary), TrainError> {
-    let t = &cfg.train;
+    let t = cfg.train;
     let run_dir = &options.run_dir;
     let checkpoints = CheckpointDir::new(run_dir);
     let metrics = MetricsLog::new(run_dir);
@@ -128,7 +132,7 @@ pub fn train<T: Task>(
 
     // Built after the model record is loaded: parameter groups are keyed by the
     // (restored) parameter ids.
-    let mut optim: ModuleOptimizer = adamw(&cfg.optim, &model);
+    let mut optim: ModuleOptimizer = adamw(cfg.optim, &model);
     if let Some(record) = optim_record {
         optim = optim.load_record(record);
     }
@@ -139,8 +143,11 @@ pub fn train<T: Task>(
     let mut window_items = 0usize;
     let mut last_eval = None;
 
+    let mut step_time = std::time::Duration::ZERO;
     for step in start_step..t.max_steps {
+        let step_started = Instant::now();
         let (next, stats) = train_step(task, model, &mut optim, cfg, step, device);
+        step_time += step_started.elapsed();
         model = next;
         let (step_loss, lr) = (stats.loss, stats.lr);
         state.last_grad_norm = stats.grad_norm;
@@ -174,11 +181,11 @@ pub fn train<T: Task>(
             };
             metrics.append(&record)?;
             plot_run(run_dir, &metrics.read()?)?;
-            save_weights(&snapshot, &run_dir.join("model.safetensors"))?;
+            save_inference_weights(&snapshot, &run_dir.join("model.safetensors"))?;
             if state.best_val_loss.is_none_or(|b| eval.loss < b) {
                 state.best_val_loss = Some(eval.loss);
                 state.best_step = Some(state.step);
-                save_weights(&snapshot, &run_dir.join("best.safetensors"))?;
+                save_inference_weights(&snapshot, &run_dir.join("best.safetensors"))?;
             }
             let acc = eval
                 .accuracy
@@ -254,6 +261,11 @@ pub fn train<T: Task>(
         } else {
             0.0
         },
+        train_ms_per_step: if steps_run > 0 {
+            step_time.as_secs_f64() * 1000.0 / steps_run as f64
+        } else {
+            0.0
+        },
         items_per_s: if wall > 0.0 {
             (steps_run * task.items_per_batch() * t.grad_accum_steps) as f64 / wall
         } else {
@@ -287,11 +299,11 @@ pub fn train_step<T: Task>(
     task: &mut T,
     mut model: T::Model,
     optim: &mut ModuleOptimizer,
-    cfg: &RunConfig,
+    cfg: Recipe<'_>,
     step: usize,
     device: &Device,
 ) -> (T::Model, StepStats) {
-    let t = &cfg.train;
+    let t = cfg.train;
     device.seed(kiln_data::SplitMix64::derive(t.seed, step as u64).next_u64());
     let lr = cfg.optim.lr_at(step, t.max_steps);
     let mut loss_sum = 0.0;
@@ -317,7 +329,12 @@ pub fn train_step<T: Task>(
         None => grads.expect("at least one micro-batch"),
     };
     let grad_norm = clip_global_norm(&model, &mut grads, t.grad_clip);
-    model = optim.step(lr, model, grads);
+    let policy = if cfg.optim.groups.is_empty() {
+        lr.into()
+    } else {
+        cfg.optim.lr_policy(step, t.max_steps)
+    };
+    model = optim.step(policy, model, grads);
     (
         model,
         StepStats {
