@@ -4,8 +4,9 @@
 # (scripts/finetune_reference.py, the same recipe read from the same config), one after
 # the other on this machine; prints a Markdown table (test accuracy, macro-F1, time per
 # epoch, ratio to PyTorch, peak RSS).
-#   scripts/bench-finetune.sh [--backend flex] [--out runs/bench-finetune] [--set KEY=VALUE ...]
-# Needs scripts/fetch-minilm.sh, scripts/fetch-sentiment.sh and scripts/setup-torch-cpu.sh.
+#   scripts/bench-finetune.sh [--backend flex|ndarray|tch] [--out runs/bench-finetune] [--set KEY=VALUE ...]
+# Needs scripts/fetch-minilm.sh, scripts/fetch-sentiment.sh and scripts/setup-torch-cpu.sh
+# (and for --backend tch, scripts/setup-libtorch.sh with LIBTORCH exported).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -24,7 +25,12 @@ while [ $# -gt 0 ]; do
 done
 rm -rf "$out"
 mkdir -p "$out"
-cargo build --release --quiet -p finetune
+features=()
+case "$backend" in
+  tch|tch-cuda) features=(--features tch) ;;
+  wgpu) features=(--features wgpu) ;;
+esac
+cargo build --release --quiet -p finetune "${features[@]}"
 bin="${CARGO_TARGET_DIR:-$root/target}/release/finetune"
 kiln() {  # kiln <name> <--set ...>
   local name="$1"; shift

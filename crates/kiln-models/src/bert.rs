@@ -181,8 +181,9 @@ pub struct BertPooler {
 }
 
 impl BertSelfAttention {
-    /// `x` `[B, T, C]`, `pad` `[B, H, T, T]` (true = masked key) -> `[B, T, C]`.
-    fn forward(&self, x: Tensor<3>, pad: Tensor<4, Bool>) -> Tensor<3> {
+    /// `x` `[B, T, C]`, `pad` `[B, H, T, T]` (an additive bias: 0 for tokens, a large
+    /// negative number for padded keys) -> `[B, T, C]`.
+    fn forward(&self, x: Tensor<3>, pad: Tensor<4>) -> Tensor<3> {
         let [b, t, c] = x.dims();
         let (h, d) = (self.n_head, c / self.n_head);
         let heads = |l: &Linear| l.forward(x.clone()).reshape([b, t, h, d]).swap_dims(1, 2); // [B, H, T, D]
@@ -195,8 +196,8 @@ impl BertSelfAttention {
             heads(&self.query),
             heads(&self.key),
             heads(&self.value),
-            Some(pad),
             None,
+            Some(pad),
             options,
         );
         y.swap_dims(1, 2).reshape([b, t, c])
@@ -204,7 +205,7 @@ impl BertSelfAttention {
 }
 
 impl BertLayer {
-    fn forward(&self, x: Tensor<3>, pad: Tensor<4, Bool>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, pad: Tensor<4>) -> Tensor<3> {
         let attn = self.attention.self_attn.forward(x.clone(), pad);
         let a = self
             .attention
@@ -237,9 +238,17 @@ impl BertModel {
             + e.position_embeddings.forward(positions)
             + e.token_type_embeddings.forward(types);
         let mut x = e.layer_norm.forward(x);
-        // [B, T] -> [B, H, T(query), T(key)]: true where the key is padding.
+        // [B, T] -> [B, H, T(query), T(key)]: -1e9 where the key is padding, else 0. An
+        // additive bias rather than a boolean mask: burn-tch 0.22.1 hands a boolean mask to
+        // libtorch's scaled_dot_product_attention, where `true` means "attend" (Burn's
+        // means "masked"), so padded keys would be attended on that backend.
         let h = self.encoder.layer.first().map_or(1, |l| l.attention.self_attn.n_head);
-        let pad = mask.equal_elem(0).reshape([b, 1, 1, t]).expand([b, h, t, t]);
+        let pad = mask
+            .equal_elem(0)
+            .float()
+            .mul_scalar(-1e9)
+            .reshape([b, 1, 1, t])
+            .expand([b, h, t, t]);
         for layer in &self.encoder.layer {
             x = layer.forward(x, pad.clone());
         }

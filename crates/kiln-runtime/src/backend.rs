@@ -67,8 +67,14 @@ impl BackendKind {
             #[allow(deprecated)] // burn-ndarray is deprecated upstream; we keep it for comparisons.
             Self::Ndarray => Ok(Device::ndarray()),
             Self::Wgpu => {
+                // Device 0 is wgpu's best adapter (the GPU, or lavapipe's CPU device on a
+                // machine without one; CUBECL_WGPU_DEFAULT_DEVICE overrides); N > 0 is the
+                // N-th discrete GPU.
                 #[cfg(feature = "wgpu")]
-                return Ok(Device::wgpu(burn::tensor::DeviceKind::DiscreteGpu(index)));
+                return Ok(Device::wgpu(match index {
+                    0 => burn::tensor::DeviceKind::DefaultDevice,
+                    n => burn::tensor::DeviceKind::DiscreteGpu(n),
+                }));
                 Err(self.not_compiled("wgpu", " (and scripts/setup-vulkan.sh for the Vulkan driver)"))
             }
             Self::Tch => {

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::Selected;
 use crate::checkpoint::{atomic_write, load_weights};
 use crate::config::{ConfigError, OptimConfig, Recipe, RunConfig, TrainConfig, invalid, parse_toml};
-use crate::run::{CONFIG_FILE, LoadedRun, ModelFile, Prepared, RUN_INFO_FILE, RunError, RunInfo, TOKENIZER_FILE};
+use crate::run::{CONFIG_FILE, LoadedRun, ModelFile, Prepared, RunError, RunInfo, TOKENIZER_FILE};
 use crate::task::{ClassMetrics, ClassifyTask, Task, argmax, predict};
 use crate::training::{TrainOptions, TrainSummary, train};
 
@@ -351,33 +351,17 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// Prepare `run_dir` and return the config: a fresh run needs `config` and an empty
-/// directory; `--resume` reads the run's own `finetune.toml` (plus `overrides`).
+/// Prepare `run_dir` and return the config: a fresh run needs `config` and a directory
+/// without a run; `--resume` reads the run's own `finetune.toml` (plus `overrides`).
 pub fn prepare_finetune_dir(
     run_dir: &Path,
     config: Option<&FinetuneConfig>,
     resume: bool,
     overrides: &[String],
 ) -> Result<FinetuneConfig, RunError> {
-    let saved = run_dir.join(FINETUNE_FILE);
-    if resume && saved.exists() {
-        return Ok(FinetuneConfig::load(&saved, overrides)?);
-    }
-    let config = config.ok_or_else(|| RunError::RunDir {
-        path: saved.clone(),
-        message: "no fine-tuning config to resume from; pass --config".into(),
-    })?;
-    if !resume && (saved.exists() || crate::checkpoint::CheckpointDir::new(run_dir).latest()?.is_some()) {
-        return Err(RunError::RunDir {
-            path: run_dir.to_path_buf(),
-            message: "already holds a run: pass --resume to continue it, or choose another --out".into(),
-        });
-    }
-    std::fs::create_dir_all(run_dir).map_err(|e| RunError::RunDir {
-        path: run_dir.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    Ok(config.clone())
+    crate::run::prepare_dir(run_dir, FINETUNE_FILE, config, resume, |path| {
+        FinetuneConfig::load(path, overrides)
+    })
 }
 
 /// Fine-tune per `cfg` into `options.run_dir`.
@@ -551,18 +535,7 @@ impl FinetuneJob<'_> {
         if let Some(tok) = &prepared.tokenizer {
             atomic_write(&run_dir.join(TOKENIZER_FILE), tok.to_json()?.as_bytes())?;
         }
-        let info = RunInfo {
-            arch: prepared.config.model.arch().into(),
-            backend: self.backend.backend.to_string(),
-            device: format!("{:?}", self.backend.device),
-            device_index: self.backend.index,
-            num_params: total,
-            kiln_version: env!("CARGO_PKG_VERSION").into(),
-        };
-        atomic_write(
-            &run_dir.join(RUN_INFO_FILE),
-            serde_json::to_string_pretty(&info).expect("serialises").as_bytes(),
-        )?;
+        RunInfo::new(prepared.config.model.arch(), self.backend, total).write(run_dir)?;
         if self.options.progress {
             eprintln!(
                 "finetune {:?} {:?} | {} | {} of {} parameters train ({:.2}%) | from {} | {}",

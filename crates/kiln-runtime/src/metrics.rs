@@ -16,7 +16,7 @@ pub struct EvalRecord {
     /// Mean training loss over the steps since the previous evaluation.
     pub train_loss: f64,
     pub val_loss: f64,
-    /// Classification accuracy on the evaluation split (image models).
+    /// Classification accuracy on the evaluation split (classifiers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_accuracy: Option<f64>,
     pub lr: f64,
@@ -207,7 +207,8 @@ pub fn plot_curves(path: &Path, title: &str, y_label: &str, curves: &[Curve]) ->
     })
 }
 
-/// The loss curves of one run: train and validation loss against step.
+/// The curves of one run: train and validation loss against step (`loss.png`), and for
+/// classifiers validation accuracy (`accuracy.png`).
 pub fn plot_run(run_dir: &Path, records: &[EvalRecord]) -> Result<(), CheckpointError> {
     let train: Vec<(f64, f64)> = records.iter().map(|r| (r.step as f64, r.train_loss)).collect();
     let val: Vec<(f64, f64)> = records.iter().map(|r| (r.step as f64, r.val_loss)).collect();
@@ -223,5 +224,18 @@ pub fn plot_run(run_dir: &Path, records: &[EvalRecord]) -> Result<(), Checkpoint
             Curve::new("train", train, 0, false),
             Curve::new("validation", val, 1, false),
         ],
+    )?;
+    let accuracy: Vec<(f64, f64)> = records
+        .iter()
+        .filter_map(|r| r.val_accuracy.map(|a| (r.step as f64, a * 100.0)))
+        .collect();
+    if accuracy.is_empty() {
+        return Ok(());
+    }
+    plot_curves(
+        &run_dir.join("accuracy.png"),
+        &format!("{name}: validation accuracy"),
+        "accuracy (%)",
+        &[Curve::new("validation", accuracy, 1, false)],
     )
 }

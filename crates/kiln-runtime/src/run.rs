@@ -34,6 +34,25 @@ pub struct RunInfo {
     pub kiln_version: String,
 }
 
+impl RunInfo {
+    pub fn new(arch: &str, backend: &Selected, num_params: usize) -> Self {
+        Self {
+            arch: arch.into(),
+            backend: backend.backend.to_string(),
+            device: format!("{:?}", backend.device),
+            device_index: backend.index,
+            num_params,
+            kiln_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+
+    /// Write `run.json` into `run_dir`, atomically.
+    pub fn write(&self, run_dir: &Path) -> Result<(), crate::checkpoint::CheckpointError> {
+        let json = serde_json::to_string_pretty(self).expect("serialises");
+        atomic_write(&run_dir.join(RUN_INFO_FILE), json.as_bytes())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
@@ -57,9 +76,24 @@ pub fn prepare_run_dir(
     resume: bool,
     overrides: &[String],
 ) -> Result<RunConfig, RunError> {
-    let saved = run_dir.join(CONFIG_FILE);
+    prepare_dir(run_dir, CONFIG_FILE, config, resume, |path| {
+        RunConfig::load(path, overrides)
+    })
+}
+
+/// [`prepare_run_dir`] for any config kept in `run_dir/<saved>`: with `resume` and a
+/// saved config, `load` it; else use `config` (required), refusing a directory that
+/// already holds a run, and create the directory.
+pub fn prepare_dir<C: Clone>(
+    run_dir: &Path,
+    saved: &str,
+    config: Option<&C>,
+    resume: bool,
+    load: impl FnOnce(&Path) -> Result<C, crate::config::ConfigError>,
+) -> Result<C, RunError> {
+    let saved = run_dir.join(saved);
     if resume && saved.exists() {
-        return Ok(RunConfig::load(&saved, overrides)?);
+        return Ok(load(&saved)?);
     }
     let config = config.ok_or_else(|| RunError::RunDir {
         path: saved.clone(),
@@ -239,16 +273,7 @@ impl TaskJob for TrainJob<'_> {
         if let Some(tok) = &prepared.tokenizer {
             atomic_write(&run_dir.join(TOKENIZER_FILE), tok.to_json()?.as_bytes())?;
         }
-        let info = RunInfo {
-            arch: cfg.model.arch().into(),
-            backend: self.backend.backend.to_string(),
-            device: format!("{:?}", self.backend.device),
-            device_index: self.backend.index,
-            num_params,
-            kiln_version: env!("CARGO_PKG_VERSION").into(),
-        };
-        let info_json = serde_json::to_string_pretty(&info).expect("serialises");
-        atomic_write(&run_dir.join(RUN_INFO_FILE), info_json.as_bytes())?;
+        RunInfo::new(cfg.model.arch(), self.backend, num_params).write(run_dir)?;
         if self.options.progress {
             let params = num_params as f64 / 1e6;
             let (arch, backend) = (cfg.model.arch(), self.backend.describe());
