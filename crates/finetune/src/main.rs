@@ -5,60 +5,30 @@
 //!     [--backend flex] [--device 0] [--out runs/NAME] [--set method=lora ...] [--resume]
 //! ```
 
-use std::path::PathBuf;
-
 use anyhow::{Context, Result};
 use clap::Parser;
+use kiln_runtime::cli::RunArgs;
 use kiln_runtime::finetune::{self, FinetuneConfig};
-use kiln_runtime::training::{TrainOptions, human};
-use kiln_runtime::{BackendKind, Selected};
+use kiln_runtime::training::human;
 
 #[derive(Parser)]
 #[command(about = "Fine-tune a pretrained Kiln model directory (full, frozen backbone or LoRA)")]
 struct Cli {
-    /// Fine-tuning config (TOML). Not needed with --resume when the run directory has one.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// flex | ndarray | wgpu | tch | tch-cuda
-    #[arg(long, default_value = "flex")]
-    backend: BackendKind,
-    /// Device index (GPU backends).
-    #[arg(long, default_value_t = 0)]
-    device: usize,
-    /// Run directory (default: runs/<config file stem>).
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Override a config key: --set method=lora, --set train.max_steps=200 (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    overrides: Vec<String>,
-    /// Continue the run in --out from its last checkpoint.
-    #[arg(long)]
-    resume: bool,
-    /// No progress bar or evaluation lines.
-    #[arg(long)]
-    quiet: bool,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let cli = Cli::parse().run;
     let config = cli
         .config
         .as_ref()
         .map(|path| FinetuneConfig::load(path, &cli.overrides))
         .transpose()?;
-    let run_dir = match (&cli.out, &cli.config) {
-        (Some(out), _) => out.clone(),
-        (None, Some(path)) => PathBuf::from("runs").join(path.file_stem().context("config path has no file name")?),
-        (None, None) => anyhow::bail!("pass --config (and --out to choose the run directory)"),
-    };
+    let run_dir = cli.run_dir().map_err(anyhow::Error::msg)?;
     let config = finetune::prepare_finetune_dir(&run_dir, config.as_ref(), cli.resume, &cli.overrides)?;
-    let backend = Selected::new(cli.backend, cli.device)?;
-    eprintln!("{} | run directory {}", backend.describe(), run_dir.display());
-    let options = TrainOptions {
-        run_dir: run_dir.clone(),
-        resume: cli.resume,
-        progress: !cli.quiet,
-    };
+    let backend = cli.select(&run_dir)?;
+    let options = cli.options(run_dir.clone());
     let report = finetune::run_finetune(config, &backend, &options)
         .with_context(|| format!("fine-tuning into {}", run_dir.display()))?;
     let s = &report.train;

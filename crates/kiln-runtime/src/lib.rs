@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod cli;
 pub mod compare;
 pub mod config;
 pub mod embed;

@@ -10,8 +10,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use kiln_runtime::training::{TrainOptions, human};
-use kiln_runtime::{BackendKind, RunConfig, Selected, compare, run};
+use kiln_runtime::cli::RunArgs;
+use kiln_runtime::training::human;
+use kiln_runtime::{RunConfig, compare, run};
 
 #[derive(Parser)]
 #[command(
@@ -21,27 +22,8 @@ use kiln_runtime::{BackendKind, RunConfig, Selected, compare, run};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Run config (TOML). Not needed with --resume when the run directory has one.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// flex | ndarray | wgpu | tch | tch-cuda
-    #[arg(long, default_value = "flex")]
-    backend: BackendKind,
-    /// Device index (GPU backends).
-    #[arg(long, default_value_t = 0)]
-    device: usize,
-    /// Run directory (default: runs/<config file stem>).
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Override a config key: --set train.max_steps=200 (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    overrides: Vec<String>,
-    /// Continue the run in --out from its last checkpoint.
-    #[arg(long)]
-    resume: bool,
-    /// No progress bar or evaluation lines.
-    #[arg(long)]
-    quiet: bool,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Subcommand)]
@@ -65,24 +47,16 @@ fn main() -> Result<()> {
         println!("validation-loss curves: {}", out.display());
         return Ok(());
     }
+    let cli = cli.run;
     let config = cli
         .config
         .as_ref()
         .map(|path| RunConfig::load(path, &cli.overrides))
         .transpose()?;
-    let run_dir = match (&cli.out, &cli.config) {
-        (Some(out), _) => out.clone(),
-        (None, Some(path)) => PathBuf::from("runs").join(path.file_stem().context("config path has no file name")?),
-        (None, None) => anyhow::bail!("pass --config (and --out to choose the run directory)"),
-    };
+    let run_dir = cli.run_dir().map_err(anyhow::Error::msg)?;
     let config = run::prepare_run_dir(&run_dir, config.as_ref(), cli.resume, &cli.overrides)?;
-    let backend = Selected::new(cli.backend, cli.device)?;
-    eprintln!("{} | run directory {}", backend.describe(), run_dir.display());
-    let options = TrainOptions {
-        run_dir: run_dir.clone(),
-        resume: cli.resume,
-        progress: !cli.quiet,
-    };
+    let backend = cli.select(&run_dir)?;
+    let options = cli.options(run_dir.clone());
     let summary = run::run_training(config, &backend, &options)
         .with_context(|| format!("training into {}", run_dir.display()))?;
     let acc = summary
