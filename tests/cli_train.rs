@@ -58,7 +58,7 @@ fn bad_config_exits_non_zero_naming_key_and_file() {
 fn backend_not_compiled_in_says_how_to_enable_it() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = common::write(dir.path(), "c.toml", &common::tiny_lm_toml("gpt2", 5));
-    for (backend, hint) in [("wgpu", "setup-vulkan.sh"), ("tch", "setup-libtorch.sh")] {
+    for (backend, hint) in [("wgpu", "mesa-vulkan-drivers"), ("tch", "setup-libtorch.sh")] {
         if kiln_runtime::BackendKind::Wgpu.is_compiled() && backend == "wgpu" {
             continue;
         }

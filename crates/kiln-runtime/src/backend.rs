@@ -75,7 +75,10 @@ impl BackendKind {
                     0 => burn::tensor::DeviceKind::DefaultDevice,
                     n => burn::tensor::DeviceKind::DiscreteGpu(n),
                 }));
-                Err(self.not_compiled("wgpu", " (and scripts/setup-vulkan.sh for the Vulkan driver)"))
+                Err(self.not_compiled(
+                    "wgpu",
+                    " (and a Vulkan driver: on a machine without a GPU, Mesa's lavapipe from `apt-get install mesa-vulkan-drivers libvulkan1`)",
+                ))
             }
             Self::Tch => {
                 #[cfg(feature = "tch")]
