@@ -151,6 +151,9 @@ pub struct FinetuneConfig {
     pub optim: OptimConfig,
 }
 
+/// Seeds the draw of LoRA's factors, apart from every training step's stream.
+const LORA_INIT_STREAM: u64 = 0x4C6F_5241_0000_0000;
+
 /// The path of the classifier head's parameters.
 const HEAD_PATTERN: &str = r"^classifier\.";
 
@@ -521,7 +524,12 @@ impl FinetuneJob<'_> {
         head: Option<&ClassifierHead>,
     ) -> Result<FinetuneReport, RunError> {
         let (cfg, run_dir) = (self.cfg, &self.options.run_dir);
-        let model = apply_method(model, cfg, head.map(|_| HEAD_PATTERN))?;
+        // LoRA's factors are drawn from the device RNG: seeded, under the RNG lock.
+        let model = crate::run::with_rng_lock(|| {
+            self.device
+                .seed(kiln_data::SplitMix64::derive(cfg.train.seed, LORA_INIT_STREAM).next_u64());
+            apply_method(model, cfg, head.map(|_| HEAD_PATTERN))
+        })?;
         let total = model.num_params();
         let trainable = trainable_params(&model);
         let model_file = ModelFile {

@@ -215,9 +215,20 @@ pub fn with_task<J: TaskJob>(
     }
 }
 
+/// Run `f` holding the process-wide lock on the devices' random number generators.
+/// Burn's RNG is global per backend: whatever seeds it and then draws from it (model
+/// initialisation, a training step's dropout, LoRA's factors) holds this lock, so that
+/// another thread of the process (e.g. tests in parallel) cannot reseed it or draw from
+/// it in between, and every run stays reproducible. Not reentrant.
+pub fn with_rng_lock<R>(f: impl FnOnce() -> R) -> R {
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    f()
+}
+
 /// Initialise a model from `seed`, reproducibly even while other threads of the process
 /// use the device's (process-wide) RNG: seeding and drawing every parameter happen under
-/// one lock. Parameters are lazy in Burn, so each is read once here to draw it now.
+/// [`with_rng_lock`]. Parameters are lazy in Burn, so each is read once here to draw it now.
 pub fn seeded_init<M: burn::module::Module>(seed: u64, device: &Device, init: impl FnOnce() -> M) -> M {
     use burn::module::{ModuleVisitor, Param};
     use burn::tensor::Tensor;
@@ -227,12 +238,12 @@ pub fn seeded_init<M: burn::module::Module>(seed: u64, device: &Device, init: im
             let _ = param.val();
         }
     }
-    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    device.seed(seed);
-    let model = init();
-    model.visit(&mut Materialize);
-    model
+    with_rng_lock(|| {
+        device.seed(seed);
+        let model = init();
+        model.visit(&mut Materialize);
+        model
+    })
 }
 
 /// Train the configured model on the configured data into `options.run_dir`.

@@ -304,26 +304,30 @@ pub fn train_step<T: Task>(
     device: &Device,
 ) -> (T::Model, StepStats) {
     let t = cfg.train;
-    device.seed(kiln_data::SplitMix64::derive(t.seed, step as u64).next_u64());
     let lr = cfg.optim.lr_at(step, t.max_steps);
     let mut loss_sum = 0.0;
     let mut accumulator = (t.grad_accum_steps > 1).then(GradientsAccumulator::<T::Model>::new);
     let mut grads = None;
-    for micro in 0..t.grad_accum_steps {
-        let batch = task.train_batch(step, micro, device);
-        let loss = task.loss(&model, &batch);
-        let loss = if t.grad_accum_steps > 1 {
-            loss / t.grad_accum_steps as f64
-        } else {
-            loss
-        };
-        let micro_grads = GradientsParams::from_grads(loss.backward(), &model);
-        loss_sum += loss.inner().into_scalar::<f32>() as f64;
-        match accumulator.as_mut() {
-            Some(acc) => acc.accumulate(&model, micro_grads),
-            None => grads = Some(micro_grads),
+    // The step's random draws (dropout) come from the device RNG seeded here; holding the
+    // RNG lock keeps them the step's own when other threads train too.
+    crate::run::with_rng_lock(|| {
+        device.seed(kiln_data::SplitMix64::derive(t.seed, step as u64).next_u64());
+        for micro in 0..t.grad_accum_steps {
+            let batch = task.train_batch(step, micro, device);
+            let loss = task.loss(&model, &batch);
+            let loss = if t.grad_accum_steps > 1 {
+                loss / t.grad_accum_steps as f64
+            } else {
+                loss
+            };
+            let micro_grads = GradientsParams::from_grads(loss.backward(), &model);
+            loss_sum += loss.inner().into_scalar::<f32>() as f64;
+            match accumulator.as_mut() {
+                Some(acc) => acc.accumulate(&model, micro_grads),
+                None => grads = Some(micro_grads),
+            }
         }
-    }
+    });
     let mut grads = match accumulator.as_mut() {
         Some(acc) => acc.grads(),
         None => grads.expect("at least one micro-batch"),
