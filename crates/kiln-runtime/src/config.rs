@@ -276,11 +276,7 @@ impl RunConfig {
     /// Read `path`, apply `overrides` (`section.key=value`, the value parsed as TOML and
     /// taken as a string if it is not TOML), deserialize and validate.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text, path, overrides)
+        Self::parse(&read_text(path)?, path, overrides)
     }
 
     /// [`load`](Self::load) from text; `path` only names the source in errors.
@@ -325,6 +321,14 @@ impl RunConfig {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a RunConfig serialises to TOML")
     }
+}
+
+/// The text of the config file at `path`.
+pub fn read_text(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Deserialize TOML `text` (read from `path`) after applying `--set` `overrides`; an

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::Selected;
 use crate::checkpoint::{atomic_write, load_weights};
-use crate::config::{ConfigError, OptimConfig, Recipe, RunConfig, TrainConfig, invalid, parse_toml};
+use crate::config::{ConfigError, OptimConfig, Recipe, RunConfig, TrainConfig, invalid, parse_toml, read_text};
 use crate::run::{CONFIG_FILE, LoadedRun, ModelFile, Prepared, RunError, RunInfo, TOKENIZER_FILE};
 use crate::task::{ClassMetrics, ClassifyTask, Task, argmax, predict};
 use crate::training::{TrainOptions, TrainSummary, train};
@@ -160,11 +160,7 @@ const HEAD_PATTERN: &str = r"^classifier\.";
 impl FinetuneConfig {
     /// Read `path`, apply `--set` overrides, validate.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let cfg: Self = parse_toml(&text, path, overrides)?;
+        let cfg: Self = parse_toml(&read_text(path)?, path, overrides)?;
         cfg.validate().map_err(|m| invalid(path, m))?;
         Ok(cfg)
     }

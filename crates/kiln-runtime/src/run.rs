@@ -306,10 +306,7 @@ pub struct ModelFile {
 
 impl ModelFile {
     pub fn load(path: &Path) -> Result<Self, crate::config::ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| crate::config::ConfigError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = crate::config::read_text(path)?;
         let file: Self = toml::from_str(&text).map_err(|e| crate::config::ConfigError::Invalid {
             path: path.to_path_buf(),
             message: e.to_string(),
