@@ -21,6 +21,7 @@ fn gpt2() -> Gpt2Config {
         dropout: 0.0,
         bias: true,
         layer_norm_epsilon: 1e-5,
+        activation: Default::default(),
     }
 }
 
@@ -286,6 +287,46 @@ fn atomic_write_replaces_whole_files_and_leaves_no_temporaries() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("f.bin")]);
+}
+
+/// `activation = "gelu"` makes the MLP use the exact GELU (nanoGPT's `nn.GELU()`), the
+/// default stays GPT-2's tanh form, and the choice survives the Hugging Face config.
+#[test]
+fn gpt2_activation_selects_the_gelu_variant() {
+    let d = device();
+    let exact = Gpt2Config {
+        activation: kiln_models::gpt2::Gpt2Activation::Gelu,
+        ..gpt2()
+    };
+    let model = exact.init(&d);
+    let mut mlp = model.transformer.h[0].mlp.clone();
+    // Pre-activations of order 1, where the two GELU forms differ by up to ~1e-3.
+    mlp.c_fc.weight = mlp.c_fc.weight.map(|w| w.mul_scalar(50.0));
+    mlp.c_proj.weight = mlp.c_proj.weight.map(|w| w.mul_scalar(50.0));
+    let x = Tensor::<3>::random([2, 3, 16], burn::tensor::Distribution::Normal(0.0, 2.0), &d);
+    let reference = |gelu: fn(Tensor<3>) -> Tensor<3>| mlp_with(&mlp, x.clone(), gelu);
+    let by_hand_exact = reference(burn::tensor::activation::gelu);
+    let by_hand_tanh = reference(kiln_models::gpt2::gelu_tanh);
+    assert!(max_abs_diff(mlp.forward(x.clone()), by_hand_exact.clone()) < 1e-6);
+    assert!(
+        max_abs_diff(by_hand_exact, by_hand_tanh.clone()) > 1e-5,
+        "the two forms must differ"
+    );
+    mlp.activation = kiln_models::gpt2::Gpt2Activation::GeluTanh;
+    assert!(max_abs_diff(mlp.forward(x), by_hand_tanh) < 1e-6);
+
+    let hf = kiln_convert::hf_config::to_hf_json(&kiln_models::ModelConfig::Gpt2(exact.clone())).unwrap();
+    assert_eq!(hf["activation_function"], "gelu");
+    let back = kiln_convert::hf_config::model_config("gpt2", &hf, "config.json").unwrap();
+    assert_eq!(back, kiln_models::ModelConfig::Gpt2(exact));
+    let mut bad = hf.clone();
+    bad["activation_function"] = "relu".into();
+    let err = kiln_convert::hf_config::model_config("gpt2", &bad, "config.json").unwrap_err();
+    assert!(err.to_string().contains("activation_function"), "{err}");
+}
+
+fn mlp_with(mlp: &kiln_models::gpt2::Gpt2Mlp, x: Tensor<3>, gelu: fn(Tensor<3>) -> Tensor<3>) -> Tensor<3> {
+    mlp.c_proj.forward(gelu(mlp.c_fc.forward(x)))
 }
 
 /// The sigmoid form of GPT-2's GELU equals Burn's tanh approximation.

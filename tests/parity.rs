@@ -157,6 +157,7 @@ fn every_architecture_computes_the_same_on_every_backend() {
         dropout: 0.0,
         bias: true,
         layer_norm_epsilon: 1e-5,
+        activation: Default::default(),
     };
     check_arch(
         "gpt2",

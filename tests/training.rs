@@ -248,6 +248,7 @@ fn every_parameter_receives_a_gradient() {
         dropout: 0.0,
         bias: true,
         layer_norm_epsilon: 1e-5,
+        activation: Default::default(),
     }
     .init(&d);
     let grads = GradientsParams::from_grads(

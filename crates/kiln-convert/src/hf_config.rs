@@ -1,5 +1,6 @@
 //! Hugging Face `config.json` -> Kiln model config.
 
+use kiln_models::gpt2::Gpt2Activation;
 use kiln_models::{BertConfig, Gpt2Config, LlamaConfig, ModelConfig};
 use serde_json::Value;
 
@@ -28,6 +29,15 @@ pub fn model_config(arch: &str, json: &Value, path: &str) -> Result<ModelConfig,
             dropout: 0.0,
             bias: true,
             layer_norm_epsilon: get_f64(json, "layer_norm_epsilon", 1e-5),
+            activation: match json.get("activation_function").and_then(Value::as_str) {
+                None | Some("gelu_new" | "gelu_pytorch_tanh" | "gelu_fast") => Gpt2Activation::GeluTanh,
+                Some("gelu") => Gpt2Activation::Gelu,
+                Some(other) => {
+                    return Err(ConvertError::Config(format!(
+                        "{path}: activation_function = {other:?} is not supported (gelu_new or gelu)"
+                    )));
+                }
+            },
         }),
         "llama" => {
             if json.get("tie_word_embeddings").and_then(Value::as_bool) == Some(true) {
@@ -84,7 +94,11 @@ pub fn to_hf_json(model: &ModelConfig) -> Result<Value, ConvertError> {
             "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
             "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
             "n_positions": c.block_size, "n_ctx": c.block_size, "vocab_size": c.vocab_size,
-            "layer_norm_epsilon": c.layer_norm_epsilon, "activation_function": "gelu_new",
+            "layer_norm_epsilon": c.layer_norm_epsilon,
+            "activation_function": match c.activation {
+                Gpt2Activation::GeluTanh => "gelu_new",
+                Gpt2Activation::Gelu => "gelu",
+            },
             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": true,
         }),
         ModelConfig::Llama(c) => serde_json::json!({

@@ -9,7 +9,7 @@ use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
 };
 use burn::prelude::*;
-use burn::tensor::activation::sigmoid;
+use burn::tensor::activation::{gelu, sigmoid};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use serde::{Deserialize, Serialize};
@@ -47,6 +47,20 @@ pub struct Gpt2Config {
     pub bias: bool,
     #[serde(default = "default_epsilon")]
     pub layer_norm_epsilon: f64,
+    /// The MLP's GELU: `gelu_tanh` (GPT-2's tanh approximation, HF "gelu_new"; what
+    /// pretrained GPT-2 weights expect) or `gelu` (the exact erf form, nanoGPT's
+    /// `nn.GELU()`; one fused kernel forward and backward on every backend).
+    #[serde(default)]
+    pub activation: Gpt2Activation,
+}
+
+/// The GELU variant of a GPT-2 MLP.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Gpt2Activation {
+    #[default]
+    GeluTanh,
+    Gelu,
 }
 
 impl Gpt2Config {
@@ -107,6 +121,7 @@ impl Gpt2Config {
                     c_fc: linear(c, 4 * c, &normal),
                     c_proj: linear(4 * c, c, &proj),
                     dropout: DropoutConfig::new(self.dropout).init(),
+                    activation: self.activation,
                 },
             })
             .collect();
@@ -170,6 +185,8 @@ pub struct Gpt2Mlp {
     pub c_fc: Linear,
     pub c_proj: Linear,
     pub dropout: Dropout,
+    #[module(skip)]
+    pub activation: Gpt2Activation,
 }
 
 impl CausalSelfAttention {
@@ -200,8 +217,14 @@ impl CausalSelfAttention {
 }
 
 impl Gpt2Mlp {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = gelu_tanh(self.c_fc.forward(x));
+    /// `[B, T, C]` -> `[B, T, C]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        // [B, T, C] -> [B, T, 4C]
+        let x = self.c_fc.forward(x);
+        let x = match self.activation {
+            Gpt2Activation::GeluTanh => gelu_tanh(x),
+            Gpt2Activation::Gelu => gelu(x),
+        };
         self.dropout.forward(self.c_proj.forward(x))
     }
 }
