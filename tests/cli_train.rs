@@ -58,7 +58,7 @@ fn bad_config_exits_non_zero_naming_key_and_file() {
 fn backend_not_compiled_in_says_how_to_enable_it() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = common::write(dir.path(), "c.toml", &common::tiny_lm_toml("gpt2", 5));
-    for (backend, hint) in [("wgpu", "mesa-vulkan-drivers"), ("tch", "setup-libtorch.sh")] {
+    for (backend, hint) in [("wgpu", "setup-vulkan.sh"), ("tch", "setup-libtorch.sh")] {
         if kiln_runtime::BackendKind::Wgpu.is_compiled() && backend == "wgpu" {
             continue;
         }
@@ -72,6 +72,25 @@ fn backend_not_compiled_in_says_how_to_enable_it() {
     }
     let out = run(train().args(["--config", cfg.to_str().unwrap(), "--backend", "tpu"]));
     assert!(!out.status.success() && stderr(&out).contains("tpu"));
+}
+
+#[test]
+fn threads_flag_sizes_the_cpu_pool_and_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::write(dir.path(), "c.toml", &common::tiny_lm_toml("gpt2", 2));
+    let out = run(train()
+        .args(["--config", cfg.to_str().unwrap(), "--quiet", "--threads", "1", "--out"])
+        .arg(dir.path().join("r")));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("(1 CPU threads)"), "{}", stderr(&out));
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("r/run.json")).unwrap()).unwrap();
+    assert_eq!(info["cpu_threads"], 1, "{info}");
+    let out = run(train()
+        .args(["--config", cfg.to_str().unwrap(), "--threads", "0", "--out"])
+        .arg(dir.path().join("zero")));
+    assert_clean_failure(&out, &["--threads"]);
+    assert!(!dir.path().join("zero").exists());
 }
 
 fn metrics_without_timing(dir: &Path) -> Vec<(usize, f64, f64, f64, f64)> {

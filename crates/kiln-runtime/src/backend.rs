@@ -39,6 +39,8 @@ pub enum BackendError {
         feature: &'static str,
         setup: &'static str,
     },
+    #[error("{0}")]
+    Threads(String),
 }
 
 impl BackendKind {
@@ -77,7 +79,7 @@ impl BackendKind {
                 }));
                 Err(self.not_compiled(
                     "wgpu",
-                    " (and a Vulkan driver: on a machine without a GPU, Mesa's lavapipe from `apt-get install mesa-vulkan-drivers libvulkan1`)",
+                    " (and a Vulkan driver: scripts/setup-vulkan.sh installs Mesa's lavapipe on a machine without a GPU)",
                 ))
             }
             Self::Tch => {
@@ -122,6 +124,21 @@ impl FromStr for BackendKind {
     }
 }
 
+/// Use `threads` CPU threads for the backends' thread pools: rayon's global pool (flex,
+/// ndarray) and libtorch's intra-op pool (tch). Call it before the first tensor
+/// operation; libtorch's OpenMP reads `OMP_NUM_THREADS` when the library loads, before
+/// `main`, so the environment variable alone is not enough for an in-process setting.
+pub fn set_cpu_threads(threads: std::num::NonZeroUsize) -> Result<(), String> {
+    let threads = threads.get();
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .map_err(|e| format!("--threads {threads}: rayon's thread pool is already running: {e}"))?;
+    #[cfg(feature = "tch")]
+    tch::set_num_threads(threads as i32);
+    Ok(())
+}
+
 /// A chosen backend and device, printed at start and recorded in the run directory.
 #[derive(Debug, Clone)]
 pub struct Selected {
@@ -140,6 +157,21 @@ impl Selected {
     }
 
     pub fn describe(&self) -> String {
-        format!("backend {} device {:?}", self.backend, self.device)
+        format!(
+            "backend {} device {:?} ({} CPU threads)",
+            self.backend,
+            self.device,
+            self.cpu_threads()
+        )
+    }
+
+    /// Threads of the pool this backend computes with on the CPU: libtorch's intra-op
+    /// pool for tch, rayon's global pool otherwise.
+    pub fn cpu_threads(&self) -> usize {
+        #[cfg(feature = "tch")]
+        if matches!(self.backend, BackendKind::Tch | BackendKind::TchCuda) {
+            return tch::get_num_threads().max(0) as usize;
+        }
+        rayon::current_num_threads()
     }
 }

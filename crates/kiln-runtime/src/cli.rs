@@ -30,6 +30,10 @@ pub struct RunArgs {
     /// No progress bar or evaluation lines.
     #[arg(long)]
     pub quiet: bool,
+    /// CPU threads for the backend (rayon for flex/ndarray, libtorch's intra-op pool for
+    /// tch). Default: one per core.
+    #[arg(long)]
+    pub threads: Option<std::num::NonZeroUsize>,
 }
 
 impl RunArgs {
@@ -47,6 +51,9 @@ impl RunArgs {
 
     /// The selected backend and device, announced on stderr with the run directory.
     pub fn select(&self, run_dir: &std::path::Path) -> Result<Selected, crate::backend::BackendError> {
+        if let Some(n) = self.threads {
+            crate::backend::set_cpu_threads(n).map_err(crate::backend::BackendError::Threads)?;
+        }
         let backend = Selected::new(self.backend, self.device)?;
         eprintln!("{} | run directory {}", backend.describe(), run_dir.display());
         Ok(backend)

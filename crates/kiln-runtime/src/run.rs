@@ -30,6 +30,9 @@ pub struct RunInfo {
     pub backend: String,
     pub device: String,
     pub device_index: usize,
+    /// CPU threads of the backend's pool (see `--threads`).
+    #[serde(default)]
+    pub cpu_threads: usize,
     pub num_params: usize,
     pub kiln_version: String,
 }
@@ -41,6 +44,7 @@ impl RunInfo {
             backend: backend.backend.to_string(),
             device: format!("{:?}", backend.device),
             device_index: backend.index,
+            cpu_threads: backend.cpu_threads(),
             num_params,
             kiln_version: env!("CARGO_PKG_VERSION").into(),
         }
