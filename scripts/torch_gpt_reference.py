@@ -6,8 +6,9 @@ Same data as Kiln: every datasets/shakespeare/*.txt, concatenated in sorted file
 order, a character vocabulary over the whole text, the first 90 % (by position) for
 training and the rest for validation. Same model as configs/shakespeare-char.toml:
 GPT-2 blocks (pre-LayerNorm with biases, causal self-attention with a fused qkv
-`c_attn`, tanh-GELU MLP 4x, learned positions `wpe`, `wte` tied to the LM head,
-dropout 0), or with --arch llama the twin of configs/shakespeare-llama.toml (RMSNorm,
+`c_attn`, GELU MLP 4x: GPT-2's tanh form, or with --activation gelu the exact one of
+nanoGPT's nn.GELU(); learned positions `wpe`, `wte` tied to the LM head, dropout 0), or
+with --arch llama the twin of configs/shakespeare-llama.toml (RMSNorm,
 rotary "rotate half" positions, SwiGLU MLP, grouped-query attention, no biases,
 untied head). Same optimizer: AdamW lr 1e-3, betas (0.9, 0.99), weight decay 0.1 on
 matrices only, global-norm gradient clipping at 1.0, 100 warmup steps then cosine
@@ -15,16 +16,19 @@ decay to lr/10 at --max-iters.
 
     .venv/bin/python scripts/torch_gpt_reference.py [--arch gpt2|llama] [--steps 200] [--threads 2] [--json]
 
-Runs --warmup-steps untimed training steps, then --steps timed ones (each: sample a
-random batch, forward, backward, clip, AdamW step, read the loss), and prints mean and
-median ms per step, tokens/s (batch * block_size / mean step time), the last training
-loss and a validation loss over 20 random batches. Set up the interpreter with
+Times the first training step on its own, runs --warmup-steps untimed training steps,
+then --steps timed ones (each: sample a random batch, forward, backward, clip, AdamW
+step, read the loss), and prints mean and median ms per step, tokens/s (batch *
+block_size / mean step time), the first step's time, forward-only ms (median, no_grad),
+KV-cached greedy decode tokens/s (median of 3, checked against a full forward), peak
+RSS, the last training loss and a validation loss over 20 random batches. Set up the interpreter with
 scripts/setup-torch-cpu.sh.
 """
 import argparse
 import json
 import math
 import os
+import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -45,6 +49,7 @@ class Config:
     n_embd: int = 128
     n_kv_head: int = 2  # llama only: grouped-query attention
     llama_hidden: int = 352  # llama only: SwiGLU width, ~8/3 * n_embd rounded to a multiple of 32
+    activation: str = "gelu_tanh"  # gpt2 only: "gelu_tanh" (GPT-2's gelu_new) or "gelu" (nanoGPT's nn.GELU())
 
 
 # ---------------------------------------------------------------------------- data
@@ -77,15 +82,27 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.n_head = config.n_head
 
-    def forward(self, x):
+    def forward(self, x, past=None):
+        """past: this layer's cached (k, v), each (B, nh, T_past, hs), or None. Returns the
+        output and the (k, v) including the new positions."""
         B, T, C = x.size()  # batch, sequence length, n_embd
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        k, v = append_past(past, k, v)  # (B, nh, T_past + T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=past is None)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
-        return self.c_proj(y)
+        return self.c_proj(y), (k, v)
+
+
+def append_past(past, k, v):
+    """The KV cache: keys and values of earlier positions, then the new ones (on dim 2).
+    Decoding feeds one token at a time after an uncached prompt, so a layer with a past
+    attends to every cached position (no causal mask needed)."""
+    if past is None:
+        return k, v
+    return torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
 
 
 class MLP(nn.Module):
@@ -93,9 +110,11 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        # GPT-2's "gelu_new" (tanh approximation) or the exact erf GELU
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
 
     def forward(self, x):  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
+        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
 
 
 class Block(nn.Module):
@@ -106,10 +125,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, past=None):
+        a, kv = self.attn(self.ln_1(x), past)
+        x = x + a
         x = x + self.mlp(self.ln_2(x))
-        return x
+        return x, kv
 
 
 class GPT(nn.Module):
@@ -138,14 +158,22 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx):
+        return self.forward_cached(idx, None)[0]
+
+    def forward_cached(self, idx, past):
+        """idx (B, T) continuing the positions in `past` (a (k, v) per layer, or None) ->
+        logits (B, T, vocab_size) and the extended past."""
         B, T = idx.size()
-        assert T <= self.config.block_size
-        pos = torch.arange(0, T, dtype=torch.long)  # (T,)
+        p0 = 0 if past is None else past[0][0].size(2)
+        assert p0 + T <= self.config.block_size
+        pos = torch.arange(p0, p0 + T, dtype=torch.long)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C)
-        for block in self.transformer.h:
-            x = block(x)
+        new_past = []
+        for i, block in enumerate(self.transformer.h):
+            x, kv = block(x, None if past is None else past[i])
+            new_past.append(kv)
         x = self.transformer.ln_f(x)
-        return self.lm_head(x)  # (B, T, vocab_size)
+        return self.lm_head(x), new_past  # (B, T, vocab_size)
 
 
 # --------------------------------------------------------------------------- Llama
@@ -183,18 +211,19 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, past=None):
         B, T, C = x.size()
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k, v = append_past(past, k, v)  # (B, nkv, T_past + T, hs), cached after rotation
         rep = self.n_head // self.n_kv_head  # each kv head serves `rep` query heads
-        k = k.repeat_interleave(rep, dim=1)  # (B, nh, T, hs)
-        v = v.repeat_interleave(rep, dim=1)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        k_all = k.repeat_interleave(rep, dim=1)  # (B, nh, T_past + T, hs)
+        v_all = v.repeat_interleave(rep, dim=1)  # (B, nh, T_past + T, hs)
+        y = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=past is None)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.o_proj(y)
+        return self.o_proj(y), (k, v)
 
 
 class SwiGLU(nn.Module):
@@ -216,10 +245,11 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.n_embd)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, past=None):
+        a, kv = self.self_attn(self.input_layernorm(x), cos, sin, past)
+        x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x
+        return x, kv
 
 
 class Llama(nn.Module):
@@ -238,13 +268,38 @@ class Llama(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx):
+        return self.forward_cached(idx, None)[0]
+
+    def forward_cached(self, idx, past):
         B, T = idx.size()
-        assert T <= self.config.block_size
-        cos, sin = self.cos[:T], self.sin[:T]  # (T, hs)
+        p0 = 0 if past is None else past[0][0].size(2)
+        assert p0 + T <= self.config.block_size
+        cos, sin = self.cos[p0 : p0 + T], self.sin[p0 : p0 + T]  # (T, hs)
         x = self.embed_tokens(idx)  # (B, T, C)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.lm_head(self.norm(x))  # (B, T, vocab_size)
+        new_past = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cos, sin, None if past is None else past[i])
+            new_past.append(kv)
+        return self.lm_head(self.norm(x)), new_past  # (B, T, vocab_size)
+
+
+# ------------------------------------------------------------------- generation
+@torch.no_grad()
+def greedy_decode_rate(model, prompt, block_size):
+    """Greedy KV-cached generation from `prompt` (1-D ids) until the context is full, as
+    Kiln's `generate` does it: new tokens after the first, per second of decoding."""
+    new_tokens = block_size - len(prompt)
+    t0 = time.perf_counter()
+    logits, past = model.forward_cached(prompt.view(1, -1), None)
+    first_at = None
+    for i in range(new_tokens):
+        nxt = int(logits[0, -1].argmax())  # read back to the host, like Kiln's sampler
+        if i == 0:
+            first_at = time.perf_counter()
+        if i + 1 == new_tokens:
+            break
+        logits, past = model.forward_cached(torch.tensor([[nxt]]), past)
+    return (new_tokens - 1) / (time.perf_counter() - first_at)
 
 
 # ------------------------------------------------------------------------ training
@@ -280,6 +335,7 @@ def main():
     p.add_argument("--n-kv-head", type=int, default=2, help="llama: key/value heads")
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--llama-hidden", type=int, default=352, help="llama: SwiGLU hidden width")
+    p.add_argument("--activation", choices=["gelu_tanh", "gelu"], default="gelu_tanh", help="gpt2: the MLP's GELU")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -304,6 +360,7 @@ def main():
         n_embd=args.n_embd,
         n_kv_head=args.n_kv_head,
         llama_hidden=args.llama_hidden,
+        activation=args.activation,
     )
     model = GPT(config) if args.arch == "gpt2" else Llama(config)
     model.train()
@@ -323,16 +380,42 @@ def main():
         optimizer.step()
         return loss.item()
 
-    for step in range(args.warmup_steps):
+    # Step 0 timed on its own (first-step latency), then warm-up, then the timed steps.
+    t0 = time.perf_counter()
+    train_step(0)
+    first_step_s = time.perf_counter() - t0
+    for step in range(1, 1 + args.warmup_steps):
         train_step(step)
     times, loss = [], float("nan")
-    for step in range(args.warmup_steps, args.warmup_steps + args.steps):
+    for step in range(1 + args.warmup_steps, 1 + args.warmup_steps + args.steps):
         t0 = time.perf_counter()
         loss = train_step(step)
         times.append(time.perf_counter() - t0)
 
     model.eval()
     with torch.no_grad():
+        # Forward only: the loss of one training batch, inference mode.
+        x, y = get_batch(train_data, args.batch_size, args.block_size)
+        forward = []
+        for i in range(3 + args.steps):
+            t0 = time.perf_counter()
+            logits = model(x)
+            F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)).item()
+            if i >= 3:
+                forward.append(time.perf_counter() - t0)
+
+        # Decode from a quarter-context validation prompt; the cache must agree with a
+        # full forward pass over the same tokens.
+        prompt = val_data[: args.block_size // 4]
+        full = model(val_data[: args.block_size].view(1, -1))
+        cached, past = model.forward_cached(val_data[: len(prompt)].view(1, -1), None)
+        for i in range(len(prompt), args.block_size):
+            step_logits, past = model.forward_cached(val_data[i : i + 1].view(1, -1), past)
+            cached = torch.cat((cached, step_logits), dim=1)
+        assert torch.allclose(full, cached, atol=1e-4), "KV-cached logits differ from the full forward"
+        greedy_decode_rate(model, prompt, args.block_size)  # untimed
+        decode = statistics.median(greedy_decode_rate(model, prompt, args.block_size) for _ in range(3))
+
         val_losses = []
         for _ in range(args.eval_iters):
             x, y = get_batch(val_data, args.batch_size, args.block_size)
@@ -356,7 +439,12 @@ def main():
         "steps": args.steps,
         "ms_per_step_mean": 1000 * mean_s,
         "ms_per_step_median": 1000 * statistics.median(times) if times else float("nan"),
+        "first_step_ms": 1000 * first_step_s,
+        "items_per_step": args.batch_size * args.block_size,
         "tokens_per_s": args.batch_size * args.block_size / mean_s,
+        "forward_ms": 1000 * statistics.median(forward),
+        "decode_tokens_per_s": decode,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "train_loss": loss,
         "val_loss": statistics.mean(val_losses),
     }

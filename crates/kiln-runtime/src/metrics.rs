@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -136,17 +137,42 @@ impl Curve {
     }
 }
 
-/// Draw curves into a PNG at `path` (written atomically).
-pub fn plot_curves(path: &Path, title: &str, y_label: &str, curves: &[Curve]) -> Result<(), CheckpointError> {
+/// Draw into a PNG at `path` with `draw`, atomically: drawn to a temporary file, then
+/// renamed, so a reader never sees half a PNG.
+fn write_png(
+    path: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(&DrawingArea<BitMapBackend, Shift>) -> Result<(), Box<dyn std::error::Error>>,
+) -> Result<(), CheckpointError> {
     register_font();
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let tmp = dir.join(format!(".plot-{}.tmp.png", std::process::id()));
-    let draw = || -> Result<(), Box<dyn std::error::Error>> {
-        let root = BitMapBackend::new(&tmp, (960, 600)).into_drawing_area();
+    let result = (|| {
+        let root = BitMapBackend::new(&tmp, size).into_drawing_area();
         root.fill(&WHITE)?;
+        draw(&root)?;
+        root.present()?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(CheckpointError::Other {
+            path: path.to_path_buf(),
+            message: format!("plotting: {e}"),
+        });
+    }
+    std::fs::rename(&tmp, path).map_err(|source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Draw curves into a PNG at `path` (written atomically).
+pub fn plot_curves(path: &Path, title: &str, y_label: &str, curves: &[Curve]) -> Result<(), CheckpointError> {
+    write_png(path, (960, 600), |root| {
         let all = curves.iter().flat_map(|c| c.points.iter());
         let (mut x_max, mut y_min, mut y_max) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
         for &(x, y) in all {
@@ -160,7 +186,7 @@ pub fn plot_curves(path: &Path, title: &str, y_label: &str, curves: &[Curve]) ->
             (y_min, y_max) = (0.0, 1.0);
         }
         let pad = ((y_max - y_min) * 0.05).max(1e-3);
-        let mut chart = ChartBuilder::on(&root)
+        let mut chart = ChartBuilder::on(root)
             .caption(title, ("sans-serif", 22))
             .margin(16)
             .x_label_area_size(40)
@@ -190,20 +216,88 @@ pub fn plot_curves(path: &Path, title: &str, y_label: &str, curves: &[Curve]) ->
             .border_style(BLACK)
             .position(SeriesLabelPosition::UpperRight)
             .draw()?;
-        root.present()?;
         Ok(())
-    };
-    // Drawn to a temporary file, then renamed: a reader never sees half a PNG.
-    if let Err(e) = draw() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(CheckpointError::Other {
-            path: path.to_path_buf(),
-            message: format!("plotting: {e}"),
-        });
-    }
-    std::fs::rename(&tmp, path).map_err(|source| CheckpointError::Io {
-        path: path.to_path_buf(),
-        source,
+    })
+}
+
+/// One panel of a grouped bar chart: for each category (a metric), one bar per series
+/// (an implementation); `values[series][category]`, `None` where there is no value.
+pub struct BarPanel {
+    pub title: String,
+    pub categories: Vec<String>,
+    pub series: Vec<String>,
+    pub values: Vec<Vec<Option<f64>>>,
+}
+
+/// Panels of grouped bars, side by side, into a PNG at `path` (written atomically), with
+/// a dashed line at `reference` (e.g. 1.0 for ratios to a baseline).
+pub fn plot_bars(
+    path: &Path,
+    y_label: &str,
+    reference: Option<f64>,
+    panels: &[BarPanel],
+) -> Result<(), CheckpointError> {
+    let width = 80 + 520 * panels.len().max(1) as u32;
+    write_png(path, (width, 560), |root| {
+        let areas = root.split_evenly((1, panels.len().max(1)));
+        for (panel, area) in panels.iter().zip(&areas) {
+            let y_max = panel
+                .values
+                .iter()
+                .flatten()
+                .flatten()
+                .copied()
+                .chain(reference)
+                .fold(0.0f64, f64::max)
+                * 1.15;
+            let n_cat = panel.categories.len().max(1);
+            let mut chart = ChartBuilder::on(area)
+                .caption(&panel.title, ("sans-serif", 18))
+                .margin(12)
+                .x_label_area_size(36)
+                .y_label_area_size(56)
+                .build_cartesian_2d(0.0..n_cat as f64, 0.0..y_max.max(1e-9))?;
+            let categories = panel.categories.clone();
+            chart
+                .configure_mesh()
+                .disable_x_mesh()
+                .x_labels(n_cat * 2 + 1)
+                .x_label_formatter(&move |x| {
+                    let i = x.floor() as usize;
+                    if (x.fract() - 0.5).abs() < 1e-6 && i < categories.len() {
+                        categories[i].clone()
+                    } else {
+                        String::new()
+                    }
+                })
+                .y_desc(y_label)
+                .draw()?;
+            let n_series = panel.series.len().max(1);
+            let bar = 0.8 / n_series as f64;
+            for (s, name) in panel.series.iter().enumerate() {
+                let color = Palette99::pick(s).to_rgba();
+                let bars = panel.values[s].iter().enumerate().filter_map(|(c, v)| {
+                    v.map(|v| {
+                        let x0 = c as f64 + 0.1 + s as f64 * bar;
+                        Rectangle::new([(x0, 0.0), (x0 + bar * 0.9, v)], color.filled())
+                    })
+                });
+                chart
+                    .draw_series(bars)?
+                    .label(name.clone())
+                    .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+            }
+            if let Some(r) = reference {
+                chart.draw_series(DashedLineSeries::new([(0.0, r), (n_cat as f64, r)], 6, 4, BLACK.into()))?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .position(SeriesLabelPosition::UpperRight)
+                .draw()?;
+        }
+        Ok(())
     })
 }
 

@@ -9,6 +9,8 @@ use kiln_data::{
 };
 use kiln_models::{BertForSequenceClassification, CausalLm, ImageClassifier};
 
+use crate::generate::{GenerationStats, Sampling, generate};
+
 /// Mean cross-entropy of `logits` `[N, K]` against class ids `targets` `[N]`.
 pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
     let [n, _] = logits.dims();
@@ -35,6 +37,12 @@ pub trait Task {
     fn loss(&self, model: &Self::Model, batch: &Self::Batch) -> Tensor<1>;
     /// Evaluate `model` (already in validation mode) on the held-out split.
     fn evaluate(&mut self, model: &Self::Model, device: &Device) -> Evaluation;
+    /// Greedy, KV-cached generation from a validation prompt of `prompt_len` tokens until
+    /// the context is full, for decode benchmarks; `None` for a model that does not generate.
+    fn greedy_decode(&self, model: &Self::Model, prompt_len: usize, device: &Device) -> Option<GenerationStats> {
+        let _ = (model, prompt_len, device);
+        None
+    }
 }
 
 /// Next-token prediction on a tokenized corpus.
@@ -107,6 +115,15 @@ impl<M: CausalLm + Module + Clone> Task for LmTask<M> {
             loss: total / self.eval_iters as f64,
             accuracy: None,
         }
+    }
+
+    fn greedy_decode(&self, model: &M, prompt_len: usize, device: &Device) -> Option<GenerationStats> {
+        let prompt_len = prompt_len.clamp(1, self.context - 1);
+        let prompt = &self.data.val[..prompt_len];
+        let new_tokens = self.context - prompt_len;
+        let (_, stats) = generate(model, prompt, new_tokens, &Sampling::greedy(), true, device, |_| {})
+            .expect("a validation prompt shorter than the context");
+        Some(stats)
     }
 }
 
