@@ -470,17 +470,24 @@ fn main() {
         md += "\n";
         if args.torch.is_some() {
             let kiln: Vec<&Row> = rows.iter().filter(|r| r.implementation != REFERENCE).collect();
+            let decodes = kiln.iter().any(|r| r.decode_vs_pytorch.is_some());
             panels.push(BarPanel {
                 title: format!(
                     "{} ({})",
                     path.file_stem().unwrap_or_default().to_string_lossy(),
                     cfg.model.arch()
                 ),
-                categories: vec!["train".into(), "forward".into(), "decode".into()],
+                // No decode group for a model that does not generate.
+                categories: ["train", "forward", "decode"][..2 + decodes as usize]
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect(),
                 series: kiln.iter().map(|r| r.implementation.clone()).collect(),
                 values: kiln
                     .iter()
-                    .map(|r| vec![r.train_vs_pytorch, r.forward_vs_pytorch, r.decode_vs_pytorch])
+                    .map(|r| {
+                        [r.train_vs_pytorch, r.forward_vs_pytorch, r.decode_vs_pytorch][..2 + decodes as usize].to_vec()
+                    })
                     .collect(),
             });
         }
