@@ -251,55 +251,58 @@ fn thread_env(threads: usize) -> Vec<(&'static str, String)> {
 fn run_reference(args: &Args, python: &str, cfg: &RunConfig) -> Sample {
     use kiln_models::ModelConfig;
     let (t, o) = (&cfg.train, &cfg.optim);
-    let mut cmd = Command::new(python);
-    match &cfg.model {
+    // The script, then `--flag value` pairs describing the same model and recipe.
+    let (script, mut flags): (&str, Vec<(&str, String)>) = match &cfg.model {
         ModelConfig::Gpt2(m) => {
-            cmd.args(["scripts/torch_gpt_reference.py", "--arch", "gpt2"]);
-            cmd.args(["--n-layer", &m.n_layer.to_string(), "--n-head", &m.n_head.to_string()]);
-            cmd.args([
-                "--n-embd",
-                &m.n_embd.to_string(),
-                "--block-size",
-                &m.block_size.to_string(),
-            ]);
             let activation = serde_json::to_value(m.activation).expect("serialises");
-            cmd.args(["--activation", activation.as_str().expect("a name")]);
+            let activation = activation.as_str().expect("a name").to_string();
+            let flags = vec![
+                ("--arch", "gpt2".into()),
+                ("--n-layer", m.n_layer.to_string()),
+                ("--n-head", m.n_head.to_string()),
+                ("--n-embd", m.n_embd.to_string()),
+                ("--block-size", m.block_size.to_string()),
+                ("--activation", activation),
+            ];
+            ("scripts/torch_gpt_reference.py", flags)
         }
         ModelConfig::Llama(m) => {
-            cmd.args(["scripts/torch_gpt_reference.py", "--arch", "llama"]);
-            cmd.args(["--n-layer", &m.n_layer.to_string(), "--n-head", &m.n_head.to_string()]);
-            cmd.args([
-                "--n-kv-head",
-                &m.n_kv_head.to_string(),
-                "--n-embd",
-                &m.n_embd.to_string(),
-            ]);
-            cmd.args(["--llama-hidden", &m.intermediate_size.to_string()]);
-            cmd.args(["--block-size", &m.block_size.to_string()]);
+            let flags = vec![
+                ("--arch", "llama".into()),
+                ("--n-layer", m.n_layer.to_string()),
+                ("--n-head", m.n_head.to_string()),
+                ("--n-kv-head", m.n_kv_head.to_string()),
+                ("--n-embd", m.n_embd.to_string()),
+                ("--llama-hidden", m.intermediate_size.to_string()),
+                ("--block-size", m.block_size.to_string()),
+            ];
+            ("scripts/torch_gpt_reference.py", flags)
         }
         ModelConfig::Cnn(m) => {
-            cmd.arg("scripts/torch_cnn_reference.py");
-            cmd.args(["--channels", &format!("{},{}", m.channels[0], m.channels[1])]);
-            cmd.args([
-                "--hidden",
-                &m.hidden_size.to_string(),
-                "--dropout",
-                &m.dropout.to_string(),
-            ]);
+            let mut flags = vec![
+                ("--channels", format!("{},{}", m.channels[0], m.channels[1])),
+                ("--hidden", m.hidden_size.to_string()),
+                ("--dropout", m.dropout.to_string()),
+            ];
             if let kiln_data::DataConfig::Idx { path, .. } = &cfg.data {
-                cmd.arg("--data").arg(path);
+                flags.push(("--data", path.display().to_string()));
             }
+            ("scripts/torch_cnn_reference.py", flags)
         }
         other => panic!("no PyTorch reference for {} models", other.arch()),
-    }
-    cmd.args(["--batch-size", &t.batch_size.to_string(), "--lr", &o.lr.to_string()]);
-    cmd.args([
-        "--warmup-steps",
-        &args.warmup.to_string(),
-        "--steps",
-        &args.steps.to_string(),
+    };
+    flags.extend([
+        ("--batch-size", t.batch_size.to_string()),
+        ("--lr", o.lr.to_string()),
+        ("--warmup-steps", args.warmup.to_string()),
+        ("--steps", args.steps.to_string()),
+        ("--threads", args.threads.to_string()),
     ]);
-    cmd.args(["--threads", &args.threads.to_string(), "--json"]);
+    let mut cmd = Command::new(python);
+    cmd.arg(script).arg("--json");
+    for (flag, value) in &flags {
+        cmd.arg(flag).arg(value);
+    }
     let out = cmd
         .envs(thread_env(args.threads))
         .output()

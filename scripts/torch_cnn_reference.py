@@ -20,14 +20,14 @@ import argparse
 import gzip
 import json
 import os
-import resource
 import statistics
 import struct
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from reference_timing import peak_rss_mib, time_calls, time_training
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -120,26 +120,12 @@ def main():
         optimizer.step()
         return loss.item()
 
-    t0 = time.perf_counter()
-    train_step(0)
-    first_step_s = time.perf_counter() - t0
-    for step in range(1, 1 + args.warmup_steps):
-        train_step(step)
-    times, loss = [], float("nan")
-    for step in range(1 + args.warmup_steps, 1 + args.warmup_steps + args.steps):
-        t0 = time.perf_counter()
-        loss = train_step(step)
-        times.append(time.perf_counter() - t0)
+    first_step_s, times, loss = time_training(train_step, args.warmup_steps, args.steps)
 
     model.eval()
     with torch.no_grad():
         x, y = batch(0)
-        forward = []
-        for i in range(3 + args.steps):
-            t0 = time.perf_counter()
-            F.cross_entropy(model(x), y).item()
-            if i >= 3:
-                forward.append(time.perf_counter() - t0)
+        forward = time_calls(lambda: F.cross_entropy(model(x), y).item(), args.steps)
 
     mean_s = statistics.mean(times)
     result = {
@@ -158,7 +144,7 @@ def main():
         "images_per_s": args.batch_size / mean_s,
         "forward_ms": 1000 * statistics.median(forward),
         "decode_tokens_per_s": None,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib(),
         "train_loss": loss,
     }
     if args.json:

@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -36,6 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from reference_timing import peak_rss_mib, time_calls, time_training
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -381,28 +382,18 @@ def main():
         return loss.item()
 
     # Step 0 timed on its own (first-step latency), then warm-up, then the timed steps.
-    t0 = time.perf_counter()
-    train_step(0)
-    first_step_s = time.perf_counter() - t0
-    for step in range(1, 1 + args.warmup_steps):
-        train_step(step)
-    times, loss = [], float("nan")
-    for step in range(1 + args.warmup_steps, 1 + args.warmup_steps + args.steps):
-        t0 = time.perf_counter()
-        loss = train_step(step)
-        times.append(time.perf_counter() - t0)
+    first_step_s, times, loss = time_training(train_step, args.warmup_steps, args.steps)
 
     model.eval()
     with torch.no_grad():
         # Forward only: the loss of one training batch, inference mode.
         x, y = get_batch(train_data, args.batch_size, args.block_size)
-        forward = []
-        for i in range(3 + args.steps):
-            t0 = time.perf_counter()
+
+        def forward_loss():
             logits = model(x)
-            F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)).item()
-            if i >= 3:
-                forward.append(time.perf_counter() - t0)
+            return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)).item()
+
+        forward = time_calls(forward_loss, args.steps)
 
         # Decode from a quarter-context validation prompt; the cache must agree with a
         # full forward pass over the same tokens.
@@ -444,7 +435,7 @@ def main():
         "tokens_per_s": args.batch_size * args.block_size / mean_s,
         "forward_ms": 1000 * statistics.median(forward),
         "decode_tokens_per_s": decode,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib(),
         "train_loss": loss,
         "val_loss": statistics.mean(val_losses),
     }
