@@ -118,6 +118,9 @@ impl<M: CausalLm + Module + Clone> Task for LmTask<M> {
     }
 
     fn greedy_decode(&self, model: &M, prompt_len: usize, device: &Device) -> Option<GenerationStats> {
+        if self.context < 2 {
+            return None; // no room for a prompt and a new token
+        }
         let prompt_len = prompt_len.clamp(1, self.context - 1);
         let prompt = &self.data.val[..prompt_len];
         let new_tokens = self.context - prompt_len;
