@@ -1,8 +1,22 @@
 """The timing protocol of the PyTorch references (scripts/torch_*_reference.py), the same as
 benches/compare_backends.rs measures Kiln with: the first training step on its own, untimed
-warm-up steps, then timed steps; forward-only passes after three untimed ones; peak RSS."""
+warm-up steps, then timed steps; forward-only passes after three untimed ones; peak RSS.
+And the optimizer update those steps share with Kiln's `train_step`."""
 import resource
 import time
+
+import torch
+
+
+def optimizer_step(model, optimizer, loss, grad_clip):
+    """Backward, global-norm clipping at `grad_clip` (0: none), the optimizer's update; the
+    loss read back to the host (which also waits for the step) -> float."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.item()
 
 
 def time_training(train_step, warmup_steps, steps):

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reference_timing import peak_rss_mib, time_calls, time_training
+from reference_timing import optimizer_step, peak_rss_mib, time_calls, time_training
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -113,12 +113,7 @@ def main():
     def train_step(step):
         x, y = batch(step)
         loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        return loss.item()
+        return optimizer_step(model, optimizer, loss, args.grad_clip)
 
     first_step_s, times, loss = time_training(train_step, args.warmup_steps, args.steps)
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reference_timing import peak_rss_mib, time_calls, time_training
+from reference_timing import optimizer_step, peak_rss_mib, time_calls, time_training
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -374,12 +374,7 @@ def main():
         x, y = get_batch(train_data, args.batch_size, args.block_size)
         logits = model(x)  # (B, T, V)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        return loss.item()
+        return optimizer_step(model, optimizer, loss, args.grad_clip)
 
     # Step 0 timed on its own (first-step latency), then warm-up, then the timed steps.
     first_step_s, times, loss = time_training(train_step, args.warmup_steps, args.steps)
