@@ -309,3 +309,198 @@ fn twenty_training_steps_follow_the_same_curve_on_every_backend() {
         }
     }
 }
+
+/// A deterministic input of `shape`, values in [-2, 2).
+fn input<const D: usize>(device: &Device, shape: [usize; D], salt: usize) -> Tensor<D> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919 + salt * 104_729) % 4001) as f32 / 1000.0 - 2.0)
+        .collect();
+    Tensor::from_data(TensorData::new(v, shape), device)
+}
+
+/// A tracked input of a fused op, by rank.
+enum Leaf {
+    R1(Tensor<1>),
+    R2(Tensor<2>),
+    R3(Tensor<3>),
+    R4(Tensor<4>),
+}
+
+impl Leaf {
+    fn grad(&self, grads: &burn::tensor::Gradients) -> Vec<f32> {
+        let missing = "a tracked input has a gradient";
+        match self {
+            Leaf::R1(t) => values(t.grad(grads).expect(missing)),
+            Leaf::R2(t) => values(t.grad(grads).expect(missing)),
+            Leaf::R3(t) => values(t.grad(grads).expect(missing)),
+            Leaf::R4(t) => values(t.grad(grads).expect(missing)),
+        }
+    }
+}
+
+/// One `kiln_models::fused` op on `device` (with autodiff): its output and its inputs.
+type FusedCase = fn(&Device) -> (Tensor<4>, Vec<Leaf>);
+
+/// The output and the gradients of `sum(output * w)` (w fixed, non-uniform) with respect
+/// to each input.
+fn output_and_grads(device: &Device, case: FusedCase) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let (out, inputs) = case(device);
+    let w = input(device, out.dims(), 99);
+    let grads = (out.clone() * w).sum().backward();
+    let input_grads = inputs.iter().map(|x| x.grad(&grads)).collect();
+    (values(out.inner()), input_grads)
+}
+
+/// The ops Kiln fuses on libtorch (linear and conv2d with and without bias, layer norm,
+/// tanh GELU, SiLU, causal and full attention, log-softmax, and the cases left to Burn:
+/// `Same` padding, causal Tq != Tk) give
+/// Burn's composed results, forward and backward, on every backend.
+#[test]
+fn fused_ops_match_burns_composed_ops_on_every_backend() {
+    use burn::tensor::ops::AttentionModuleOptions;
+    use kiln_models::fused;
+    fn tracked<const D: usize>(device: &Device, shape: [usize; D], salt: usize) -> Tensor<D> {
+        input(device, shape, salt).require_grad()
+    }
+    use Leaf::{R1, R2, R3, R4};
+    fn attention_case(device: &Device, tq: usize, causal: bool) -> (Tensor<4>, Vec<Leaf>) {
+        let (q, k, v) = (
+            tracked(device, [2, 3, tq, 8], 1),
+            tracked(device, [2, 3, 5, 8], 2),
+            tracked(device, [2, 3, 5, 8], 3),
+        );
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: causal,
+        };
+        let out = fused::attention(q.clone(), k.clone(), v.clone(), None, None, options);
+        (out, vec![R4(q), R4(k), R4(v)])
+    }
+    fn linear_case(device: &Device, bias: bool) -> (Tensor<4>, Vec<Leaf>) {
+        // T = 64, a multiple of 32: Burn's Linear takes its batched-matmul path here.
+        let x = tracked(device, [2, 64, 16], 1);
+        let w = input(device, [16, 24], 2).require_grad();
+        let b = input(device, [24], 3).require_grad();
+        let layer = burn::nn::Linear {
+            weight: burn::module::Param::from_tensor(w.clone()),
+            bias: bias.then(|| burn::module::Param::from_tensor(b.clone())),
+        };
+        let out = fused::linear(&layer, x.clone()).reshape([2, 64, 4, 6]);
+        let mut leaves = vec![R3(x), R2(w)];
+        leaves.extend(bias.then(|| R1(b)));
+        (out, leaves)
+    }
+    fn conv_case(device: &Device, padding: burn::nn::PaddingConfig2d) -> (Tensor<4>, Vec<Leaf>) {
+        let x = tracked(device, [2, 3, 9, 9], 1);
+        let layer = burn::nn::conv::Conv2dConfig::new([3, 4], [3, 3])
+            .with_stride([2, 1])
+            .with_padding(padding)
+            .init(device);
+        let w = input(device, [4, 3, 3, 3], 2).require_grad();
+        let b = input(device, [4], 3).require_grad();
+        let layer = burn::nn::conv::Conv2d {
+            weight: burn::module::Param::from_tensor(w.clone()),
+            bias: Some(burn::module::Param::from_tensor(b.clone())),
+            ..layer
+        };
+        (fused::conv2d(&layer, x.clone()), vec![R4(x), R4(w), R1(b)])
+    }
+    let cases: [(&str, FusedCase); 13] = [
+        ("linear", |d| linear_case(d, true)),
+        ("linear without bias", |d| linear_case(d, false)),
+        ("conv2d", |d| {
+            conv_case(d, burn::nn::PaddingConfig2d::Explicit(1, 2, 1, 2))
+        }),
+        ("conv2d, valid", |d| conv_case(d, burn::nn::PaddingConfig2d::Valid)),
+        ("conv2d, same (Burn's)", |d| {
+            conv_case(d, burn::nn::PaddingConfig2d::Same)
+        }),
+        ("layer_norm", |d| {
+            let (x, g, b) = (tracked(d, [2, 3, 5, 16], 1), tracked(d, [16], 2), tracked(d, [16], 3));
+            let out = fused::layer_norm(x.clone(), g.clone(), Some(b.clone()), 1e-5);
+            (out, vec![R4(x), R1(g), R1(b)])
+        }),
+        ("layer_norm without bias", |d| {
+            let (x, g) = (tracked(d, [2, 3, 5, 16], 4), tracked(d, [16], 5));
+            (fused::layer_norm(x.clone(), g.clone(), None, 1e-5), vec![R4(x), R1(g)])
+        }),
+        ("gelu_tanh", |d| {
+            let x = tracked(d, [2, 3, 5, 16], 6);
+            (fused::gelu_tanh(x.clone()), vec![R4(x)])
+        }),
+        ("silu", |d| {
+            let x = tracked(d, [2, 3, 5, 16], 7);
+            (fused::silu(x.clone()), vec![R4(x)])
+        }),
+        ("causal attention", |d| attention_case(d, 5, true)),
+        ("attention", |d| attention_case(d, 5, false)),
+        ("causal attention, Tq < Tk", |d| attention_case(d, 2, true)),
+        ("log_softmax", |d| {
+            let x = tracked(d, [2, 3, 5, 16], 8);
+            (fused::log_softmax(x.clone(), 3), vec![R4(x)])
+        }),
+    ];
+    for (name, case) in cases {
+        let (want, want_grads) = output_and_grads(&Device::flex().autodiff(), case);
+        for backend in others() {
+            let (got, got_grads) = output_and_grads(&backend.device(0).unwrap().autodiff(), case);
+            let d = rel_diff(&got, &want);
+            let g = got_grads
+                .iter()
+                .zip(&want_grads)
+                .map(|(a, b)| rel_diff(a, b))
+                .fold(0.0, f32::max);
+            eprintln!("{name} {backend} vs flex: output {d:.2e}, gradients {g:.2e}");
+            assert!(d <= 1e-5, "{name} on {backend}: output differs by {d} (relative)");
+            assert!(g <= 1e-4, "{name} on {backend}: gradients differ by {g} (relative)");
+        }
+    }
+}
+
+/// Kiln's AdamW (fused on libtorch) makes the same updates as Burn's `AdamW` on flex: five
+/// steps with weight decay on a matrix, moments and parameters compared.
+#[test]
+fn adamw_matches_burns_adamw_on_every_backend() {
+    use burn::optim::{AdamWConfig, Optimizer};
+    use kiln_runtime::config::OptimConfig;
+    let cfg = OptimConfig {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-6,
+        weight_decay: 0.1,
+        ..OptimConfig::default()
+    };
+    let burn = AdamWConfig::new()
+        .with_beta_1(0.9)
+        .with_beta_2(0.95)
+        .with_epsilon(1e-6)
+        .with_weight_decay(0.1)
+        .build();
+    let run = |device: &Device, kiln: bool| {
+        let mut param = input(device, [8, 16], 1);
+        let mut state = None;
+        for step in 0..5 {
+            let grad = input(device, [8, 16], 2 + step) * 0.1;
+            let lr = 0.01 * (step + 1) as f64;
+            (param, state) = if kiln {
+                kiln_runtime::optim::AdamW::new(&cfg, cfg.weight_decay).step(lr, param, grad, state)
+            } else {
+                burn.step(lr, param, grad, state)
+            };
+        }
+        let momentum = state.expect("AdamW keeps a state").momentum;
+        [param, momentum.moment_1, momentum.moment_2].map(values)
+    };
+    let want = run(&Device::flex(), false);
+    for backend in std::iter::once(BackendKind::Flex).chain(others()) {
+        let got = run(&backend.device(0).unwrap(), true);
+        let d = got.iter().zip(&want).map(|(a, b)| rel_diff(a, b)).fold(0.0, f32::max);
+        eprintln!("adamw {backend} vs Burn's on flex: {d:.2e}");
+        assert!(
+            d <= 1e-5,
+            "AdamW on {backend}: parameters or moments differ by {d} (relative)"
+        );
+    }
+}

@@ -7,9 +7,7 @@
 //!
 //! Shapes: B = batch, T = sequence, C = hidden, H = heads, D = C / H, F = intermediate.
 
-use burn::nn::{
-    Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
-};
+use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, tanh};
 use burn::tensor::module::attention;
@@ -17,6 +15,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, ensure};
+use crate::fused::{LayerNorm, linear};
 
 fn default_eps() -> f64 {
     1e-12
@@ -71,7 +70,7 @@ impl BertConfig {
             layer.bias = Some(Initializer::Zeros.init([d_out], device));
             layer
         };
-        let layer_norm = || LayerNormConfig::new(c).with_epsilon(self.layer_norm_eps).init(device);
+        let layer_norm = || LayerNorm::new(c, self.layer_norm_eps, true, device);
         let embedding = |n| EmbeddingConfig::new(n, c).with_initializer(init.clone()).init(device);
         BertModel {
             embeddings: BertEmbeddings {
@@ -186,7 +185,7 @@ impl BertSelfAttention {
     fn forward(&self, x: Tensor<3>, pad: Tensor<4>) -> Tensor<3> {
         let [b, t, c] = x.dims();
         let (h, d) = (self.n_head, c / self.n_head);
-        let heads = |l: &Linear| l.forward(x.clone()).reshape([b, t, h, d]).swap_dims(1, 2); // [B, H, T, D]
+        let heads = |l: &Linear| linear(l, x.clone()).reshape([b, t, h, d]).swap_dims(1, 2); // [B, H, T, D]
         let options = AttentionModuleOptions {
             scale: None,
             softcap: None,
@@ -211,12 +210,12 @@ impl BertLayer {
             .attention
             .output
             .layer_norm
-            .forward(x + self.attention.output.dense.forward(attn));
+            .forward(x + linear(&self.attention.output.dense, attn));
         // BERT's "gelu" is the exact (erf) GELU.
         let m = self
             .output
             .dense
-            .forward(gelu(self.intermediate.dense.forward(a.clone())));
+            .forward(gelu(linear(&self.intermediate.dense, a.clone())));
         self.output.layer_norm.forward(a + m)
     }
 }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ImageClassifier;
 use crate::config::{ConfigError, ensure};
+use crate::fused::{conv2d, linear};
 
 fn default_input() -> [usize; 3] {
     [1, 28, 28]
@@ -98,12 +99,12 @@ impl ImageClassifier for Cnn {
 
     fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         // [B, C, 28, 28] -> [B, C1, 14, 14]
-        let x = self.pool.forward(self.activation.forward(self.conv1.forward(images)));
+        let x = self.pool.forward(self.activation.forward(conv2d(&self.conv1, images)));
         // -> [B, C2, 7, 7]
-        let x = self.pool.forward(self.activation.forward(self.conv2.forward(x)));
+        let x = self.pool.forward(self.activation.forward(conv2d(&self.conv2, x)));
         // -> [B, C2*7*7] -> [B, N] -> [B, K]
         let x: Tensor<2> = x.flatten(1, 3);
-        let x = self.dropout.forward(self.activation.forward(self.fc1.forward(x)));
-        self.fc2.forward(x)
+        let x = self.dropout.forward(self.activation.forward(linear(&self.fc1, x)));
+        linear(&self.fc2, x)
     }
 }

@@ -5,16 +5,15 @@
 //!
 //! Shapes: B = batch, T = sequence, C = n_embd, H = n_head, D = C / H, V = vocab.
 
-use burn::nn::{
-    Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
-};
+use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, sigmoid};
-use burn::tensor::module::attention;
+use burn::tensor::activation::gelu;
 use burn::tensor::ops::AttentionModuleOptions;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, ensure};
+pub use crate::fused::gelu_tanh;
+use crate::fused::{LayerNorm, attention, linear};
 use crate::{CausalLm, KvCache};
 
 fn default_epsilon() -> f64 {
@@ -100,12 +99,7 @@ impl Gpt2Config {
             layer.bias = self.bias.then(|| Initializer::Zeros.init([d_out], device));
             layer
         };
-        let layer_norm = || {
-            LayerNormConfig::new(self.n_embd)
-                .with_epsilon(self.layer_norm_epsilon)
-                .with_bias(self.bias)
-                .init(device)
-        };
+        let layer_norm = || LayerNorm::new(self.n_embd, self.layer_norm_epsilon, self.bias, device);
         let c = self.n_embd;
         let h = (0..self.n_layer)
             .map(|_| Block {
@@ -196,7 +190,9 @@ impl CausalSelfAttention {
         let [b, t, c] = x.dims();
         let (h, d) = (self.n_head, c / self.n_head);
         // [B, T, 3C] -> 3 x [B, H, T, D]
-        let qkv = self.c_attn.forward(x).reshape([b, t, 3, h, d]).permute([2, 0, 3, 1, 4]);
+        let qkv = linear(&self.c_attn, x)
+            .reshape([b, t, 3, h, d])
+            .permute([2, 0, 3, 1, 4]);
         let mut qkv = qkv.chunk(3, 0).into_iter().map(|p| p.squeeze_dim::<4>(0));
         let (q, k, v) = (qkv.next().unwrap(), qkv.next().unwrap(), qkv.next().unwrap());
         let (k, v) = match cache {
@@ -212,7 +208,7 @@ impl CausalSelfAttention {
         let y = attention(q, k, v, None, None, options);
         // [B, H, T, D] -> [B, T, C]
         let y = y.swap_dims(1, 2).reshape([b, t, c]);
-        self.resid_dropout.forward(self.c_proj.forward(y))
+        self.resid_dropout.forward(linear(&self.c_proj, y))
     }
 }
 
@@ -220,25 +216,13 @@ impl Gpt2Mlp {
     /// `[B, T, C]` -> `[B, T, C]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         // [B, T, C] -> [B, T, 4C]
-        let x = self.c_fc.forward(x);
+        let x = linear(&self.c_fc, x);
         let x = match self.activation {
             Gpt2Activation::GeluTanh => gelu_tanh(x),
             Gpt2Activation::Gelu => gelu(x),
         };
-        self.dropout.forward(self.c_proj.forward(x))
+        self.dropout.forward(linear(&self.c_proj, x))
     }
-}
-
-/// GPT-2's GELU, the tanh approximation (HF "gelu_new"):
-/// `0.5 x (1 + tanh(u))` with `u = sqrt(2/pi) (x + 0.044715 x^3)`, computed as the equal
-/// `x * sigmoid(2u)`: one `exp` per element instead of `tanh` and `powf`, and a backward
-/// pass that reuses the sigmoid's output (on the CPU backends those transcendental calls
-/// were a third of a training step).
-pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    const TWO_SQRT_2_OVER_PI: f64 = 2.0 * 0.797_884_560_802_865_4;
-    let cube = x.clone() * x.clone() * x.clone();
-    let u2 = (x.clone() + cube * 0.044715) * TWO_SQRT_2_OVER_PI;
-    x * sigmoid(u2)
 }
 
 impl Block {

@@ -12,6 +12,7 @@
 pub mod bert;
 pub mod cnn;
 pub mod config;
+pub mod fused;
 pub mod gpt2;
 pub mod kv_cache;
 pub mod llama;

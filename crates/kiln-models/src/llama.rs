@@ -9,12 +9,11 @@
 
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
-use burn::tensor::activation::silu;
-use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigError, ensure};
+use crate::fused::{attention, linear, silu};
 use crate::{CausalLm, KvCache};
 
 fn default_rope_theta() -> f64 {
@@ -248,9 +247,9 @@ impl LlamaAttention {
         let (h, k) = (self.n_head, self.n_kv_head);
         let d = c / h;
         // [B, T, H*D] -> [B, H, T, D]; keys and values with K heads
-        let q = self.q_proj.forward(x.clone()).reshape([b, t, h, d]).swap_dims(1, 2);
-        let kk = self.k_proj.forward(x.clone()).reshape([b, t, k, d]).swap_dims(1, 2);
-        let v = self.v_proj.forward(x).reshape([b, t, k, d]).swap_dims(1, 2);
+        let q = linear(&self.q_proj, x.clone()).reshape([b, t, h, d]).swap_dims(1, 2);
+        let kk = linear(&self.k_proj, x.clone()).reshape([b, t, k, d]).swap_dims(1, 2);
+        let v = linear(&self.v_proj, x).reshape([b, t, k, d]).swap_dims(1, 2);
         let q = rotary.apply(q, start);
         let kk = rotary.apply(kk, start);
         let (kk, v) = match cache {
@@ -267,14 +266,14 @@ impl LlamaAttention {
         let y = attention(q, kk, v, None, None, options)
             .swap_dims(1, 2)
             .reshape([b, t, h * d]);
-        self.o_proj.forward(y)
+        linear(&self.o_proj, y)
     }
 }
 
 impl LlamaMlp {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let gate = silu(linear(&self.gate_proj, x.clone()));
+        linear(&self.down_proj, gate * linear(&self.up_proj, x))
     }
 }
 
@@ -307,7 +306,7 @@ impl LlamaForCausalLM {
             cache.advance(t);
         }
         // [B, T, C] -> [B, T, V]
-        self.lm_head.forward(m.norm.forward(x))
+        linear(&self.lm_head, m.norm.forward(x))
     }
 }
 

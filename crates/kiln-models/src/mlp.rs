@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ImageClassifier;
 use crate::config::{ConfigError, ensure};
+use crate::fused::linear;
 
 fn default_input() -> [usize; 3] {
     [1, 28, 28]
@@ -92,9 +93,9 @@ impl ImageClassifier for Mlp {
         let mut x: Tensor<2> = images.flatten(1, 3);
         for layer in &self.hidden {
             // [B, N_i]
-            x = self.dropout.forward(self.activation.forward(layer.forward(x)));
+            x = self.dropout.forward(self.activation.forward(linear(layer, x)));
         }
         // [B, K]
-        self.head.forward(x)
+        linear(&self.head, x)
     }
 }

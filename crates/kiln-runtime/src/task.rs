@@ -3,10 +3,10 @@
 
 use burn::module::Module;
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
 use kiln_data::{
     ClassBatch, EncodedSplit, EpochSampler, ImageBatch, ImageDataset, SplitMix64, TextDataset, TokenBatch,
 };
+use kiln_models::fused::log_softmax;
 use kiln_models::{BertForSequenceClassification, CausalLm, ImageClassifier};
 
 use crate::generate::{GenerationStats, Sampling, generate};

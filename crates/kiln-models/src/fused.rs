@@ -1,0 +1,211 @@
+//! Operations that run on libtorch as libtorch's own kernels, forward and backward.
+//!
+//! Under `Autodiff<LibTorch>`, Burn 0.22 differentiates layer norm, GPT-2's tanh GELU,
+//! SiLU, log-softmax and training-mode attention as the chains of elementwise and
+//! reduction ops it composes them from (a layer norm: 9 kernels forward, about 20
+//! backward), runs `[B, T, C]` linear layers as batched GEMMs, and differentiates
+//! convolutions through generic paths; PyTorch runs one fused kernel each way. On the
+//! nanoGPT CPU recipe that was the whole gap between Kiln's tch backend and PyTorch eager
+//! (docs/benchmarks.md, "Where the training step goes").
+//!
+//! Each function here checks the tensor's device: on libtorch (with or without autodiff)
+//! it calls Kiln's backend extension ([`libtorch`], Burn's `#[backend_extension]`),
+//! which runs libtorch's kernels and their derivatives; on every other backend it is
+//! exactly Burn's op. The models call these functions, so an architecture still reads,
+//! and runs, the same on every backend; `tests/parity.rs` checks each op and its
+//! gradients against Burn's.
+
+use burn::module::Param;
+use burn::nn::Linear;
+use burn::nn::conv::Conv2d;
+use burn::prelude::*;
+use burn::tensor::activation::sigmoid;
+use burn::tensor::ops::AttentionModuleOptions;
+
+#[cfg(feature = "tch")]
+mod libtorch;
+
+/// Whether `x` lives on a libtorch device, where this module's libtorch kernels run.
+pub fn runs_on_libtorch<const D: usize>(x: &Tensor<D>) -> bool {
+    #[cfg(feature = "tch")]
+    return libtorch::runs_on_libtorch(x);
+    #[cfg(not(feature = "tch"))]
+    {
+        let _ = x;
+        false
+    }
+}
+
+/// The hyper-parameters of one AdamW update (decoupled weight decay, bias-corrected
+/// moments), as Burn's `AdamW` applies them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f64,
+    pub beta_1: f64,
+    pub beta_2: f64,
+    pub epsilon: f64,
+    pub weight_decay: f64,
+    /// The number of this update, 1 for the first.
+    pub time: usize,
+}
+
+/// One AdamW update on libtorch tensors, in place where the buffers are not shared: 8
+/// libtorch kernels per parameter (lerp, square, lerp, sqrt, add, mul, mul, addcdiv)
+/// where Burn's `AdamW` composes 15. `param`, `grad`, and the moments `m`, `v` (zeros
+/// before the first update) -> the updated `(param, m, v)`. Only for tensors on libtorch
+/// ([`runs_on_libtorch`]); Burn's `AdamW` computes the same update everywhere.
+#[cfg(feature = "tch")]
+pub fn adamw_update<const D: usize>(
+    param: Tensor<D>,
+    grad: Tensor<D>,
+    m: Tensor<D>,
+    v: Tensor<D>,
+    step: AdamWStep,
+) -> (Tensor<D>, Tensor<D>, Tensor<D>) {
+    libtorch::adamw_update(param, grad, m, v, step)
+}
+
+/// `layer` (Burn's `nn::Linear`, weight `[in, out]`) applied to `x` `[..., in]` -> `[..., out]`.
+///
+/// On libtorch every leading dimension is folded into the rows of one matrix product
+/// with the bias added in the same GEMM (`addmm`, as `torch.nn.Linear` does). Burn's
+/// `Linear` keeps a `[B, T, C]` input as B batched GEMMs when T is a multiple of 32 (a
+/// tiling rule for GPU kernels); on MKL that cost 3.5 ms of a 39 ms gpt2 training step.
+pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+    #[cfg(feature = "tch")]
+    if libtorch::runs_on_libtorch(&x) {
+        return libtorch::linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()));
+    }
+    layer.forward(x)
+}
+
+/// `layer` (Burn's `nn::conv::Conv2d`) applied to `x` `[B, C_in, H, W]` -> `[B, C_out, H', W']`.
+///
+/// On libtorch (valid or symmetric explicit padding) this is libtorch's convolution and,
+/// in training, its `convolution_backward` (oneDNN on the CPU); Burn 0.22 differentiates
+/// a libtorch convolution through a transposed convolution and a generic weight-gradient
+/// path.
+pub fn conv2d(layer: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    #[cfg(feature = "tch")]
+    if libtorch::runs_on_libtorch(&x) {
+        // `Same` (possibly asymmetric) stays with Burn.
+        let padding = match layer.padding {
+            burn::nn::PaddingConfig2d::Valid => Some([0, 0]),
+            burn::nn::PaddingConfig2d::Explicit(top, left, bottom, right) if top == bottom && left == right => {
+                Some([top, left])
+            }
+            _ => None,
+        };
+        if let Some(padding) = padding {
+            let options = libtorch::Conv2dOptions {
+                stride: layer.stride,
+                padding,
+                dilation: layer.dilation,
+                groups: layer.groups,
+            };
+            return libtorch::conv2d(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()), options);
+        }
+    }
+    layer.forward(x)
+}
+
+/// Layer normalisation over the last dimension, Burn's `nn::LayerNorm` (same parameter
+/// names `gamma` and `beta`, so checkpoints are unchanged) computed by [`layer_norm`].
+#[derive(Module, Debug)]
+pub struct LayerNorm {
+    /// `[C]`, initialised to ones.
+    pub gamma: Param<Tensor<1>>,
+    /// `[C]`, initialised to zeros; `None` for a norm without bias.
+    pub beta: Option<Param<Tensor<1>>>,
+    #[module(skip)]
+    pub epsilon: f64,
+}
+
+impl LayerNorm {
+    /// A fresh norm over `d_model` features: unit scale, zero bias (when `bias`).
+    pub fn new(d_model: usize, epsilon: f64, bias: bool, device: &Device) -> Self {
+        LayerNorm {
+            gamma: Param::from_tensor(Tensor::ones([d_model], device)),
+            beta: bias.then(|| Param::from_tensor(Tensor::zeros([d_model], device))),
+            epsilon,
+        }
+    }
+
+    /// `[..., C]` -> `[..., C]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        layer_norm(x, self.gamma.val(), self.beta.as_ref().map(|b| b.val()), self.epsilon)
+    }
+}
+
+/// `(x - mean) / sqrt(var + epsilon) * gamma + beta` over the last dimension of `x`.
+pub fn layer_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, beta: Option<Tensor<1>>, epsilon: f64) -> Tensor<D> {
+    #[cfg(feature = "tch")]
+    if libtorch::runs_on_libtorch(&x) {
+        return libtorch::layer_norm(x, gamma, beta, epsilon);
+    }
+    burn::tensor::module::layer_norm(x, gamma, beta, epsilon)
+}
+
+/// GPT-2's GELU, the tanh approximation (HF "gelu_new", PyTorch's
+/// `gelu(approximate="tanh")`): `0.5 x (1 + tanh(u))` with
+/// `u = sqrt(2/pi) (x + 0.044715 x^3)`.
+///
+/// Off libtorch it is computed as the equal `x * sigmoid(2u)`: one `exp` per element
+/// instead of `tanh` and `powf`, and a backward pass that reuses the sigmoid's output (on
+/// the CPU backends those transcendental calls were a third of a training step).
+pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    #[cfg(feature = "tch")]
+    if libtorch::runs_on_libtorch(&x) {
+        return libtorch::gelu_tanh(x);
+    }
+    const TWO_SQRT_2_OVER_PI: f64 = 2.0 * 0.797_884_560_802_865_4;
+    let cube = x.clone() * x.clone() * x.clone();
+    let u2 = (x.clone() + cube * 0.044715) * TWO_SQRT_2_OVER_PI;
+    x * sigmoid(u2)
+}
+
+/// Scaled dot-product attention, Burn's [`attention`](burn::tensor::module::attention)
+/// with its arguments: `q` `[B, H, Tq, D]`, `k` and `v` `[B, H, Tk, D]` -> `[B, H, Tq, D]`.
+///
+/// On libtorch, attention without a mask, bias or softcap (causal only over a square
+/// score matrix, where Burn's bottom-right and PyTorch's top-left alignments agree) is
+/// `scaled_dot_product_attention`, whose CPU training path is a flash-attention kernel
+/// forward and backward. Anything else is Burn's op.
+pub fn attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: Option<Tensor<4, Bool>>,
+    bias: Option<Tensor<4>>,
+    options: AttentionModuleOptions,
+) -> Tensor<4> {
+    #[cfg(feature = "tch")]
+    if libtorch::runs_on_libtorch(&q)
+        && mask.is_none()
+        && bias.is_none()
+        && options.softcap.is_none()
+        && (!options.is_causal || q.dims()[2] == k.dims()[2])
+    {
+        let scale = options.scale.unwrap_or_else(|| 1.0 / (q.dims()[3] as f64).sqrt());
+        return libtorch::attention(q, k, v, options.is_causal, scale);
+    }
+    burn::tensor::module::attention(q, k, v, mask, bias, options)
+}
+
+/// `log(softmax(x))` along `dim`.
+pub fn log_softmax<const D: usize>(x: Tensor<D>, dim: usize) -> Tensor<D> {
+    #[cfg(feature = "tch")]
+    if libtorch::runs_on_libtorch(&x) {
+        return libtorch::log_softmax(x, dim);
+    }
+    burn::tensor::activation::log_softmax(x, dim)
+}
+
+/// SiLU (swish): `x * sigmoid(x)`.
+pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    #[cfg(feature = "tch")]
+    if libtorch::runs_on_libtorch(&x) {
+        return libtorch::silu(x);
+    }
+    burn::tensor::activation::silu(x)
+}
