@@ -353,7 +353,7 @@ fn output_and_grads(device: &Device, case: FusedCase) -> (Vec<f32>, Vec<Vec<f32>
 }
 
 /// The ops Kiln fuses on libtorch (linear and conv2d with and without bias, layer norm,
-/// tanh GELU, SiLU, causal and full attention, log-softmax, and the cases left to Burn:
+/// tanh GELU, ReLU, SiLU, causal and full attention, log-softmax, and the cases left to Burn:
 /// `Same` padding, causal Tq != Tk) give
 /// Burn's composed results, forward and backward, on every backend.
 #[test]
@@ -407,7 +407,7 @@ fn fused_ops_match_burns_composed_ops_on_every_backend() {
         };
         (fused::conv2d(&layer, x.clone()), vec![R4(x), R4(w), R1(b)])
     }
-    let cases: [(&str, FusedCase); 13] = [
+    let cases: [(&str, FusedCase); 14] = [
         ("linear", |d| linear_case(d, true)),
         ("linear without bias", |d| linear_case(d, false)),
         ("conv2d", |d| {
@@ -429,6 +429,10 @@ fn fused_ops_match_burns_composed_ops_on_every_backend() {
         ("gelu_tanh", |d| {
             let x = tracked(d, [2, 3, 5, 16], 6);
             (fused::gelu_tanh(x.clone()), vec![R4(x)])
+        }),
+        ("relu", |d| {
+            let x = tracked(d, [2, 3, 5, 16], 9);
+            (fused::relu(x.clone()), vec![R4(x)])
         }),
         ("silu", |d| {
             let x = tracked(d, [2, 3, 5, 16], 7);

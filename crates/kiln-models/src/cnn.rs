@@ -5,13 +5,13 @@
 
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
-use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d, Relu};
+use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::ImageClassifier;
 use crate::config::{ConfigError, ensure};
-use crate::fused::{conv2d, linear};
+use crate::fused::{conv2d, linear, relu};
 
 fn default_input() -> [usize; 3] {
     [1, 28, 28]
@@ -68,7 +68,6 @@ impl CnnConfig {
             pool: MaxPool2dConfig::new([2, 2]).init(),
             fc1: LinearConfig::new(c2 * (h / 4) * (w / 4), self.hidden_size).init(device),
             fc2: LinearConfig::new(self.hidden_size, self.num_classes).init(device),
-            activation: Relu::new(),
             dropout: DropoutConfig::new(self.dropout).init(),
             input_shape: self.input_shape,
         }
@@ -82,7 +81,6 @@ pub struct Cnn {
     pub pool: MaxPool2d,
     pub fc1: Linear,
     pub fc2: Linear,
-    pub activation: Relu,
     pub dropout: Dropout,
     #[module(skip)]
     pub input_shape: [usize; 3],
@@ -99,12 +97,12 @@ impl ImageClassifier for Cnn {
 
     fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         // [B, C, 28, 28] -> [B, C1, 14, 14]
-        let x = self.pool.forward(self.activation.forward(conv2d(&self.conv1, images)));
+        let x = self.pool.forward(relu(conv2d(&self.conv1, images)));
         // -> [B, C2, 7, 7]
-        let x = self.pool.forward(self.activation.forward(conv2d(&self.conv2, x)));
+        let x = self.pool.forward(relu(conv2d(&self.conv2, x)));
         // -> [B, C2*7*7] -> [B, N] -> [B, K]
         let x: Tensor<2> = x.flatten(1, 3);
-        let x = self.dropout.forward(self.activation.forward(linear(&self.fc1, x)));
+        let x = self.dropout.forward(relu(linear(&self.fc1, x)));
         linear(&self.fc2, x)
     }
 }

@@ -1,7 +1,7 @@
 //! Operations that run on libtorch as libtorch's own kernels, forward and backward.
 //!
 //! Under `Autodiff<LibTorch>`, Burn 0.22 differentiates layer norm, GPT-2's tanh GELU,
-//! SiLU, log-softmax and training-mode attention as the chains of elementwise and
+//! SiLU, ReLU, log-softmax and training-mode attention as the chains of elementwise and
 //! reduction ops it composes them from (a layer norm: 9 kernels forward, about 20
 //! backward), runs `[B, T, C]` linear layers as batched GEMMs, and differentiates
 //! convolutions through generic paths; PyTorch runs one fused kernel each way. On the
@@ -199,6 +199,16 @@ pub fn log_softmax<const D: usize>(x: Tensor<D>, dim: usize) -> Tensor<D> {
         return libtorch::log_softmax(x, dim);
     }
     burn::tensor::activation::log_softmax(x, dim)
+}
+
+/// ReLU: `max(x, 0)`. On libtorch its backward is one `threshold_backward` kernel; Burn's
+/// is a comparison and a (scalar) masked fill.
+pub fn relu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    #[cfg(feature = "tch")]
+    if libtorch::runs_on_libtorch(&x) {
+        return libtorch::relu(x);
+    }
+    burn::tensor::activation::relu(x)
 }
 
 /// SiLU (swish): `x * sigmoid(x)`.

@@ -2,13 +2,13 @@
 //!
 //! Shapes: B = batch, I = channels * height * width, N_i = hidden sizes, K = classes.
 
-use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig, Relu};
+use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::ImageClassifier;
 use crate::config::{ConfigError, ensure};
-use crate::fused::linear;
+use crate::fused::{linear, relu};
 
 fn default_input() -> [usize; 3] {
     [1, 28, 28]
@@ -62,7 +62,6 @@ impl MlpConfig {
         Mlp {
             hidden,
             head: LinearConfig::new(d_in, self.num_classes).init(device),
-            activation: Relu::new(),
             dropout: DropoutConfig::new(self.dropout).init(),
             input_shape: self.input_shape,
         }
@@ -73,7 +72,6 @@ impl MlpConfig {
 pub struct Mlp {
     pub hidden: Vec<Linear>,
     pub head: Linear,
-    pub activation: Relu,
     pub dropout: Dropout,
     #[module(skip)]
     pub input_shape: [usize; 3],
@@ -93,7 +91,7 @@ impl ImageClassifier for Mlp {
         let mut x: Tensor<2> = images.flatten(1, 3);
         for layer in &self.hidden {
             // [B, N_i]
-            x = self.dropout.forward(self.activation.forward(linear(layer, x)));
+            x = self.dropout.forward(relu(linear(layer, x)));
         }
         // [B, K]
         linear(&self.head, x)

@@ -3,11 +3,13 @@
 //! and for `Autodiff<LibTorch>`.
 //!
 //! - Inference (`LibTorch`): libtorch's kernel (`addmm`, `conv2d`, `layer_norm`,
-//!   `gelu(approximate="tanh")`, `silu`, `scaled_dot_product_attention`, `log_softmax`).
+//!   `gelu(approximate="tanh")`, `silu`, `relu`, `scaled_dot_product_attention`, `log_softmax`).
 //! - Training (`Autodiff<LibTorch>`): the same forward kernel, and a backward step in
 //!   Burn's graph that calls libtorch's derivative. Linear: two GEMMs and a column sum
-//!   ([`LinearBackward`]). GELU and SiLU: `gelu_backward`, `silu_backward`. Layer norm,
-//!   attention, log-softmax and convolution, whose backward kernels tch does not bind:
+//!   ([`LinearBackward`]). GELU, SiLU, ReLU: `gelu_backward`, `silu_backward`,
+//!   `threshold_backward`. Log-softmax: `_log_softmax_backward_data`. Attention on the
+//!   CPU: the flash-attention kernels forward and backward. Layer norm, convolution and
+//!   attention on CUDA, whose backward kernels tch does not bind:
 //!   libtorch's own autograd over that one op (its inputs enter as fresh leaves, so the
 //!   recorded graph is the op's single node; see [`TorchOpGraph`]).
 //! - AdamW: one in-place update per parameter ([`TorchFusedOps::adamw_update`]).
@@ -111,6 +113,10 @@ pub(super) fn log_softmax<const D: usize>(x: Tensor<D>, dim: usize) -> Tensor<D>
     Tensor::from_dispatch(<Dispatch as TorchFusedOps>::log_softmax(x.into_dispatch(), dim))
 }
 
+pub(super) fn relu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as TorchFusedOps>::relu(x.into_dispatch()))
+}
+
 pub(super) fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as TorchFusedOps>::silu(x.into_dispatch()))
 }
@@ -143,6 +149,8 @@ pub trait TorchFusedOps: Backend {
     fn layer_norm_no_bias(x: FloatTensor<Self>, gamma: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self>;
     /// GELU, tanh approximation.
     fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `max(x, 0)`.
+    fn relu(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// `x * sigmoid(x)`.
     fn silu(x: FloatTensor<Self>) -> FloatTensor<Self>;
     /// `softmax(q k^T * scale [+ causal mask]) v` over `[B, H, T, D]` tensors.
@@ -276,6 +284,10 @@ impl TorchFusedOps for LibTorch {
         x.unary_ops(|mut t| t.gelu_(TANH), |t| t.gelu(TANH))
     }
 
+    fn relu(x: TchTensor) -> TchTensor {
+        x.unary_ops(|mut t| t.relu_(), |t| t.relu())
+    }
+
     fn silu(x: TchTensor) -> TchTensor {
         x.unary_ops(|mut t| t.silu_(), |t| t.silu())
     }
@@ -385,6 +397,64 @@ fn linear_autodiff<const N: usize, C: CheckpointStrategy>(
             let primitives: Vec<TchTensor> = inputs.into_iter().map(|t| t.into_primitive()).collect();
             prep.finish(forward(&primitives))
         }
+    }
+}
+
+/// Backward of attention on the CPU: libtorch's flash-attention backward kernel, from the
+/// inputs, the output and the row log-sum-exp its forward kernel returned.
+#[derive(Debug)]
+struct CpuFlashAttentionBackward {
+    is_causal: bool,
+    scale: f64,
+}
+
+impl Backward<LibTorch, 3> for CpuFlashAttentionBackward {
+    /// q, k, v, the output and the log-sum-exp.
+    type State = (TchTensor, TchTensor, TchTensor, TchTensor, TchTensor);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<LibTorch>(&ops.node);
+        let (q, k, v, out, logsumexp) = ops.state;
+        let (grad_q, grad_k, grad_v) = tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu_backward(
+            &grad.tensor,
+            &q.tensor,
+            &k.tensor,
+            &v.tensor,
+            &out.tensor,
+            &logsumexp.tensor,
+            0.0,
+            self.is_causal,
+            None::<tch::Tensor>,
+            self.scale,
+        );
+        for (parent, input_grad) in ops.parents.into_iter().zip([grad_q, grad_k, grad_v]) {
+            if let Some(node) = parent {
+                grads.register::<LibTorch>(node.id, TchTensor::new(input_grad));
+            }
+        }
+    }
+}
+
+/// Backward of log-softmax along `dim`: libtorch's kernel, from the output.
+#[derive(Debug)]
+struct LogSoftmaxBackward {
+    dim: i64,
+}
+
+impl Backward<LibTorch, 1> for LogSoftmaxBackward {
+    type State = TchTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let output = ops.state;
+        unary::<LibTorch, _>(ops.parents, ops.node, grads, |grad| {
+            let kind = output.tensor.kind();
+            TchTensor::new(tch::Tensor::internal_log_softmax_backward_data(
+                &grad.tensor,
+                &output.tensor,
+                self.dim,
+                kind,
+            ))
+        });
     }
 }
 
@@ -510,11 +580,21 @@ impl<C: CheckpointStrategy> TorchFusedOps for Autodiff<LibTorch, C> {
     }
 
     fn gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        elementwise::<C>(x, LibTorch::gelu_tanh, |input, grad| input.gelu_backward(grad, TANH))
+        elementwise::<C>(x, <LibTorch as TorchFusedOps>::gelu_tanh, |input, grad| {
+            input.gelu_backward(grad, TANH)
+        })
+    }
+
+    fn relu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        elementwise::<C>(x, <LibTorch as TorchFusedOps>::relu, |input, grad| {
+            input.threshold_backward(grad, 0.0)
+        })
     }
 
     fn silu(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        elementwise::<C>(x, LibTorch::silu, |input, grad| input.silu_backward(grad))
+        elementwise::<C>(x, <LibTorch as TorchFusedOps>::silu, |input, grad| {
+            input.silu_backward(grad)
+        })
     }
 
     fn attention(
@@ -524,11 +604,45 @@ impl<C: CheckpointStrategy> TorchFusedOps for Autodiff<LibTorch, C> {
         is_causal: bool,
         scale: f64,
     ) -> FloatTensor<Self> {
-        torch_autograd::<3, C>([q, k, v], |t| torch_attention(&t[0], &t[1], &t[2], is_causal, scale))
+        if q.primitive().tensor.device() != tch::Device::Cpu {
+            return torch_autograd::<3, C>([q, k, v], |t| torch_attention(&t[0], &t[1], &t[2], is_causal, scale));
+        }
+        let step = CpuFlashAttentionBackward { is_causal, scale };
+        match step
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let [q, k, v] = [q, k, v].map(|t| t.primitive().clone());
+                let (out, logsumexp) = tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu(
+                    &q.tensor,
+                    &k.tensor,
+                    &v.tensor,
+                    0.0,
+                    is_causal,
+                    None::<tch::Tensor>,
+                    scale,
+                );
+                let (out, logsumexp) = (TchTensor::new(out), TchTensor::new(logsumexp));
+                prep.finish((q, k, v, out.clone(), logsumexp), out)
+            }
+            OpsKind::UnTracked(prep) => {
+                let [q, k, v] = [q, k, v].map(|t| t.into_primitive());
+                prep.finish(<LibTorch as TorchFusedOps>::attention(q, k, v, is_causal, scale))
+            }
+        }
     }
 
     fn log_softmax(x: FloatTensor<Self>, dim: usize) -> FloatTensor<Self> {
-        torch_autograd::<1, C>([x], |t| t[0].log_softmax(dim as i64, None))
+        let step = LogSoftmaxBackward { dim: dim as i64 };
+        match step.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let output = <LibTorch as TorchFusedOps>::log_softmax(x.primitive().clone(), dim);
+                prep.finish(output.clone(), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(<LibTorch as TorchFusedOps>::log_softmax(x.into_primitive(), dim)),
+        }
     }
 
     /// Optimizers update the inner tensors; an autodiff caller gets untracked results.
