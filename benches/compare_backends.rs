@@ -24,6 +24,9 @@
 //!
 //! Writes `<out>/compare-backends.md` (a table per config), `.json` and `.png` (each
 //! Kiln backend's throughput as a multiple of PyTorch's), and prints the Markdown.
+//!
+//! `--pair BACKEND --config A --config B` instead trains A and B at once from two threads
+//! of one process, then one after the other, and prints both timings.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -53,6 +56,7 @@ struct Args {
     torch: Option<String>,
     out: PathBuf,
     worker: Option<BackendKind>,
+    pair: Option<BackendKind>,
 }
 
 fn parse_args() -> Args {
@@ -66,6 +70,7 @@ fn parse_args() -> Args {
         torch: None,
         out: "runs/compare-backends".into(),
         worker: None,
+        pair: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -89,6 +94,7 @@ fn parse_args() -> Args {
             "--torch" => args.torch = Some(value()),
             "--out" => args.out = value().into(),
             "--worker" => args.worker = Some(value().parse().unwrap_or_else(|e| panic!("--worker: {e}"))),
+            "--pair" => args.pair = Some(value().parse().unwrap_or_else(|e| panic!("--pair: {e}"))),
             "--bench" => {} // passed by `cargo bench`
             other => panic!("unknown argument {other}"),
         }
@@ -215,6 +221,40 @@ fn worker(args: &Args, backend: BackendKind) {
     };
     let sample = with_task(cfg, None, &device, job).unwrap_or_else(|e| panic!("{e}"));
     println!("{}", serde_json::to_string(&sample).expect("serialises"));
+}
+
+/// `--pair BACKEND`: the first two configs' measurements run at once from two threads of
+/// this one process, then one after the other; prints each one's training ms/step and the
+/// wall times (the "two models in one libtorch process").
+fn pair(args: &Args, backend: BackendKind) {
+    assert!(args.configs.len() >= 2, "--pair needs two --config");
+    let measure = |config: &Path| {
+        let cfg = RunConfig::load(config, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let device = Selected::new(backend, 0)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .device
+            .autodiff();
+        let job = Measure {
+            warmup: args.warmup,
+            steps: args.steps,
+            device: device.clone(),
+        };
+        with_task(cfg, None, &device, job).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let (a, b) = (&args.configs[0], &args.configs[1]);
+    let start = Instant::now();
+    let (at_once_a, at_once_b) = std::thread::scope(|s| {
+        let (ta, tb) = (s.spawn(|| measure(a)), s.spawn(|| measure(b)));
+        (ta.join().expect("first model"), tb.join().expect("second model"))
+    });
+    let at_once = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let (apart_a, apart_b) = (measure(a), measure(b));
+    let apart = start.elapsed().as_secs_f64();
+    println!(
+        "{backend}: one after the other {:.1} / {:.1} ms/step, {apart:.1} s; at once {:.1} / {:.1} ms/step, {at_once:.1} s",
+        apart_a.train_ms, apart_b.train_ms, at_once_a.train_ms, at_once_b.train_ms
+    );
 }
 
 /// Run this binary as a worker for `backend` on `config`.
@@ -412,6 +452,9 @@ fn main() {
     std::env::set_current_dir(&root).expect("workspace root");
     if let Some(backend) = args.worker {
         return worker(&args, backend);
+    }
+    if let Some(backend) = args.pair {
+        return pair(&args, backend);
     }
 
     let configs: Vec<(PathBuf, RunConfig)> = args
