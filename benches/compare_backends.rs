@@ -209,9 +209,9 @@ impl TaskJob for Measure {
     }
 }
 
-/// `--worker BACKEND`: measure one backend on the first config, print one JSON line.
-fn worker(args: &Args, backend: BackendKind) {
-    let cfg = RunConfig::load(&args.configs[0], &[]).unwrap_or_else(|e| panic!("{e}"));
+/// Measure `backend` on `config` in this process.
+fn measure(args: &Args, config: &Path, backend: BackendKind) -> Sample {
+    let cfg = RunConfig::load(config, &[]).unwrap_or_else(|e| panic!("{e}"));
     let selected = Selected::new(backend, 0).unwrap_or_else(|e| panic!("{e}"));
     let device = selected.device.clone().autodiff();
     let job = Measure {
@@ -219,7 +219,12 @@ fn worker(args: &Args, backend: BackendKind) {
         steps: args.steps,
         device: device.clone(),
     };
-    let sample = with_task(cfg, None, &device, job).unwrap_or_else(|e| panic!("{e}"));
+    with_task(cfg, None, &device, job).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `--worker BACKEND`: measure one backend on the first config, print one JSON line.
+fn worker(args: &Args, backend: BackendKind) {
+    let sample = measure(args, &args.configs[0], backend);
     println!("{}", serde_json::to_string(&sample).expect("serialises"));
 }
 
@@ -228,28 +233,16 @@ fn worker(args: &Args, backend: BackendKind) {
 /// wall times (the "two models in one libtorch process").
 fn pair(args: &Args, backend: BackendKind) {
     assert!(args.configs.len() >= 2, "--pair needs two --config");
-    let measure = |config: &Path| {
-        let cfg = RunConfig::load(config, &[]).unwrap_or_else(|e| panic!("{e}"));
-        let device = Selected::new(backend, 0)
-            .unwrap_or_else(|e| panic!("{e}"))
-            .device
-            .autodiff();
-        let job = Measure {
-            warmup: args.warmup,
-            steps: args.steps,
-            device: device.clone(),
-        };
-        with_task(cfg, None, &device, job).unwrap_or_else(|e| panic!("{e}"))
-    };
+    let run = |config: &Path| measure(args, config, backend);
     let (a, b) = (&args.configs[0], &args.configs[1]);
     let start = Instant::now();
     let (at_once_a, at_once_b) = std::thread::scope(|s| {
-        let (ta, tb) = (s.spawn(|| measure(a)), s.spawn(|| measure(b)));
+        let (ta, tb) = (s.spawn(|| run(a)), s.spawn(|| run(b)));
         (ta.join().expect("first model"), tb.join().expect("second model"))
     });
     let at_once = start.elapsed().as_secs_f64();
     let start = Instant::now();
-    let (apart_a, apart_b) = (measure(a), measure(b));
+    let (apart_a, apart_b) = (run(a), run(b));
     let apart = start.elapsed().as_secs_f64();
     println!(
         "{backend}: one after the other {:.1} / {:.1} ms/step, {apart:.1} s; at once {:.1} / {:.1} ms/step, {at_once:.1} s",
