@@ -48,10 +48,11 @@ if [[ " ${configs[*]} " == *fashion-mnist* ]] && [ ! -f datasets/fashion-mnist/t
 fi
 torch_args=()
 if [ "$torch" = 1 ]; then
-  python="${KILN_PYTHON:-$root/.venv/bin/python}"
+  venv="${KILN_VENV:-$root/.venv}"  # where scripts/setup-torch-cpu.sh puts it
+  python="${KILN_PYTHON:-$venv/bin/python}"
   if ! "$python" -c "import torch" 2>/dev/null; then
     scripts/setup-torch-cpu.sh --stubs
-    python="$root/.venv/bin/python"
+    python="$venv/bin/python"
   fi
   torch_args=(--torch "$python")
 fi

@@ -41,7 +41,11 @@ if [ -f "$kiln_dir/model.safetensors" ] && [ "$kiln_dir/model.safetensors" -nt "
   echo "the Kiln conversion is in $kiln_dir"
 else
   rm -rf "$kiln_dir"
-  (cd "$root" && cargo run --release --quiet -p convert -- --input "$out" --arch bert --output "$kiln_dir" > /dev/null)
+  # Built as part of the workspace (`--workspace --bin convert`), so its dependencies get
+  # the same features as the test build's and are compiled once, not twice; the
+  # architecture comes from the model's config.json.
+  (cd "$root" && cargo build --release --quiet --workspace --bin convert)
+  "${CARGO_TARGET_DIR:-$root/target}/release/convert" --input "$out" --output "$kiln_dir" > /dev/null
   echo "converted all-MiniLM-L6-v2 into $kiln_dir"
 fi
 

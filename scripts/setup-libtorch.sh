@@ -9,7 +9,7 @@
 # libtorch.so's dependency on libtorch_cuda.so with patchelf (installed with apt-get when
 # missing). About 430 MB. Then build with the printed LIBTORCH, e.g.
 #   LIBTORCH=$PWD/third_party/libtorch cargo build --release --features tch
-# The binaries carry DIR/lib as their rpath (crates/kiln-runtime/libtorch_rpath.rs), so
+# The binaries carry DIR/lib as their rpath (crates/kiln-core/libtorch_rpath.rs), so
 # running them needs no LD_LIBRARY_PATH. Keep DIR at a fixed path: torch-sys rebuilds
 # (and Burn with it) whenever LIBTORCH changes. Downloads are cached in
 # ${KILN_CACHE:-$HOME/.cache/kiln}/pip/wheels. Idempotent.
@@ -36,9 +36,18 @@ for req in torch==2.9.0 nvidia-cuda-runtime-cu12==12.8.90 nvidia-cuda-cupti-cu12
   fi
 done
 if ! command -v patchelf >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then sudo=(); elif command -v sudo >/dev/null; then sudo=(sudo); else
+    echo "setup-libtorch: patchelf is missing; install it as root: apt-get install -y patchelf" >&2
+    exit 1
+  fi
   echo "installing patchelf (apt-get)"
-  apt-get install -y -qq patchelf >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq patchelf >/dev/null; }
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo[@]}" apt-get install -y -qq patchelf >/dev/null 2>&1 ||
+    { "${sudo[@]}" apt-get update -qq && "${sudo[@]}" apt-get install -y -qq patchelf >/dev/null; }
 fi
+# The staging directory sits beside DIR (same file system, so the final mv is atomic);
+# on a fresh clone third_party/ does not exist yet.
+mkdir -p "$(dirname "$dir")"
 tmp="$(mktemp -d "$(dirname "$dir")/.libtorch.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 python3 - "$wheels" "$tmp" <<'PY'

@@ -39,7 +39,8 @@ check='import numpy, torch
 assert torch.__version__.split("+")[0] == "2.9.0", torch.__version__
 x = torch.randn(8, 4, 16, 32, requires_grad=True)
 torch.nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True).sum().backward()
-print(f"torch {torch.__version__} (cuda available: {torch.cuda.is_available()}), numpy {numpy.__version__}: ready in .venv")'
+import sys
+print(f"torch {torch.__version__} (cuda available: {torch.cuda.is_available()}), numpy {numpy.__version__}: ready in {sys.prefix}")'
 
 if [ -x "$py" ] && "$py" -c "$check" 2>/dev/null; then
   exit 0

