@@ -35,13 +35,13 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::tensor::Device;
-use kiln_runtime::config::RunConfig;
-use kiln_runtime::metrics::{BarPanel, plot_bars};
-use kiln_runtime::optim::adamw;
-use kiln_runtime::run::{Prepared, RunError, TaskJob, with_task};
-use kiln_runtime::task::Task;
-use kiln_runtime::training::train_step;
-use kiln_runtime::{BackendKind, Selected};
+use kiln_core::{BackendKind, Selected};
+use kiln_train::config::RunConfig;
+use kiln_train::metrics::{BarPanel, plot_bars};
+use kiln_train::optim::adamw;
+use kiln_train::run::{Prepared, RunError, TaskJob, with_task};
+use kiln_train::task::Task;
+use kiln_train::training::train_step;
 use serde::{Deserialize, Serialize};
 
 const REFERENCE: &str = "pytorch";
@@ -59,7 +59,12 @@ struct Args {
     pair: Option<BackendKind>,
 }
 
-fn parse_args() -> Args {
+const USAGE: &str = "usage: cargo bench --bench compare_backends [--features tch,wgpu] -- \
+[--config configs/X.toml]... [--backends flex,ndarray,tch,wgpu] [--rounds N] [--warmup N] [--steps N] \
+[--threads N] [--torch PYTHON] [--out DIR] [--worker BACKEND | --pair BACKEND]";
+
+/// The command line, or an error message (a bad or unknown flag) to print with the usage.
+fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         configs: Vec::new(),
         backends: vec![BackendKind::Flex, BackendKind::Ndarray],
@@ -74,35 +79,38 @@ fn parse_args() -> Args {
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| panic!("{a} needs a value"));
-        let number = |v: String, flag: &str| -> usize {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{flag} takes a whole number, not {v:?}"))
+        let mut value = || it.next().ok_or_else(|| format!("{a} needs a value"));
+        let number = |v: String, flag: &str| -> Result<usize, String> {
+            v.parse().map_err(|_| format!("{flag} takes a whole number, not {v:?}"))
+        };
+        let backend = |v: String, flag: &str| -> Result<BackendKind, String> {
+            v.trim().parse().map_err(|e| format!("{flag}: {e}"))
         };
         match a.as_str() {
-            "--config" => args.configs.push(value().into()),
+            "--help" | "-h" => return Err(String::new()),
+            "--config" => args.configs.push(value()?.into()),
             "--backends" => {
-                args.backends = value()
+                args.backends = value()?
                     .split(',')
-                    .map(|b| b.trim().parse().unwrap_or_else(|e| panic!("--backends: {e}")))
-                    .collect()
+                    .map(|b| backend(b.to_string(), "--backends"))
+                    .collect::<Result<_, _>>()?
             }
-            "--rounds" => args.rounds = number(value(), "--rounds").max(1),
-            "--warmup" => args.warmup = number(value(), "--warmup"),
-            "--steps" => args.steps = number(value(), "--steps").max(1),
-            "--threads" => args.threads = number(value(), "--threads").max(1),
-            "--torch" => args.torch = Some(value()),
-            "--out" => args.out = value().into(),
-            "--worker" => args.worker = Some(value().parse().unwrap_or_else(|e| panic!("--worker: {e}"))),
-            "--pair" => args.pair = Some(value().parse().unwrap_or_else(|e| panic!("--pair: {e}"))),
+            "--rounds" => args.rounds = number(value()?, "--rounds")?.max(1),
+            "--warmup" => args.warmup = number(value()?, "--warmup")?,
+            "--steps" => args.steps = number(value()?, "--steps")?.max(1),
+            "--threads" => args.threads = number(value()?, "--threads")?.max(1),
+            "--torch" => args.torch = Some(value()?),
+            "--out" => args.out = value()?.into(),
+            "--worker" => args.worker = Some(backend(value()?, "--worker")?),
+            "--pair" => args.pair = Some(backend(value()?, "--pair")?),
             "--bench" => {} // passed by `cargo bench`
-            other => panic!("unknown argument {other}"),
+            other => return Err(format!("unknown argument {other:?}")),
         }
     }
     if args.configs.is_empty() {
         args.configs.push("configs/shakespeare-char.toml".into());
     }
-    args
+    Ok(args)
 }
 
 /// What one worker process measured.
@@ -119,15 +127,7 @@ struct Sample {
 
 /// Peak resident set size of this process, MiB (Linux `VmHWM`).
 fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(f64::NAN)
+    kiln_core::sys::peak_rss_mib().unwrap_or(0.0)
 }
 
 fn mean(x: &[f64]) -> f64 {
@@ -440,7 +440,17 @@ fn markdown(title: &str, rows: &[Row], unit: &str) -> String {
 }
 
 fn main() {
-    let args = parse_args();
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(message) => {
+            if message.is_empty() {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            eprintln!("error: {message}\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     std::env::set_current_dir(&root).expect("workspace root");
     if let Some(backend) = args.worker {

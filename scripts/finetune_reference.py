@@ -88,7 +88,7 @@ class EpochSampler:
 
 
 def lr_at(o, step, max_steps):
-    """kiln_runtime::config::OptimConfig::lr_at."""
+    """kiln_train::config::OptimConfig::lr_at."""
     lr = o["lr"]
     min_lr = o.get("min_lr", lr / 10)
     warmup = o.get("warmup_steps", 0)

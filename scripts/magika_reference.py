@@ -21,7 +21,7 @@ FILES = [
     "tests/fixtures/evil.pt",
     "tests/fixtures/hf-tiny-gpt2/config.json",
     "tests/fixtures/hf-tiny-llama/model.safetensors",
-    "crates/kiln-runtime/assets/DejaVuSansMono.ttf",
+    "crates/kiln-train/assets/DejaVuSansMono.ttf",
     "crates/kiln-magika/model/README.md",
     "scripts/make-fashion-mnist-small.py",
 ]

@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::assert_clean_failure;
-use kiln_runtime::config::RunConfig;
-use kiln_runtime::run::run_training;
-use kiln_runtime::training::TrainOptions;
-use kiln_runtime::{BackendKind, Selected};
+use kiln_core::{BackendKind, Selected};
+use kiln_train::config::RunConfig;
+use kiln_train::run::run_training;
+use kiln_train::training::TrainOptions;
 
 fn finetune(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_finetune"))

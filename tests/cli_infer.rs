@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use kiln_runtime::config::RunConfig;
-use kiln_runtime::run::{prepare_run_dir, run_training};
-use kiln_runtime::training::TrainOptions;
-use kiln_runtime::{BackendKind, Selected};
+use kiln_core::{BackendKind, Selected};
+use kiln_train::config::RunConfig;
+use kiln_train::run::{prepare_run_dir, run_training};
+use kiln_train::training::TrainOptions;
 
 fn train_into(toml: &str, dir: &Path) {
     let cfg = RunConfig::parse(toml, Path::new("t.toml"), &[]).unwrap();

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use kiln_runtime::metrics::read_metrics;
+use kiln_train::metrics::read_metrics;
 
 fn train() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_train"));
@@ -59,10 +59,10 @@ fn backend_not_compiled_in_says_how_to_enable_it() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = common::write(dir.path(), "c.toml", &common::tiny_lm_toml("gpt2", 5));
     for (backend, hint) in [("wgpu", "setup-vulkan.sh"), ("tch", "setup-libtorch.sh")] {
-        if kiln_runtime::BackendKind::Wgpu.is_compiled() && backend == "wgpu" {
+        if kiln_core::BackendKind::Wgpu.is_compiled() && backend == "wgpu" {
             continue;
         }
-        if kiln_runtime::BackendKind::Tch.is_compiled() && backend == "tch" {
+        if kiln_core::BackendKind::Tch.is_compiled() && backend == "tch" {
             continue;
         }
         let out = run(train()

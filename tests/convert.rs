@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use kiln_convert::{ConvertError, Source, convert, write_model_dir};
-use kiln_runtime::run::LoadedRun;
+use kiln_core::layout::WhichWeights;
+use kiln_infer::{LoadedModel, Model};
 
 fn minilm() -> PathBuf {
     let dir = common::repo_root().join("datasets/pretrained/all-MiniLM-L6-v2");
@@ -60,14 +61,14 @@ fn minilm_embeddings_match_sentence_transformers() {
         &std::fs::read_to_string(common::repo_root().join("tests/fixtures/minilm_embeddings.json")).unwrap(),
     )
     .unwrap();
-    let run = LoadedRun::open(&out, false).unwrap();
-    let kiln_models::ModelConfig::Bert(cfg) = &run.model else {
+    let device = Device::flex();
+    let run = LoadedModel::open(&out, WhichWeights::Best, &device).unwrap();
+    let Model::Encoder(model) = &run.model else {
         panic!("not bert")
     };
-    let device = Device::flex();
-    let model = run.load_model(|| cfg.init(&device)).unwrap();
     let texts: Vec<&str> = fixture.sentences.iter().map(String::as_str).collect();
-    let ours = kiln_runtime::embed::embed_texts(&model, run.tokenizer.as_ref().unwrap(), &texts, 5, &device).unwrap();
+    let ours =
+        kiln_infer::embed::embed_texts(model.as_ref(), run.tokenizer.as_ref().unwrap(), &texts, 5, &device).unwrap();
     assert_eq!(ours.len(), 12);
     for (i, (a, b)) in ours.iter().zip(&fixture.embeddings).enumerate() {
         let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
@@ -202,18 +203,14 @@ fn pytorch_state_dict_converts_and_matches_pytorch_logits() {
     );
     let dir = tempfile::tempdir().unwrap();
     write_model_dir(&dir.path().join("mlp"), &model, &weights, None, None).unwrap();
-    let run = LoadedRun::open(&dir.path().join("mlp"), false).unwrap();
-    let kiln_models::ModelConfig::Mlp(cfg) = &run.model else {
+    let device = Device::flex();
+    let run = LoadedModel::open(&dir.path().join("mlp"), WhichWeights::Best, &device).unwrap();
+    let Model::ImageClassifier(mlp) = &run.model else {
         panic!()
     };
-    let device = Device::flex();
-    let mlp = run.load_model(|| cfg.init(&device)).unwrap();
     let images = kiln_data::ImageDataset::load(&common::fashion_small(), 0, 4).unwrap();
     let batch = images.test.batch(&[0, 1, 2, 3], &device);
-    let ours = kiln_models::ImageClassifier::forward(&mlp, batch.images)
-        .into_data()
-        .try_to_vec::<f32>()
-        .unwrap();
+    let ours = mlp.forward(batch.images).into_data().try_to_vec::<f32>().unwrap();
     let reference: Logits =
         serde_json::from_str(&std::fs::read_to_string(fixtures.join("mlp_torch.json")).unwrap()).unwrap();
     let reference: Vec<f32> = reference.logits.concat();
@@ -272,21 +269,21 @@ fn tiny_hf_gpt2_and_llama_match_transformers_logits() {
             let out = tempfile::tempdir().unwrap();
             let path = out.path().join("m");
             write_model_dir(&path, &model, &weights, None, None).unwrap();
-            let run = LoadedRun::open(&path, false);
+            let run = LoadedModel::open(&path, WhichWeights::Best, &Device::flex());
             // A converted LM directory without tokenizer.json cannot be opened for sampling;
             // load the weights directly.
             assert!(run.is_err());
-            for backend in [kiln_runtime::BackendKind::Flex, kiln_runtime::BackendKind::Ndarray] {
+            for backend in [kiln_core::BackendKind::Flex, kiln_core::BackendKind::Ndarray] {
                 let device = backend.device(0).unwrap();
                 let input = Tensor::<2, Int>::from_data(TensorData::new(tokens.clone(), [b, t]), &device);
                 let logits = match &model {
                     kiln_models::ModelConfig::Gpt2(c) => {
-                        kiln_runtime::checkpoint::load_weights(c.init(&device), &path.join("model.safetensors"))
+                        kiln_core::weights::load_weights(c.init(&device), &path.join("model.safetensors"))
                             .unwrap()
                             .forward(input)
                     }
                     kiln_models::ModelConfig::Llama(c) => {
-                        kiln_runtime::checkpoint::load_weights(c.init(&device), &path.join("model.safetensors"))
+                        kiln_core::weights::load_weights(c.init(&device), &path.join("model.safetensors"))
                             .unwrap()
                             .forward(input)
                     }
@@ -391,14 +388,14 @@ fn minilm_bin_and_onnx_convert_to_the_same_weights_and_match_onnxruntime() {
         Some(&dir.join("tokenizer.json")),
     )
     .unwrap();
-    let run = LoadedRun::open(&out.path().join("m"), false).unwrap();
-    let kiln_models::ModelConfig::Bert(cfg) = &model else {
+    let device = Device::flex();
+    let run = LoadedModel::open(&out.path().join("m"), WhichWeights::Best, &device).unwrap();
+    let Model::Encoder(bert) = &run.model else {
         unreachable!()
     };
-    let device = Device::flex();
-    let bert = run.load_model(|| cfg.init(&device)).unwrap();
     let texts: Vec<&str> = ort.sentences.iter().map(String::as_str).collect();
-    let ours = kiln_runtime::embed::embed_texts(&bert, run.tokenizer.as_ref().unwrap(), &texts, 4, &device).unwrap();
+    let ours =
+        kiln_infer::embed::embed_texts(bert.as_ref(), run.tokenizer.as_ref().unwrap(), &texts, 4, &device).unwrap();
     let max_diff = ours
         .iter()
         .flatten()

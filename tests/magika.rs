@@ -44,7 +44,7 @@ fn generated_magika_matches_onnxruntime_on_real_files() {
     // The generated model's weights as safetensors, and back.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("magika.safetensors");
-    kiln_runtime::checkpoint::save_weights(&model, &path).unwrap();
-    let reloaded = kiln_runtime::checkpoint::load_weights(kiln_magika::Model::new(&device), &path).unwrap();
+    kiln_core::weights::save_weights(&model, &path).unwrap();
+    let reloaded = kiln_core::weights::load_weights(kiln_magika::Model::new(&device), &path).unwrap();
     assert_eq!(kiln_magika::classify(&reloaded, &slices, &device), ours);
 }

@@ -4,8 +4,9 @@
 mod common;
 
 use burn::prelude::*;
+use kiln_core::StoreError;
+use kiln_core::weights::{load_weights, save_weights};
 use kiln_models::{CausalLm, CnnConfig, Gpt2Config, ImageClassifier, LlamaConfig, MlpConfig};
-use kiln_runtime::checkpoint::{CheckpointError, load_weights, save_weights};
 
 fn device() -> Device {
     Device::flex()
@@ -87,7 +88,7 @@ fn image_model_shapes() {
 #[test]
 fn parameter_names_follow_hugging_face() {
     let d = device();
-    let names = kiln_runtime::checkpoint::expected_shapes(&gpt2().init(&d));
+    let names = kiln_core::weights::expected_shapes(&gpt2().init(&d));
     for name in [
         "transformer.wte.weight",
         "transformer.wpe.weight",
@@ -102,7 +103,7 @@ fn parameter_names_follow_hugging_face() {
         vec![16, 48],
         "Conv1D layout [in, out]"
     );
-    let names = kiln_runtime::checkpoint::expected_shapes(&llama().init(&d));
+    let names = kiln_core::weights::expected_shapes(&llama().init(&d));
     for name in [
         "model.embed_tokens.weight",
         "model.layers.1.self_attn.k_proj.weight",
@@ -183,10 +184,10 @@ fn causal_attention_matches_textbook() {
 fn roundtrip<M: burn::module::Module>(model: M, fresh: M) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.safetensors");
-    let before = kiln_runtime::checkpoint::weights_to_bytes(&model).unwrap();
+    let before = kiln_core::weights::weights_to_bytes(&model).unwrap();
     save_weights(&model, &path).unwrap();
     let loaded = load_weights(fresh, &path).unwrap();
-    let after = kiln_runtime::checkpoint::weights_to_bytes(&loaded).unwrap();
+    let after = kiln_core::weights::weights_to_bytes(&loaded).unwrap();
     common::assert_same_tensors(&before, &after);
 }
 
@@ -235,7 +236,7 @@ fn mismatched_checkpoint_names_the_tensor() {
     let mut wider = gpt2();
     wider.n_embd = 32;
     let err = load_weights(wider.init(&d), &path).unwrap_err();
-    assert!(matches!(err, CheckpointError::Mismatch { .. }), "{err}");
+    assert!(matches!(err, StoreError::Mismatch { .. }), "{err}");
     let msg = err.to_string();
     assert!(
         msg.contains("m.safetensors") && msg.contains("transformer.wte.weight") && msg.contains("[11, 16]"),
@@ -260,17 +261,17 @@ fn corrupt_checkpoints_are_errors_not_panics() {
     // Truncated.
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     let err = load_weights(gpt2().init(&d), &path).unwrap_err();
-    assert!(matches!(err, CheckpointError::Corrupt { .. }), "{err}");
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
     // Not safetensors at all.
     std::fs::write(&path, b"hello").unwrap();
     assert!(matches!(
         load_weights(gpt2().init(&d), &path).unwrap_err(),
-        CheckpointError::Corrupt { .. }
+        StoreError::Corrupt { .. }
     ));
     // Missing file.
     let err = load_weights(gpt2().init(&d), &dir.path().join("nope.safetensors")).unwrap_err();
     assert!(
-        matches!(err, CheckpointError::Io { .. }) && err.to_string().contains("nope.safetensors"),
+        matches!(err, StoreError::Io { .. }) && err.to_string().contains("nope.safetensors"),
         "{err}"
     );
 }
@@ -279,8 +280,8 @@ fn corrupt_checkpoints_are_errors_not_panics() {
 fn atomic_write_replaces_whole_files_and_leaves_no_temporaries() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("f.bin");
-    kiln_runtime::checkpoint::atomic_write(&path, b"first").unwrap();
-    kiln_runtime::checkpoint::atomic_write(&path, b"second version").unwrap();
+    kiln_core::io::atomic_write(&path, b"first").unwrap();
+    kiln_core::io::atomic_write(&path, b"second version").unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), b"second version");
     let names: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()

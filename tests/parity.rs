@@ -11,14 +11,15 @@ use std::path::Path;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
+use kiln_core::BackendKind;
+use kiln_core::weights::{load_weights, save_weights};
+use kiln_models::loss::cross_entropy;
 use kiln_models::{BertConfig, CausalLm, CnnConfig, Gpt2Config, ImageClassifier, LlamaConfig, MlpConfig};
-use kiln_runtime::BackendKind;
-use kiln_runtime::checkpoint::{load_weights, save_weights};
-use kiln_runtime::config::RunConfig;
-use kiln_runtime::optim::adamw;
-use kiln_runtime::run::{Prepared, RunError, TaskJob, with_task};
-use kiln_runtime::task::{Task, cross_entropy};
-use kiln_runtime::training::train_step;
+use kiln_train::config::RunConfig;
+use kiln_train::optim::adamw;
+use kiln_train::run::{Prepared, RunError, TaskJob, with_task};
+use kiln_train::task::Task;
+use kiln_train::training::train_step;
 
 /// Every compiled CPU-capable backend other than the reference (flex).
 fn others() -> Vec<BackendKind> {
@@ -103,7 +104,7 @@ fn check_arch<M: Module>(
     let (logits, loss, grads) = run_on(BackendKind::Flex, &init, &path, &logits_of, targets);
     assert_eq!(
         grads.len(),
-        kiln_runtime::checkpoint::expected_shapes(&init(&Device::flex())).len(),
+        kiln_core::weights::expected_shapes(&init(&Device::flex())).len(),
         "{arch}: every parameter has a gradient"
     );
     // Inference (no autodiff) can take other kernels than training: check it on every
@@ -468,7 +469,7 @@ fn fused_ops_match_burns_composed_ops_on_every_backend() {
 #[test]
 fn adamw_matches_burns_adamw_on_every_backend() {
     use burn::optim::{AdamWConfig, Optimizer};
-    use kiln_runtime::config::OptimConfig;
+    use kiln_train::config::OptimConfig;
     let cfg = OptimConfig {
         beta1: 0.9,
         beta2: 0.95,
@@ -489,7 +490,7 @@ fn adamw_matches_burns_adamw_on_every_backend() {
             let grad = input(device, [8, 16], 2 + step) * 0.1;
             let lr = 0.01 * (step + 1) as f64;
             (param, state) = if kiln {
-                kiln_runtime::optim::AdamW::new(&cfg, cfg.weight_decay).step(lr, param, grad, state)
+                kiln_train::optim::AdamW::new(&cfg, cfg.weight_decay).step(lr, param, grad, state)
             } else {
                 burn.step(lr, param, grad, state)
             };

@@ -6,11 +6,12 @@ mod common;
 use std::path::Path;
 
 use burn::prelude::*;
-use kiln_runtime::config::{ConfigError, OptimConfig, RunConfig};
-use kiln_runtime::metrics::read_metrics;
-use kiln_runtime::run::{prepare_run_dir, run_training};
-use kiln_runtime::training::{TrainOptions, TrainSummary};
-use kiln_runtime::{BackendKind, Selected};
+use kiln_core::ConfigError;
+use kiln_core::{BackendKind, Selected};
+use kiln_train::config::{OptimConfig, RunConfig};
+use kiln_train::metrics::read_metrics;
+use kiln_train::run::{prepare_run_dir, run_training};
+use kiln_train::training::{TrainOptions, TrainSummary};
 
 fn train_toml(toml: &str, run_dir: &Path) -> TrainSummary {
     let cfg = RunConfig::parse(toml, Path::new("test.toml"), &[]).unwrap();
@@ -178,7 +179,7 @@ fn every_shipped_config_loads() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         if name.starts_with("finetune-") {
-            kiln_runtime::finetune::FinetuneConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+            kiln_train::finetune::FinetuneConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
             n += 1;
         } else if name.ends_with(".toml") {
             RunConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
@@ -208,7 +209,7 @@ fn warmup_then_cosine_schedule() {
 #[test]
 fn global_norm_clipping_scales_all_gradients_together() {
     use burn::optim::GradientsParams;
-    use kiln_runtime::optim::{clip_global_norm, global_grad_norm};
+    use kiln_train::optim::{clip_global_norm, global_grad_norm};
     let device = Device::flex().autodiff();
     let model = kiln_models::MlpConfig {
         hidden_sizes: vec![4],
@@ -310,7 +311,7 @@ trait CountTensors {
 
 impl<M: burn::module::Module> CountTensors for M {
     fn num_params_tensors(&self) -> usize {
-        kiln_runtime::checkpoint::expected_shapes(self).len()
+        kiln_core::weights::expected_shapes(self).len()
     }
 }
 

@@ -3,10 +3,12 @@
 //! `infer` and `finetune` take as is.
 //!
 //! ```text
-//! cargo run --release -p convert -- --input PATH --arch gpt2|llama|bert|mlp|cnn
+//! cargo run --release -p convert -- --input PATH [--arch gpt2|llama|bert|mlp|cnn]
 //!     [--config config.json|config.toml] --output DIR [--allow-partial]
 //! ```
-//! PATH: a `.safetensors`, `.pt`/`.pth`/`.bin` file, or a Hugging Face directory.
+//! PATH: a `.safetensors`, `.pt`/`.pth`/`.bin` file, or a Hugging Face directory. The
+//! architecture comes from the Hugging Face `config.json` (`model_type`, else
+//! `architectures`) unless `--arch` overrides it; a file without one needs `--arch`.
 //!
 //! The reverse direction: `--to hf --input KILN_DIR --output DIR` writes Hugging Face
 //! names and layouts (`model.safetensors`, `config.json`) that `transformers` loads.
@@ -17,7 +19,9 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use kiln_convert::{Source, convert, hf_config, write_model_dir};
-use kiln_runtime::run::ModelFile;
+use kiln_core::ModelFile;
+use kiln_core::layout::{CONFIG, HF_CONFIG, MODEL_WEIGHTS, TOKENIZER, WhichWeights, weights_file};
+use kiln_models::ModelConfig;
 
 #[derive(Parser)]
 #[command(about = "Convert PyTorch / safetensors / Hugging Face checkpoints into Kiln model directories")]
@@ -25,8 +29,9 @@ struct Cli {
     /// Checkpoint file or Hugging Face model directory.
     #[arg(long)]
     input: PathBuf,
-    /// Target architecture (required unless --to hf, which reads it from the Kiln directory).
-    #[arg(long, value_parser = ["gpt2", "llama", "bert", "mlp", "cnn"], required_unless_present = "to")]
+    /// Target architecture (default: detected from the Hugging Face config.json; --to hf
+    /// reads it from the Kiln directory).
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(ModelConfig::ARCHITECTURES.iter().copied()))]
     arch: Option<String>,
     /// `hf`: convert a Kiln model directory back to Hugging Face names and layouts.
     #[arg(long, value_parser = ["hf"])]
@@ -46,20 +51,15 @@ struct Cli {
 
 fn to_hf(cli: &Cli) -> Result<()> {
     let started = Instant::now();
-    let model = ModelFile::load(&cli.input.join("config.toml"))?.model;
-    let best = cli.input.join("best.safetensors");
-    let weights = if best.is_file() {
-        best
-    } else {
-        cli.input.join("model.safetensors")
-    };
+    let model = ModelFile::load(&cli.input.join(CONFIG))?.model;
+    let weights = weights_file(&cli.input, WhichWeights::Best);
     let bytes = std::fs::read(&weights).with_context(|| format!("reading {}", weights.display()))?;
     let hf = kiln_convert::export_hf(&bytes, &model)?;
     let config = serde_json::to_vec_pretty(&hf_config::to_hf_json(&model)?)?;
-    let tokenizer = std::fs::read(cli.input.join("tokenizer.json")).ok();
-    let mut files: Vec<(&str, &[u8])> = vec![("model.safetensors", &hf), ("config.json", &config)];
+    let tokenizer = std::fs::read(cli.input.join(TOKENIZER)).ok();
+    let mut files: Vec<(&str, &[u8])> = vec![(MODEL_WEIGHTS, &hf), (HF_CONFIG, &config)];
     if let Some(t) = &tokenizer {
-        files.push(("tokenizer.json", t));
+        files.push((TOKENIZER, t));
     }
     kiln_convert::write_dir_atomically(&cli.output, &files)?;
     println!(
@@ -77,25 +77,31 @@ fn main() -> Result<()> {
     if cli.to.is_some() {
         return to_hf(&cli);
     }
-    let arch = cli.arch.clone().expect("clap requires --arch without --to");
     let started = Instant::now();
     let source = Source::read(&cli.input)?;
+    // A Hugging Face config: the --arch given, else the one it names.
+    let from_json = |json: &serde_json::Value, path: &std::path::Path| match &cli.arch {
+        Some(arch) => hf_config::model_config(arch, json, &path.display().to_string()),
+        None => hf_config::detect_model_config(json, &path.display().to_string()),
+    };
     let model = match &cli.config {
-        Some(path) if path.extension().is_some_and(|e| e == "toml") => ModelFile::load(path)?.model,
+        Some(path) if path.extension().is_some_and(|e| e == "toml") => ModelFile::load_strict(path)?.model,
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             let json = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
-            hf_config::model_config(&arch, &json, &path.display().to_string())?
+            from_json(&json, path)?
         }
         None => match &source.hf_config {
-            Some((path, json)) => hf_config::model_config(&arch, json, &path.display().to_string())?,
+            Some((path, json)) => from_json(json, path)?,
             None => bail!(
-                "{}: no config.json beside the weights; pass --config",
+                "{}: no config.json beside the weights; pass --config (and --arch)",
                 cli.input.display()
             ),
         },
     };
-    if model.arch() != arch {
+    if let Some(arch) = &cli.arch
+        && model.arch() != arch
+    {
         bail!("--config describes a {} model, not --arch {arch}", model.arch());
     }
     let (weights, report) = convert(&source, &model, cli.allow_partial)?;

@@ -7,9 +7,9 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use kiln_runtime::cli::RunArgs;
-use kiln_runtime::finetune::{self, FinetuneConfig};
-use kiln_runtime::training::human;
+use kiln_train::cli::RunArgs;
+use kiln_train::finetune::{self, FinetuneConfig};
+use kiln_train::training::human;
 
 #[derive(Parser)]
 #[command(about = "Fine-tune a pretrained Kiln model directory (full, frozen backbone or LoRA)")]

@@ -1,34 +1,34 @@
-//! `infer`: sample text from a trained language model (KV-cached, streamed), or
-//! classify images with a trained image model.
+//! `infer`: generate text with a language model (one prompt streamed, or a file of
+//! prompts as one batch), classify texts or images, or embed texts — with any model
+//! directory (`train`, `finetune` or `convert` output).
 //!
 //! ```text
 //! cargo run --release -p infer -- --checkpoint runs/NAME --prompt "ROMEO:" --max-new-tokens 200
-//!     [--temperature 0.8] [--top-k 40] [--top-p 0.95] [--seed 1] [--backend flex]
+//!     [--temperature 0.8] [--top-k 40] [--top-p 0.95] [--seed 1] [--stop "\n\n"] [--backend flex]
+//! cargo run --release -p infer -- --checkpoint runs/NAME --prompt-file prompts.txt [--max-batch 16]
 //! cargo run --release -p infer -- --checkpoint runs/fashion-mnist-cnn --image shirt.png
 //! cargo run --release -p infer -- --checkpoint runs/fashion-mnist-cnn --idx t10k-images-idx3-ubyte.gz --index 0
 //! cargo run --release -p infer -- --checkpoint runs/finetune-minilm-sentiment --text "A gem." [--text-file FILE]
 //! cargo run --release -p infer -- --checkpoint datasets/pretrained/all-MiniLM-L6-v2-kiln --embed --text "..."
 //! ```
 //!
-//! Text classifiers (a `finetune` run with `task = "classify"`) print one JSON line per
-//! text: `{"text", "label", "probabilities": {label: p}}`.
+//! Everything model-related is in `kiln_infer`; this binary parses arguments and prints.
 
 use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use burn::prelude::*;
-use clap::Parser;
-use kiln_data::Tokenizer;
-use kiln_models::{CausalLm, ImageClassifier, ModelConfig};
-use kiln_runtime::generate::{Sampling, generate};
-use kiln_runtime::run::LoadedRun;
-use kiln_runtime::{BackendKind, Selected};
+use clap::{Parser, ValueEnum};
+use kiln_core::layout::WhichWeights;
+use kiln_core::{BackendKind, Selected};
+use kiln_infer::engine::{ContextFull, Engine, EngineConfig, Request, generate};
+use kiln_infer::{LoadedModel, Model, Sampling};
+use kiln_models::{CausalLm, Encoder, ImageClassifier, SequenceClassifier};
 
 #[derive(Parser)]
-#[command(about = "Generate text or classify images with a trained Kiln model")]
+#[command(about = "Generate text, classify texts or images, or embed texts with a Kiln model directory")]
 struct Cli {
-    /// Run directory written by `train` (config.toml, weights, tokenizer).
+    /// Model directory: a `train` or `finetune` run, or a `convert` output.
     #[arg(long)]
     checkpoint: PathBuf,
     /// Use model.safetensors (latest) instead of best.safetensors.
@@ -40,8 +40,11 @@ struct Cli {
     device: usize,
 
     /// Text to continue (language models).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "prompt_file")]
     prompt: Option<String>,
+    /// File with one prompt a line, generated as one batch; prints JSON lines.
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
     #[arg(long, default_value_t = 200)]
     max_new_tokens: usize,
     /// 0 = greedy.
@@ -51,9 +54,24 @@ struct Cli {
     top_k: Option<usize>,
     #[arg(long)]
     top_p: Option<f64>,
+    /// Seed of each prompt's own random stream (the same for every prompt of a file, so
+    /// a prompt gives what it gives alone).
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Re-run the whole sequence for every token instead of using the KV cache.
+    /// Stop when this text is generated (repeatable; not part of the output).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Do not stop at the model's end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// What a full context does: slide the window (refill from the last half) or stop.
+    #[arg(long, value_enum, default_value_t = OnFull::Slide)]
+    context_full: OnFull,
+    /// Most prompts of --prompt-file decoded together.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Re-run the whole sequence for every token instead of using the KV cache (the
+    /// reference path: one prompt, no stop conditions).
     #[arg(long)]
     no_cache: bool,
 
@@ -80,44 +98,181 @@ struct Cli {
     top: usize,
 }
 
-/// Fashion-MNIST class names, used when a model has exactly ten classes.
-const FASHION_CLASSES: [&str; 10] = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-];
+#[derive(Clone, Copy, ValueEnum)]
+enum OnFull {
+    Slide,
+    Stop,
+}
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let run = LoadedRun::open(&cli.checkpoint, cli.latest)?;
     let backend = Selected::new(cli.backend, cli.device)?;
     let device = backend.device.clone();
+    let which = if cli.latest {
+        WhichWeights::Latest
+    } else {
+        WhichWeights::Best
+    };
+    let loaded = LoadedModel::open(&cli.checkpoint, which, &device)?;
     eprintln!(
         "{} | {} | weights {}",
-        run.model.arch(),
+        loaded.arch(),
         backend.describe(),
-        run.weights.display()
+        loaded.dir.weights.display()
     );
-    match &run.model {
-        ModelConfig::Gpt2(c) => sample_text(&cli, &run, run.load_model(|| c.init(&device))?, &device),
-        ModelConfig::Llama(c) => sample_text(&cli, &run, run.load_model(|| c.init(&device))?, &device),
-        ModelConfig::Mlp(c) => classify(&cli, run.load_model(|| c.init(&device))?, &device),
-        ModelConfig::Cnn(c) => classify(&cli, run.load_model(|| c.init(&device))?, &device),
-        ModelConfig::Bert(c) => match &run.head {
-            Some(head) => {
-                let model = run.load_model(|| head.init(c.init(&device), &device))?;
-                classify_text(&cli, &run, head, model, &device)
-            }
-            None => embed(&cli, &run, run.load_model(|| c.init(&device))?, &device),
+    if matches!(loaded.model, Model::CausalLm(_)) {
+        check_sampling(&cli)?;
+    }
+    match &loaded.model {
+        Model::CausalLm(model) if cli.prompt_file.is_some() => generate_batch(&cli, &loaded, model.as_ref(), &device),
+        Model::CausalLm(model) => generate_one(&cli, &loaded, model.as_ref(), &device),
+        Model::ImageClassifier(model) => classify_image(&cli, &loaded, model.as_ref(), &device),
+        Model::TextClassifier(model) if cli.embed => embed(&cli, &loaded, model.encoder(), &device),
+        Model::TextClassifier(model) => classify_text(&cli, &loaded, model.as_ref(), &device),
+        Model::Encoder(model) => embed(&cli, &loaded, model.as_ref(), &device),
+    }
+}
+
+fn sampling(cli: &Cli) -> Sampling {
+    Sampling {
+        temperature: cli.temperature,
+        top_k: cli.top_k,
+        top_p: cli.top_p,
+        seed: cli.seed,
+    }
+}
+
+/// The sampling flags, checked up front so an error names the flag.
+fn check_sampling(cli: &Cli) -> Result<()> {
+    sampling(cli)
+        .validate()
+        .map_err(|e| anyhow::anyhow!("--{} {}", e.field.replace('_', "-"), e.message))
+}
+
+fn request(cli: &Cli, loaded: &LoadedModel, prompt: Vec<u32>) -> Request {
+    Request {
+        prompt,
+        max_new_tokens: cli.max_new_tokens,
+        sampling: sampling(cli),
+        eos_token_ids: if cli.ignore_eos {
+            Vec::new()
+        } else {
+            loaded.eos_token_ids.clone()
+        },
+        stop_strings: cli.stop.clone(),
+    }
+}
+
+fn engine_config(cli: &Cli, model: &dyn CausalLm, max_batch: usize) -> EngineConfig {
+    EngineConfig {
+        max_batch,
+        // The whole prompt in one pass: what a prompt alone gets, in a batch too.
+        prefill_chunk: model.context_len(),
+        context_full: match cli.context_full {
+            OnFull::Slide => ContextFull::Slide,
+            OnFull::Stop => ContextFull::Stop,
         },
     }
+}
+
+/// One prompt, streamed to stdout as it is generated.
+fn generate_one(cli: &Cli, loaded: &LoadedModel, model: &dyn CausalLm, device: &burn::tensor::Device) -> Result<()> {
+    let tokenizer = loaded
+        .tokenizer
+        .as_ref()
+        .context("language model without a tokenizer")?;
+    let prompt = cli
+        .prompt
+        .as_deref()
+        .context("--prompt or --prompt-file is required for a language model")?;
+    let ids = tokenizer.encode(prompt).context("encoding --prompt")?;
+    let mut out = std::io::stdout().lock();
+    write!(out, "{prompt}")?;
+    if cli.no_cache {
+        if !cli.stop.is_empty() {
+            bail!("--no-cache is the reference path without stop conditions: drop --stop");
+        }
+        let (tokens, stats) = generate(model, &ids, cli.max_new_tokens, &sampling(cli), false, device, |_| {})?;
+        writeln!(out, "{}", tokenizer.decode(&tokens)?)?;
+        eprintln!(
+            "{} prompt tokens, {} new tokens | first token {:.1} ms | {:.1} tokens/s (no cache) | finish_reason length",
+            stats.prompt_tokens,
+            stats.new_tokens,
+            stats.prefill_s * 1e3,
+            stats.tokens_per_s(),
+        );
+        return Ok(());
+    }
+    let mut engine = Engine::new(model, device, Some(tokenizer), engine_config(cli, model, 1));
+    engine.add(request(cli, loaded, ids))?;
+    let done = engine.run(|event| {
+        let _ = write!(out, "{}", event.text);
+        let _ = out.flush();
+        true
+    })?;
+    writeln!(out)?;
+    let done = done.into_iter().next().context("the engine finished no sequence")?;
+    let why = match (&done.stop_string, done.finish_reason) {
+        (Some(stop), _) => format!("stop (stop string {stop:?})"),
+        (None, kiln_infer::FinishReason::Stop) => "stop (end-of-sequence token)".into(),
+        (None, kiln_infer::FinishReason::Length) => "length".into(),
+    };
+    eprintln!(
+        "{} prompt tokens, {} new tokens | first token {:.1} ms | {:.1} tokens/s (KV cache) | finish_reason {why}",
+        done.stats.prompt_tokens,
+        done.stats.new_tokens,
+        done.stats.prefill_s * 1e3,
+        done.stats.tokens_per_s(),
+    );
+    Ok(())
+}
+
+/// `--prompt-file`: every line a prompt, generated as one batch, one JSON line each.
+fn generate_batch(cli: &Cli, loaded: &LoadedModel, model: &dyn CausalLm, device: &burn::tensor::Device) -> Result<()> {
+    let tokenizer = loaded
+        .tokenizer
+        .as_ref()
+        .context("language model without a tokenizer")?;
+    let path = cli.prompt_file.as_ref().expect("checked by the caller");
+    let content = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let prompts: Vec<&str> = content.lines().collect();
+    if prompts.is_empty() {
+        bail!("{}: no prompts (one a line)", path.display());
+    }
+    let mut engine = Engine::new(model, device, Some(tokenizer), engine_config(cli, model, cli.max_batch));
+    for (i, prompt) in prompts.iter().enumerate() {
+        let ids = tokenizer
+            .encode(prompt)
+            .with_context(|| format!("{}:{}: encoding the prompt", path.display(), i + 1))?;
+        engine
+            .add(request(cli, loaded, ids))
+            .with_context(|| format!("{}:{}", path.display(), i + 1))?;
+    }
+    let started = std::time::Instant::now();
+    let done = engine.run(|_| true)?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut out = std::io::stdout().lock();
+    let mut new_tokens = 0;
+    for (prompt, c) in prompts.iter().zip(&done) {
+        new_tokens += c.tokens.len();
+        let line = serde_json::json!({
+            "prompt": prompt,
+            "text": c.text,
+            "tokens": c.tokens,
+            "finish_reason": c.finish_reason.as_str(),
+            "stop": c.stop_string,
+            "prompt_tokens": c.stats.prompt_tokens,
+            "new_tokens": c.stats.new_tokens,
+        });
+        writeln!(out, "{line}")?;
+    }
+    eprintln!(
+        "{} prompts, {new_tokens} new tokens in {elapsed:.2} s ({:.1} tokens/s, batch up to {})",
+        prompts.len(),
+        new_tokens as f64 / elapsed.max(1e-9),
+        cli.max_batch
+    );
+    Ok(())
 }
 
 /// The texts of `--text` and `--text-file` (one a line), each with where it came from.
@@ -145,48 +300,35 @@ fn input_texts(cli: &Cli) -> Result<Vec<(String, String)>> {
 
 fn classify_text(
     cli: &Cli,
-    run: &LoadedRun,
-    head: &kiln_models::ClassifierHead,
-    model: kiln_models::BertForSequenceClassification,
-    device: &Device,
+    loaded: &LoadedModel,
+    model: &dyn SequenceClassifier,
+    device: &burn::tensor::Device,
 ) -> Result<()> {
-    if cli.embed {
-        return embed(cli, run, model.bert, device);
-    }
-    let tokenizer = run.tokenizer.as_ref().context("classifier without a tokenizer")?;
+    let tokenizer = loaded.tokenizer.as_ref().context("classifier without a tokenizer")?;
     let texts = input_texts(cli)?;
-    let examples: Vec<kiln_data::Example> = texts
-        .iter()
-        .enumerate()
-        .map(|(i, (text, _))| kiln_data::Example {
-            text: text.clone(),
-            label: 0,
-            line: i as u64 + 1,
-        })
-        .collect();
-    let max_len = head.max_length.unwrap_or_else(|| model.bert.max_positions());
+    let refs: Vec<&str> = texts.iter().map(|(t, _)| t.as_str()).collect();
+    let max_len = loaded
+        .dir
+        .file
+        .head
+        .as_ref()
+        .and_then(|h| h.max_length)
+        .unwrap_or_else(|| model.max_positions());
     let started = std::time::Instant::now();
-    let (split, truncated) = kiln_data::EncodedSplit::encode(
-        &examples,
-        std::path::Path::new("input"),
-        tokenizer,
-        max_len,
-        kiln_data::Truncation::Warn,
-    )?;
-    if truncated > 0 {
-        eprintln!("warning: {truncated} text(s) were longer than {max_len} tokens and were cut");
+    let predictions = kiln_infer::classify::classify_texts(model, tokenizer, &refs, max_len, 32, device)?;
+    if predictions.truncated > 0 {
+        eprintln!(
+            "warning: {} text(s) were longer than {max_len} tokens and were cut",
+            predictions.truncated
+        );
     }
-    let (probs, _) = kiln_runtime::task::predict(&model, &split, 32, device);
     let mut out = std::io::stdout().lock();
-    for ((text, _), p) in texts.iter().zip(&probs) {
-        let best = kiln_runtime::task::argmax(p);
-        let probabilities: serde_json::Map<String, serde_json::Value> = head
-            .labels
-            .iter()
-            .zip(p)
-            .map(|(l, &v)| (l.clone(), serde_json::json!(v)))
+    for ((text, _), p) in texts.iter().zip(&predictions.probabilities) {
+        let best = kiln_infer::classify::argmax(p);
+        let probabilities: serde_json::Map<String, serde_json::Value> = (0..p.len())
+            .map(|k| (loaded.label(k), serde_json::json!(p[k])))
             .collect();
-        let line = serde_json::json!({ "text": text, "label": head.labels[best], "probabilities": probabilities });
+        let line = serde_json::json!({ "text": text, "label": loaded.label(best), "probabilities": probabilities });
         writeln!(out, "{line}")?;
     }
     eprintln!(
@@ -197,68 +339,18 @@ fn classify_text(
     Ok(())
 }
 
-fn sample_text<M: CausalLm>(cli: &Cli, run: &LoadedRun, model: M, device: &Device) -> Result<()> {
-    let tokenizer: &Tokenizer = run.tokenizer.as_ref().context("language model without a tokenizer")?;
-    let prompt = cli
-        .prompt
-        .as_deref()
-        .context("--prompt is required for a language model")?;
-    let ids = tokenizer.encode(prompt).context("encoding --prompt")?;
-    let sampling = Sampling {
-        temperature: cli.temperature,
-        top_k: cli.top_k,
-        top_p: cli.top_p,
-        seed: cli.seed,
-    };
-    let mut out = std::io::stdout().lock();
-    write!(out, "{prompt}")?;
-    // Stream: decode the whole continuation and print what is new, so multi-byte
-    // tokens of a byte-level BPE print once they form whole characters.
-    let mut generated: Vec<u32> = Vec::new();
-    let mut printed = 0usize;
-    let (_, stats) = generate(
-        &model,
-        &ids,
-        cli.max_new_tokens,
-        &sampling,
-        !cli.no_cache,
-        device,
-        |token| {
-            generated.push(token);
-            if let Ok(text) = tokenizer.decode(&generated)
-                && !text.ends_with('\u{FFFD}')
-                && text.len() > printed
-            {
-                let _ = write!(out, "{}", &text[printed..]);
-                let _ = out.flush();
-                printed = text.len();
-            }
-        },
-    )?;
-    writeln!(out)?;
-    eprintln!(
-        "{} prompt tokens, {} new tokens | first token {:.1} ms | {:.1} tokens/s ({})",
-        stats.prompt_tokens,
-        stats.new_tokens,
-        stats.prefill_s * 1e3,
-        stats.tokens_per_s(),
-        if cli.no_cache { "no cache" } else { "KV cache" }
-    );
-    Ok(())
-}
-
-fn embed(cli: &Cli, run: &LoadedRun, model: kiln_models::BertModel, device: &Device) -> Result<()> {
-    let tokenizer = run.tokenizer.as_ref().context("encoder without a tokenizer")?;
+fn embed(cli: &Cli, loaded: &LoadedModel, model: &dyn Encoder, device: &burn::tensor::Device) -> Result<()> {
+    let tokenizer = loaded.tokenizer.as_ref().context("encoder without a tokenizer")?;
     if !cli.embed {
         bail!(
             "a {} model gives sentence embeddings: pass --embed with --text \"...\"",
-            run.model.arch()
+            loaded.arch()
         );
     }
     let texts = input_texts(cli)?;
     let texts: Vec<&str> = texts.iter().map(|(t, _)| t.as_str()).collect();
     let started = std::time::Instant::now();
-    let embeddings = kiln_runtime::embed::embed_texts(&model, tokenizer, &texts, 32, device)?;
+    let embeddings = kiln_infer::embed::embed_texts(model, tokenizer, &texts, 32, device)?;
     for (text, e) in texts.iter().zip(&embeddings) {
         println!("{}", serde_json::json!({ "text": text, "embedding": e }));
     }
@@ -271,66 +363,30 @@ fn embed(cli: &Cli, run: &LoadedRun, model: kiln_models::BertModel, device: &Dev
 }
 
 fn load_image(cli: &Cli, shape: [usize; 3]) -> Result<(Vec<u8>, String)> {
-    let [c, h, w] = shape;
-    if let Some(path) = &cli.image {
-        let img = image::open(path).with_context(|| format!("{}: cannot read image", path.display()))?;
-        let gray = img.to_luma8();
-        if c != 1 {
-            bail!("the model expects {c} channels; only grayscale PNG input is supported");
-        }
-        let resized = image::imageops::resize(&gray, w as u32, h as u32, image::imageops::FilterType::Triangle);
-        return Ok((resized.into_raw(), path.display().to_string()));
-    }
-    if let Some(path) = &cli.idx {
-        let array = kiln_data::idx::read(path)?;
-        if array.dims.len() != 3 || array.dims[1] != h || array.dims[2] != w {
-            bail!(
-                "{}: holds images {:?}, the model expects [N, {h}, {w}]",
-                path.display(),
-                array.dims
-            );
-        }
-        if cli.index >= array.dims[0] {
-            bail!(
-                "--index {} is out of range: {} holds {} images",
-                cli.index,
-                path.display(),
-                array.dims[0]
-            );
-        }
-        let n = h * w;
-        return Ok((
-            array.data[cli.index * n..(cli.index + 1) * n].to_vec(),
+    use kiln_infer::classify::{image_from_idx, image_from_png};
+    match (&cli.image, &cli.idx) {
+        (Some(path), _) => Ok((image_from_png(path, shape)?, path.display().to_string())),
+        (None, Some(path)) => Ok((
+            image_from_idx(path, cli.index, shape)?,
             format!("{}[{}]", path.display(), cli.index),
-        ));
+        )),
+        (None, None) => bail!("pass --image FILE.png or --idx FILE --index N for an image model"),
     }
-    bail!("pass --image FILE.png or --idx FILE --index N for an image model")
 }
 
-fn classify<M: ImageClassifier>(cli: &Cli, model: M, device: &Device) -> Result<()> {
-    let [c, h, w] = model.input_shape();
-    let (pixels, name) = load_image(cli, [c, h, w])?;
-    let split = kiln_data::ImageSplit {
-        pixels,
-        labels: vec![0],
-        height: h,
-        width: w,
-    };
-    let batch = split.batch(&[0], device);
-    let logits = model.forward(batch.images);
-    let probs: Vec<f32> = burn::tensor::activation::softmax(logits, 1)
-        .into_data()
-        .try_into_vec::<f32>()?;
+fn classify_image(
+    cli: &Cli,
+    loaded: &LoadedModel,
+    model: &dyn ImageClassifier,
+    device: &burn::tensor::Device,
+) -> Result<()> {
+    let (pixels, name) = load_image(cli, model.input_shape())?;
+    let probs = kiln_infer::classify::classify_image(model, &pixels, device);
     let mut order: Vec<usize> = (0..probs.len()).collect();
     order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
     println!("{name}:");
     for &k in order.iter().take(cli.top) {
-        let label = if probs.len() == FASHION_CLASSES.len() {
-            FASHION_CLASSES[k].to_string()
-        } else {
-            format!("class {k}")
-        };
-        println!("  {:>6.2}%  {label} ({k})", probs[k] * 100.0);
+        println!("  {:>6.2}%  {} ({k})", probs[k] * 100.0, loaded.label(k));
     }
     Ok(())
 }

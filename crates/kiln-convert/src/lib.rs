@@ -3,23 +3,24 @@
 //! Sources are read through Burn's store crate (`burn::store`): `SafetensorsStore` for
 //! `.safetensors` files and Hugging Face directories (sharded ones included), and
 //! `PytorchStore` for PyTorch `.pt`/`.pth`/`.bin` files, which reads the pickle without
-//! executing it. Names are mapped by the architecture's rule table ([`rules`]), checked
+//! executing it. Names are mapped by the architecture's rule table ([`arch`]), checked
 //! against the Kiln model's own names and shapes, and written as one safetensors file.
 
+pub mod arch;
 pub mod hf_config;
-pub mod rules;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use burn::module::Module;
 use burn::store::{ModuleSnapshot, ModuleStore, PytorchStore, SafetensorsStore};
 use burn::tensor::{DType, Device, TensorData};
 use burn_pack::Tensor as PackTensor;
-use kiln_models::ModelConfig;
+use kiln_core::config::ModelFile;
+use kiln_core::layout::{CONFIG, GENERATION_CONFIG, HF_CONFIG, MODEL_WEIGHTS, TOKENIZER};
+use kiln_models::{ArchVisitor, Architecture, ModelConfig};
 use regex::Regex;
 
-pub use rules::{Rules, rules_for};
+pub use arch::{Conversion, Rules};
 
 /// A conversion that cannot be done; every variant names the file or the tensors.
 #[derive(Debug, thiserror::Error)]
@@ -310,18 +311,17 @@ impl Report {
     }
 }
 
-/// Initial parameters of the configured model (names, shapes, values).
+/// Initial parameters of the configured model (names, shapes, values), built through
+/// the architecture registry.
 fn initial_tensors(model: &ModelConfig, device: &Device) -> Vec<PackTensor> {
-    fn collect<M: Module>(m: M) -> Vec<PackTensor> {
-        m.collect(None, None, false)
+    struct Collect<'a>(&'a Device);
+    impl ArchVisitor for Collect<'_> {
+        type Output = Vec<PackTensor>;
+        fn visit<A: Architecture>(self, config: &A) -> Vec<PackTensor> {
+            config.init(self.0).collect(None, None, false)
+        }
     }
-    match model {
-        ModelConfig::Gpt2(c) => collect(c.init(device)),
-        ModelConfig::Llama(c) => collect(c.init(device)),
-        ModelConfig::Bert(c) => collect(c.init(device)),
-        ModelConfig::Mlp(c) => collect(c.init(device)),
-        ModelConfig::Cnn(c) => collect(c.init(device)),
-    }
+    model.visit(Collect(device))
 }
 
 /// A tensor's values as f32 (converted from f16/bf16/f64), in its stored layout.
@@ -369,7 +369,7 @@ fn rename(name: &str, renames: &[(Regex, &str)]) -> String {
 /// Refuses (listing every tensor) on missing, unexpected or mis-shaped tensors unless
 /// `allow_partial`, in which case missing parameters keep their initial values.
 pub fn convert(source: &Source, model: &ModelConfig, allow_partial: bool) -> Result<(Vec<u8>, Report), ConvertError> {
-    let rules = rules_for(model);
+    let rules = &arch::for_arch(model.arch())?.rules;
     let renames = compile_renames(rules.renames);
     let ignore = compile(rules.ignore);
     let transposed = compile(rules.transpose);
@@ -462,39 +462,12 @@ fn serialize(tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Result<Vec<u
     safetensors::serialize(views, None).map_err(|e| e.to_string())
 }
 
-/// Write the files of a model directory atomically: everything goes into a temporary
-/// directory beside `out`, renamed into place only when complete. `out` must not exist.
+/// Write the files of a model directory atomically (see [`kiln_core::io::write_dir_atomically`]).
 pub fn write_dir_atomically(out: &Path, files: &[(&str, &[u8])]) -> Result<(), ConvertError> {
-    let werr = |path: &Path, e: &dyn std::fmt::Display| ConvertError::Write {
-        path: path.to_path_buf(),
+    kiln_core::io::write_dir_atomically(out, files).map_err(|e| ConvertError::Write {
+        path: out.to_path_buf(),
         message: e.to_string(),
-    };
-    if out.exists() {
-        return Err(werr(out, &"already exists; choose a new --output directory"));
-    }
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| werr(parent, &e))?;
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| -> Result<(), ConvertError> {
-        std::fs::create_dir_all(&tmp).map_err(|e| werr(&tmp, &e))?;
-        for (file, bytes) in files {
-            kiln_runtime::checkpoint::atomic_write(&tmp.join(file), bytes).map_err(|e| werr(&tmp, &e))?;
-        }
-        kiln_runtime::checkpoint::sync_dir(&tmp).map_err(|e| werr(&tmp, &e))?;
-        std::fs::rename(&tmp, out).map_err(|e| werr(out, &e))?;
-        kiln_runtime::checkpoint::sync_dir(parent).map_err(|e| werr(parent, &e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
+    })
 }
 
 /// Write a Kiln model directory: `model.safetensors`, `config.toml` (the `[model]`
@@ -506,19 +479,21 @@ pub fn write_model_dir(
     hf_config: Option<&Path>,
     tokenizer: Option<&Path>,
 ) -> Result<(), ConvertError> {
-    let toml = toml::to_string_pretty(&kiln_runtime::run::ModelFile {
+    let toml = ModelFile {
         model: model.clone(),
         head: None,
-    })
-    .map_err(|e| ConvertError::Write {
-        path: out.join("config.toml"),
-        message: e.to_string(),
-    })?;
-    let mut files: Vec<(&str, Vec<u8>)> = vec![
-        ("model.safetensors", weights.to_vec()),
-        ("config.toml", toml.into_bytes()),
-    ];
-    for (name, src) in [("config.json", hf_config), ("tokenizer.json", tokenizer)] {
+    }
+    .to_toml();
+    let mut files: Vec<(&str, Vec<u8>)> = vec![(MODEL_WEIGHTS, weights.to_vec()), (CONFIG, toml.into_bytes())];
+    // A generation_config.json beside the config.json carries the end-of-sequence tokens.
+    let generation = hf_config
+        .map(|p| p.with_file_name(GENERATION_CONFIG))
+        .filter(|p| p.is_file());
+    for (name, src) in [
+        (HF_CONFIG, hf_config),
+        (TOKENIZER, tokenizer),
+        (GENERATION_CONFIG, generation.as_deref()),
+    ] {
         if let Some(src) = src {
             files.push((name, std::fs::read(src).map_err(|e| read_err(src, e))?));
         }
@@ -530,7 +505,7 @@ pub fn write_model_dir(
 /// Kiln safetensors `weights` of `model` -> Hugging Face names and layouts (the
 /// reverse of [`convert`]), as safetensors bytes.
 pub fn export_hf(weights: &[u8], model: &ModelConfig) -> Result<Vec<u8>, ConvertError> {
-    let rules = rules_for(model);
+    let rules = &arch::for_arch(model.arch())?.rules;
     let renames = compile_renames(rules.export);
     let transposed = compile(rules.transpose);
     let st = safetensors::SafeTensors::deserialize(weights).map_err(|e| {

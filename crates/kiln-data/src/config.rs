@@ -74,6 +74,9 @@ pub enum DataConfig {
         /// Use only the first N test images (0 = all).
         #[serde(default)]
         max_test: usize,
+        /// Class names, index = class id (saved with the run, printed by `infer`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        labels: Vec<String>,
     },
     /// Labelled texts for classification (`finetune` with `task = "classify"`): three CSV
     /// files with a header, one text and one label column.

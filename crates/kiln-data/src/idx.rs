@@ -61,7 +61,11 @@ pub fn parse(bytes: &[u8]) -> Result<IdxArray, String> {
     let dims: Vec<usize> = (0..ndim)
         .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
         .collect();
-    let len: usize = dims.iter().product();
+    let len = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|&len| len.checked_add(header).is_some())
+        .ok_or_else(|| format!("header dimensions {dims:?} overflow: no file holds that many bytes"))?;
     if bytes.len() != header + len {
         return Err(format!(
             "header says {dims:?} ({len} bytes of data) but the file holds {}",
@@ -72,4 +76,42 @@ pub fn parse(bytes: &[u8]) -> Result<IdxArray, String> {
         dims,
         data: bytes[header..].to_vec(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+
+    fn header(dims: &[u32]) -> Vec<u8> {
+        let mut b = vec![0, 0, 0x08, dims.len() as u8];
+        for d in dims {
+            b.extend(d.to_be_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn parses_a_small_array() {
+        let mut b = header(&[2, 3]);
+        b.extend([1, 2, 3, 4, 5, 6]);
+        let a = parse(&b).unwrap();
+        assert_eq!(a.dims, vec![2, 3]);
+        assert_eq!(a.data, vec![1, 2, 3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn dimensions_whose_product_overflows_are_an_error_not_a_panic() {
+        let b = header(&[u32::MAX, u32::MAX, u32::MAX, 2]);
+        let err = parse(&b).unwrap_err();
+        assert!(err.contains("overflow"), "{err}");
+    }
+
+    #[test]
+    fn truncated_and_lying_files_are_errors() {
+        assert!(parse(&[0, 0, 8]).unwrap_err().contains("magic"));
+        assert!(parse(&[0, 0, 8, 2, 0, 0]).unwrap_err().contains("truncated"));
+        let mut b = header(&[2, 3]);
+        b.extend([1, 2]);
+        assert!(parse(&b).unwrap_err().contains("6 bytes"));
+    }
 }

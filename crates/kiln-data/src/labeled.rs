@@ -332,22 +332,18 @@ impl EncodedSplit {
         let mut split = Self::default();
         let mut truncated = 0;
         for ex in examples {
-            let mut ids = tokenizer.encode_with_special(&ex.text)?;
-            if ids.len() > max_len {
+            let (ids, cut) = encode_for_classifier(&tokenizer, &ex.text, max_len)?;
+            if cut {
                 if truncation == Truncation::Error {
                     return Err(DataError::format(
                         path,
                         format!(
                             "line {}: the text is {} tokens, more than max_length = {max_len}; set truncation = \"warn\" to cut it",
                             ex.line,
-                            ids.len()
+                            tokenizer.encode_with_special(&ex.text)?.len()
                         ),
                     ));
                 }
-                // Keep the closing special token ([SEP]) of an encoder's input.
-                let last = *ids.last().expect("non-empty");
-                ids.truncate(max_len - 1);
-                ids.push(last);
                 truncated += 1;
             }
             split.ids.push(ids);
@@ -366,23 +362,47 @@ impl EncodedSplit {
 
     /// The rows `indices`, padded (id 0, mask 0) to the longest of them.
     pub fn batch(&self, indices: &[usize], device: &Device) -> ClassBatch {
-        let b = indices.len();
-        let t = indices.iter().map(|&i| self.ids[i].len()).max().unwrap_or(1);
-        let mut ids = vec![0i64; b * t];
-        let mut mask = vec![0i64; b * t];
-        for (row, &i) in indices.iter().enumerate() {
-            for (j, &id) in self.ids[i].iter().enumerate() {
-                ids[row * t + j] = id as i64;
-                mask[row * t + j] = 1;
-            }
-        }
+        let rows: Vec<&[u32]> = indices.iter().map(|&i| self.ids[i].as_slice()).collect();
+        let (ids, mask) = pad_batch(&rows, device);
         let labels: Vec<i64> = indices.iter().map(|&i| self.labels[i] as i64).collect();
         ClassBatch {
-            ids: Tensor::from_data(TensorData::new(ids, [b, t]), device),
-            mask: Tensor::from_data(TensorData::new(mask, [b, t]), device),
-            labels: Tensor::from_data(TensorData::new(labels, [b]), device),
+            ids,
+            mask,
+            labels: Tensor::from_data(TensorData::new(labels, [indices.len()]), device),
         }
     }
+}
+
+/// A text as an encoder's input: its ids with the special tokens (`[CLS] ... [SEP]`) by
+/// an unpadded tokenizer, cut to `max_len` keeping the closing special token; and
+/// whether it was cut.
+pub fn encode_for_classifier(tokenizer: &Tokenizer, text: &str, max_len: usize) -> Result<(Vec<u32>, bool), DataError> {
+    let mut ids = tokenizer.encode_with_special(text)?;
+    if ids.len() <= max_len {
+        return Ok((ids, false));
+    }
+    let last = *ids.last().expect("non-empty");
+    ids.truncate(max_len.max(1) - 1);
+    ids.push(last);
+    Ok((ids, true))
+}
+
+/// Rows of ids padded to the longest: ids and mask (1 = token, 0 = padding) `[B, T]`.
+pub fn pad_batch(rows: &[&[u32]], device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+    let b = rows.len();
+    let t = rows.iter().map(|r| r.len()).max().unwrap_or(1).max(1);
+    let mut ids = vec![0i64; b * t];
+    let mut mask = vec![0i64; b * t];
+    for (row, r) in rows.iter().enumerate() {
+        for (j, &id) in r.iter().enumerate() {
+            ids[row * t + j] = id as i64;
+            mask[row * t + j] = 1;
+        }
+    }
+    (
+        Tensor::from_data(TensorData::new(ids, [b, t]), device),
+        Tensor::from_data(TensorData::new(mask, [b, t]), device),
+    )
 }
 
 #[cfg(test)]

@@ -251,3 +251,39 @@ impl Tokenizer {
         }
     }
 }
+
+impl Tokenizer {
+    /// The id of a (special) token written as text, e.g. `<|endoftext|>`.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        match self {
+            Tokenizer::Char(c) => {
+                let mut chars = token.chars();
+                let (first, rest) = (chars.next()?, chars.next());
+                if rest.is_some() {
+                    return None;
+                }
+                c.chars.iter().position(|&ch| ch == first).map(|i| i as u32)
+            }
+            Tokenizer::Hf(t) => t.token_to_id(token),
+        }
+    }
+
+    /// Ids of the tokenizer's special end-of-text tokens, among the usual names
+    /// (`<|endoftext|>`, `</s>`, `<eos>`, `<|im_end|>`, `<|eot_id|>`, `<|end_of_text|>`).
+    pub fn end_of_text_ids(&self) -> Vec<u32> {
+        if matches!(self, Tokenizer::Char(_)) {
+            return Vec::new();
+        }
+        [
+            "<|endoftext|>",
+            "</s>",
+            "<eos>",
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|end_of_text|>",
+        ]
+        .iter()
+        .filter_map(|t| self.token_to_id(t))
+        .collect()
+    }
+}

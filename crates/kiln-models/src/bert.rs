@@ -14,8 +14,8 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ConfigError, ensure};
 use crate::fused::{LayerNorm, linear};
+use crate::registry::{FieldError, ensure};
 
 fn default_eps() -> f64 {
     1e-12
@@ -44,7 +44,7 @@ pub struct BertConfig {
 }
 
 impl BertConfig {
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         ensure(self.n_layer > 0, "n_layer", "must be at least 1")?;
         ensure(self.n_head > 0, "n_head", "must be at least 1")?;
         ensure(
@@ -313,7 +313,7 @@ pub struct ClassifierHead {
 }
 
 impl ClassifierHead {
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         ensure(
             self.labels.len() >= 2,
             "head.labels",
@@ -366,5 +366,46 @@ impl BertForSequenceClassification {
             BertModel::mean_pooled(hidden, mask)
         }; // [B, C]
         self.classifier.forward(self.dropout.forward(pooled))
+    }
+}
+
+impl crate::Architecture for BertConfig {
+    type Model = BertModel;
+    fn validate(&self) -> Result<(), FieldError> {
+        BertConfig::validate(self)
+    }
+    fn init(&self, device: &Device) -> BertModel {
+        BertConfig::init(self, device)
+    }
+}
+
+impl crate::EncoderArchitecture for BertConfig {
+    type Classifier = BertForSequenceClassification;
+    fn init_classifier(&self, head: &ClassifierHead, device: &Device) -> BertForSequenceClassification {
+        head.init(self.init(device), device)
+    }
+}
+
+impl crate::Encoder for BertModel {
+    fn max_positions(&self) -> usize {
+        BertModel::max_positions(self)
+    }
+    fn embed(&self, ids: Tensor<2, Int>, mask: Tensor<2, Int>) -> Tensor<2> {
+        BertModel::embed(self, ids, mask)
+    }
+}
+
+impl crate::SequenceClassifier for BertForSequenceClassification {
+    fn num_classes(&self) -> usize {
+        BertForSequenceClassification::num_classes(self)
+    }
+    fn max_positions(&self) -> usize {
+        self.bert.max_positions()
+    }
+    fn forward(&self, ids: Tensor<2, Int>, mask: Tensor<2, Int>) -> Tensor<2> {
+        BertForSequenceClassification::forward(self, ids, mask)
+    }
+    fn encoder(&self) -> &dyn crate::Encoder {
+        &self.bert
     }
 }

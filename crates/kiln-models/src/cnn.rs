@@ -10,8 +10,8 @@ use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::ImageClassifier;
-use crate::config::{ConfigError, ensure};
 use crate::fused::{conv2d, linear, relu};
+use crate::registry::{FieldError, ensure};
 
 fn default_input() -> [usize; 3] {
     [1, 28, 28]
@@ -37,7 +37,7 @@ pub struct CnnConfig {
 }
 
 impl CnnConfig {
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         ensure(self.channels.iter().all(|&n| n > 0), "channels", "must be at least 1")?;
         ensure(self.hidden_size > 0, "hidden_size", "must be at least 1")?;
         let [c, h, w] = self.input_shape;
@@ -106,3 +106,15 @@ impl ImageClassifier for Cnn {
         linear(&self.fc2, x)
     }
 }
+
+impl crate::Architecture for CnnConfig {
+    type Model = Cnn;
+    fn validate(&self) -> Result<(), FieldError> {
+        CnnConfig::validate(self)
+    }
+    fn init(&self, device: &Device) -> Cnn {
+        CnnConfig::init(self, device)
+    }
+}
+
+impl crate::ImageArchitecture for CnnConfig {}

@@ -11,9 +11,9 @@ use burn::tensor::activation::gelu;
 use burn::tensor::ops::AttentionModuleOptions;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ConfigError, ensure};
 pub use crate::fused::gelu_tanh;
 use crate::fused::{LayerNorm, attention, linear};
+use crate::registry::{FieldError, ensure};
 use crate::{CausalLm, KvCache};
 
 fn default_epsilon() -> f64 {
@@ -63,7 +63,7 @@ pub enum Gpt2Activation {
 }
 
 impl Gpt2Config {
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         ensure(self.n_layer > 0, "n_layer", "must be at least 1")?;
         ensure(self.n_head > 0, "n_head", "must be at least 1")?;
         ensure(self.n_embd > 0, "n_embd", "must be at least 1")?;
@@ -212,6 +212,48 @@ impl CausalSelfAttention {
     }
 }
 
+impl CausalSelfAttention {
+    /// Decode step of independent sequences: `x` `[B, 1, C]`, row `b` attending over
+    /// `caches[b]` -> `[B, 1, C]`.
+    fn forward_step(&self, x: Tensor<3>, caches: &mut [&mut KvCache], layer: usize) -> Tensor<3> {
+        let [b, t, c] = x.dims();
+        let (h, d) = (self.n_head, c / self.n_head);
+        // [B, 1, 3C] -> 3 x [B, H, 1, D]
+        let qkv = linear(&self.c_attn, x)
+            .reshape([b, t, 3, h, d])
+            .permute([2, 0, 3, 1, 4]);
+        let mut qkv = qkv.chunk(3, 0).into_iter().map(|p| p.squeeze_dim::<4>(0));
+        let (q, k, v) = (qkv.next().unwrap(), qkv.next().unwrap(), qkv.next().unwrap());
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: false,
+        };
+        // Per row: [1, H, 1, D] over its own [1, H, len_b + 1, D]
+        let rows = crate::kv_cache::append_rows(caches, layer, k, v);
+        let y: Vec<Tensor<4>> = rows
+            .into_iter()
+            .enumerate()
+            .map(|(row, (k, v))| {
+                let q = if b == 1 {
+                    q.clone()
+                } else {
+                    q.clone().slice(s![row..row + 1, .., .., ..])
+                };
+                attention(q, k, v, None, None, options)
+            })
+            .collect();
+        let y = if b == 1 {
+            y.into_iter().next().unwrap()
+        } else {
+            Tensor::cat(y, 0)
+        };
+        // [B, H, 1, D] -> [B, 1, C]
+        let y = y.swap_dims(1, 2).reshape([b, t, c]);
+        self.resid_dropout.forward(linear(&self.c_proj, y))
+    }
+}
+
 impl Gpt2Mlp {
     /// `[B, T, C]` -> `[B, T, C]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
@@ -233,10 +275,21 @@ impl Block {
 }
 
 impl Gpt2LMHeadModel {
+    /// `[B, T, C]` final states -> logits `[B, T, V]` through the tied head.
+    fn head(&self, x: Tensor<3>) -> Tensor<3> {
+        let tf = &self.transformer;
+        let [b, t, c] = x.dims();
+        let x = tf.ln_f.forward(x);
+        // Tied head: [B*T, C] @ [C, V] -> [B, T, V]
+        let logits = x.reshape([b * t, c]).matmul(tf.wte.weight.val().transpose());
+        let v = logits.dims()[1];
+        logits.reshape([b, t, v])
+    }
+
     /// `tokens` `[B, T]` starting at position `start` -> logits `[B, T, V]`.
     fn forward_from(&self, tokens: Tensor<2, Int>, start: usize, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let tf = &self.transformer;
-        let [b, t] = tokens.dims();
+        let [_, t] = tokens.dims();
         let device = tokens.device();
         // [T] positions start..start+T -> [1, T]
         let positions = Tensor::<1, Int>::arange(start as i64..(start + t) as i64, &device).reshape([1, t]);
@@ -248,12 +301,7 @@ impl Gpt2LMHeadModel {
         if let Some(cache) = cache {
             cache.advance(t);
         }
-        let x = tf.ln_f.forward(x);
-        // Tied head: [B*T, C] @ [C, V] -> [B, T, V]
-        let [_, _, c] = x.dims();
-        let logits = x.reshape([b * t, c]).matmul(tf.wte.weight.val().transpose());
-        let v = logits.dims()[1];
-        logits.reshape([b, t, v])
+        self.head(x)
     }
 }
 
@@ -280,4 +328,47 @@ impl CausalLm for Gpt2LMHeadModel {
         let start = cache.len();
         self.forward_from(tokens, start, Some(cache))
     }
+
+    fn forward_step(&self, tokens: Tensor<2, Int>, caches: &mut [&mut KvCache]) -> Tensor<3> {
+        let tf = &self.transformer;
+        let [b, _] = tokens.dims();
+        // Row b sits at position len(caches[b]): [B] -> [B, 1]
+        let positions = crate::kv_cache::row_positions(caches, &tokens.device()).reshape([b, 1]);
+        // [B, 1, C] + [B, 1, C]
+        let mut x = tf.drop.forward(tf.wte.forward(tokens) + tf.wpe.forward(positions));
+        for (i, block) in tf.h.iter().enumerate() {
+            let y = block.attn.forward_step(block.ln_1.forward(x.clone()), caches, i);
+            x = x + y;
+            x = x.clone() + block.mlp.forward(block.ln_2.forward(x));
+        }
+        crate::kv_cache::advance_rows(caches);
+        self.head(x)
+    }
 }
+
+impl crate::Architecture for Gpt2Config {
+    type Model = Gpt2LMHeadModel;
+    fn validate(&self) -> Result<(), FieldError> {
+        Gpt2Config::validate(self)
+    }
+    fn unresolved(&self) -> Vec<FieldError> {
+        crate::registry::unresolved_vocab(self.vocab_size)
+    }
+    fn init(&self, device: &Device) -> Gpt2LMHeadModel {
+        Gpt2Config::init(self, device)
+    }
+}
+
+impl crate::LmSizes for Gpt2Config {
+    fn context_len(&self) -> usize {
+        self.block_size
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn set_vocab_size(&mut self, vocab_size: usize) {
+        self.vocab_size = vocab_size;
+    }
+}
+
+impl crate::LanguageArchitecture for Gpt2Config {}

@@ -87,3 +87,45 @@ impl KvCache {
         self.len += new;
     }
 }
+
+/// The decode step of independent sequences ([`CausalLm::forward_step`](crate::CausalLm)):
+/// write row `b` of `keys`/`values` `[B, K, 1, D]` of `layer` into `caches[b]` and return
+/// each row's cached keys and values `[1, K, len_b + 1, D]`. Positions advance in
+/// [`advance_rows`].
+pub fn append_rows(
+    caches: &mut [&mut KvCache],
+    layer: usize,
+    keys: Tensor<4>,
+    values: Tensor<4>,
+) -> Vec<(Tensor<4>, Tensor<4>)> {
+    let b = keys.dims()[0];
+    assert_eq!(b, caches.len(), "one cache per row");
+    if b == 1 {
+        return vec![caches[0].append(layer, keys, values)];
+    }
+    caches
+        .iter_mut()
+        .enumerate()
+        .map(|(row, cache)| {
+            cache.append(
+                layer,
+                keys.clone().slice(s![row..row + 1, .., .., ..]),
+                values.clone().slice(s![row..row + 1, .., .., ..]),
+            )
+        })
+        .collect()
+}
+
+/// Mark one new position filled in every cache of a decode step.
+pub fn advance_rows(caches: &mut [&mut KvCache]) {
+    for cache in caches.iter_mut() {
+        cache.advance(1);
+    }
+}
+
+/// The positions the rows of a decode step write: each cache's length, `[B]`.
+pub fn row_positions(caches: &[&mut KvCache], device: &Device) -> Tensor<1, Int> {
+    let positions: Vec<i64> = caches.iter().map(|c| c.len() as i64).collect();
+    let b = positions.len();
+    Tensor::from_data(TensorData::new(positions, [b]), device)
+}

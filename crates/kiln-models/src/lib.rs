@@ -3,7 +3,8 @@
 //! In Burn 0.22 modules and tensors carry no backend type: the backend is the
 //! [`Device`](burn::tensor::Device) the parameters live on, chosen at run time.
 //! Each architecture reads top to bottom in its own file with shapes in comments,
-//! and has a typed config (serde, validated) that [`ModelConfig`] selects by `arch`.
+//! and has a typed config (serde, validated) that implements [`Architecture`]; the
+//! [`registry`] lists every architecture once and [`ModelConfig`] selects one by `arch`.
 //!
 //! Parameter paths of `gpt2` and `llama` follow the Hugging Face names of those
 //! architectures (`transformer.h.0.attn.c_attn`, `model.layers.0.self_attn.q_proj`, ...)
@@ -11,20 +12,24 @@
 
 pub mod bert;
 pub mod cnn;
-pub mod config;
 pub mod fused;
 pub mod gpt2;
 pub mod kv_cache;
 pub mod llama;
+pub mod loss;
 pub mod mlp;
+pub mod registry;
 
 pub use bert::{BertConfig, BertForSequenceClassification, BertModel, ClassifierHead, Pooling};
 pub use cnn::{Cnn, CnnConfig};
-pub use config::{ConfigError, ModelConfig, ModelKind};
 pub use gpt2::{Gpt2Config, Gpt2LMHeadModel};
 pub use kv_cache::KvCache;
 pub use llama::{LlamaConfig, LlamaForCausalLM};
 pub use mlp::{Mlp, MlpConfig};
+pub use registry::{
+    ArchVisitor, Architecture, EncoderArchitecture, FamilyVisitor, FieldError, ImageArchitecture, LanguageArchitecture,
+    LmSizes, ModelConfig, ModelKind,
+};
 
 use burn::prelude::*;
 
@@ -42,6 +47,11 @@ pub trait CausalLm {
     /// Incremental forward pass: `tokens` `[batch, new]` continue the sequence held in
     /// `cache`; returns logits `[batch, new, vocab]` and appends the new keys/values.
     fn forward_cached(&self, tokens: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3>;
+    /// One decode step of `B` independent sequences: `tokens` `[B, 1]`, row `b`
+    /// continuing `caches[b]` (a batch-1 cache, each at its own length) and appending to
+    /// it. Linear layers run over the `B` rows at once; each row attends over its own
+    /// cache only. Returns logits `[B, 1, V]`.
+    fn forward_step(&self, tokens: Tensor<2, Int>, caches: &mut [&mut KvCache]) -> Tensor<3>;
 }
 
 /// An image classifier: `[batch, channels, height, width]` -> logits `[batch, classes]`.
@@ -50,4 +60,24 @@ pub trait ImageClassifier {
     /// Expected input `[channels, height, width]`.
     fn input_shape(&self) -> [usize; 3];
     fn forward(&self, images: Tensor<4>) -> Tensor<2>;
+}
+
+/// A text encoder: token ids and attention mask `[batch, seq]` (1 = token, 0 = padding)
+/// in, sentence embeddings out.
+pub trait Encoder {
+    /// Longest input in tokens.
+    fn max_positions(&self) -> usize;
+    /// L2-normalised sentence embeddings `[batch, hidden]`.
+    fn embed(&self, ids: Tensor<2, Int>, mask: Tensor<2, Int>) -> Tensor<2>;
+}
+
+/// A text classifier: an encoder with a classification head.
+pub trait SequenceClassifier {
+    fn num_classes(&self) -> usize;
+    /// Longest input in tokens.
+    fn max_positions(&self) -> usize;
+    /// Token ids and attention mask `[batch, seq]` -> class logits `[batch, classes]`.
+    fn forward(&self, ids: Tensor<2, Int>, mask: Tensor<2, Int>) -> Tensor<2>;
+    /// The encoder under the head (for sentence embeddings of a fine-tuned model).
+    fn encoder(&self) -> &dyn Encoder;
 }

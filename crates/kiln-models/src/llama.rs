@@ -12,8 +12,8 @@ use burn::prelude::*;
 use burn::tensor::ops::AttentionModuleOptions;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ConfigError, ensure};
 use crate::fused::{attention, linear, silu};
+use crate::registry::{FieldError, ensure};
 use crate::{CausalLm, KvCache};
 
 fn default_rope_theta() -> f64 {
@@ -49,7 +49,7 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         ensure(self.n_layer > 0, "n_layer", "must be at least 1")?;
         ensure(self.n_head > 0, "n_head", "must be at least 1")?;
         ensure(self.n_kv_head > 0, "n_kv_head", "must be at least 1")?;
@@ -221,6 +221,18 @@ impl RotaryEmbedding {
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
         x * cos + rotated * sin
     }
+
+    /// Rotate `x` `[B, heads, 1, D]` row `b` at position `positions[b]` (a decode step
+    /// of independent sequences); the same arithmetic as [`apply`](Self::apply).
+    pub fn apply_rows(&self, x: Tensor<4>, positions: Tensor<1, Int>) -> Tensor<4> {
+        let [b, _, _, d] = x.dims();
+        let cos = self.cos.clone().select(0, positions.clone()).reshape([b, 1, 1, d]);
+        let sin = self.sin.clone().select(0, positions).reshape([b, 1, 1, d]);
+        let x1 = x.clone().slice(s![.., .., .., 0..d / 2]);
+        let x2 = x.clone().slice(s![.., .., .., d / 2..d]);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * cos + rotated * sin
+    }
 }
 
 /// Repeat each of K key/value heads H/K times: `[B, K, T, D]` -> `[B, H, T, D]`.
@@ -266,6 +278,53 @@ impl LlamaAttention {
         let y = attention(q, kk, v, None, None, options)
             .swap_dims(1, 2)
             .reshape([b, t, h * d]);
+        linear(&self.o_proj, y)
+    }
+}
+
+impl LlamaAttention {
+    /// Decode step of independent sequences: `x` `[B, 1, C]`, row `b` at `positions[b]`
+    /// attending over `caches[b]` -> `[B, 1, C]`.
+    fn forward_step(
+        &self,
+        x: Tensor<3>,
+        rotary: &RotaryEmbedding,
+        positions: Tensor<1, Int>,
+        caches: &mut [&mut KvCache],
+        layer: usize,
+    ) -> Tensor<3> {
+        let [b, t, c] = x.dims();
+        let (h, k) = (self.n_head, self.n_kv_head);
+        let d = c / h;
+        let q = linear(&self.q_proj, x.clone()).reshape([b, t, h, d]).swap_dims(1, 2);
+        let kk = linear(&self.k_proj, x.clone()).reshape([b, t, k, d]).swap_dims(1, 2);
+        let v = linear(&self.v_proj, x).reshape([b, t, k, d]).swap_dims(1, 2);
+        let q = rotary.apply_rows(q, positions.clone());
+        let kk = rotary.apply_rows(kk, positions);
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: false,
+        };
+        let rows = crate::kv_cache::append_rows(caches, layer, kk, v);
+        let y: Vec<Tensor<4>> = rows
+            .into_iter()
+            .enumerate()
+            .map(|(row, (kk, v))| {
+                let q = if b == 1 {
+                    q.clone()
+                } else {
+                    q.clone().slice(s![row..row + 1, .., .., ..])
+                };
+                attention(q, repeat_kv(kk, h / k), repeat_kv(v, h / k), None, None, options)
+            })
+            .collect();
+        let y = if b == 1 {
+            y.into_iter().next().unwrap()
+        } else {
+            Tensor::cat(y, 0)
+        };
+        let y = y.swap_dims(1, 2).reshape([b, t, h * d]);
         linear(&self.o_proj, y)
     }
 }
@@ -340,4 +399,51 @@ impl CausalLm for LlamaForCausalLM {
         let start = cache.len();
         self.forward_from(tokens, start, Some(cache))
     }
+
+    fn forward_step(&self, tokens: Tensor<2, Int>, caches: &mut [&mut KvCache]) -> Tensor<3> {
+        let m = &self.model;
+        let positions = crate::kv_cache::row_positions(caches, &tokens.device());
+        // [B, 1] -> [B, 1, C]
+        let mut x = m.embed_tokens.forward(tokens);
+        for (i, layer) in m.layers.iter().enumerate() {
+            let y = layer.self_attn.forward_step(
+                layer.input_layernorm.forward(x.clone()),
+                &m.rotary,
+                positions.clone(),
+                caches,
+                i,
+            );
+            x = x + y;
+            x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
+        }
+        crate::kv_cache::advance_rows(caches);
+        linear(&self.lm_head, m.norm.forward(x))
+    }
 }
+
+impl crate::Architecture for LlamaConfig {
+    type Model = LlamaForCausalLM;
+    fn validate(&self) -> Result<(), FieldError> {
+        LlamaConfig::validate(self)
+    }
+    fn unresolved(&self) -> Vec<FieldError> {
+        crate::registry::unresolved_vocab(self.vocab_size)
+    }
+    fn init(&self, device: &Device) -> LlamaForCausalLM {
+        LlamaConfig::init(self, device)
+    }
+}
+
+impl crate::LmSizes for LlamaConfig {
+    fn context_len(&self) -> usize {
+        self.block_size
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    fn set_vocab_size(&mut self, vocab_size: usize) {
+        self.vocab_size = vocab_size;
+    }
+}
+
+impl crate::LanguageArchitecture for LlamaConfig {}

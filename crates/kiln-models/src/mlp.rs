@@ -7,8 +7,8 @@ use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::ImageClassifier;
-use crate::config::{ConfigError, ensure};
 use crate::fused::{linear, relu};
+use crate::registry::{FieldError, ensure};
 
 fn default_input() -> [usize; 3] {
     [1, 28, 28]
@@ -33,7 +33,7 @@ pub struct MlpConfig {
 }
 
 impl MlpConfig {
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), FieldError> {
         ensure(
             self.hidden_sizes.iter().all(|&n| n > 0),
             "hidden_sizes",
@@ -97,3 +97,15 @@ impl ImageClassifier for Mlp {
         linear(&self.head, x)
     }
 }
+
+impl crate::Architecture for MlpConfig {
+    type Model = Mlp;
+    fn validate(&self) -> Result<(), FieldError> {
+        MlpConfig::validate(self)
+    }
+    fn init(&self, device: &Device) -> Mlp {
+        MlpConfig::init(self, device)
+    }
+}
+
+impl crate::ImageArchitecture for MlpConfig {}

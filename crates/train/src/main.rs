@@ -10,9 +10,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use kiln_runtime::cli::RunArgs;
-use kiln_runtime::training::human;
-use kiln_runtime::{RunConfig, compare, run};
+use kiln_train::cli::RunArgs;
+use kiln_train::training::human;
+use kiln_train::{RunConfig, compare, run};
 
 #[derive(Parser)]
 #[command(

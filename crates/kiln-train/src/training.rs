@@ -19,7 +19,12 @@ use burn::store::ModuleRecord;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{CheckpointDir, CheckpointError, atomic_write, save_inference_weights};
+use kiln_core::io::{StoreError, atomic_write};
+use kiln_core::layout::{BEST_WEIGHTS, MODEL_WEIGHTS, SUMMARY};
+use kiln_core::rng::with_rng_lock;
+use kiln_core::weights::save_inference_weights;
+
+use crate::checkpoint::CheckpointDir;
 use crate::config::Recipe;
 use crate::metrics::{EvalRecord, MetricsLog, plot_run};
 use crate::optim::{adamw, clip_global_norm};
@@ -68,7 +73,7 @@ pub struct TrainOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
     #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
+    Checkpoint(#[from] StoreError),
     #[error("{path}: {message}")]
     Resume { path: PathBuf, message: String },
     #[error("training diverged at step {step}: the loss is {loss}")]
@@ -181,11 +186,11 @@ pub fn train<T: Task>(
             };
             metrics.append(&record)?;
             plot_run(run_dir, &metrics.read()?)?;
-            save_inference_weights(&snapshot, &run_dir.join("model.safetensors"))?;
+            save_inference_weights(&snapshot, &run_dir.join(MODEL_WEIGHTS))?;
             if state.best_val_loss.is_none_or(|b| eval.loss < b) {
                 state.best_val_loss = Some(eval.loss);
                 state.best_step = Some(state.step);
-                save_inference_weights(&snapshot, &run_dir.join("best.safetensors"))?;
+                save_inference_weights(&snapshot, &run_dir.join(BEST_WEIGHTS))?;
             }
             let acc = eval
                 .accuracy
@@ -218,7 +223,7 @@ pub fn train<T: Task>(
             saved.elapsed_s = state.elapsed_s + started.elapsed().as_secs_f64();
             checkpoints.commit(state.step, t.keep_checkpoints, |dir| {
                 let io = |path: PathBuf| {
-                    move |e| CheckpointError::Other {
+                    move |e| StoreError::Other {
                         path,
                         message: format!("{e}"),
                     }
@@ -274,7 +279,7 @@ pub fn train<T: Task>(
         num_params,
     };
     atomic_write(
-        &run_dir.join("summary.json"),
+        &run_dir.join(SUMMARY),
         serde_json::to_string_pretty(&summary)
             .expect("summary serialises")
             .as_bytes(),
@@ -310,7 +315,7 @@ pub fn train_step<T: Task>(
     let mut grads = None;
     // The step's random draws (dropout) come from the device RNG seeded here; holding the
     // RNG lock keeps them the step's own when other threads train too.
-    crate::run::with_rng_lock(|| {
+    with_rng_lock(|| {
         device.seed(kiln_data::SplitMix64::derive(t.seed, step as u64).next_u64());
         for micro in 0..t.grad_accum_steps {
             let batch = task.train_batch(step, micro, device);

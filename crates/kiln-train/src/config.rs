@@ -9,33 +9,12 @@
 //! An unknown key, a wrong type or an impossible value is an error naming the key and
 //! the file.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use kiln_core::config::{ConfigError, invalid, parse_toml, read_text};
 use kiln_data::DataConfig;
 use kiln_models::ModelConfig;
 use serde::{Deserialize, Serialize};
-
-/// A config that could not be read, parsed or validated.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Invalid { path: PathBuf, message: String },
-    #[error("--set {0}: expected key=value, e.g. --set train.max_steps=200")]
-    BadOverride(String),
-}
-
-pub(crate) fn invalid(path: &Path, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
-}
 
 fn d_seed() -> u64 {
     1337
@@ -321,58 +300,4 @@ impl RunConfig {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a RunConfig serialises to TOML")
     }
-}
-
-/// The text of the config file at `path`.
-pub fn read_text(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// Deserialize TOML `text` (read from `path`) after applying `--set` `overrides`; an
-/// error names the key and the file.
-pub fn parse_toml<T: serde::de::DeserializeOwned>(
-    text: &str,
-    path: &Path,
-    overrides: &[String],
-) -> Result<T, ConfigError> {
-    let mut value: toml::Table = toml::from_str(text).map_err(|e| invalid(path, e.to_string()))?;
-    for o in overrides {
-        apply_override(&mut value, o)?;
-    }
-    serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
-        let key = e.path().to_string();
-        invalid(path, format!("{key}: {}", e.into_inner()))
-    })
-}
-
-/// Set `a.b.c = value` in `table`, creating tables on the way.
-fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), ConfigError> {
-    let (key, raw) = assignment
-        .split_once('=')
-        .ok_or_else(|| ConfigError::BadOverride(assignment.to_string()))?;
-    let key = key.trim();
-    if key.is_empty() {
-        return Err(ConfigError::BadOverride(assignment.to_string()));
-    }
-    let raw = raw.trim();
-    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-    let mut parts: Vec<&str> = key.split('.').collect();
-    let last = parts.pop().expect("split yields at least one part");
-    let mut cursor = table;
-    for part in parts {
-        let entry = cursor
-            .entry(part.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        cursor = entry
-            .as_table_mut()
-            .ok_or_else(|| ConfigError::BadOverride(format!("{assignment} ({part} is not a table)")))?;
-    }
-    cursor.insert(last.to_string(), value);
-    Ok(())
 }

@@ -4,10 +4,10 @@
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
-use crate::checkpoint::CheckpointError;
 use crate::metrics::{Curve, plot_curves, read_metrics};
-use crate::run::{RUN_INFO_FILE, RunInfo};
 use crate::training::TrainSummary;
+use kiln_core::StoreError;
+use kiln_core::layout::{METRICS, RUN_INFO, RunInfo, SUMMARY};
 
 /// One row of the comparison table.
 #[derive(Debug, Clone)]
@@ -23,19 +23,19 @@ pub struct RunRow {
     pub ms_per_step: f64,
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, CheckpointError> {
-    let text = std::fs::read_to_string(path).map_err(|source| CheckpointError::Io {
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StoreError> {
+    let text = std::fs::read_to_string(path).map_err(|source| StoreError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    serde_json::from_str(&text).map_err(|e| CheckpointError::Other {
+    serde_json::from_str(&text).map_err(|e| StoreError::Other {
         path: path.to_path_buf(),
         message: e.to_string(),
     })
 }
 
 /// Draw the validation-loss curves of `runs` into `out_png` and return the Markdown table.
-pub fn compare_runs(runs: &[PathBuf], out_png: &Path) -> Result<String, CheckpointError> {
+pub fn compare_runs(runs: &[PathBuf], out_png: &Path) -> Result<String, StoreError> {
     let mut curves = Vec::new();
     let mut rows = Vec::new();
     for (i, dir) in runs.iter().enumerate() {
@@ -43,20 +43,19 @@ pub fn compare_runs(runs: &[PathBuf], out_png: &Path) -> Result<String, Checkpoi
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| dir.display().to_string());
-        let records = read_metrics(&dir.join("metrics.jsonl"))?;
+        let records = read_metrics(&dir.join(METRICS))?;
         if records.is_empty() {
-            return Err(CheckpointError::Other {
-                path: dir.join("metrics.jsonl"),
+            return Err(StoreError::Other {
+                path: dir.join(METRICS),
                 message: "no evaluations recorded".into(),
             });
         }
-        let summary: TrainSummary = read_json(&dir.join("summary.json"))?;
-        let info: RunInfo = read_json(&dir.join(RUN_INFO_FILE))?;
+        let summary: TrainSummary = read_json(&dir.join(SUMMARY))?;
+        let info: RunInfo = read_json(&dir.join(RUN_INFO))?;
         curves.push(Curve::new(
             format!("{name} ({})", info.arch),
             records.iter().map(|r| (r.step as f64, r.val_loss)).collect(),
             i,
-            false,
         ));
         rows.push(RunRow {
             name,

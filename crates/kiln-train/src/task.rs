@@ -6,17 +6,11 @@ use burn::prelude::*;
 use kiln_data::{
     ClassBatch, EncodedSplit, EpochSampler, ImageBatch, ImageDataset, SplitMix64, TextDataset, TokenBatch,
 };
-use kiln_models::fused::log_softmax;
+use kiln_infer::classify::{argmax, predict};
+use kiln_infer::engine::{GenerationStats, generate};
+use kiln_infer::sampler::Sampling;
+use kiln_models::loss::cross_entropy;
 use kiln_models::{BertForSequenceClassification, CausalLm, ImageClassifier};
-
-use crate::generate::{GenerationStats, Sampling, generate};
-
-/// Mean cross-entropy of `logits` `[N, K]` against class ids `targets` `[N]`.
-pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
-    let [n, _] = logits.dims();
-    let log_probs = log_softmax(logits, 1);
-    log_probs.gather(1, targets.reshape([n, 1])).mean().neg()
-}
 
 /// Result of one evaluation.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -224,34 +218,6 @@ impl ClassifyTask {
     }
 }
 
-/// Class probabilities `[N][K]` of every text of `split`, with the loss summed over
-/// them, in batches of `batch` texts of similar length (less padding).
-pub fn predict(
-    model: &BertForSequenceClassification,
-    split: &EncodedSplit,
-    batch: usize,
-    device: &Device,
-) -> (Vec<Vec<f32>>, f64) {
-    let mut order: Vec<usize> = (0..split.len()).collect();
-    order.sort_by_key(|&i| split.ids[i].len());
-    let k = model.num_classes();
-    let mut probs = vec![Vec::new(); split.len()];
-    let mut loss = 0.0;
-    for chunk in order.chunks(batch.max(1)) {
-        let b = split.batch(chunk, device);
-        let logits = model.forward(b.ids, b.mask);
-        loss += cross_entropy(logits.clone(), b.labels).into_scalar::<f32>() as f64 * chunk.len() as f64;
-        let p = burn::tensor::activation::softmax(logits, 1)
-            .into_data()
-            .try_into_vec::<f32>()
-            .expect("probabilities are f32");
-        for (row, &i) in chunk.iter().enumerate() {
-            probs[i] = p[row * k..(row + 1) * k].to_vec();
-        }
-    }
-    (probs, loss)
-}
-
 /// Accuracy, macro-averaged F1 and per-class F1 of predictions against labels.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ClassMetrics {
@@ -296,18 +262,6 @@ impl ClassMetrics {
             f1,
         }
     }
-}
-
-/// Index of the largest value.
-pub fn argmax(values: &[f32]) -> usize {
-    values
-        .iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |best, (i, &v)| if v > best.1 { (i, v) } else { best },
-        )
-        .0
 }
 
 impl Task for ClassifyTask {

@@ -8,7 +8,8 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{CheckpointError, atomic_write};
+use kiln_core::io::{StoreError, atomic_write};
+use kiln_core::layout::{ACCURACY_PLOT, LOSS_PLOT, METRICS};
 
 /// One evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,21 +38,17 @@ pub struct MetricsLog {
 impl MetricsLog {
     pub fn new(run_dir: &Path) -> Self {
         Self {
-            path: run_dir.join("metrics.jsonl"),
+            path: run_dir.join(METRICS),
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Every record in the file (an empty list when it does not exist).
-    pub fn read(&self) -> Result<Vec<EvalRecord>, CheckpointError> {
+    pub fn read(&self) -> Result<Vec<EvalRecord>, StoreError> {
         read_metrics(&self.path)
     }
 
     /// Keep only records up to `step` (a resumed run rewrites what came after).
-    pub fn truncate_after(&self, step: usize) -> Result<(), CheckpointError> {
+    pub fn truncate_after(&self, step: usize) -> Result<(), StoreError> {
         let kept: Vec<EvalRecord> = self.read()?.into_iter().filter(|r| r.step <= step).collect();
         let mut text = String::new();
         for r in &kept {
@@ -61,8 +58,8 @@ impl MetricsLog {
         atomic_write(&self.path, text.as_bytes())
     }
 
-    pub fn append(&self, record: &EvalRecord) -> Result<(), CheckpointError> {
-        let io = |source| CheckpointError::Io {
+    pub fn append(&self, record: &EvalRecord) -> Result<(), StoreError> {
+        let io = |source| StoreError::Io {
             path: self.path.clone(),
             source,
         };
@@ -78,12 +75,12 @@ impl MetricsLog {
 }
 
 /// Read a `metrics.jsonl`; a torn last line (a crash mid-write) is ignored.
-pub fn read_metrics(path: &Path) -> Result<Vec<EvalRecord>, CheckpointError> {
+pub fn read_metrics(path: &Path) -> Result<Vec<EvalRecord>, StoreError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(source) => {
-            return Err(CheckpointError::Io {
+            return Err(StoreError::Io {
                 path: path.to_path_buf(),
                 source,
             });
@@ -96,7 +93,7 @@ pub fn read_metrics(path: &Path) -> Result<Vec<EvalRecord>, CheckpointError> {
             Ok(r) => out.push(r),
             Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => break,
             Err(e) => {
-                return Err(CheckpointError::Other {
+                return Err(StoreError::Other {
                     path: path.to_path_buf(),
                     message: format!("line {}: {e}", i + 1),
                 });
@@ -122,56 +119,52 @@ fn register_font() {
 pub struct Curve {
     pub label: String,
     pub points: Vec<(f64, f64)>,
-    pub dashed: bool,
     pub color_index: usize,
 }
 
 impl Curve {
-    pub fn new(label: impl Into<String>, points: Vec<(f64, f64)>, color_index: usize, dashed: bool) -> Self {
+    pub fn new(label: impl Into<String>, points: Vec<(f64, f64)>, color_index: usize) -> Self {
         Self {
             label: label.into(),
             points,
-            dashed,
             color_index,
         }
     }
 }
 
-/// Draw into a PNG at `path` with `draw`, atomically: drawn to a temporary file, then
-/// renamed, so a reader never sees half a PNG.
+/// Draw into a PNG at `path` with `draw`: rendered in memory, encoded, and written with
+/// [`atomic_write`], so a reader never sees half a PNG.
 fn write_png(
     path: &Path,
     size: (u32, u32),
     draw: impl FnOnce(&DrawingArea<BitMapBackend, Shift>) -> Result<(), Box<dyn std::error::Error>>,
-) -> Result<(), CheckpointError> {
+) -> Result<(), StoreError> {
     register_font();
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".plot-{}.tmp.png", std::process::id()));
-    let result = (|| {
-        let root = BitMapBackend::new(&tmp, size).into_drawing_area();
-        root.fill(&WHITE)?;
-        draw(&root)?;
-        root.present()?;
-        Ok::<_, Box<dyn std::error::Error>>(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(CheckpointError::Other {
-            path: path.to_path_buf(),
-            message: format!("plotting: {e}"),
-        });
-    }
-    std::fs::rename(&tmp, path).map_err(|source| CheckpointError::Io {
+    let plotting = |e: &dyn std::fmt::Display| StoreError::Other {
         path: path.to_path_buf(),
-        source,
-    })
+        message: format!("plotting: {e}"),
+    };
+    let mut rgb = vec![0u8; size.0 as usize * size.1 as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area();
+        (|| {
+            root.fill(&WHITE)?;
+            draw(&root)?;
+            root.present()?;
+            Ok::<_, Box<dyn std::error::Error>>(())
+        })()
+        .map_err(|e| plotting(&e))?;
+    }
+    let image = image::RgbImage::from_raw(size.0, size.1, rgb).ok_or_else(|| plotting(&"buffer size"))?;
+    let mut png = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut png, image::ImageOutputFormat::Png)
+        .map_err(|e| plotting(&e))?;
+    atomic_write(path, png.get_ref())
 }
 
 /// Draw curves into a PNG at `path` (written atomically).
-pub fn plot_curves(path: &Path, title: &str, y_label: &str, curves: &[Curve]) -> Result<(), CheckpointError> {
+pub fn plot_curves(path: &Path, title: &str, y_label: &str, curves: &[Curve]) -> Result<(), StoreError> {
     write_png(path, (960, 600), |root| {
         let all = curves.iter().flat_map(|c| c.points.iter());
         let (mut x_max, mut y_min, mut y_max) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
@@ -201,12 +194,8 @@ pub fn plot_curves(path: &Path, title: &str, y_label: &str, curves: &[Curve]) ->
         for c in curves {
             let color = Palette99::pick(c.color_index).to_rgba();
             let style = ShapeStyle::from(color).stroke_width(2);
-            let series = if c.dashed {
-                chart.draw_series(DashedLineSeries::new(c.points.iter().copied(), 6, 4, style))?
-            } else {
-                chart.draw_series(LineSeries::new(c.points.iter().copied(), style))?
-            };
-            series
+            chart
+                .draw_series(LineSeries::new(c.points.iter().copied(), style))?
                 .label(c.label.clone())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
         }
@@ -231,12 +220,7 @@ pub struct BarPanel {
 
 /// Panels of grouped bars, side by side, into a PNG at `path` (written atomically), with
 /// a dashed line at `reference` (e.g. 1.0 for ratios to a baseline).
-pub fn plot_bars(
-    path: &Path,
-    y_label: &str,
-    reference: Option<f64>,
-    panels: &[BarPanel],
-) -> Result<(), CheckpointError> {
+pub fn plot_bars(path: &Path, y_label: &str, reference: Option<f64>, panels: &[BarPanel]) -> Result<(), StoreError> {
     let width = 80 + 520 * panels.len().max(1) as u32;
     write_png(path, (width, 560), |root| {
         let areas = root.split_evenly((1, panels.len().max(1)));
@@ -303,7 +287,7 @@ pub fn plot_bars(
 
 /// The curves of one run: train and validation loss against step (`loss.png`), and for
 /// classifiers validation accuracy (`accuracy.png`).
-pub fn plot_run(run_dir: &Path, records: &[EvalRecord]) -> Result<(), CheckpointError> {
+pub fn plot_run(run_dir: &Path, records: &[EvalRecord]) -> Result<(), StoreError> {
     let train: Vec<(f64, f64)> = records.iter().map(|r| (r.step as f64, r.train_loss)).collect();
     let val: Vec<(f64, f64)> = records.iter().map(|r| (r.step as f64, r.val_loss)).collect();
     let name = run_dir
@@ -311,13 +295,10 @@ pub fn plot_run(run_dir: &Path, records: &[EvalRecord]) -> Result<(), Checkpoint
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     plot_curves(
-        &run_dir.join("loss.png"),
+        &run_dir.join(LOSS_PLOT),
         &format!("{name}: loss"),
         "loss",
-        &[
-            Curve::new("train", train, 0, false),
-            Curve::new("validation", val, 1, false),
-        ],
+        &[Curve::new("train", train, 0), Curve::new("validation", val, 1)],
     )?;
     let accuracy: Vec<(f64, f64)> = records
         .iter()
@@ -327,9 +308,9 @@ pub fn plot_run(run_dir: &Path, records: &[EvalRecord]) -> Result<(), Checkpoint
         return Ok(());
     }
     plot_curves(
-        &run_dir.join("accuracy.png"),
+        &run_dir.join(ACCURACY_PLOT),
         &format!("{name}: validation accuracy"),
         "accuracy (%)",
-        &[Curve::new("validation", accuracy, 1, false)],
+        &[Curve::new("validation", accuracy, 1)],
     )
 }

@@ -1,12 +1,12 @@
-//! Sentence embeddings with an encoder (BERT): tokenize, run, mean-pool, L2-normalise.
+//! Sentence embeddings with an encoder: tokenize, run, pool, L2-normalise.
 
 use burn::prelude::*;
 use kiln_data::{DataError, Tokenizer};
-use kiln_models::BertModel;
+use kiln_models::Encoder;
 
 /// Embeddings `[len(texts)][hidden]` of `texts`, computed in batches of `batch` texts.
 pub fn embed_texts(
-    model: &BertModel,
+    model: &dyn Encoder,
     tokenizer: &Tokenizer,
     texts: &[&str],
     batch: usize,

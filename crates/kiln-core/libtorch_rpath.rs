@@ -1,5 +1,5 @@
 //! Build script shared by the packages whose binaries and tests may link libtorch
-//! (`build = "../kiln-runtime/libtorch_rpath.rs"`; kiln-runtime itself has no build script): with the `tch` feature, bake
+//! (`build = "../kiln-core/libtorch_rpath.rs"`; kiln-core itself has no build script): with the `tch` feature, bake
 //! `$LIBTORCH/lib` into their rpath, so that they run without LD_LIBRARY_PATH.
 //! (torch-sys passes the path to its own C++ code only, not to the final link.)
 

@@ -30,15 +30,22 @@ use std::path::{Path, PathBuf};
 use burn::module::{Lora, Module, ModuleVisitor, Param, ParamGroup};
 use burn::store::ModuleSnapshot;
 use burn::tensor::{Device, Tensor};
-use kiln_data::{DataConfig, EncodedSplit, LabeledTexts, LoadReport, Truncation};
+use kiln_data::{DataConfig, EncodedSplit, LabeledTexts, LoadReport, Tokenizer, Truncation};
 use kiln_models::{BertForSequenceClassification, ClassifierHead, ModelConfig, ModelKind, Pooling};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::Selected;
-use crate::checkpoint::{atomic_write, load_weights};
-use crate::config::{ConfigError, OptimConfig, Recipe, RunConfig, TrainConfig, invalid, parse_toml, read_text};
-use crate::run::{CONFIG_FILE, LoadedRun, ModelFile, Prepared, RunError, RunInfo, TOKENIZER_FILE};
-use crate::task::{ClassMetrics, ClassifyTask, Task, argmax, predict};
+use kiln_core::Selected;
+use kiln_core::config::{ConfigError, ModelFile, invalid, parse_toml, read_text};
+use kiln_core::io::atomic_write;
+use kiln_core::layout::{BEST_WEIGHTS, CONFIG, ModelDir, RunInfo, TOKENIZER, WhichWeights};
+use kiln_core::rng::{seeded_init, with_rng_lock};
+use kiln_core::sys::peak_rss_mib;
+use kiln_core::weights::load_weights;
+use kiln_infer::classify::{argmax, predict};
+
+use crate::config::{OptimConfig, Recipe, RunConfig, TrainConfig};
+use crate::run::{Prepared, RunError};
+use crate::task::{ClassMetrics, ClassifyTask, Task};
 use crate::training::{TrainOptions, TrainSummary, train};
 
 /// The resolved fine-tuning config a run directory keeps (for `--resume`).
@@ -342,14 +349,6 @@ pub struct FinetuneReport {
     pub peak_rss_mib: Option<f64>,
 }
 
-/// The process's peak resident set size in MiB (Linux), if known.
-pub fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
 /// Prepare `run_dir` and return the config: a fresh run needs `config` and a directory
 /// without a run; `--resume` reads the run's own `finetune.toml` (plus `overrides`).
 pub fn prepare_finetune_dir(
@@ -370,31 +369,42 @@ pub fn run_finetune(
     options: &TrainOptions,
 ) -> Result<FinetuneReport, RunError> {
     let device = backend.device.clone().autodiff();
-    let base = LoadedRun::open(&cfg.init_from, false)?;
-    if base.head.is_some() {
+    let dir = ModelDir::open(&cfg.init_from, WhichWeights::Best)?;
+    let ModelFile {
+        model: base_model,
+        head: base_head,
+    } = dir.file.clone();
+    if base_head.is_some() {
         return Err(RunError::RunDir {
-            path: cfg.init_from.join(CONFIG_FILE),
+            path: cfg.init_from.join(CONFIG),
             message: "init_from is already a fine-tuned classifier; start from its encoder (the convert output)".into(),
         });
     }
-    let tokenizer = base.tokenizer.clone();
+    let tokenizer = match dir.path(TOKENIZER) {
+        path if path.is_file() => Some(Tokenizer::load(&path)?),
+        _ => None,
+    };
     let job = FinetuneJob {
         cfg: &cfg,
         backend,
         options,
         device: device.clone(),
-        weights: base.weights.clone(),
+        weights: dir.weights.clone(),
     };
     match cfg.task {
         FinetuneTask::Classify => {
-            let ModelConfig::Bert(bert_cfg) = &base.model else {
+            // The classification head is BERT's (`BertForSequenceClassification`).
+            let ModelConfig::Bert(bert_cfg) = &base_model else {
                 return Err(wrong_arch(
                     &cfg.init_from,
-                    &base.model,
+                    &base_model,
                     "task = \"classify\" needs an encoder (bert)",
                 ));
             };
-            let tokenizer = tokenizer.expect("an encoder directory has a tokenizer");
+            let tokenizer = tokenizer.ok_or_else(|| RunError::RunDir {
+                path: cfg.init_from.join(TOKENIZER),
+                message: "an encoder directory needs its tokenizer".into(),
+            })?;
             let spec = cfg.data.csv_spec().expect("validated: classify takes csv");
             let data = LabeledTexts::load(&spec)?;
             let encode = |examples, path: &Path| {
@@ -438,12 +448,13 @@ pub fn run_finetune(
             let t = &cfg.train;
             let task = ClassifyTask::new(train_split, val_split, t.batch_size, t.seed, t.grad_accum_steps);
             let steps_per_epoch = task.steps_per_epoch();
-            let bert = crate::run::seeded_init(t.seed, &device, || bert_cfg.init(&device));
-            let bert = load_weights(bert, &base.weights)?;
+            let bert = seeded_init(t.seed, &device, || bert_cfg.init(&device));
+            let bert = load_weights(bert, &dir.weights)?;
             let model = head.init(bert, &device);
             let prepared = Prepared {
-                config: run_config(&base.model, &cfg),
+                config: run_config(&base_model, &cfg),
                 tokenizer: Some(tokenizer),
+                labels: Vec::new(),
             };
             let mut report = job.run_with_head(task, model, &prepared, Some(&head))?;
             report.steps_per_epoch = Some(steps_per_epoch);
@@ -454,7 +465,7 @@ pub fn run_finetune(
             // Score the best checkpoint on the test split.
             let eval_device = device.clone().without_autodiff();
             let best = head.init(bert_cfg.init(&eval_device), &eval_device);
-            let best: BertForSequenceClassification = load_weights(best, &options.run_dir.join("best.safetensors"))?;
+            let best: BertForSequenceClassification = load_weights(best, &options.run_dir.join(BEST_WEIGHTS))?;
             let (probs, _) = predict(&best, &test_split, 64, &eval_device);
             let predicted: Vec<usize> = probs.iter().map(|p| argmax(p)).collect();
             report.test = Some(ClassMetrics::new(&predicted, &test_split.labels, head.labels.len()));
@@ -463,14 +474,14 @@ pub fn run_finetune(
             Ok(report)
         }
         FinetuneTask::Lm => {
-            if base.model.kind() != ModelKind::CausalLm {
+            if base_model.kind() != ModelKind::CausalLm {
                 return Err(wrong_arch(
                     &cfg.init_from,
-                    &base.model,
+                    &base_model,
                     "task = \"lm\" needs a language model (gpt2, llama)",
                 ));
             }
-            let run_cfg = run_config(&base.model, &cfg);
+            let run_cfg = run_config(&base_model, &cfg);
             let mut report = crate::run::with_task(run_cfg, tokenizer, &device, job)?;
             report.peak_rss_mib = peak_rss_mib();
             write_report(&options.run_dir, &report)?;
@@ -481,7 +492,7 @@ pub fn run_finetune(
 
 fn wrong_arch(dir: &Path, model: &ModelConfig, need: &str) -> RunError {
     RunError::RunDir {
-        path: dir.join(CONFIG_FILE),
+        path: dir.join(CONFIG),
         message: format!("init_from holds a {} model; {need}", model.arch()),
     }
 }
@@ -521,7 +532,7 @@ impl FinetuneJob<'_> {
     ) -> Result<FinetuneReport, RunError> {
         let (cfg, run_dir) = (self.cfg, &self.options.run_dir);
         // LoRA's factors are drawn from the device RNG: seeded, under the RNG lock.
-        let model = crate::run::with_rng_lock(|| {
+        let model = with_rng_lock(|| {
             self.device
                 .seed(kiln_data::SplitMix64::derive(cfg.train.seed, LORA_INIT_STREAM).next_u64());
             apply_method(model, cfg, head.map(|_| HEAD_PATTERN))
@@ -532,12 +543,11 @@ impl FinetuneJob<'_> {
             model: prepared.config.model.clone(),
             head: head.cloned(),
         };
-        let model_toml = toml::to_string_pretty(&model_file).expect("model file serialises");
-        atomic_write(&run_dir.join(CONFIG_FILE), model_toml.as_bytes())?;
+        atomic_write(&run_dir.join(CONFIG), model_file.to_toml().as_bytes())?;
         let cfg_toml = toml::to_string_pretty(cfg).expect("config serialises");
         atomic_write(&run_dir.join(FINETUNE_FILE), cfg_toml.as_bytes())?;
         if let Some(tok) = &prepared.tokenizer {
-            atomic_write(&run_dir.join(TOKENIZER_FILE), tok.to_json()?.as_bytes())?;
+            atomic_write(&run_dir.join(TOKENIZER), tok.to_json()?.as_bytes())?;
         }
         RunInfo::new(prepared.config.model.arch(), self.backend, total).write(run_dir)?;
         if self.options.progress {

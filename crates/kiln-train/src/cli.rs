@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use crate::backend::{BackendKind, Selected};
 use crate::training::TrainOptions;
+use kiln_core::backend::{BackendError, BackendKind, Selected, set_cpu_threads};
 
 /// `--config`, `--backend`, `--device`, `--out`, `--set`, `--resume`, `--quiet`
 /// (flattened into each binary's own clap parser).
@@ -50,9 +50,9 @@ impl RunArgs {
     }
 
     /// The selected backend and device, announced on stderr with the run directory.
-    pub fn select(&self, run_dir: &std::path::Path) -> Result<Selected, crate::backend::BackendError> {
+    pub fn select(&self, run_dir: &std::path::Path) -> Result<Selected, BackendError> {
         if let Some(n) = self.threads {
-            crate::backend::set_cpu_threads(n).map_err(crate::backend::BackendError::Threads)?;
+            set_cpu_threads(n).map_err(BackendError::Threads)?;
         }
         let backend = Selected::new(self.backend, self.device)?;
         eprintln!("{} | run directory {}", backend.describe(), run_dir.display());

@@ -1,0 +1,118 @@
+//! One file per architecture: its weight-name rule table and its Hugging Face
+//! `config.json` mapping (a serde struct each way). [`ALL`] lists them; an architecture
+//! of the model registry without an entry here cannot be converted (and says so).
+
+use kiln_models::ModelConfig;
+use serde_json::Value;
+
+use crate::ConvertError;
+
+mod bert;
+mod cnn;
+mod gpt2;
+mod llama;
+mod mlp;
+
+/// The conversion table of one architecture.
+pub struct Rules {
+    /// `(regex, replacement)` applied in order to every source name.
+    pub renames: &'static [(&'static str, &'static str)],
+    /// Source names (regex, before renaming) that are buffers or duplicates, not weights.
+    pub ignore: &'static [&'static str],
+    /// Kiln names (regex) whose source is `[out, in]` and is transposed.
+    pub transpose: &'static [&'static str],
+    /// `(regex, replacement)` from Kiln names back to Hugging Face ones (`--to hf`).
+    pub export: &'static [(&'static str, &'static str)],
+}
+
+/// Reads a Hugging Face `config.json` (`path` names it in errors).
+pub type FromHf = fn(&Value, &str) -> Result<ModelConfig, ConvertError>;
+/// Writes a Hugging Face `config.json`; `None` when the config is another architecture's.
+pub type ToHf = fn(&ModelConfig) -> Option<Value>;
+
+/// How one architecture converts.
+pub struct Conversion {
+    /// The Kiln architecture (`[model] arch`).
+    pub arch: &'static str,
+    pub rules: Rules,
+    /// Hugging Face `model_type`s this architecture reads.
+    pub model_types: &'static [&'static str],
+    pub from_hf: Option<FromHf>,
+    pub to_hf: Option<ToHf>,
+}
+
+/// Every architecture that converts.
+pub const ALL: &[&Conversion] = &[
+    &gpt2::CONVERSION,
+    &llama::CONVERSION,
+    &bert::CONVERSION,
+    &mlp::CONVERSION,
+    &cnn::CONVERSION,
+];
+
+/// The conversion of `arch`.
+pub fn for_arch(arch: &str) -> Result<&'static Conversion, ConvertError> {
+    ALL.iter().copied().find(|c| c.arch == arch).ok_or_else(|| {
+        ConvertError::Config(format!(
+            "no conversion rules for architecture {arch:?} (known: {})",
+            ALL.iter().map(|c| c.arch).collect::<Vec<_>>().join(", ")
+        ))
+    })
+}
+
+/// The Kiln architecture of a Hugging Face `config.json`, from its `model_type`, else
+/// from its `architectures` list (`GPT2LMHeadModel` -> gpt2, ...).
+pub fn detect(json: &Value, path: &str) -> Result<&'static str, ConvertError> {
+    let readable = || ALL.iter().filter(|c| c.from_hf.is_some());
+    if let Some(model_type) = json.get("model_type").and_then(Value::as_str) {
+        return readable()
+            .find(|c| c.model_types.contains(&model_type))
+            .map(|c| c.arch)
+            .ok_or_else(|| {
+                ConvertError::Config(format!(
+                    "{path}: model_type {model_type:?} is not an architecture Kiln converts (model_type of: {})",
+                    readable()
+                        .flat_map(|c| c.model_types.iter().copied())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            });
+    }
+    let names: Vec<&str> = json
+        .get("architectures")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    for name in &names {
+        let lower = name.to_ascii_lowercase();
+        if let Some(c) = readable().find(|c| c.model_types.iter().any(|t| lower.starts_with(t))) {
+            return Ok(c.arch);
+        }
+    }
+    Err(ConvertError::Config(format!(
+        "{path}: neither model_type nor architectures ({names:?}) names an architecture Kiln converts; pass --arch"
+    )))
+}
+
+/// Parse `json` as `T`, an error naming the file and the key.
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(json: &Value, path: &str) -> Result<T, ConvertError> {
+    serde_path_to_error::deserialize(json).map_err(|e| {
+        let key = e.path().to_string();
+        let message = e.into_inner().to_string();
+        ConvertError::Config(if key == "." {
+            format!("{path}: {message}")
+        } else {
+            format!("{path}: {key}: {message}")
+        })
+    })
+}
+
+/// Refuse a `model_type` that is not `expected`'s.
+pub(crate) fn check_model_type(json: &Value, expected: &[&str], arch: &str, path: &str) -> Result<(), ConvertError> {
+    match json.get("model_type").and_then(Value::as_str) {
+        Some(t) if !expected.contains(&t) => Err(ConvertError::Config(format!(
+            "{path}: model_type is \"{t}\", not {arch}: a checkpoint of another architecture"
+        ))),
+        _ => Ok(()),
+    }
+}

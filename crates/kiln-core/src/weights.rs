@@ -1,0 +1,165 @@
+//! Model weights as safetensors: save, check every name, shape and dtype, load.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::Module;
+use burn::store::{ModuleSnapshot, SafetensorsStore};
+
+use crate::io::{StoreError, atomic_write, io_err};
+
+/// What a model expects of each stored tensor: its shape and its safetensors dtype.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedTensor {
+    pub shape: Vec<usize>,
+    pub dtype: safetensors::Dtype,
+}
+
+/// The safetensors dtype a Burn dtype is stored as.
+fn storage_dtype(dtype: burn::tensor::DType) -> safetensors::Dtype {
+    use burn::tensor::DType as B;
+    use safetensors::Dtype as S;
+    match dtype {
+        B::F64 => S::F64,
+        B::F16 => S::F16,
+        B::BF16 => S::BF16,
+        B::I64 => S::I64,
+        B::I32 => S::I32,
+        B::I16 => S::I16,
+        B::I8 => S::I8,
+        B::U64 => S::U64,
+        B::U32 => S::U32,
+        B::U16 => S::U16,
+        B::U8 => S::U8,
+        B::Bool(_) => S::BOOL,
+        _ => S::F32,
+    }
+}
+
+/// The parameter names, shapes and dtypes a model expects, as safetensors would store them.
+pub fn expected_tensors<M: Module>(model: &M) -> BTreeMap<String, ExpectedTensor> {
+    model
+        .collect(None, None, false)
+        .into_iter()
+        .map(|t| {
+            (
+                t.name.clone(),
+                ExpectedTensor {
+                    shape: t.shape.as_slice().to_vec(),
+                    dtype: storage_dtype(t.dtype),
+                },
+            )
+        })
+        .collect()
+}
+
+/// The parameter names and shapes a model expects, as safetensors would store them.
+pub fn expected_shapes<M: Module>(model: &M) -> BTreeMap<String, Vec<usize>> {
+    expected_tensors(model)
+        .into_iter()
+        .map(|(name, t)| (name, t.shape))
+        .collect()
+}
+
+/// Serialise a model's parameters to safetensors bytes.
+pub fn weights_to_bytes<M: Module>(model: &M) -> Result<Vec<u8>, String> {
+    let mut store = SafetensorsStore::from_bytes(None);
+    model.save_into(&mut store).map_err(|e| e.to_string())?;
+    store.get_bytes().map_err(|e| e.to_string())
+}
+
+/// Path fragment of the factors of a LoRA adapter (`<weight>.lora.a`, `<weight>.lora.b`).
+pub const LORA_PATHS: &str = r"\.lora\.";
+
+/// Whether `model` carries LoRA adapters.
+pub fn has_adapters<M: Module>(model: &M) -> bool {
+    model
+        .collect(None, None, false)
+        .iter()
+        .any(|t| t.name.contains(".lora."))
+}
+
+/// Save the weights of a (validation-mode) model as inference uses them: adapters merged
+/// into their base weights, to `path`. A model with LoRA adapters also gets the adapter
+/// factors alone in `<stem>.adapter.safetensors` beside it. Both writes are atomic.
+pub fn save_inference_weights<M: Module>(model: &M, path: &Path) -> Result<(), StoreError> {
+    if has_adapters(model) {
+        let mut store = SafetensorsStore::from_bytes(None).with_regex(LORA_PATHS);
+        let err = |message: String| StoreError::Other {
+            path: path.to_path_buf(),
+            message,
+        };
+        model.save_into(&mut store).map_err(|e| err(e.to_string()))?;
+        let bytes = store.get_bytes().map_err(|e| err(e.to_string()))?;
+        atomic_write(&path.with_extension("adapter.safetensors"), &bytes)?;
+        save_weights(&model.clone().materialize(), path)
+    } else {
+        save_weights(model, path)
+    }
+}
+
+/// Save a model's parameters to `path` as safetensors, atomically.
+pub fn save_weights<M: Module>(model: &M, path: &Path) -> Result<(), StoreError> {
+    let bytes = weights_to_bytes(model).map_err(|message| StoreError::Other {
+        path: path.to_path_buf(),
+        message,
+    })?;
+    atomic_write(path, &bytes)
+}
+
+/// Check that safetensors `bytes` (read from `path`) hold exactly the tensors `expected`,
+/// with the same shapes, as f32. Nothing is applied; the error lists every problem.
+pub fn check_weights(bytes: &[u8], path: &Path, expected: &BTreeMap<String, ExpectedTensor>) -> Result<(), StoreError> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let mut problems = Vec::new();
+    let found: BTreeMap<String, (Vec<usize>, safetensors::Dtype)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, (view.shape().to_vec(), view.dtype())))
+        .collect();
+    for (name, want) in expected {
+        let shape = &want.shape;
+        match found.get(name) {
+            None => problems.push(format!("missing tensor {name} {shape:?}")),
+            Some((s, _)) if s != shape => {
+                problems.push(format!("tensor {name} has shape {s:?}, the model expects {shape:?}"))
+            }
+            Some((_, dtype)) if *dtype != want.dtype => {
+                problems.push(format!("tensor {name} is {dtype:?}, expected {:?}", want.dtype))
+            }
+            _ => {}
+        }
+    }
+    for name in found.keys().filter(|n| !expected.contains_key(*n)) {
+        problems.push(format!("unexpected tensor {name}"));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(StoreError::Mismatch {
+            path: path.to_path_buf(),
+            message: problems.join("; "),
+        })
+    }
+}
+
+/// Load safetensors weights from `path` into `model`, after checking every name and shape.
+pub fn load_weights<M: Module>(mut model: M, path: &Path) -> Result<M, StoreError> {
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    check_weights(&bytes, path, &expected_tensors(&model))?;
+    let mut store = SafetensorsStore::from_bytes(Some(bytes));
+    let result = model.load_from(&mut store).map_err(|e| StoreError::Other {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    if !result.errors.is_empty() || !result.missing.is_empty() {
+        return Err(StoreError::Mismatch {
+            path: path.to_path_buf(),
+            message: format!("{:?} {:?}", result.errors, result.missing),
+        });
+    }
+    Ok(model)
+}
