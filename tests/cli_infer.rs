@@ -234,3 +234,125 @@ fn bad_input_gets_clear_errors() {
         &["not a valid safetensors file"],
     );
 }
+
+#[test]
+fn image_class_names_are_saved_with_the_run_and_printed() {
+    const NAMES: [&str; 10] = [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("mlp");
+    let labels = NAMES.map(|n| format!("{n:?}")).join(", ");
+    let toml = common::tiny_image_toml("mlp", 10)
+        .replace("kind = \"idx\"\n", &format!("kind = \"idx\"\nlabels = [{labels}]\n"));
+    train_into(&toml, &run);
+    let saved: Vec<String> = serde_json::from_str(&std::fs::read_to_string(run.join("labels.json")).unwrap()).unwrap();
+    assert_eq!(saved, NAMES);
+    let idx = common::fashion_small().join("t10k-images-idx3-ubyte.gz");
+    let args = [
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--idx",
+        idx.to_str().unwrap(),
+        "--top",
+        "10",
+    ];
+    let out = infer(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for name in NAMES {
+        assert!(stdout.contains(name), "{name} missing from {stdout}");
+    }
+    assert!(!stdout.contains("class "), "{stdout}");
+    // Without names (the tiny CNN's config gives none) classes are numbered.
+    let (_, _, _, cnn) = runs();
+    let out = infer(&["--checkpoint", cnn.to_str().unwrap(), "--idx", idx.to_str().unwrap()]);
+    assert!(text(&out.stdout).contains("class "), "{}", text(&out.stdout));
+    // A labels.json that does not fit the model is an error naming it.
+    std::fs::write(run.join("labels.json"), r#"["a", "b"]"#).unwrap();
+    assert_clean_failure(&infer(&args), &["labels.json", "names 2 classes", "10"]);
+}
+
+#[test]
+fn a_prompt_file_is_generated_as_one_batch_each_line_as_it_would_be_alone() {
+    let (_, gpt2, _, _) = runs();
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = ["ROMEO:", "To be", "KING HENRY:"];
+    let file = common::write(dir.path(), "prompts.txt", &(prompts.join("\n") + "\n"));
+    let ckpt = gpt2.to_str().unwrap();
+    let sampling = [
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "10",
+        "--seed",
+        "5",
+        "--max-new-tokens",
+        "12",
+    ];
+    let out = infer(
+        &[
+            &["--checkpoint", ckpt, "--prompt-file", file.to_str().unwrap()],
+            &sampling[..],
+        ]
+        .concat(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for (line, prompt) in lines.iter().zip(prompts) {
+        assert_eq!(line["prompt"], prompt);
+        assert_eq!(line["finish_reason"], "length");
+        assert_eq!(line["new_tokens"], 12);
+        // The same prompt alone, streamed with --prompt.
+        let alone = infer(&[&["--checkpoint", ckpt, "--prompt", prompt], &sampling[..]].concat());
+        let alone = text(&alone.stdout);
+        assert_eq!(
+            alone.trim_end_matches('\n'),
+            format!("{prompt}{}", line["text"].as_str().unwrap())
+        );
+        assert!(
+            text(&infer(&[&["--checkpoint", ckpt, "--prompt", prompt], &sampling[..]].concat()).stderr)
+                .contains("finish_reason length")
+        );
+    }
+    // A stop string ends a line with finish_reason "stop" and is not in its text.
+    let first = lines[0]["text"].as_str().unwrap();
+    let stop: String = first.chars().skip(3).take(2).collect();
+    let out = infer(
+        &[
+            &[
+                "--checkpoint",
+                ckpt,
+                "--prompt-file",
+                file.to_str().unwrap(),
+                "--stop",
+                &stop,
+            ],
+            &sampling[..],
+        ]
+        .concat(),
+    );
+    let line: serde_json::Value = serde_json::from_str(text(&out.stdout).lines().next().unwrap()).unwrap();
+    assert_eq!(line["finish_reason"], "stop");
+    assert_eq!(line["stop"], stop.as_str());
+    assert_eq!(line["text"].as_str().unwrap(), &first[..first.find(&stop).unwrap()]);
+    // An empty prompt file is an error naming it.
+    let empty = common::write(dir.path(), "empty.txt", "");
+    assert_clean_failure(
+        &infer(&["--checkpoint", ckpt, "--prompt-file", empty.to_str().unwrap()]),
+        &["empty.txt", "no prompts"],
+    );
+}

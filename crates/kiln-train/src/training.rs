@@ -92,7 +92,10 @@ const MODEL_RECORD: &str = "model.bpk";
 const OPTIM_RECORD: &str = "optim.bpk";
 const LOOP_STATE: &str = "state.json";
 
-/// Train `model` (already on `device`, an autodiff device) on `task` per `cfg`.
+/// Train `model` (already on `device`, an autodiff device) on `task` per `cfg`:
+/// [`restore`] (with `--resume`), then per step [`train_step`], an [`evaluate`] when the
+/// evaluation interval says so, and a checkpoint when the [`CheckpointPolicy`] does; at
+/// the end the summary.
 pub fn train<T: Task>(
     task: &mut T,
     model: T::Model,
@@ -106,7 +109,163 @@ pub fn train<T: Task>(
     let metrics = MetricsLog::new(run_dir);
     let eval_device = device.clone().without_autodiff();
     let num_params = model.num_params();
+    let policy = CheckpointPolicy::from(t);
 
+    let Restored {
+        mut model,
+        mut optim,
+        mut state,
+    } = restore(model, cfg, &checkpoints, &metrics, options)?;
+    let start_step = state.step;
+    let progress = progress_bar(options.progress, start_step, t.max_steps);
+    let started = Instant::now();
+    let mut window = Window::new();
+    let mut last_eval = None;
+    let mut step_time = std::time::Duration::ZERO;
+    for step in start_step..t.max_steps {
+        let step_started = Instant::now();
+        let (next, stats) = train_step(task, model, &mut optim, cfg, step, device);
+        step_time += step_started.elapsed();
+        model = next;
+        let (step_loss, lr) = (stats.loss, stats.lr);
+        state.last_grad_norm = stats.grad_norm;
+        if !step_loss.is_finite() {
+            return Err(TrainError::Diverged { step, loss: step_loss });
+        }
+        state.step = step + 1;
+        state.loss_sum += step_loss;
+        state.loss_count += 1;
+        window.items += task.items_per_batch() * t.grad_accum_steps;
+
+        let done = state.step == t.max_steps;
+        if state.step % t.log_interval == 0 || done {
+            let rate = window.items as f64 / window.start.elapsed().as_secs_f64();
+            progress.set_position(state.step as u64);
+            progress.set_message(format!("loss {step_loss:.4} | lr {lr:.2e} | {} /s", human(rate)));
+        }
+        if state.step % t.eval_interval == 0 || done {
+            let elapsed_s = state.elapsed_s + started.elapsed().as_secs_f64();
+            let line = evaluate(
+                task,
+                &model,
+                &mut state,
+                &window,
+                lr,
+                elapsed_s,
+                &eval_device,
+                &metrics,
+                run_dir,
+            )?;
+            if options.progress {
+                progress.suspend(|| eprintln!("{}", line.1));
+            }
+            last_eval = Some(line.0);
+            window = Window::new();
+        }
+        if policy.is_due(state.step, done) {
+            let mut saved = state.clone();
+            saved.elapsed_s = state.elapsed_s + started.elapsed().as_secs_f64();
+            save_checkpoint(&checkpoints, t.keep_checkpoints, &model, &optim, &saved)?;
+        }
+    }
+    progress.finish_and_clear();
+
+    let wall = started.elapsed().as_secs_f64();
+    let steps_run = t.max_steps.saturating_sub(start_step);
+    let eval = match last_eval {
+        Some(e) => e,
+        None => task.evaluate(&model.valid(), &eval_device),
+    };
+    let per_step = |total_s: f64| {
+        if steps_run > 0 {
+            total_s * 1000.0 / steps_run as f64
+        } else {
+            0.0
+        }
+    };
+    let summary = TrainSummary {
+        steps: t.max_steps,
+        final_val_loss: eval.loss,
+        final_val_accuracy: eval.accuracy,
+        best_val_loss: state.best_val_loss.unwrap_or(eval.loss),
+        best_step: state.best_step.unwrap_or(t.max_steps),
+        wall_time_s: state.elapsed_s + wall,
+        ms_per_step: per_step(wall),
+        train_ms_per_step: per_step(step_time.as_secs_f64()),
+        items_per_s: if wall > 0.0 {
+            (steps_run * task.items_per_batch() * t.grad_accum_steps) as f64 / wall
+        } else {
+            0.0
+        },
+        num_params,
+    };
+    atomic_write(
+        &run_dir.join(SUMMARY),
+        serde_json::to_string_pretty(&summary)
+            .expect("summary serialises")
+            .as_bytes(),
+    )?;
+    Ok((model, summary))
+}
+
+/// Throughput window between two evaluations.
+struct Window {
+    start: Instant,
+    items: usize,
+}
+
+impl Window {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            items: 0,
+        }
+    }
+}
+
+/// When a resumable checkpoint is written: every `checkpoint_interval` steps, or at every
+/// evaluation when that is 0, and always at the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointPolicy {
+    pub every: usize,
+}
+
+impl From<&crate::config::TrainConfig> for CheckpointPolicy {
+    fn from(t: &crate::config::TrainConfig) -> Self {
+        Self {
+            every: if t.checkpoint_interval > 0 {
+                t.checkpoint_interval
+            } else {
+                t.eval_interval
+            },
+        }
+    }
+}
+
+impl CheckpointPolicy {
+    pub fn is_due(&self, step: usize, done: bool) -> bool {
+        done || step.is_multiple_of(self.every.max(1))
+    }
+}
+
+/// The model, optimizer and loop state a run continues from.
+struct Restored<M> {
+    model: M,
+    optim: ModuleOptimizer,
+    state: LoopState,
+}
+
+/// With `--resume` and a checkpoint: load the model and optimizer records and the loop
+/// state, and drop metrics recorded after it; else start at step 0. The optimizer is
+/// built after the model record is loaded: its parameter groups are keyed by the
+/// (restored) parameter ids.
+fn restore<M: Module>(
+    model: M,
+    cfg: Recipe<'_>,
+    checkpoints: &CheckpointDir,
+    metrics: &MetricsLog,
+    options: &TrainOptions,
+) -> Result<Restored<M>, TrainError> {
     let mut model = model;
     let mut optim_record = None;
     let mut state = LoopState::default();
@@ -130,161 +289,114 @@ pub fn train<T: Task>(
         } else if options.progress {
             eprintln!(
                 "--resume: no checkpoint in {} yet, starting from step 0",
-                run_dir.display()
+                options.run_dir.display()
             );
         }
     }
-
-    // Built after the model record is loaded: parameter groups are keyed by the
-    // (restored) parameter ids.
     let mut optim: ModuleOptimizer = adamw(cfg.optim, &model);
     if let Some(record) = optim_record {
         optim = optim.load_record(record);
     }
-    let start_step = state.step;
-    let progress = progress_bar(options.progress, start_step, t.max_steps);
-    let started = Instant::now();
-    let mut window_start = Instant::now();
-    let mut window_items = 0usize;
-    let mut last_eval = None;
+    Ok(Restored { model, optim, state })
+}
 
-    let mut step_time = std::time::Duration::ZERO;
-    for step in start_step..t.max_steps {
-        let step_started = Instant::now();
-        let (next, stats) = train_step(task, model, &mut optim, cfg, step, device);
-        step_time += step_started.elapsed();
-        model = next;
-        let (step_loss, lr) = (stats.loss, stats.lr);
-        state.last_grad_norm = stats.grad_norm;
-        if !step_loss.is_finite() {
-            return Err(TrainError::Diverged { step, loss: step_loss });
-        }
-        state.step = step + 1;
-        state.loss_sum += step_loss;
-        state.loss_count += 1;
-        window_items += task.items_per_batch() * t.grad_accum_steps;
-
-        let done = state.step == t.max_steps;
-        if state.step % t.log_interval == 0 || done {
-            let rate = window_items as f64 / window_start.elapsed().as_secs_f64();
-            progress.set_position(state.step as u64);
-            progress.set_message(format!("loss {step_loss:.4} | lr {lr:.2e} | {} /s", human(rate)));
-        }
-        if state.step % t.eval_interval == 0 || done {
-            let secs = window_start.elapsed().as_secs_f64();
-            let snapshot = model.valid();
-            let eval = task.evaluate(&snapshot, &eval_device);
-            let record = EvalRecord {
-                step: state.step,
-                train_loss: state.loss_sum / state.loss_count.max(1) as f64,
-                val_loss: eval.loss,
-                val_accuracy: eval.accuracy,
-                lr,
-                grad_norm: state.last_grad_norm,
-                tokens_per_s: window_items as f64 / secs,
-                elapsed_s: state.elapsed_s + started.elapsed().as_secs_f64(),
-            };
-            metrics.append(&record)?;
-            plot_run(run_dir, &metrics.read()?)?;
-            save_inference_weights(&snapshot, &run_dir.join(MODEL_WEIGHTS))?;
-            if state.best_val_loss.is_none_or(|b| eval.loss < b) {
-                state.best_val_loss = Some(eval.loss);
-                state.best_step = Some(state.step);
-                save_inference_weights(&snapshot, &run_dir.join(BEST_WEIGHTS))?;
-            }
-            let acc = eval
-                .accuracy
-                .map(|a| format!(" | val acc {:.2}%", a * 100.0))
-                .unwrap_or_default();
-            if options.progress {
-                let line = format!(
-                    "step {:>6} | train loss {:.4} | val loss {:.4}{acc} | lr {:.2e} | {} /s",
-                    record.step,
-                    record.train_loss,
-                    record.val_loss,
-                    lr,
-                    human(record.tokens_per_s)
-                );
-                progress.suspend(|| eprintln!("{line}"));
-            }
-            state.loss_sum = 0.0;
-            state.loss_count = 0;
-            last_eval = Some(eval);
-            window_items = 0;
-            window_start = Instant::now();
-        }
-        let ckpt_due = if t.checkpoint_interval > 0 {
-            state.step % t.checkpoint_interval == 0
-        } else {
-            state.step % t.eval_interval == 0
-        };
-        if ckpt_due || done {
-            let mut saved = state.clone();
-            saved.elapsed_s = state.elapsed_s + started.elapsed().as_secs_f64();
-            checkpoints.commit(state.step, t.keep_checkpoints, |dir| {
-                let io = |path: PathBuf| {
-                    move |e| StoreError::Other {
-                        path,
-                        message: format!("{e}"),
-                    }
-                };
-                model
-                    .clone()
-                    .into_record()
-                    .save(dir.join(MODEL_RECORD))
-                    .map_err(io(dir.join(MODEL_RECORD)))?;
-                optim
-                    .to_record()
-                    .save(dir.join(OPTIM_RECORD))
-                    .map_err(io(dir.join(OPTIM_RECORD)))?;
-                atomic_write(
-                    &dir.join(LOOP_STATE),
-                    serde_json::to_string_pretty(&saved)
-                        .expect("state serialises")
-                        .as_bytes(),
-                )
-            })?;
-        }
+/// Evaluate the model (in validation mode), append the record to `metrics.jsonl`, redraw
+/// the plots, save the latest weights and, on a new best validation loss, the best ones.
+/// Resets the running training loss. Returns the evaluation and its progress line.
+#[allow(clippy::too_many_arguments)]
+fn evaluate<T: Task>(
+    task: &mut T,
+    model: &T::Model,
+    state: &mut LoopState,
+    window: &Window,
+    lr: f64,
+    elapsed_s: f64,
+    eval_device: &Device,
+    metrics: &MetricsLog,
+    run_dir: &Path,
+) -> Result<(crate::task::Evaluation, String), TrainError> {
+    let secs = window.start.elapsed().as_secs_f64();
+    let snapshot = model.valid();
+    let eval = task.evaluate(&snapshot, eval_device);
+    let record = EvalRecord {
+        step: state.step,
+        train_loss: state.loss_sum / state.loss_count.max(1) as f64,
+        val_loss: eval.loss,
+        val_accuracy: eval.accuracy,
+        lr,
+        grad_norm: state.last_grad_norm,
+        tokens_per_s: window.items as f64 / secs,
+        elapsed_s,
+    };
+    metrics.append(&record)?;
+    plot_run(run_dir, &metrics.read()?)?;
+    save_inference_weights(&snapshot, &run_dir.join(MODEL_WEIGHTS))?;
+    if state.best_val_loss.is_none_or(|b| eval.loss < b) {
+        state.best_val_loss = Some(eval.loss);
+        state.best_step = Some(state.step);
+        save_inference_weights(&snapshot, &run_dir.join(BEST_WEIGHTS))?;
     }
-    progress.finish_and_clear();
+    let acc = eval
+        .accuracy
+        .map(|a| format!(" | val acc {:.2}%", a * 100.0))
+        .unwrap_or_default();
+    let line = format!(
+        "step {:>6} | train loss {:.4} | val loss {:.4}{acc} | lr {:.2e} | {} /s",
+        record.step,
+        record.train_loss,
+        record.val_loss,
+        lr,
+        human(record.tokens_per_s)
+    );
+    state.loss_sum = 0.0;
+    state.loss_count = 0;
+    Ok((eval, line))
+}
 
-    let wall = started.elapsed().as_secs_f64();
-    let steps_run = t.max_steps.saturating_sub(start_step);
-    let eval = match last_eval {
-        Some(e) => e,
-        None => task.evaluate(&model.valid(), &eval_device),
-    };
-    let summary = TrainSummary {
-        steps: t.max_steps,
-        final_val_loss: eval.loss,
-        final_val_accuracy: eval.accuracy,
-        best_val_loss: state.best_val_loss.unwrap_or(eval.loss),
-        best_step: state.best_step.unwrap_or(t.max_steps),
-        wall_time_s: state.elapsed_s + wall,
-        ms_per_step: if steps_run > 0 {
-            wall * 1000.0 / steps_run as f64
-        } else {
-            0.0
-        },
-        train_ms_per_step: if steps_run > 0 {
-            step_time.as_secs_f64() * 1000.0 / steps_run as f64
-        } else {
-            0.0
-        },
-        items_per_s: if wall > 0.0 {
-            (steps_run * task.items_per_batch() * t.grad_accum_steps) as f64 / wall
-        } else {
-            0.0
-        },
-        num_params,
-    };
-    atomic_write(
-        &run_dir.join(SUMMARY),
-        serde_json::to_string_pretty(&summary)
-            .expect("summary serialises")
-            .as_bytes(),
-    )?;
-    Ok((model, summary))
+/// Write a resumable checkpoint: model and optimizer records and the loop state.
+fn save_checkpoint<M: Module>(
+    checkpoints: &CheckpointDir,
+    keep: usize,
+    model: &M,
+    optim: &ModuleOptimizer,
+    state: &LoopState,
+) -> Result<(), TrainError> {
+    checkpoints.commit(state.step, keep, |dir| {
+        let io = |path: PathBuf| {
+            move |e| StoreError::Other {
+                path,
+                message: format!("{e}"),
+            }
+        };
+        model
+            .clone()
+            .into_record()
+            .save(dir.join(MODEL_RECORD))
+            .map_err(io(dir.join(MODEL_RECORD)))?;
+        optim
+            .to_record()
+            .save(dir.join(OPTIM_RECORD))
+            .map_err(io(dir.join(OPTIM_RECORD)))?;
+        atomic_write(
+            &dir.join(LOOP_STATE),
+            serde_json::to_string_pretty(state)
+                .expect("state serialises")
+                .as_bytes(),
+        )
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CheckpointPolicy;
+
+    #[test]
+    fn checkpoints_at_the_interval_or_at_evaluations_and_at_the_end() {
+        let p = CheckpointPolicy { every: 50 };
+        assert!(!p.is_due(49, false) && p.is_due(50, false) && p.is_due(100, false));
+        assert!(p.is_due(73, true));
+    }
 }
 
 /// Loss and gradient norm of one optimizer step.

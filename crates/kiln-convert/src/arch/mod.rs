@@ -116,3 +116,47 @@ pub(crate) fn check_model_type(json: &Value, expected: &[&str], arch: &str, path
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_architecture_is_detected_from_model_type_or_architectures() {
+        let detect = |text: &str| detect(&serde_json::from_str(text).unwrap(), "config.json");
+        assert_eq!(detect(r#"{"model_type": "gpt2"}"#).unwrap(), "gpt2");
+        assert_eq!(detect(r#"{"model_type": "llama"}"#).unwrap(), "llama");
+        assert_eq!(detect(r#"{"model_type": "bert"}"#).unwrap(), "bert");
+        assert_eq!(detect(r#"{"architectures": ["LlamaForCausalLM"]}"#).unwrap(), "llama");
+        assert_eq!(detect(r#"{"architectures": ["BertModel"]}"#).unwrap(), "bert");
+        let err = detect(r#"{"model_type": "mamba"}"#).unwrap_err().to_string();
+        assert!(
+            err.contains("config.json") && err.contains("mamba") && err.contains("gpt2"),
+            "{err}"
+        );
+        let err = detect(r#"{"architectures": ["Foo"]}"#).unwrap_err().to_string();
+        assert!(err.contains("--arch"), "{err}");
+    }
+
+    #[test]
+    fn every_registered_architecture_has_a_conversion() {
+        for arch in ModelConfig::ARCHITECTURES {
+            assert!(for_arch(arch).is_ok(), "{arch} has no conversion rules");
+        }
+        let Err(err) = for_arch("nope") else { panic!("found") };
+        assert!(err.to_string().contains("known: gpt2"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_field_names_the_file_and_the_key() {
+        let json = serde_json::json!({"model_type": "gpt2", "n_head": 2});
+        let err = crate::hf_config::model_config("gpt2", &json, "config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("config.json") && err.contains("n_layer"), "{err}");
+        let err = crate::hf_config::model_config("bert", &json, "config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("num_hidden_layers"), "{err}");
+    }
+}
