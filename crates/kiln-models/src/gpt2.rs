@@ -184,17 +184,22 @@ pub struct Gpt2Mlp {
 }
 
 impl CausalSelfAttention {
-    /// `x`: `[B, T, C]` -> `[B, T, C]`. With a cache, `x` holds only the new positions
-    /// and attends over every cached one.
-    fn forward(&self, x: Tensor<3>, cache: Option<(&mut KvCache, usize)>) -> Tensor<3> {
+    /// Queries, keys and values of `x` `[B, T, C]`: `[B, T, 3C]` -> 3 x `[B, H, T, D]`.
+    fn qkv(&self, x: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let [b, t, c] = x.dims();
         let (h, d) = (self.n_head, c / self.n_head);
-        // [B, T, 3C] -> 3 x [B, H, T, D]
         let qkv = linear(&self.c_attn, x)
             .reshape([b, t, 3, h, d])
             .permute([2, 0, 3, 1, 4]);
         let mut qkv = qkv.chunk(3, 0).into_iter().map(|p| p.squeeze_dim::<4>(0));
-        let (q, k, v) = (qkv.next().unwrap(), qkv.next().unwrap(), qkv.next().unwrap());
+        (qkv.next().unwrap(), qkv.next().unwrap(), qkv.next().unwrap())
+    }
+
+    /// `x`: `[B, T, C]` -> `[B, T, C]`. With a cache, `x` holds only the new positions
+    /// and attends over every cached one.
+    fn forward(&self, x: Tensor<3>, cache: Option<(&mut KvCache, usize)>) -> Tensor<3> {
+        let [b, t, c] = x.dims();
+        let (q, k, v) = self.qkv(x);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
@@ -217,13 +222,8 @@ impl CausalSelfAttention {
     /// `caches[b]` -> `[B, 1, C]`.
     fn forward_step(&self, x: Tensor<3>, caches: &mut [&mut KvCache], layer: usize) -> Tensor<3> {
         let [b, t, c] = x.dims();
-        let (h, d) = (self.n_head, c / self.n_head);
-        // [B, 1, 3C] -> 3 x [B, H, 1, D]
-        let qkv = linear(&self.c_attn, x)
-            .reshape([b, t, 3, h, d])
-            .permute([2, 0, 3, 1, 4]);
-        let mut qkv = qkv.chunk(3, 0).into_iter().map(|p| p.squeeze_dim::<4>(0));
-        let (q, k, v) = (qkv.next().unwrap(), qkv.next().unwrap(), qkv.next().unwrap());
+        // [B, 1, C] -> 3 x [B, H, 1, D]
+        let (q, k, v) = self.qkv(x);
         let options = AttentionModuleOptions {
             scale: None,
             softcap: None,

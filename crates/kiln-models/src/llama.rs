@@ -247,6 +247,17 @@ fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
 }
 
 impl LlamaAttention {
+    /// `[B, T, C]` -> queries `[B, H, T, D]`, keys and values `[B, K, T, D]` (K heads).
+    fn qkv(&self, x: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let [b, t, c] = x.dims();
+        let (h, k) = (self.n_head, self.n_kv_head);
+        let d = c / h;
+        let q = linear(&self.q_proj, x.clone()).reshape([b, t, h, d]).swap_dims(1, 2);
+        let kk = linear(&self.k_proj, x.clone()).reshape([b, t, k, d]).swap_dims(1, 2);
+        let v = linear(&self.v_proj, x).reshape([b, t, k, d]).swap_dims(1, 2);
+        (q, kk, v)
+    }
+
     /// `x`: `[B, T, C]` at positions `start..start+T` -> `[B, T, C]`.
     fn forward(
         &self,
@@ -258,10 +269,7 @@ impl LlamaAttention {
         let [b, t, c] = x.dims();
         let (h, k) = (self.n_head, self.n_kv_head);
         let d = c / h;
-        // [B, T, H*D] -> [B, H, T, D]; keys and values with K heads
-        let q = linear(&self.q_proj, x.clone()).reshape([b, t, h, d]).swap_dims(1, 2);
-        let kk = linear(&self.k_proj, x.clone()).reshape([b, t, k, d]).swap_dims(1, 2);
-        let v = linear(&self.v_proj, x).reshape([b, t, k, d]).swap_dims(1, 2);
+        let (q, kk, v) = self.qkv(x);
         let q = rotary.apply(q, start);
         let kk = rotary.apply(kk, start);
         let (kk, v) = match cache {
@@ -296,9 +304,7 @@ impl LlamaAttention {
         let [b, t, c] = x.dims();
         let (h, k) = (self.n_head, self.n_kv_head);
         let d = c / h;
-        let q = linear(&self.q_proj, x.clone()).reshape([b, t, h, d]).swap_dims(1, 2);
-        let kk = linear(&self.k_proj, x.clone()).reshape([b, t, k, d]).swap_dims(1, 2);
-        let v = linear(&self.v_proj, x).reshape([b, t, k, d]).swap_dims(1, 2);
+        let (q, kk, v) = self.qkv(x);
         let q = rotary.apply_rows(q, positions.clone());
         let kk = rotary.apply_rows(kk, positions);
         let options = AttentionModuleOptions {
