@@ -101,6 +101,7 @@ fn a_checkpoint_of_another_architecture_is_refused() {
         vocab_size: 30522,
         rope_theta: 1e4,
         rms_norm_eps: 1e-6,
+        ..Default::default()
     });
     let err = convert(&source, &llama, false).err().unwrap().to_string();
     assert!(

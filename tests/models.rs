@@ -37,6 +37,7 @@ fn llama() -> LlamaConfig {
         vocab_size: 11,
         rope_theta: 10_000.0,
         rms_norm_eps: 1e-5,
+        ..Default::default()
     }
 }
 

@@ -176,6 +176,7 @@ fn every_architecture_computes_the_same_on_every_backend() {
         vocab_size: v,
         rope_theta: 1e4,
         rms_norm_eps: 1e-5,
+        ..Default::default()
     };
     check_arch(
         "llama",

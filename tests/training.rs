@@ -267,6 +267,7 @@ fn every_parameter_receives_a_gradient() {
         vocab_size: 7,
         rope_theta: 1e4,
         rms_norm_eps: 1e-5,
+        ..Default::default()
     }
     .init(&d);
     let grads = GradientsParams::from_grads(

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use kiln_convert::{Source, convert, hf_config, write_model_dir};
+use kiln_convert::{Source, convert, hf_config, write_model_dir_with};
 use kiln_core::ModelFile;
 use kiln_core::layout::{CONFIG, HF_CONFIG, MODEL_WEIGHTS, TOKENIZER, WhichWeights, weights_file};
 use kiln_models::ModelConfig;
@@ -116,7 +116,9 @@ fn main() -> Result<()> {
     }
     let tokenizer = source.tokenizer.as_deref();
     let hf_json = source.hf_config.as_ref().map(|(p, _)| p.as_path());
-    write_model_dir(&cli.output, &model, &weights, hf_json, tokenizer)?;
+    // A GGUF's config.json and tokenizer files are made from its metadata.
+    let hf_json = hf_json.filter(|_| source.extra_files.is_empty());
+    write_model_dir_with(&cli.output, &model, &weights, hf_json, tokenizer, &source.extra_files)?;
     println!(
         "converted {} ({}) -> {} | {} arch | {} | {:.2} s",
         cli.input.display(),

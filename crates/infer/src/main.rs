@@ -75,6 +75,20 @@ struct Cli {
     #[arg(long)]
     no_cache: bool,
 
+    /// Perplexity of a language model over this text file (prints the method with it).
+    #[arg(long, conflicts_with_all = ["prompt", "prompt_file"])]
+    perplexity: Option<PathBuf>,
+    /// Tokens per model call for --perplexity (default: min(512, the model's context)).
+    #[arg(long)]
+    context: Option<usize>,
+    /// Window step for --perplexity with --ppl-method sliding (default: context / 2).
+    #[arg(long)]
+    stride: Option<usize>,
+    /// sliding: transformers' guide (overlapping windows, every token scored once);
+    /// chunks: llama.cpp's llama-perplexity (BOS-first chunks, second halves scored).
+    #[arg(long, value_enum, default_value_t = PplMethod::Sliding)]
+    ppl_method: PplMethod,
+
     /// Text to classify or embed (encoder models; repeatable).
     #[arg(long)]
     text: Vec<String>,
@@ -96,6 +110,12 @@ struct Cli {
     /// How many classes to print.
     #[arg(long, default_value_t = 3)]
     top: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PplMethod {
+    Sliding,
+    Chunks,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -124,6 +144,7 @@ fn main() -> Result<()> {
         check_sampling(&cli)?;
     }
     match &loaded.model {
+        Model::CausalLm(model) if cli.perplexity.is_some() => perplexity(&cli, &loaded, model.as_ref(), &device),
         Model::CausalLm(model) if cli.prompt_file.is_some() => generate_batch(&cli, &loaded, model.as_ref(), &device),
         Model::CausalLm(model) => generate_one(&cli, &loaded, model.as_ref(), &device),
         Model::ImageClassifier(model) => classify_image(&cli, &loaded, model.as_ref(), &device),
@@ -131,6 +152,51 @@ fn main() -> Result<()> {
         Model::TextClassifier(model) => classify_text(&cli, &loaded, model.as_ref(), &device),
         Model::Encoder(model) => embed(&cli, &loaded, model.as_ref(), &device),
     }
+}
+
+/// `--perplexity FILE`: the whole file tokenized (BOS first when the tokenizer adds it),
+/// scored by the chosen method; the output says how.
+fn perplexity(cli: &Cli, loaded: &LoadedModel, model: &dyn CausalLm, device: &burn::tensor::Device) -> Result<()> {
+    use kiln_infer::perplexity::{PerplexityMethod, perplexity};
+    let path = cli.perplexity.as_ref().expect("checked by the caller");
+    let tokenizer = loaded
+        .tokenizer
+        .as_ref()
+        .context("language model without a tokenizer")?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let ids = tokenizer
+        .encode_with_special(&text)
+        .with_context(|| format!("encoding {}", path.display()))?;
+    let bos = tokenizer.encode_with_special("")?.first().copied();
+    let context = cli.context.unwrap_or(model.context_len().min(512));
+    let method = match cli.ppl_method {
+        PplMethod::Sliding => PerplexityMethod::Sliding {
+            context,
+            stride: cli.stride.unwrap_or(context / 2),
+        },
+        PplMethod::Chunks => PerplexityMethod::Chunks { context },
+    };
+    let started = std::time::Instant::now();
+    let p = perplexity(model, &ids, method, bos, device)?;
+    let seconds = started.elapsed().as_secs_f64();
+    println!("perplexity {:.4}", p.perplexity);
+    println!(
+        "{} | {} tokens ({}), {} scored in {} windows, each window {} | mean NLL {:.6} nats | {:.1} s ({:.0} tokens/s)",
+        p.method,
+        p.tokens,
+        if bos.is_some() { "BOS first" } else { "no BOS" },
+        p.scored,
+        p.windows,
+        if p.bos_per_window {
+            "starting with BOS"
+        } else {
+            "as the text runs"
+        },
+        p.nll / p.scored as f64,
+        seconds,
+        p.scored as f64 / seconds
+    );
+    Ok(())
 }
 
 fn sampling(cli: &Cli) -> Sampling {
@@ -185,7 +251,8 @@ fn generate_one(cli: &Cli, loaded: &LoadedModel, model: &dyn CausalLm, device: &
         .prompt
         .as_deref()
         .context("--prompt or --prompt-file is required for a language model")?;
-    let ids = tokenizer.encode(prompt).context("encoding --prompt")?;
+    // With the tokenizer's special tokens: BOS first when the model's tokenizer adds it.
+    let ids = tokenizer.encode_with_special(prompt).context("encoding --prompt")?;
     let mut out = std::io::stdout().lock();
     write!(out, "{prompt}")?;
     if cli.no_cache {
@@ -242,7 +309,7 @@ fn generate_batch(cli: &Cli, loaded: &LoadedModel, model: &dyn CausalLm, device:
     let mut engine = Engine::new(model, device, Some(tokenizer), engine_config(cli, model, cli.max_batch));
     for (i, prompt) in prompts.iter().enumerate() {
         let ids = tokenizer
-            .encode(prompt)
+            .encode_with_special(prompt)
             .with_context(|| format!("{}:{}: encoding the prompt", path.display(), i + 1))?;
         engine
             .add(request(cli, loaded, ids))

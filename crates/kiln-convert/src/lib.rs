@@ -7,6 +7,7 @@
 //! against the Kiln model's own names and shapes, and written as one safetensors file.
 
 pub mod arch;
+pub mod gguf;
 pub mod hf_config;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -16,7 +17,7 @@ use burn::store::{ModuleSnapshot, ModuleStore, PytorchStore, SafetensorsStore};
 use burn::tensor::{DType, Device, TensorData};
 use burn_pack::Tensor as PackTensor;
 use kiln_core::config::ModelFile;
-use kiln_core::layout::{CONFIG, GENERATION_CONFIG, HF_CONFIG, MODEL_WEIGHTS, TOKENIZER};
+use kiln_core::layout::{CONFIG, GENERATION_CONFIG, HF_CONFIG, MODEL_WEIGHTS, TOKENIZER, TOKENIZER_CONFIG};
 use kiln_models::{ArchVisitor, Architecture, ModelConfig};
 use regex::Regex;
 
@@ -56,6 +57,9 @@ pub struct Source {
     pub tokenizer: Option<PathBuf>,
     /// The files the tensors came from.
     pub files: Vec<PathBuf>,
+    /// Files for the model directory made from the source itself (a GGUF file's
+    /// `config.json`, `tokenizer.json`, ...), written in place of copies.
+    pub extra_files: Vec<(String, Vec<u8>)>,
 }
 
 fn read_store(
@@ -93,7 +97,7 @@ fn read_file(path: &Path, into: &mut BTreeMap<String, PackTensor>) -> Result<(),
         "onnx" => read_onnx(path, into),
         _ => Err(read_err(
             path,
-            "unknown checkpoint type: expected .safetensors, .pt, .pth, .bin, .onnx or a Hugging Face directory",
+            "unknown checkpoint type: expected .safetensors, .pt, .pth, .bin, .onnx, .gguf or a Hugging Face directory",
         )),
     }
 }
@@ -206,6 +210,9 @@ impl Source {
         if !input.exists() {
             return Err(read_err(input, "no such file or directory"));
         }
+        if !input.is_dir() && input.extension().is_some_and(|e| e == "gguf") {
+            return gguf::read(input);
+        }
         if !input.is_dir() {
             read_file(input, &mut tensors)?;
             files.push(input.to_path_buf());
@@ -214,6 +221,7 @@ impl Source {
                 hf_config: None,
                 tokenizer: None,
                 files,
+                extra_files: vec![],
             });
         }
         let index = input.join("model.safetensors.index.json");
@@ -262,6 +270,7 @@ impl Source {
             hf_config,
             tokenizer,
             files,
+            extra_files: vec![],
         })
     }
 }
@@ -373,6 +382,7 @@ pub fn convert(source: &Source, model: &ModelConfig, allow_partial: bool) -> Res
     let renames = compile_renames(rules.renames);
     let ignore = compile(rules.ignore);
     let transposed = compile(rules.transpose);
+    let tied = compile(rules.tied);
     let device = Device::flex();
     let initial = initial_tensors(model, &device);
     let expected: BTreeMap<String, Vec<usize>> = initial
@@ -388,6 +398,11 @@ pub fn convert(source: &Source, model: &ModelConfig, allow_partial: bool) -> Res
             continue;
         }
         let kiln = rename(name, &renames);
+        if !expected.contains_key(&kiln) && tied.iter().any(|r| r.is_match(&kiln)) {
+            // The configured model ties this parameter: the checkpoint's copy is a duplicate.
+            report.ignored.push(name.clone());
+            continue;
+        }
         let Some(want) = expected.get(&kiln) else {
             report.unexpected.push(format!("{name} {:?}", tensor.shape.as_slice()));
             continue;
@@ -471,13 +486,27 @@ pub fn write_dir_atomically(out: &Path, files: &[(&str, &[u8])]) -> Result<(), C
 }
 
 /// Write a Kiln model directory: `model.safetensors`, `config.toml` (the `[model]`
-/// section), and the source's `config.json` and `tokenizer.json` when given.
+/// section), and the source's `config.json` and `tokenizer.json` when given (with the
+/// `generation_config.json` and `tokenizer_config.json` found beside them).
 pub fn write_model_dir(
     out: &Path,
     model: &ModelConfig,
     weights: &[u8],
     hf_config: Option<&Path>,
     tokenizer: Option<&Path>,
+) -> Result<(), ConvertError> {
+    write_model_dir_with(out, model, weights, hf_config, tokenizer, &[])
+}
+
+/// [`write_model_dir`] plus `extra` files (name, bytes), which replace copies of the same
+/// name.
+pub fn write_model_dir_with(
+    out: &Path,
+    model: &ModelConfig,
+    weights: &[u8],
+    hf_config: Option<&Path>,
+    tokenizer: Option<&Path>,
+    extra: &[(String, Vec<u8>)],
 ) -> Result<(), ConvertError> {
     let toml = ModelFile {
         model: model.clone(),
@@ -486,17 +515,22 @@ pub fn write_model_dir(
     .to_toml();
     let mut files: Vec<(&str, Vec<u8>)> = vec![(MODEL_WEIGHTS, weights.to_vec()), (CONFIG, toml.into_bytes())];
     // A generation_config.json beside the config.json carries the end-of-sequence tokens.
-    let generation = hf_config
-        .map(|p| p.with_file_name(GENERATION_CONFIG))
-        .filter(|p| p.is_file());
+    let beside = |name: &str| hf_config.map(|p| p.with_file_name(name)).filter(|p| p.is_file());
+    let (generation, tokenizer_config) = (beside(GENERATION_CONFIG), beside(TOKENIZER_CONFIG));
     for (name, src) in [
         (HF_CONFIG, hf_config),
         (TOKENIZER, tokenizer),
         (GENERATION_CONFIG, generation.as_deref()),
+        (TOKENIZER_CONFIG, tokenizer_config.as_deref()),
     ] {
-        if let Some(src) = src {
+        if let Some(src) = src
+            && !extra.iter().any(|(n, _)| n == name)
+        {
             files.push((name, std::fs::read(src).map_err(|e| read_err(src, e))?));
         }
+    }
+    for (name, bytes) in extra {
+        files.push((name.as_str(), bytes.clone()));
     }
     let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
     write_dir_atomically(out, &refs)

@@ -37,6 +37,9 @@ pub const LABELS: &str = "labels.json";
 pub const HF_CONFIG: &str = "config.json";
 /// A Hugging Face `generation_config.json` kept from a converted checkpoint.
 pub const GENERATION_CONFIG: &str = "generation_config.json";
+/// Hugging Face tokenizer settings beside `tokenizer.json`: the chat template, the
+/// special tokens, `add_bos_token`.
+pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
 
 /// Which weights of a model directory to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -10,6 +10,7 @@ pub mod detokenizer;
 pub mod embed;
 pub mod engine;
 pub mod model;
+pub mod perplexity;
 pub mod sampler;
 
 pub use engine::{Completion, Engine, EngineConfig, FinishReason, GenerateError, Request};

@@ -109,6 +109,20 @@ pub fn conv2d(layer: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     layer.forward(x)
 }
 
+/// A tied LM head: `x` `[..., C]` times the transposed token embedding `[V, C]` ->
+/// `[..., V]`, computed as `(E x^T)^T` so the large embedding is read in its stored
+/// layout (a transposed view of it would be copied on every call).
+pub fn tied_head<const D: usize>(x: Tensor<D>, embedding: Tensor<2>) -> Tensor<D> {
+    let dims = x.dims();
+    let c = dims[D - 1];
+    let n = dims[..D - 1].iter().product::<usize>();
+    let v = embedding.dims()[0];
+    let mut out = dims;
+    out[D - 1] = v;
+    // [V, C] x [C, N] -> [V, N] -> [N, V]
+    embedding.matmul(x.reshape([n, c]).transpose()).transpose().reshape(out)
+}
+
 /// Layer normalisation over the last dimension, Burn's `nn::LayerNorm` (same parameter
 /// names `gamma` and `beta`, so checkpoints are unchanged) computed by [`layer_norm`].
 #[derive(Module, Debug)]

@@ -1,8 +1,11 @@
 //! Key/value cache for incremental decoding.
 //!
-//! Each layer holds a buffer `[batch, kv_heads, context, head_dim]` allocated once;
-//! new keys and values are written into it in place (`slice_assign` on a uniquely owned
-//! tensor), so a decode step allocates no new cache storage.
+//! Each layer holds a buffer `[batch, kv_heads, allocated, head_dim]`; new keys and
+//! values are written into it in place (`slice_assign` on a uniquely owned tensor), so a
+//! decode step allocates no new cache storage. The buffer starts at
+//! [`INITIAL_POSITIONS`] (or the capacity, if smaller) and doubles when a write needs
+//! more, up to the capacity: a 32k-context model does not reserve 32k positions per
+//! sequence up front.
 
 use burn::prelude::*;
 
@@ -18,11 +21,17 @@ pub struct LayerKv {
 pub struct KvCache {
     layers: Vec<LayerKv>,
     len: usize,
+    /// Positions the buffers hold now.
+    allocated: usize,
     capacity: usize,
 }
 
+/// Positions allocated by a new cache (at most its capacity).
+pub const INITIAL_POSITIONS: usize = 512;
+
 impl KvCache {
-    /// An empty cache of `layers` layers, each `[batch, kv_heads, capacity, head_dim]`.
+    /// An empty cache of `layers` layers for up to `capacity` positions of
+    /// `[batch, kv_heads, _, head_dim]`.
     pub fn new(
         layers: usize,
         batch: usize,
@@ -31,17 +40,37 @@ impl KvCache {
         head_dim: usize,
         device: &Device,
     ) -> Self {
+        let allocated = capacity.min(INITIAL_POSITIONS);
         let layers = (0..layers)
             .map(|_| LayerKv {
-                keys: Tensor::zeros([batch, kv_heads, capacity, head_dim], device),
-                values: Tensor::zeros([batch, kv_heads, capacity, head_dim], device),
+                keys: Tensor::zeros([batch, kv_heads, allocated, head_dim], device),
+                values: Tensor::zeros([batch, kv_heads, allocated, head_dim], device),
             })
             .collect();
         Self {
             layers,
             len: 0,
+            allocated,
             capacity,
         }
+    }
+
+    /// Grow every layer's buffers to hold at least `end` positions (doubling).
+    fn reserve(&mut self, end: usize) {
+        if end <= self.allocated {
+            return;
+        }
+        let allocated = end.max(self.allocated * 2).min(self.capacity);
+        let len = self.len;
+        for kv in &mut self.layers {
+            for buf in [&mut kv.keys, &mut kv.values] {
+                let [b, k, _, d] = buf.dims();
+                let grown = Tensor::zeros([b, k, allocated, d], &buf.device());
+                let filled = buf.clone().slice(s![.., .., 0..len, ..]);
+                *buf = grown.slice_assign(s![.., .., 0..len, ..], filled);
+            }
+        }
+        self.allocated = allocated;
     }
 
     /// Number of cached positions.
@@ -70,6 +99,7 @@ impl KvCache {
         let new = keys.dims()[2];
         let end = self.len + new;
         assert!(end <= self.capacity, "KV cache overflow: {end} > {}", self.capacity);
+        self.reserve(end);
         let start = self.len;
         let kv = &mut self.layers[layer];
         kv.keys

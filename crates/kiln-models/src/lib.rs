@@ -13,15 +13,18 @@
 pub mod bert;
 pub mod cnn;
 pub mod fused;
+pub mod gemma3;
 pub mod gpt2;
 pub mod kv_cache;
 pub mod llama;
 pub mod loss;
 pub mod mlp;
 pub mod registry;
+pub mod rope;
 
 pub use bert::{BertConfig, BertForSequenceClassification, BertModel, ClassifierHead, Pooling};
 pub use cnn::{Cnn, CnnConfig};
+pub use gemma3::{Gemma3Config, Gemma3ForCausalLM};
 pub use gpt2::{Gpt2Config, Gpt2LMHeadModel};
 pub use kv_cache::KvCache;
 pub use llama::{LlamaConfig, LlamaForCausalLM};
@@ -30,6 +33,7 @@ pub use registry::{
     ArchVisitor, Architecture, EncoderArchitecture, FamilyVisitor, FieldError, ImageArchitecture, LanguageArchitecture,
     LmSizes, ModelConfig, ModelKind,
 };
+pub use rope::{RopeScaling, RotaryEmbedding};
 
 use burn::prelude::*;
 

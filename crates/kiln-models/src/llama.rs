@@ -1,11 +1,13 @@
 //! Llama: token embedding, pre-RMSNorm decoder layers of grouped-query attention with
-//! rotary positions and a SwiGLU MLP, a final RMSNorm and an untied LM head; no biases.
+//! rotary positions and a SwiGLU MLP, a final RMSNorm and an LM head (its own, or tied
+//! to the embedding as SmolLM2 and Llama 3.2 do). Biases are optional: on q/k/v
+//! (Qwen2-style), on the attention output, on the MLP.
 //! Module paths follow Hugging Face's `LlamaForCausalLM`
 //! (`model.embed_tokens`, `model.layers.{i}.self_attn.q_proj`, `lm_head`, ...).
 //! Rotary embeddings use HF's "rotate half" layout, so HF checkpoints load unpermuted.
 //!
 //! Shapes: B = batch, T = sequence, C = n_embd, H = n_head, K = n_kv_head,
-//! D = C / H, F = intermediate_size, V = vocab.
+//! D = head_dim (default C / H), F = intermediate_size, V = vocab.
 
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
@@ -14,7 +16,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::fused::{attention, linear, silu};
 use crate::registry::{FieldError, ensure};
+use crate::rope::repeat_kv;
+pub use crate::rope::{RopeScaling, RotaryEmbedding};
 use crate::{CausalLm, KvCache};
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
 
 fn default_rope_theta() -> f64 {
     10_000.0
@@ -24,7 +32,7 @@ fn default_rms_norm_eps() -> f64 {
 }
 
 /// Llama hyper-parameters (`[model] arch = "llama"`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LlamaConfig {
     /// Number of decoder layers.
@@ -46,6 +54,24 @@ pub struct LlamaConfig {
     pub rope_theta: f64,
     #[serde(default = "default_rms_norm_eps")]
     pub rms_norm_eps: f64,
+    /// Per-head width D when it is not `n_embd / n_head`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// The LM head is the transposed token embedding (no `lm_head` parameter).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub tie_word_embeddings: bool,
+    /// Rotary frequency scaling for long contexts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+    /// Biases on the q, k and v projections (Qwen2; HF Llama's `attention_bias`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub qkv_bias: bool,
+    /// A bias on the attention output projection (HF Llama's `attention_bias`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub o_bias: bool,
+    /// Biases on the MLP projections (HF Llama's `mlp_bias`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub mlp_bias: bool,
 }
 
 impl LlamaConfig {
@@ -61,36 +87,52 @@ impl LlamaConfig {
                 self.n_head, self.n_kv_head
             ),
         )?;
-        ensure(
-            self.n_embd.is_multiple_of(self.n_head),
-            "n_embd",
-            format!("{} is not divisible by n_head = {}", self.n_embd, self.n_head),
-        )?;
-        ensure(
-            (self.n_embd / self.n_head).is_multiple_of(2),
-            "n_embd",
-            "head dimension must be even for rotary embeddings",
-        )?;
+        match self.head_dim {
+            Some(d) => ensure(
+                d > 0 && d.is_multiple_of(2),
+                "head_dim",
+                "must be even and positive for rotary embeddings",
+            )?,
+            None => {
+                ensure(
+                    self.n_embd.is_multiple_of(self.n_head),
+                    "n_embd",
+                    format!(
+                        "{} is not divisible by n_head = {} (set head_dim)",
+                        self.n_embd, self.n_head
+                    ),
+                )?;
+                ensure(
+                    (self.n_embd / self.n_head).is_multiple_of(2),
+                    "n_embd",
+                    "head dimension must be even for rotary embeddings",
+                )?;
+            }
+        }
+        if let Some(scaling) = &self.rope_scaling {
+            scaling.validate()?;
+        }
         ensure(self.intermediate_size > 0, "intermediate_size", "must be at least 1")?;
         ensure(self.block_size > 0, "block_size", "must be at least 1")?;
         ensure(self.rope_theta > 0.0, "rope_theta", "must be positive")?;
         ensure(self.rms_norm_eps > 0.0, "rms_norm_eps", "must be positive")
     }
 
-    fn head_dim(&self) -> usize {
-        self.n_embd / self.n_head
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.n_embd / self.n_head)
     }
 
     /// Build the model with HF's initialisation: N(0, 0.02) weights, unit norms.
     pub fn init(&self, device: &Device) -> LlamaForCausalLM {
         assert!(self.vocab_size > 0, "LlamaConfig::init: vocab_size must be set");
         let init = Initializer::Normal { mean: 0.0, std: 0.02 };
-        let linear = |d_in, d_out| {
+        let linear_b = |d_in, d_out, bias| {
             LinearConfig::new(d_in, d_out)
-                .with_bias(false)
+                .with_bias(bias)
                 .with_initializer(init.clone())
                 .init(device)
         };
+        let linear = |d_in, d_out| linear_b(d_in, d_out, false);
         let rms_norm = || {
             RmsNormConfig::new(self.n_embd)
                 .with_epsilon(self.rms_norm_eps)
@@ -101,18 +143,19 @@ impl LlamaConfig {
             .map(|_| LlamaDecoderLayer {
                 input_layernorm: rms_norm(),
                 self_attn: LlamaAttention {
-                    q_proj: linear(c, self.n_head * d),
-                    k_proj: linear(c, self.n_kv_head * d),
-                    v_proj: linear(c, self.n_kv_head * d),
-                    o_proj: linear(self.n_head * d, c),
+                    q_proj: linear_b(c, self.n_head * d, self.qkv_bias),
+                    k_proj: linear_b(c, self.n_kv_head * d, self.qkv_bias),
+                    v_proj: linear_b(c, self.n_kv_head * d, self.qkv_bias),
+                    o_proj: linear_b(self.n_head * d, c, self.o_bias),
                     n_head: self.n_head,
                     n_kv_head: self.n_kv_head,
+                    head_dim: d,
                 },
                 post_attention_layernorm: rms_norm(),
                 mlp: LlamaMlp {
-                    gate_proj: linear(c, f),
-                    up_proj: linear(c, f),
-                    down_proj: linear(f, c),
+                    gate_proj: linear_b(c, f, self.mlp_bias),
+                    up_proj: linear_b(c, f, self.mlp_bias),
+                    down_proj: linear_b(f, c, self.mlp_bias),
                 },
             })
             .collect();
@@ -123,19 +166,19 @@ impl LlamaConfig {
                     .init(device),
                 layers,
                 norm: rms_norm(),
-                rotary: RotaryEmbedding::new(d, self.block_size, self.rope_theta, device),
+                rotary: RotaryEmbedding::new(d, self.block_size, self.rope_theta, self.rope_scaling.as_ref(), device),
             },
-            lm_head: linear(c, self.vocab_size),
+            lm_head: (!self.tie_word_embeddings).then(|| linear(c, self.vocab_size)),
         }
     }
 }
 
-/// `LlamaForCausalLM`: the decoder plus an untied LM head.
+/// `LlamaForCausalLM`: the decoder plus the LM head.
 #[derive(Module, Debug)]
 pub struct LlamaForCausalLM {
     pub model: LlamaModel,
-    /// `[C, V]`
-    pub lm_head: Linear,
+    /// `[C, V]`; `None` when tied to `model.embed_tokens`.
+    pub lm_head: Option<Linear>,
 }
 
 /// `LlamaModel`: embedding, decoder layers, final norm, and the rotary tables.
@@ -171,6 +214,7 @@ pub struct LlamaAttention {
     pub o_proj: Linear,
     pub n_head: usize,
     pub n_kv_head: usize,
+    pub head_dim: usize,
 }
 
 /// SwiGLU: `down(silu(gate(x)) * up(x))`, `C -> F -> C`.
@@ -181,77 +225,11 @@ pub struct LlamaMlp {
     pub down_proj: Linear,
 }
 
-/// Rotary position tables `cos`, `sin`: `[max_positions, D]`, computed once at init.
-#[derive(Module, Debug)]
-pub struct RotaryEmbedding {
-    pub cos: Tensor<2>,
-    pub sin: Tensor<2>,
-}
-
-impl RotaryEmbedding {
-    pub fn new(head_dim: usize, max_positions: usize, theta: f64, device: &Device) -> Self {
-        // inv_freq[i] = theta^(-2i/D), i < D/2; angles[p, i] = p * inv_freq[i],
-        // duplicated to [p, D] as HF does (cat(freqs, freqs)).
-        let half = head_dim / 2;
-        let mut cos = Vec::with_capacity(max_positions * head_dim);
-        let mut sin = Vec::with_capacity(max_positions * head_dim);
-        for p in 0..max_positions {
-            for j in 0..head_dim {
-                let i = j % half;
-                let inv_freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
-                let angle = p as f64 * inv_freq;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
-        Self {
-            cos: Tensor::from_data(TensorData::new(cos, [max_positions, head_dim]), device),
-            sin: Tensor::from_data(TensorData::new(sin, [max_positions, head_dim]), device),
-        }
-    }
-
-    /// Rotate `x` `[B, heads, T, D]` for positions `start..start+T`:
-    /// `x * cos + rotate_half(x) * sin`, `rotate_half([x1, x2]) = [-x2, x1]`.
-    pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
-        let [_, _, t, d] = x.dims();
-        let cos = self.cos.clone().slice(s![start..start + t, ..]).unsqueeze::<4>(); // [1, 1, T, D]
-        let sin = self.sin.clone().slice(s![start..start + t, ..]).unsqueeze::<4>();
-        let x1 = x.clone().slice(s![.., .., .., 0..d / 2]);
-        let x2 = x.clone().slice(s![.., .., .., d / 2..d]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * cos + rotated * sin
-    }
-
-    /// Rotate `x` `[B, heads, 1, D]` row `b` at position `positions[b]` (a decode step
-    /// of independent sequences); the same arithmetic as [`apply`](Self::apply).
-    pub fn apply_rows(&self, x: Tensor<4>, positions: Tensor<1, Int>) -> Tensor<4> {
-        let [b, _, _, d] = x.dims();
-        let cos = self.cos.clone().select(0, positions.clone()).reshape([b, 1, 1, d]);
-        let sin = self.sin.clone().select(0, positions).reshape([b, 1, 1, d]);
-        let x1 = x.clone().slice(s![.., .., .., 0..d / 2]);
-        let x2 = x.clone().slice(s![.., .., .., d / 2..d]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * cos + rotated * sin
-    }
-}
-
-/// Repeat each of K key/value heads H/K times: `[B, K, T, D]` -> `[B, H, T, D]`.
-fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
-    if n_rep == 1 {
-        return x;
-    }
-    let [b, k, t, d] = x.dims();
-    x.unsqueeze_dim::<5>(2)
-        .expand([b, k, n_rep, t, d])
-        .reshape([b, k * n_rep, t, d])
-}
-
 impl LlamaAttention {
     /// `[B, T, C]` -> queries `[B, H, T, D]`, keys and values `[B, K, T, D]` (K heads).
     fn qkv(&self, x: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
-        let [b, t, c] = x.dims();
-        let (h, k) = (self.n_head, self.n_kv_head);
-        let d = c / h;
+        let [b, t, _] = x.dims();
+        let (h, k, d) = (self.n_head, self.n_kv_head, self.head_dim);
         let q = linear(&self.q_proj, x.clone()).reshape([b, t, h, d]).swap_dims(1, 2);
         let kk = linear(&self.k_proj, x.clone()).reshape([b, t, k, d]).swap_dims(1, 2);
         let v = linear(&self.v_proj, x).reshape([b, t, k, d]).swap_dims(1, 2);
@@ -266,9 +244,8 @@ impl LlamaAttention {
         start: usize,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Tensor<3> {
-        let [b, t, c] = x.dims();
-        let (h, k) = (self.n_head, self.n_kv_head);
-        let d = c / h;
+        let [b, t, _] = x.dims();
+        let (h, k, d) = (self.n_head, self.n_kv_head, self.head_dim);
         let (q, kk, v) = self.qkv(x);
         let q = rotary.apply(q, start);
         let kk = rotary.apply(kk, start);
@@ -301,9 +278,8 @@ impl LlamaAttention {
         caches: &mut [&mut KvCache],
         layer: usize,
     ) -> Tensor<3> {
-        let [b, t, c] = x.dims();
-        let (h, k) = (self.n_head, self.n_kv_head);
-        let d = c / h;
+        let [b, t, _] = x.dims();
+        let (h, k, d) = (self.n_head, self.n_kv_head, self.head_dim);
         let (q, kk, v) = self.qkv(x);
         let q = rotary.apply_rows(q, positions.clone());
         let kk = rotary.apply_rows(kk, positions);
@@ -371,7 +347,15 @@ impl LlamaForCausalLM {
             cache.advance(t);
         }
         // [B, T, C] -> [B, T, V]
-        linear(&self.lm_head, m.norm.forward(x))
+        self.head(m.norm.forward(x))
+    }
+
+    /// `[B, T, C]` -> logits `[B, T, V]`, through `lm_head` or the tied embedding.
+    fn head(&self, x: Tensor<3>) -> Tensor<3> {
+        match &self.lm_head {
+            Some(head) => linear(head, x),
+            None => crate::fused::tied_head(x, self.model.embed_tokens.weight.val()),
+        }
     }
 }
 
@@ -390,13 +374,12 @@ impl CausalLm for LlamaForCausalLM {
 
     fn new_cache(&self, batch: usize, device: &Device) -> KvCache {
         let attn = &self.model.layers[0].self_attn;
-        let d = self.model.embed_tokens.weight.dims()[1] / attn.n_head;
         KvCache::new(
             self.model.layers.len(),
             batch,
             attn.n_kv_head,
             self.context_len(),
-            d,
+            attn.head_dim,
             device,
         )
     }
@@ -423,7 +406,7 @@ impl CausalLm for LlamaForCausalLM {
             x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
         }
         crate::kv_cache::advance_rows(caches);
-        linear(&self.lm_head, m.norm.forward(x))
+        self.head(m.norm.forward(x))
     }
 }
 

@@ -14,8 +14,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    BertConfig, CausalLm, ClassifierHead, CnnConfig, Encoder, Gpt2Config, ImageClassifier, LlamaConfig, MlpConfig,
-    SequenceClassifier,
+    BertConfig, CausalLm, ClassifierHead, CnnConfig, Encoder, Gemma3Config, Gpt2Config, ImageClassifier, LlamaConfig,
+    MlpConfig, SequenceClassifier,
 };
 
 /// An impossible hyper-parameter, named by its config key.
@@ -175,6 +175,7 @@ macro_rules! architectures {
 architectures! {
     "gpt2" => Gpt2(Gpt2Config), causal_lm;
     "llama" => Llama(LlamaConfig), causal_lm;
+    "gemma3" => Gemma3(Gemma3Config), causal_lm;
     "mlp" => Mlp(MlpConfig), image_classifier;
     "cnn" => Cnn(CnnConfig), image_classifier;
     "bert" => Bert(BertConfig), encoder;
@@ -267,7 +268,10 @@ mod tests {
             let back: ModelConfig = serde_json::from_value(json).unwrap();
             assert_eq!(back, c);
         }
-        assert_eq!(ModelConfig::ARCHITECTURES, ["gpt2", "llama", "mlp", "cnn", "bert"]);
+        assert_eq!(
+            ModelConfig::ARCHITECTURES,
+            ["gpt2", "llama", "gemma3", "mlp", "cnn", "bert"]
+        );
     }
 
     #[test]

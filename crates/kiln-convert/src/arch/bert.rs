@@ -23,10 +23,12 @@ pub const CONVERSION: Conversion = Conversion {
             (r"\.layer_norm\.beta$", ".LayerNorm.bias"),
             (r"\.attention\.self_attn\.", ".attention.self."),
         ],
+        tied: &[],
     },
     model_types: &["bert"],
     from_hf: Some(from_hf),
     to_hf: Some(to_hf),
+    gguf: None,
 };
 
 /// The fields of a BERT `config.json` Kiln reads.

@@ -9,8 +9,10 @@ pub const CONVERSION: Conversion = Conversion {
         ignore: &[],
         transpose: &[r"^fc\d\.weight$"],
         export: &[],
+        tied: &[],
     },
     model_types: &[],
     from_hf: None,
     to_hf: None,
+    gguf: None,
 };

@@ -25,10 +25,12 @@ pub const CONVERSION: Conversion = Conversion {
         // transpose would silently corrupt the square c_proj).
         transpose: &[],
         export: &[(r"\.gamma$", ".weight"), (r"\.beta$", ".bias")],
+        tied: &[],
     },
     model_types: &["gpt2"],
     from_hf: Some(from_hf),
     to_hf: Some(to_hf),
+    gguf: None,
 };
 
 /// The fields of a GPT-2 `config.json` Kiln reads.

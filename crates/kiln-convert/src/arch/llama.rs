@@ -1,11 +1,14 @@
-//! Llama: Hugging Face `LlamaForCausalLM`.
+//! Llama: Hugging Face `LlamaForCausalLM` (and `Qwen2ForCausalLM`, a Llama with q/k/v
+//! biases), and llama.cpp's `llama` GGUF files.
 
-use kiln_models::{LlamaConfig, ModelConfig};
+use kiln_gguf::GgufFile;
+use kiln_models::{LlamaConfig, ModelConfig, RopeScaling};
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 
-use super::{Conversion, Rules, check_model_type, parse};
+use super::{Conversion, GgufRules, Rules, check_model_type, parse};
 use crate::ConvertError;
+use crate::gguf::meta_u64;
 
 pub const CONVERSION: Conversion = Conversion {
     arch: "llama",
@@ -17,11 +20,128 @@ pub const CONVERSION: Conversion = Conversion {
         ignore: &[r"\.rotary_emb\.inv_freq$"],
         transpose: &[r"_proj\.weight$", r"^lm_head\.weight$"],
         export: &[(r"\.gamma$", ".weight")],
+        tied: &[r"^lm_head\.weight$"],
     },
-    model_types: &["llama"],
+    model_types: &["llama", "qwen2"],
     from_hf: Some(from_hf),
     to_hf: Some(to_hf),
+    gguf: Some(&GGUF),
 };
+
+/// llama.cpp's names (`llama-arch.cpp`) -> Hugging Face's.
+const GGUF: GgufRules = GgufRules {
+    architectures: &["llama"],
+    tensors: &[
+        (r"^token_embd\.weight$", "model.embed_tokens.weight"),
+        (r"^output_norm\.weight$", "model.norm.weight"),
+        (r"^output\.weight$", "lm_head.weight"),
+        (
+            r"^blk\.(\d+)\.attn_norm\.weight$",
+            "model.layers.$1.input_layernorm.weight",
+        ),
+        (
+            r"^blk\.(\d+)\.ffn_norm\.weight$",
+            "model.layers.$1.post_attention_layernorm.weight",
+        ),
+        (
+            r"^blk\.(\d+)\.attn_q\.(weight|bias)$",
+            "model.layers.$1.self_attn.q_proj.$2",
+        ),
+        (
+            r"^blk\.(\d+)\.attn_k\.(weight|bias)$",
+            "model.layers.$1.self_attn.k_proj.$2",
+        ),
+        (
+            r"^blk\.(\d+)\.attn_v\.(weight|bias)$",
+            "model.layers.$1.self_attn.v_proj.$2",
+        ),
+        (
+            r"^blk\.(\d+)\.attn_output\.(weight|bias)$",
+            "model.layers.$1.self_attn.o_proj.$2",
+        ),
+        (
+            r"^blk\.(\d+)\.ffn_gate\.(weight|bias)$",
+            "model.layers.$1.mlp.gate_proj.$2",
+        ),
+        (r"^blk\.(\d+)\.ffn_up\.(weight|bias)$", "model.layers.$1.mlp.up_proj.$2"),
+        (
+            r"^blk\.(\d+)\.ffn_down\.(weight|bias)$",
+            "model.layers.$1.mlp.down_proj.$2",
+        ),
+    ],
+    config: gguf_config,
+    fix: Some(unpermute_qk),
+};
+
+/// The `rope_scaling` / `rope_parameters` object of a Hugging Face config.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HfRope {
+    #[serde(alias = "type")]
+    rope_type: String,
+    #[serde(default)]
+    rope_theta: Option<f64>,
+    #[serde(default)]
+    factor: Option<f64>,
+    #[serde(default)]
+    low_freq_factor: Option<f64>,
+    #[serde(default)]
+    high_freq_factor: Option<f64>,
+    #[serde(default)]
+    original_max_position_embeddings: Option<usize>,
+}
+
+/// `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5) -> the theta it
+/// carries and Kiln's scaling; an unknown type or a missing field is an error naming it.
+pub(super) fn rope(json: &Value, key: &str, path: &str) -> Result<(Option<f64>, Option<RopeScaling>), ConvertError> {
+    let Some(v) = json.get(key).filter(|v| !v.is_null()) else {
+        return Ok((None, None));
+    };
+    let r: HfRope = parse(v, &format!("{path}: {key}"))?;
+    let need = |f: Option<f64>, name: &str| {
+        f.ok_or_else(|| ConvertError::Config(format!("{path}: {key}.{name}: missing for rope_type {:?}", r.rope_type)))
+    };
+    let scaling = match r.rope_type.as_str() {
+        "default" => None,
+        "linear" => Some(RopeScaling::Linear {
+            factor: need(r.factor, "factor")?,
+        }),
+        "llama3" => Some(RopeScaling::Llama3 {
+            factor: need(r.factor, "factor")?,
+            low_freq_factor: need(r.low_freq_factor, "low_freq_factor")?,
+            high_freq_factor: need(r.high_freq_factor, "high_freq_factor")?,
+            original_max_position_embeddings: r.original_max_position_embeddings.ok_or_else(|| {
+                ConvertError::Config(format!(
+                    "{path}: {key}.original_max_position_embeddings: missing for llama3"
+                ))
+            })?,
+        }),
+        other => {
+            return Err(ConvertError::Config(format!(
+                "{path}: {key}.rope_type: {other:?} is not supported (default, linear, llama3 are)"
+            )));
+        }
+    };
+    Ok((r.rope_theta, scaling))
+}
+
+/// The rotary base and scaling of a config: `rope_theta` plus `rope_scaling`, or
+/// transformers 5's `rope_parameters`.
+pub(super) fn rope_of(
+    json: &Value,
+    default_theta: f64,
+    path: &str,
+) -> Result<(f64, Option<RopeScaling>), ConvertError> {
+    let (params_theta, params_scaling) = rope(json, "rope_parameters", path)?;
+    let (_, scaling) = rope(json, "rope_scaling", path)?;
+    let theta = match json.get("rope_theta") {
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| ConvertError::Config(format!("{path}: rope_theta: {v} is not a number")))?,
+        None => params_theta.unwrap_or(default_theta),
+    };
+    Ok((theta, scaling.or(params_scaling)))
+}
 
 /// The fields of a Llama `config.json` Kiln reads.
 #[derive(Deserialize)]
@@ -34,30 +154,42 @@ struct HfLlama {
     intermediate_size: usize,
     max_position_embeddings: usize,
     vocab_size: usize,
-    #[serde(default = "default_theta")]
-    rope_theta: f64,
     #[serde(default = "default_eps")]
     rms_norm_eps: f64,
     #[serde(default)]
-    tie_word_embeddings: bool,
+    tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    head_dim: Option<usize>,
+    #[serde(default)]
+    attention_bias: bool,
+    #[serde(default)]
+    mlp_bias: bool,
+    #[serde(default)]
+    hidden_act: Option<String>,
+    #[serde(default)]
+    use_sliding_window: bool,
 }
 
-fn default_theta() -> f64 {
-    10_000.0
-}
 fn default_eps() -> f64 {
     1e-6
 }
 
 fn from_hf(json: &Value, path: &str) -> Result<ModelConfig, ConvertError> {
-    if json.get("tie_word_embeddings").and_then(Value::as_bool) == Some(true) {
+    let hf: HfLlama = parse(json, path)?;
+    check_model_type(json, CONVERSION.model_types, "llama", path)?;
+    let qwen2 = json.get("model_type").and_then(Value::as_str) == Some("qwen2");
+    if let Some(act) = hf.hidden_act.as_deref().filter(|a| *a != "silu") {
         return Err(ConvertError::Config(format!(
-            "{path}: tie_word_embeddings = true is not supported by Kiln's llama (untied head)"
+            "{path}: hidden_act: {act:?} is not supported (Kiln's llama MLP is SwiGLU, silu)"
         )));
     }
-    let hf: HfLlama = parse(json, path)?;
-    debug_assert!(!hf.tie_word_embeddings);
-    check_model_type(json, CONVERSION.model_types, "llama", path)?;
+    if hf.use_sliding_window {
+        return Err(ConvertError::Config(format!(
+            "{path}: use_sliding_window: true is not supported by Kiln's llama"
+        )));
+    }
+    let (rope_theta, rope_scaling) = rope_of(json, 10_000.0, path)?;
+    let head_dim = hf.head_dim.filter(|&d| d * hf.num_attention_heads != hf.hidden_size);
     Ok(ModelConfig::Llama(LlamaConfig {
         n_layer: hf.num_hidden_layers,
         n_head: hf.num_attention_heads,
@@ -66,19 +198,222 @@ fn from_hf(json: &Value, path: &str) -> Result<ModelConfig, ConvertError> {
         intermediate_size: hf.intermediate_size,
         block_size: hf.max_position_embeddings,
         vocab_size: hf.vocab_size,
-        rope_theta: hf.rope_theta,
+        rope_theta,
         rms_norm_eps: hf.rms_norm_eps,
+        head_dim,
+        // transformers' default is tied for Qwen2 only when the config says so; Llama's
+        // default is untied.
+        tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
+        rope_scaling,
+        qkv_bias: hf.attention_bias || qwen2,
+        o_bias: hf.attention_bias,
+        mlp_bias: hf.mlp_bias,
     }))
+}
+
+pub(super) fn rope_scaling_json(s: &Option<RopeScaling>) -> Value {
+    match s {
+        None => Value::Null,
+        Some(RopeScaling::Linear { factor }) => json!({"rope_type": "linear", "factor": factor}),
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => json!({"rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                     "high_freq_factor": high_freq_factor,
+                     "original_max_position_embeddings": original_max_position_embeddings}),
+    }
 }
 
 fn to_hf(model: &ModelConfig) -> Option<Value> {
     let ModelConfig::Llama(c) = model else { return None };
-    Some(serde_json::json!({
+    if c.qkv_bias != c.o_bias {
+        // Qwen2: biases on q/k/v only.
+        return Some(json!({
+            "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+            "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+            "num_key_value_heads": c.n_kv_head, "hidden_size": c.n_embd,
+            "intermediate_size": c.intermediate_size, "max_position_embeddings": c.block_size,
+            "vocab_size": c.vocab_size, "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_norm_eps,
+            "hidden_act": "silu", "tie_word_embeddings": c.tie_word_embeddings,
+            "rope_scaling": rope_scaling_json(&c.rope_scaling), "use_sliding_window": false,
+        }));
+    }
+    Some(json!({
         "model_type": "llama", "architectures": ["LlamaForCausalLM"],
         "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
-        "num_key_value_heads": c.n_kv_head, "hidden_size": c.n_embd,
+        "num_key_value_heads": c.n_kv_head, "hidden_size": c.n_embd, "head_dim": c.head_dim(),
         "intermediate_size": c.intermediate_size, "max_position_embeddings": c.block_size,
         "vocab_size": c.vocab_size, "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_norm_eps,
-        "hidden_act": "silu", "tie_word_embeddings": false, "attention_bias": false, "mlp_bias": false,
+        "hidden_act": "silu", "tie_word_embeddings": c.tie_word_embeddings,
+        "attention_bias": c.qkv_bias, "mlp_bias": c.mlp_bias,
+        "rope_scaling": rope_scaling_json(&c.rope_scaling),
     }))
+}
+
+/// A Llama `config.json` from `llama.*` metadata (llama.cpp's `LLM_KV_*` names).
+fn gguf_config(g: &GgufFile) -> Result<Value, ConvertError> {
+    let key = |k: &str| format!("llama.{k}");
+    let n_head = meta_u64(g, &key("attention.head_count"))?;
+    let hidden = meta_u64(g, &key("embedding_length"))?;
+    let vocab = match g.u64(&key("vocab_size"))? {
+        Some(v) => v,
+        None => g.strings("tokenizer.ggml.tokens")?.map_or(0, |t| t.len() as u64),
+    };
+    if g.tensor("rope_freqs.weight").is_some() {
+        return Err(ConvertError::Config(format!(
+            "{}: tensor rope_freqs.weight (Llama 3.1 rope scaling as per-frequency factors) is not supported from GGUF; convert the Hugging Face checkpoint instead",
+            g.path().display()
+        )));
+    }
+    let rope_scaling = match g.str(&key("rope.scaling.type"))? {
+        None | Some("none") => Value::Null,
+        Some("linear") => {
+            json!({"rope_type": "linear", "factor": g.require(&key("rope.scaling.factor"), g.f64(&key("rope.scaling.factor")))?})
+        }
+        Some(other) => {
+            return Err(ConvertError::Config(format!(
+                "{}: metadata {}: {other:?} is not supported (none, linear are)",
+                g.path().display(),
+                key("rope.scaling.type")
+            )));
+        }
+    };
+    let mut c = json!({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "num_hidden_layers": meta_u64(g, &key("block_count"))?,
+        "hidden_size": hidden,
+        "intermediate_size": meta_u64(g, &key("feed_forward_length"))?,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": g.u64(&key("attention.head_count_kv"))?.unwrap_or(n_head),
+        "max_position_embeddings": meta_u64(g, &key("context_length"))?,
+        "rms_norm_eps": g.require(&key("attention.layer_norm_rms_epsilon"), g.f64(&key("attention.layer_norm_rms_epsilon")))?,
+        "rope_theta": g.f64(&key("rope.freq_base"))?.unwrap_or(10_000.0),
+        "vocab_size": vocab,
+        "tie_word_embeddings": g.tensor("output.weight").is_none(),
+        "rope_scaling": rope_scaling,
+        "hidden_act": "silu",
+    });
+    let head_dim = g
+        .u64(&key("attention.key_length"))?
+        .or(g.u64(&key("rope.dimension_count"))?);
+    if let Some(d) = head_dim {
+        c["head_dim"] = json!(d);
+    }
+    let biased = g.tensors.iter().any(|t| t.name.ends_with("attn_q.bias"));
+    c["attention_bias"] = json!(biased);
+    Ok(c)
+}
+
+/// llama.cpp's converter permutes the rows of each Q and K head from HF's "rotate half"
+/// layout to interleaved pairs (`convert_hf_to_gguf.py`, `LlamaModel.permute`): rows
+/// `[n_head, 2, D/2]` became `[n_head, D/2, 2]`. Undo it.
+fn unpermute_qk(name: &str, shape: &[usize], values: &mut [f32], config: &Value) -> Result<(), String> {
+    let heads = if name.contains(".self_attn.q_proj.") {
+        config["num_attention_heads"].as_u64()
+    } else if name.contains(".self_attn.k_proj.") {
+        config["num_key_value_heads"].as_u64()
+    } else {
+        return Ok(());
+    };
+    let heads = heads.ok_or("no head count in the config")? as usize;
+    let rows = shape[0];
+    let cols = if shape.len() > 1 { shape[1] } else { 1 };
+    if !rows.is_multiple_of(heads * 2) {
+        return Err(format!("{rows} rows do not split into {heads} heads of rotary pairs"));
+    }
+    let half = rows / heads / 2;
+    let src = values.to_vec();
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                // GGUF row (h, i, j) holds HF row (h, j, i)
+                let from = (h * half + i) * 2 + j;
+                let to = (h * 2 + j) * half + i;
+                values[to * cols..(to + 1) * cols].copy_from_slice(&src[from * cols..(from + 1) * cols]);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama(extra: Value) -> Result<ModelConfig, ConvertError> {
+        let mut json = json!({"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "hidden_size": 64, "intermediate_size": 128,
+            "max_position_embeddings": 256, "vocab_size": 100});
+        json.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        crate::hf_config::model_config("llama", &json, "config.json")
+    }
+
+    #[test]
+    fn real_checkpoint_fields_are_read() {
+        let ModelConfig::Llama(c) = llama(json!({"tie_word_embeddings": true, "head_dim": 32,
+            "rope_theta": 500000.0, "quantization_config": {"quant_method": "gguf"},
+            "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}))
+        .unwrap() else {
+            panic!()
+        };
+        assert!(c.tie_word_embeddings);
+        assert_eq!(c.head_dim, Some(32));
+        assert_eq!(c.rope_theta, 500000.0);
+        assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3 { factor: 32.0, .. })));
+        // transformers 5: rope_parameters carries the theta
+        let ModelConfig::Llama(c) =
+            llama(json!({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}})).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(c.rope_theta, 1e6);
+        assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 2.0 }));
+        // Qwen2: q/k/v biases only
+        let mut qwen = json!({"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64,
+            "intermediate_size": 128, "max_position_embeddings": 256, "vocab_size": 100});
+        qwen["model_type"] = json!("qwen2");
+        let ModelConfig::Llama(c) = crate::hf_config::model_config("llama", &qwen, "c.json").unwrap() else {
+            panic!()
+        };
+        assert!(c.qkv_bias && !c.o_bias);
+    }
+
+    #[test]
+    fn unknown_values_are_refused_by_name() {
+        let err = llama(json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rope_scaling.rope_type") && err.contains("yarn"), "{err}");
+        let err = llama(json!({"rope_scaling": {"rope_type": "llama3", "factor": 4.0}}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("low_freq_factor"), "{err}");
+        let err = llama(json!({"hidden_act": "gelu"})).unwrap_err().to_string();
+        assert!(err.contains("hidden_act") && err.contains("gelu"), "{err}");
+        let err = llama(json!({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "beta_fast": 3}}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("beta_fast"), "{err}");
+    }
+
+    #[test]
+    fn the_qk_permutation_is_undone() {
+        // 2 heads of D = 4, one column: HF rows (h, j, i) = h*4 + j*2 + i.
+        let hf: Vec<f32> = (0..8).map(|r| r as f32).collect();
+        // llama.cpp: reshape(2, 2, 2).swapaxes(1, 2): GGUF row (h, i, j) = HF row (h, j, i)
+        let mut gguf = vec![0.0; 8];
+        for h in 0..2 {
+            for i in 0..2 {
+                for j in 0..2 {
+                    gguf[h * 4 + i * 2 + j] = hf[h * 4 + j * 2 + i];
+                }
+            }
+        }
+        let config = json!({"num_attention_heads": 2});
+        unpermute_qk("model.layers.0.self_attn.q_proj.weight", &[8, 1], &mut gguf, &config).unwrap();
+        assert_eq!(gguf, hf);
+    }
 }

@@ -9,6 +9,7 @@ use crate::ConvertError;
 
 mod bert;
 mod cnn;
+mod gemma3;
 mod gpt2;
 mod llama;
 mod mlp;
@@ -23,6 +24,23 @@ pub struct Rules {
     pub transpose: &'static [&'static str],
     /// `(regex, replacement)` from Kiln names back to Hugging Face ones (`--to hf`).
     pub export: &'static [(&'static str, &'static str)],
+    /// Kiln names (regex) of parameters that a model with tied weights does not have:
+    /// a checkpoint's copy of them is a duplicate, ignored (`lm_head.weight`).
+    pub tied: &'static [&'static str],
+}
+
+/// How an architecture reads a GGUF file ([`crate::gguf`]).
+pub struct GgufRules {
+    /// The `general.architecture` values it reads.
+    pub architectures: &'static [&'static str],
+    /// `(regex, replacement)`: llama.cpp tensor name -> Hugging Face name. A tensor no
+    /// rule matches is refused.
+    pub tensors: &'static [(&'static str, &'static str)],
+    /// The Hugging Face `config.json` of the file's metadata.
+    pub config: fn(&kiln_gguf::GgufFile) -> Result<Value, ConvertError>,
+    /// Undo llama.cpp's changes to one tensor (HF name, row-major shape, values, the HF
+    /// config); an error message when the tensor cannot be undone.
+    pub fix: Option<fn(&str, &[usize], &mut [f32], &Value) -> Result<(), String>>,
 }
 
 /// Reads a Hugging Face `config.json` (`path` names it in errors).
@@ -39,12 +57,14 @@ pub struct Conversion {
     pub model_types: &'static [&'static str],
     pub from_hf: Option<FromHf>,
     pub to_hf: Option<ToHf>,
+    pub gguf: Option<&'static GgufRules>,
 }
 
 /// Every architecture that converts.
 pub const ALL: &[&Conversion] = &[
     &gpt2::CONVERSION,
     &llama::CONVERSION,
+    &gemma3::CONVERSION,
     &bert::CONVERSION,
     &mlp::CONVERSION,
     &cnn::CONVERSION,
@@ -126,6 +146,8 @@ mod tests {
         let detect = |text: &str| detect(&serde_json::from_str(text).unwrap(), "config.json");
         assert_eq!(detect(r#"{"model_type": "gpt2"}"#).unwrap(), "gpt2");
         assert_eq!(detect(r#"{"model_type": "llama"}"#).unwrap(), "llama");
+        assert_eq!(detect(r#"{"model_type": "gemma3_text"}"#).unwrap(), "gemma3");
+        assert_eq!(detect(r#"{"model_type": "qwen2"}"#).unwrap(), "llama");
         assert_eq!(detect(r#"{"model_type": "bert"}"#).unwrap(), "bert");
         assert_eq!(detect(r#"{"architectures": ["LlamaForCausalLM"]}"#).unwrap(), "llama");
         assert_eq!(detect(r#"{"architectures": ["BertModel"]}"#).unwrap(), "bert");
