@@ -69,7 +69,7 @@ PY
   l_b8=$("$py" -c "import json,sys; print(f\"{[json.loads(l) for l in open(sys.argv[1]) if l.startswith('{')][-1]['speed_tg']:.1f}\")" "$work/$m-llama-batched.jsonl" 2>/dev/null || echo "n/a")
   # cold start and TTFT: process start to the first generated token of the 512-token prompt
   start=$(date +%s.%N)
-  /usr/bin/time -v "$llama/llama-cli" -m "$f32" -t "$threads" -f "$work/$m-prompt.txt" -n 1 -no-cnv --temp 0 \
+  /usr/bin/time -v "$llama/llama-completion" -m "$f32" -t "$threads" -f "$work/$m-prompt.txt" -n 1 -no-cnv --temp 0 \
     -c 1024 > /dev/null 2> "$work/$m-llama-cli.log" < /dev/null || true
   l_cold=$("$py" -c "import sys; print(f'{(float(sys.argv[2]) - float(sys.argv[1])) * 1e3:.0f}')" "$start" "$(date +%s.%N)")
   l_ttft=$("$py" -c "print(f'{512 / $l_pre * 1e3:.1f}')")

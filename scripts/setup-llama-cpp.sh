@@ -2,7 +2,7 @@
 # llama.cpp built from source, the peer of the LLM benchmarks (scripts/bench-llm.sh) and
 # of the Gemma tokenizer fixture (scripts/make_llm_fixtures.py): the llama.cpp tree that
 # PyPI's llama-cpp-python==0.3.36 sdist vendors (vendor/llama.cpp), configured offline for
-# the CPU with Debian's cmake: llama-bench, llama-batched-bench, llama-cli, llama-perplexity, llama-tokenize,
+# the CPU with Debian's cmake: llama-bench, llama-batched-bench, llama-cli, llama-completion, llama-perplexity, llama-tokenize,
 # llama-server, and its convert_hf_to_gguf.py / gguf-py.
 #   scripts/setup-llama-cpp.sh      -> $KILN_CACHE/llama.cpp/build/bin/
 # Not used by CI. Needs cmake, g++ (apt-get install cmake g++) and pip; the sdist is
@@ -12,7 +12,7 @@ set -euo pipefail
 cache="${KILN_CACHE:-$HOME/.cache/kiln}"
 src="$cache/llama.cpp"
 bin="$src/build/bin"
-if [ -x "$bin/llama-bench" ] && [ -x "$bin/llama-batched-bench" ] && [ -x "$bin/llama-perplexity" ] && [ -x "$bin/llama-tokenize" ]; then
+if [ -x "$bin/llama-bench" ] && [ -x "$bin/llama-batched-bench" ] && [ -x "$bin/llama-completion" ] && [ -x "$bin/llama-perplexity" ] && [ -x "$bin/llama-tokenize" ]; then
   echo "llama.cpp is built in $bin"; exit 0
 fi
 command -v cmake > /dev/null || { echo "cmake is missing: apt-get install -y cmake" >&2; exit 1; }
@@ -35,5 +35,5 @@ fi
 cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NATIVE=ON > "$src/build.log"
 cmake --build "$src/build" --config Release -j "$(nproc)" \
-  --target llama-bench llama-batched-bench llama-cli llama-perplexity llama-tokenize llama-server llama-quantize >> "$src/build.log"
+  --target llama-bench llama-batched-bench llama-cli llama-completion llama-perplexity llama-tokenize llama-server llama-quantize >> "$src/build.log"
 echo "built llama.cpp ($(git -C "$src" rev-parse --short HEAD 2>/dev/null || echo vendored in llama-cpp-python 0.3.36)) in $bin"

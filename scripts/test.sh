@@ -8,7 +8,10 @@
 #    reference embeddings (scripts/fetch-minilm.sh --torch), in a Python environment
 #    made by scripts/setup-torch-cpu.sh (CPU-only CUDA stubs by default) and kept in
 #    $KILN_VENV (default $KILN_CACHE/venv, outside the clone);
-# 3. `cargo test --release --workspace` with the arguments given.
+# 3. the pretrained LLMs SmolLM2-135M-Instruct and Gemma 3 270M as GGUF files
+#    (scripts/fetch-llms.sh) and transformers' reference outputs on them
+#    (scripts/llm-reference.sh, cached by the inputs' hash);
+# 4. `cargo test --release --workspace` with the arguments given.
 # Every step is idempotent and cached: downloads go to $KILN_CACHE (default
 # ~/.cache/kiln), build artifacts to $CARGO_TARGET_DIR (default target/), so a warm run
 # costs little more than the tests themselves. Prints how long setup and tests took.
@@ -29,6 +32,8 @@ start=$(date +%s)
 echo "== test setup (downloads in $KILN_CACHE, Python in $KILN_VENV)"
 scripts/fetch-sentiment.sh
 scripts/fetch-minilm.sh --torch
+scripts/fetch-llms.sh
+scripts/llm-reference.sh
 setup=$(( $(date +%s) - start ))
 echo "== setup took $(fmt "$setup")"
 

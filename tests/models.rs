@@ -150,6 +150,56 @@ fn kv_cache_matches_full_forward_gpt2() {
 #[test]
 fn kv_cache_matches_full_forward_llama() {
     check_cache(&llama().init(&device()));
+    check_cache(&llama_tied().init(&device()));
+}
+
+/// With a window of 3 the 10-token sequence crosses it in the prefill and in the decode
+/// steps, so the cached path's key slicing is checked against the full pass's mask.
+#[test]
+fn kv_cache_matches_full_forward_gemma3() {
+    check_cache(&gemma3().init(&device()));
+}
+
+/// Gemma 3 with a local window of 3 and every second layer global.
+fn gemma3() -> kiln_models::Gemma3Config {
+    serde_json::from_value(serde_json::json!({
+        "n_layer": 4, "n_head": 4, "n_kv_head": 2, "n_embd": 16, "head_dim": 8,
+        "intermediate_size": 24, "block_size": 12, "vocab_size": 11, "sliding_window": 3,
+        "sliding_window_pattern": 2, "final_logit_softcapping": 30.0
+    }))
+    .unwrap()
+}
+
+/// SmolLM2's shape of llama: tied head, head_dim not C / H, q/k/v biases.
+fn llama_tied() -> LlamaConfig {
+    LlamaConfig {
+        tie_word_embeddings: true,
+        head_dim: Some(8),
+        qkv_bias: true,
+        ..llama()
+    }
+}
+
+/// A local layer sees only its window: with one local layer of window 3, the last
+/// position's logits ignore a change at position 0 and follow one at position 5.
+#[test]
+fn gemma3_local_layers_see_only_their_window() {
+    let d = device();
+    let mut one = gemma3();
+    one.n_layer = 1;
+    one.layer_types = Some(vec![kiln_models::gemma3::LayerAttention::SlidingAttention]);
+    let model = one.init(&d);
+    let ids = |v: [i64; 8]| Tensor::<2, Int>::from_data(TensorData::new(v.to_vec(), [1, 8]), &d);
+    let last = |x: Tensor<2, Int>| model.forward(x).slice(s![.., 7..8, ..]);
+    let base = last(ids([1, 2, 3, 4, 5, 6, 7, 8]));
+    let far = last(ids([9, 2, 3, 4, 5, 6, 7, 8]));
+    let near = last(ids([1, 2, 3, 4, 5, 9, 7, 8]));
+    assert_eq!(
+        max_abs_diff(base.clone(), far),
+        0.0,
+        "position 0 is outside the window of 7"
+    );
+    assert!(max_abs_diff(base, near) > 0.0, "position 5 is inside it");
 }
 
 /// The fused causal attention path equals softmax(q k^T / sqrt(d) + causal mask) v
@@ -183,6 +233,12 @@ fn causal_attention_matches_textbook() {
 }
 
 fn roundtrip<M: burn::module::Module>(model: M, fresh: M) {
+    // The names and shapes read off the lazy (never initialised) parameters are those of
+    // the initialised model.
+    assert_eq!(
+        kiln_core::weights::expected_tensors_lazy(&fresh),
+        kiln_core::weights::expected_tensors(&model)
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.safetensors");
     let before = kiln_core::weights::weights_to_bytes(&model).unwrap();
@@ -197,6 +253,8 @@ fn safetensors_round_trip_is_exact_for_every_architecture() {
     let d = device();
     roundtrip(gpt2().init(&d), gpt2().init(&d));
     roundtrip(llama().init(&d), llama().init(&d));
+    roundtrip(llama_tied().init(&d), llama_tied().init(&d));
+    roundtrip(gemma3().init(&d), gemma3().init(&d));
     let mlp = MlpConfig {
         hidden_sizes: vec![8],
         input_shape: [1, 28, 28],

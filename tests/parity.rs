@@ -184,6 +184,32 @@ fn every_architecture_computes_the_same_on_every_backend() {
         |m, d| CausalLm::forward(m, tokens(d, b, t, v)).reshape([b * t, v]),
         &lm_targets,
     );
+    // SmolLM2's shape of llama: tied head, explicit head_dim, with q/k/v biases.
+    let llama_tied = LlamaConfig {
+        tie_word_embeddings: true,
+        head_dim: Some(16),
+        qkv_bias: true,
+        ..llama.clone()
+    };
+    check_arch(
+        "llama (tied, head_dim, biases)",
+        |d| llama_tied.init(d),
+        |m, d| CausalLm::forward(m, tokens(d, b, t, v)).reshape([b * t, v]),
+        &lm_targets,
+    );
+    // A window shorter than the sequence, so local layers mask far keys.
+    let gemma3: kiln_models::Gemma3Config = serde_json::from_value(serde_json::json!({
+        "n_layer": 3, "n_head": 4, "n_kv_head": 2, "n_embd": 32, "head_dim": 16,
+        "intermediate_size": 64, "block_size": 16, "vocab_size": v, "sliding_window": 3,
+        "sliding_window_pattern": 2, "final_logit_softcapping": 30.0
+    }))
+    .unwrap();
+    check_arch(
+        "gemma3",
+        |d| gemma3.init(d),
+        |m, d| CausalLm::forward(m, tokens(d, b, t, v)).reshape([b * t, v]),
+        &lm_targets,
+    );
     let bert = BertConfig {
         n_layer: 2,
         n_head: 4,

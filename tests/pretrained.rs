@@ -162,6 +162,12 @@ fn check_logits_and_greedy(case: &'static Case, cell: &'static OnceLock<tempfile
             case.dir,
             p.text
         );
+        eprintln!(
+            "{}: {:?}: max |logit diff| {worst:.3e} = {:.3e} of max |logit| {scale:.2}",
+            case.dir,
+            p.text,
+            worst / scale
+        );
         let (tokens, _) = generate(model, &p.ids, 64, &Sampling::greedy(), true, &device, |_| {}).unwrap();
         assert_eq!(tokens, p.greedy, "{}: greedy continuation of {:?}", case.dir, p.text);
     }
@@ -184,6 +190,10 @@ fn check_perplexity(case: &'static Case, cell: &'static OnceLock<tempfile::TempD
     .unwrap();
     assert_eq!(got.scored, r.scored, "{}: tokens scored", case.dir);
     let rel = (got.perplexity - r.perplexity).abs() / r.perplexity;
+    eprintln!(
+        "{}: perplexity {:.6} vs transformers' {:.6} ({:.2e} relative; {} tokens scored)",
+        case.dir, got.perplexity, r.perplexity, rel, got.scored
+    );
     assert!(
         rel <= 1e-3,
         "{}: perplexity {} vs transformers' {} ({:.4} % apart, tolerance 0.1 %)",

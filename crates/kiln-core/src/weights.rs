@@ -146,11 +146,66 @@ pub fn check_weights(bytes: &[u8], path: &Path, expected: &BTreeMap<String, Expe
     }
 }
 
+/// [`expected_tensors`] without materialising any parameter: names and shapes come from
+/// the parameters' lazy shapes, so a freshly built model about to be loaded never runs its
+/// random initialisation (on a 270M-parameter model that was most of the load time).
+/// Float parameters are stored as F32, integer ones as I64, boolean ones as BOOL.
+pub fn expected_tensors_lazy<M: Module>(model: &M) -> BTreeMap<String, ExpectedTensor> {
+    use burn::module::{ModuleVisitor, Param};
+    use burn::tensor::{Bool, Int, Tensor};
+    #[derive(Default)]
+    struct Shapes {
+        path: Vec<String>,
+        out: BTreeMap<String, ExpectedTensor>,
+    }
+    impl Shapes {
+        fn add(&mut self, shape: &[usize], dtype: safetensors::Dtype) {
+            self.out.insert(
+                self.path.join("."),
+                ExpectedTensor {
+                    shape: shape.to_vec(),
+                    dtype,
+                },
+            );
+        }
+    }
+    impl ModuleVisitor for Shapes {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            if !container_type.starts_with("Enum:") {
+                self.path.push(name.to_string());
+            }
+        }
+        fn exit_module(&mut self, _name: &str, container_type: &str) {
+            if !container_type.starts_with("Enum:") {
+                self.path.pop();
+            }
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.add(param.lazy_shape().as_slice(), safetensors::Dtype::F32);
+        }
+        fn visit_int<const D: usize>(&mut self, param: &Param<Tensor<D, Int>>) {
+            self.add(param.lazy_shape().as_slice(), safetensors::Dtype::I64);
+        }
+        fn visit_bool<const D: usize>(&mut self, param: &Param<Tensor<D, Bool>>) {
+            self.add(param.lazy_shape().as_slice(), safetensors::Dtype::BOOL);
+        }
+    }
+    let mut shapes = Shapes::default();
+    model.visit(&mut shapes);
+    shapes.out
+}
+
 /// Load safetensors weights from `path` into `model`, after checking every name and shape.
+/// The model's own initial values are never computed (see [`expected_tensors_lazy`]).
+/// The file is memory-mapped, checked in place and loaded from the map (Burn's
+/// `SafetensorsStore::from_file`), so it is never copied whole into memory.
 pub fn load_weights<M: Module>(mut model: M, path: &Path) -> Result<M, StoreError> {
-    let bytes = std::fs::read(path).map_err(io_err(path))?;
-    check_weights(&bytes, path, &expected_tensors(&model))?;
-    let mut store = SafetensorsStore::from_bytes(Some(bytes));
+    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    // SAFETY: read-only map of a file Kiln does not modify while loading it.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
+    check_weights(&map, path, &expected_tensors_lazy(&model))?;
+    drop(map);
+    let mut store = SafetensorsStore::from_file(path);
     let result = model.load_from(&mut store).map_err(|e| StoreError::Other {
         path: path.to_path_buf(),
         message: e.to_string(),
