@@ -149,7 +149,8 @@ pub fn check_weights(bytes: &[u8], path: &Path, expected: &BTreeMap<String, Expe
 /// [`expected_tensors`] without materialising any parameter: names and shapes come from
 /// the parameters' lazy shapes, so a freshly built model about to be loaded never runs its
 /// random initialisation (on a 270M-parameter model that was most of the load time).
-/// Float parameters are stored as F32, integer ones as I64, boolean ones as BOOL.
+/// A lazy float parameter is stored as F32 (what it would initialise to); initialised
+/// ones, and the (small) integer and boolean parameters, report their own dtype.
 pub fn expected_tensors_lazy<M: Module>(model: &M) -> BTreeMap<String, ExpectedTensor> {
     use burn::module::{ModuleVisitor, Param};
     use burn::tensor::{Bool, Int, Tensor};
@@ -181,13 +182,20 @@ pub fn expected_tensors_lazy<M: Module>(model: &M) -> BTreeMap<String, ExpectedT
             }
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.add(param.lazy_shape().as_slice(), safetensors::Dtype::F32);
+            let dtype = if param.is_initialized() {
+                storage_dtype(param.val().dtype())
+            } else {
+                safetensors::Dtype::F32
+            };
+            self.add(param.lazy_shape().as_slice(), dtype);
         }
         fn visit_int<const D: usize>(&mut self, param: &Param<Tensor<D, Int>>) {
-            self.add(param.lazy_shape().as_slice(), safetensors::Dtype::I64);
+            let t = param.val();
+            self.add(t.dims().as_slice(), storage_dtype(t.dtype()));
         }
         fn visit_bool<const D: usize>(&mut self, param: &Param<Tensor<D, Bool>>) {
-            self.add(param.lazy_shape().as_slice(), safetensors::Dtype::BOOL);
+            let t = param.val();
+            self.add(t.dims().as_slice(), storage_dtype(t.dtype()));
         }
     }
     let mut shapes = Shapes::default();
