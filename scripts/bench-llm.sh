@@ -3,7 +3,11 @@
 # the same weights in f32: Kiln converts the GGUF to f32 safetensors, llama.cpp runs the
 # same GGUF re-quantised to F32 by its own llama-quantize (dequantised, like Kiln's), and
 # transformers loads the GGUF in float32. The same 512-token prompt, 2 threads each.
-#   scripts/bench-llm.sh [smollm2|gemma3]...   (default: smollm2 gemma3)
+#   [BACKENDS="flex tch"] scripts/bench-llm.sh [smollm2|gemma3]...   (default: flex; smollm2 gemma3)
+# BACKENDS lists Kiln's backends, one column each (tch builds with
+# `--features tch,wgpu`, the feature set CI also builds, and LIBTORCH from
+# scripts/setup-libtorch.sh); the ratio columns use the
+# fastest Kiln backend of each row.
 # Needs: scripts/fetch-llms.sh, scripts/setup-llama-cpp.sh, the Python environment of
 # scripts/setup-torch-cpu.sh with transformers and gguf; builds Kiln's release binaries.
 # Prints one markdown table per model (docs/benchmarks.md keeps them).
@@ -17,7 +21,16 @@ threads="${THREADS:-2}"
 target="${CARGO_TARGET_DIR:-$root/target}"
 work="$target/bench-llm"
 mkdir -p "$work"
-cargo build --release --quiet --workspace --bin convert --bin infer
+backends=(${BACKENDS:-flex})
+features=()
+for b in "${backends[@]}"; do
+  case "$b" in
+    flex|ndarray) ;;
+    tch) features=(--features tch,wgpu); export LIBTORCH="${LIBTORCH:-$cache/libtorch}" ;;
+    *) echo "unknown backend $b (flex, ndarray, tch)" >&2; exit 2 ;;
+  esac
+done
+cargo build --release --quiet --workspace "${features[@]}" --bin convert --bin infer
 export RAYON_NUM_THREADS="$threads"
 
 declare -A DIR=([smollm2]=smollm2-135m-instruct [gemma3]=gemma-3-270m)
@@ -46,19 +59,26 @@ short = tok.decode(ids[:16], skip_special_tokens=True).replace("\n", " ")
 open(sys.argv[2] + "-short.txt", "w").write(short + "\n")
 open(sys.argv[2] + "-short8.txt", "w").write((short + "\n") * 8)
 PY
-  echo "== $m: Kiln (flex)" >&2
-  /usr/bin/time -v "$target/release/infer" --checkpoint "$kiln" --prompt "$(cat "$work/$m-prompt.txt")" \
-    --max-new-tokens 1 --temperature 0 > /dev/null 2> "$work/$m-kiln-prefill.log"
-  /usr/bin/time -v "$target/release/infer" --checkpoint "$kiln" --prompt "$(cat "$work/$m-short.txt")" \
-    --max-new-tokens 128 --temperature 0 --ignore-eos > /dev/null 2> "$work/$m-kiln-b1.log"
-  "$target/release/infer" --checkpoint "$kiln" --prompt-file "$work/$m-short8.txt" --max-batch 8 \
-    --max-new-tokens 128 --temperature 0 --ignore-eos > /dev/null 2> "$work/$m-kiln-b8.log"
-  k_pre=$(grep -o '([0-9.]* prompt tokens/s)' "$work/$m-kiln-prefill.log" | grep -o '[0-9.]*' | head -1)
-  k_ttft=$(grep -o 'first token [0-9.]* ms' "$work/$m-kiln-prefill.log" | grep -o '[0-9.]*')
-  k_cold=$(grep -o 'cold start [0-9]* ms' "$work/$m-kiln-prefill.log" | grep -o '[0-9]*')
-  k_b1=$(grep -o '| [0-9.]* tokens/s (KV cache)' "$work/$m-kiln-b1.log" | grep -o '[0-9.]*')
-  k_b8=$(grep -o 'decode [0-9.]* tokens/s' "$work/$m-kiln-b8.log" | grep -o '[0-9.]*')
-  k_rss=$(rss "$work/$m-kiln-b1.log")
+  declare -A k_pre k_ttft k_cold k_b1 k_b8 k_rss
+  for b in "${backends[@]}"; do
+    echo "== $m: Kiln ($b)" >&2
+    log="$work/$m-kiln-$b"
+    /usr/bin/time -v "$target/release/infer" --checkpoint "$kiln" --backend "$b" --prompt "$(cat "$work/$m-prompt.txt")" \
+      --max-new-tokens 1 --temperature 0 > /dev/null 2> "$log-prefill.log"
+    /usr/bin/time -v "$target/release/infer" --checkpoint "$kiln" --backend "$b" --prompt "$(cat "$work/$m-short.txt")" \
+      --max-new-tokens 128 --temperature 0 --ignore-eos > /dev/null 2> "$log-b1.log"
+    "$target/release/infer" --checkpoint "$kiln" --backend "$b" --prompt-file "$work/$m-short8.txt" --max-batch 8 \
+      --max-new-tokens 128 --temperature 0 --ignore-eos > /dev/null 2> "$log-b8.log"
+    k_pre[$b]=$(grep -o '([0-9.]* prompt tokens/s)' "$log-prefill.log" | grep -o '[0-9.]*' | head -1)
+    k_ttft[$b]=$(grep -o 'first token [0-9.]* ms' "$log-prefill.log" | grep -o '[0-9.]*')
+    k_cold[$b]=$(grep -o 'cold start [0-9]* ms' "$log-prefill.log" | grep -o '[0-9]*')
+    k_b1[$b]=$(grep -o '| [0-9.]* tokens/s (KV cache)' "$log-b1.log" | grep -o '[0-9.]*')
+    k_b8[$b]=$(grep -o 'decode [0-9.]* tokens/s' "$log-b8.log" | grep -o '[0-9.]*')
+    k_rss[$b]=$(rss "$log-b1.log")
+  done
+  # the fastest backend of a row (highest rate, lowest time)
+  best() { local -n v=$1; printf '%s\n' "${v[@]}" | sort -g | { if [ "$2" = max ]; then tail -1; else head -1; fi; }; }
+  cols() { local -n v=$1; local out=""; for b in "${backends[@]}"; do out+=" ${v[$b]} |"; done; echo "$out"; }
 
   echo "== $m: llama.cpp" >&2
   "$llama/llama-bench" -m "$f32" -t "$threads" -p 512 -n 128 -r 3 -o json > "$work/$m-llama-bench.json" 2> /dev/null
@@ -87,12 +107,15 @@ print(f\"{r['prefill_tok_s']:.1f} {r['decode_b1_tok_s']:.1f} {r['decode_b8_tok_s
   echo
   echo "### $m ($(basename "$src"), weights in f32; $threads threads; $(date -u +%Y-%m-%d))"
   echo
-  echo "| | Kiln flex | llama.cpp (F32 GGUF) | transformers (eager f32) | Kiln / llama.cpp | Kiln / transformers |"
-  echo "|---|---:|---:|---:|---:|---:|"
-  echo "| prefill tokens/s (512-token prompt) | $k_pre | $l_pre | $h_pre | $(ratio "$k_pre" "$l_pre") | $(ratio "$k_pre" "$h_pre") |"
-  echo "| decode tokens/s, batch 1 | $k_b1 | $l_b1 | $h_b1 | $(ratio "$k_b1" "$l_b1") | $(ratio "$k_b1" "$h_b1") |"
-  echo "| decode tokens/s, batch 8 (aggregate) | $k_b8 | $l_b8 | $h_b8 | $(ratio "$k_b8" "$l_b8") | $(ratio "$k_b8" "$h_b8") |"
-  echo "| time to first token, 512-token prompt (ms) | $k_ttft | $l_ttft | $h_ttft | | |"
-  echo "| cold start: process start to first token (ms) | $k_cold | $l_cold | $h_cold | | |"
-  echo "| peak RSS (MiB) | $k_rss | $l_rss | $h_rss | | |"
+  head=""; rule="|---|"; for b in "${backends[@]}"; do head+=" Kiln $b |"; rule+="---:|"; done
+  echo "|$head llama.cpp (F32 GGUF) | transformers (eager f32) | best Kiln / llama.cpp | best Kiln / transformers |"
+  echo "$rule---:|---:|---:|---:|"
+  p=$(best k_pre max); d1=$(best k_b1 max); d8=$(best k_b8 max)
+  echo "| prefill tokens/s (512-token prompt) |$(cols k_pre) $l_pre | $h_pre | $(ratio "$p" "$l_pre") | $(ratio "$p" "$h_pre") |"
+  echo "| decode tokens/s, batch 1 |$(cols k_b1) $l_b1 | $h_b1 | $(ratio "$d1" "$l_b1") | $(ratio "$d1" "$h_b1") |"
+  echo "| decode tokens/s, batch 8 (aggregate) |$(cols k_b8) $l_b8 | $h_b8 | $(ratio "$d8" "$l_b8") | $(ratio "$d8" "$h_b8") |"
+  echo "| time to first token, 512-token prompt (ms) |$(cols k_ttft) $l_ttft | $h_ttft | | |"
+  echo "| cold start: process start to first token (ms) |$(cols k_cold) $l_cold | $h_cold | | |"
+  echo "| peak RSS (MiB) |$(cols k_rss) $l_rss | $h_rss | | |"
+  unset k_pre k_ttft k_cold k_b1 k_b8 k_rss
 done
