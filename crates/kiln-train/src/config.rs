@@ -65,6 +65,25 @@ pub struct TrainConfig {
     /// Clip the global gradient norm to this value (0 disables).
     #[serde(default = "d_grad_clip")]
     pub grad_clip: f64,
+    /// Tokens per training sequence of a language model (default: the model's whole
+    /// context). Fine-tuning a pretrained LLM (context 8k-32k) trains on shorter windows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<usize>,
+}
+
+impl TrainConfig {
+    /// The training window of a language model whose context is `model_context`: at most
+    /// the model's context, at least 2 tokens.
+    pub fn lm_context(&self, model_context: usize) -> Result<usize, String> {
+        match self.context {
+            None => Ok(model_context),
+            Some(c) if c < 2 => Err(format!("train.context: {c} must be at least 2")),
+            Some(c) if c > model_context => Err(format!(
+                "train.context: {c} is longer than the model's context ({model_context})"
+            )),
+            Some(c) => Ok(c),
+        }
+    }
 }
 
 fn d_lr() -> f64 {
@@ -299,5 +318,21 @@ impl RunConfig {
     /// The resolved config as TOML (what a run directory stores as `config.toml`).
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a RunConfig serialises to TOML")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_training_window_is_within_the_model_context() {
+        let mut t: TrainConfig = toml::from_str("batch_size = 2\nmax_steps = 1\neval_interval = 1").unwrap();
+        assert_eq!(t.lm_context(8192), Ok(8192));
+        t.context = Some(64);
+        assert_eq!(t.lm_context(8192), Ok(64));
+        assert!(t.lm_context(32).unwrap_err().contains("train.context"));
+        t.context = Some(1);
+        assert!(t.lm_context(8192).unwrap_err().contains("at least 2"));
     }
 }

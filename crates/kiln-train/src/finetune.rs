@@ -37,7 +37,9 @@ use serde::{Deserialize, Serialize};
 use kiln_core::Selected;
 use kiln_core::config::{ConfigError, ModelFile, invalid, parse_toml, read_text};
 use kiln_core::io::atomic_write;
-use kiln_core::layout::{BEST_WEIGHTS, CONFIG, ModelDir, RunInfo, TOKENIZER, WhichWeights};
+use kiln_core::layout::{
+    BEST_WEIGHTS, CONFIG, GENERATION_CONFIG, HF_CONFIG, ModelDir, RunInfo, TOKENIZER, TOKENIZER_CONFIG, WhichWeights,
+};
 use kiln_core::rng::{seeded_init, with_rng_lock};
 use kiln_core::sys::peak_rss_mib;
 use kiln_core::weights::load_weights;
@@ -548,6 +550,15 @@ impl FinetuneJob<'_> {
         atomic_write(&run_dir.join(FINETUNE_FILE), cfg_toml.as_bytes())?;
         if let Some(tok) = &prepared.tokenizer {
             atomic_write(&run_dir.join(TOKENIZER), tok.to_json()?.as_bytes())?;
+        }
+        // What the pretrained directory says about generation and chat (EOS / end-of-turn
+        // ids, the chat template) holds for the fine-tuned model too.
+        for name in [GENERATION_CONFIG, TOKENIZER_CONFIG, HF_CONFIG] {
+            let from = cfg.init_from.join(name);
+            if from.is_file() {
+                let bytes = std::fs::read(&from).map_err(kiln_core::io::io_err(&from))?;
+                atomic_write(&run_dir.join(name), &bytes)?;
+            }
         }
         RunInfo::new(prepared.config.model.arch(), self.backend, total).write(run_dir)?;
         if self.options.progress {

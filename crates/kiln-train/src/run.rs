@@ -126,6 +126,12 @@ pub fn with_task<J: TaskJob>(
                 }
             };
             let context = cfg.model.context_len().ok_or_else(|| wrong_data(&cfg))?;
+            let context = cfg.train.lm_context(context).map_err(|message| {
+                RunError::Config(ConfigError::Invalid {
+                    path: CONFIG.into(),
+                    message,
+                })
+            })?;
             data.check_context(context)?;
             if cfg.model.vocab_size().is_some_and(|v| v != 0 && v != tok.vocab_size()) {
                 return Err(RunError::Config(ConfigError::Invalid {
@@ -184,14 +190,13 @@ impl<J: TaskJob> FamilyVisitor for BuildTask<'_, J> {
             return Err(wrong_data(&self.cfg));
         };
         let t = &self.cfg.train;
-        let task = LmTask::new(
-            data,
-            t.batch_size,
-            config.context_len(),
-            t.seed,
-            t.grad_accum_steps,
-            t.eval_iters,
-        );
+        let context = t.lm_context(config.context_len()).map_err(|message| {
+            RunError::Config(ConfigError::Invalid {
+                path: CONFIG.into(),
+                message,
+            })
+        })?;
+        let task = LmTask::new(data, t.batch_size, context, t.seed, t.grad_accum_steps, t.eval_iters);
         let model = seeded_init(t.seed, self.device, || config.init(self.device));
         let prepared = Prepared {
             config: self.cfg,
