@@ -4,8 +4,8 @@
 # $KILN_CACHE/llm-reference, then copied beside each GGUF as reference.json.
 # Needs the models (scripts/fetch-llms.sh) and the Python environment of
 # scripts/setup-torch-cpu.sh with transformers (scripts/fetch-minilm.sh --torch installs
-# it); adds gguf and accelerate to it (accelerate with --no-deps, so that pip does not
-# pull the CUDA wheels back in).
+# it); adds gguf, sentencepiece and accelerate to it (the environment the references were
+# made in; accelerate with --no-deps, so that pip does not pull the CUDA wheels back in).
 #   scripts/llm-reference.sh [smollm2|gemma3]...   (default: both)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -13,8 +13,8 @@ cd "$root"
 cache="${KILN_CACHE:-$HOME/.cache/kiln}"
 py="${KILN_VENV:-$cache/venv}/bin/python"
 [ -x "$py" ] || { echo "no Python environment at $py: run scripts/setup-torch-cpu.sh" >&2; exit 1; }
-if ! "$py" -c 'import gguf, accelerate, transformers' 2>/dev/null; then
-  "$py" -m pip install --quiet --disable-pip-version-check --cache-dir "$cache/pip" gguf==0.19.0
+if ! "$py" -c 'import gguf, accelerate, sentencepiece, transformers' 2>/dev/null; then
+  "$py" -m pip install --quiet --disable-pip-version-check --cache-dir "$cache/pip" gguf==0.19.0 sentencepiece==0.2.3
   "$py" -m pip install --quiet --disable-pip-version-check --cache-dir "$cache/pip" --no-deps accelerate==1.15.0
 fi
 declare -A DIR=([smollm2]=smollm2-135m-instruct [gemma3]=gemma-3-270m)
