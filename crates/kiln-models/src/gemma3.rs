@@ -24,8 +24,9 @@ use burn::tensor::ops::AttentionModuleOptions;
 use serde::{Deserialize, Serialize};
 
 use crate::fused::{attention, gelu_tanh, linear, tied_head};
+use crate::kv_cache::repeat_kv;
 use crate::registry::{FieldError, ensure};
-use crate::rope::{RopeScaling, RotaryEmbedding, repeat_kv};
+use crate::rope::{RopeScaling, RotaryEmbedding};
 use crate::{CausalLm, KvCache};
 
 fn default_rope_theta() -> f64 {
@@ -420,45 +421,12 @@ impl Gemma3Attention {
         caches: &mut [&mut KvCache],
         layer: usize,
     ) -> Tensor<3> {
-        let b = x.dims()[0];
-        let (h, k) = (self.n_head, self.n_kv_head);
         let (q, kk, v) = self.qkv(x);
         let rotary = self.rotary(model);
         let q = rotary.apply_rows(q, positions.clone());
         let kk = rotary.apply_rows(kk, positions);
         let rows = crate::kv_cache::append_rows(caches, layer, kk, v);
-        let y: Vec<Tensor<4>> = rows
-            .into_iter()
-            .enumerate()
-            .map(|(row, (kk, v))| {
-                let q = if b == 1 {
-                    q.clone()
-                } else {
-                    q.clone().slice(s![row..row + 1, .., .., ..])
-                };
-                let tk = kk.dims()[2];
-                let (kk, v) = match self.window {
-                    Some(w) if tk > w => (
-                        kk.slice(s![.., .., tk - w..tk, ..]),
-                        v.slice(s![.., .., tk - w..tk, ..]),
-                    ),
-                    _ => (kk, v),
-                };
-                attention(
-                    q,
-                    repeat_kv(kk, h / k),
-                    repeat_kv(v, h / k),
-                    None,
-                    None,
-                    self.options(false),
-                )
-            })
-            .collect();
-        let y = if b == 1 {
-            y.into_iter().next().expect("one row")
-        } else {
-            Tensor::cat(y, 0)
-        };
+        let y = crate::kv_cache::attend_rows(q, rows, self.window, self.options(false));
         self.out(y)
     }
 }

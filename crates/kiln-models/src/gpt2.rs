@@ -231,23 +231,7 @@ impl CausalSelfAttention {
         };
         // Per row: [1, H, 1, D] over its own [1, H, len_b + 1, D]
         let rows = crate::kv_cache::append_rows(caches, layer, k, v);
-        let y: Vec<Tensor<4>> = rows
-            .into_iter()
-            .enumerate()
-            .map(|(row, (k, v))| {
-                let q = if b == 1 {
-                    q.clone()
-                } else {
-                    q.clone().slice(s![row..row + 1, .., .., ..])
-                };
-                attention(q, k, v, None, None, options)
-            })
-            .collect();
-        let y = if b == 1 {
-            y.into_iter().next().unwrap()
-        } else {
-            Tensor::cat(y, 0)
-        };
+        let y = crate::kv_cache::attend_rows(q, rows, None, options);
         // [B, H, 1, D] -> [B, 1, C]
         let y = y.swap_dims(1, 2).reshape([b, t, c]);
         self.resid_dropout.forward(linear(&self.c_proj, y))

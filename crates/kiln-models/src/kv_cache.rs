@@ -8,6 +8,9 @@
 //! sequence up front.
 
 use burn::prelude::*;
+use burn::tensor::ops::AttentionModuleOptions;
+
+use crate::fused::attention;
 
 /// Cached keys and values of one attention layer.
 #[derive(Debug, Clone)]
@@ -158,4 +161,51 @@ pub fn row_positions(caches: &[&mut KvCache], device: &Device) -> Tensor<1, Int>
     let positions: Vec<i64> = caches.iter().map(|c| c.len() as i64).collect();
     let b = positions.len();
     Tensor::from_data(TensorData::new(positions, [b]), device)
+}
+
+/// Repeat each of K key/value heads H/K times: `[B, K, T, D]` -> `[B, H, T, D]`.
+pub fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, k, t, d] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, k, n_rep, t, d])
+        .reshape([b, k * n_rep, t, d])
+}
+
+/// The attention of one decode step of independent sequences: query row `b` of `q`
+/// `[B, H, 1, D]` over its own cached keys and values `rows[b]` (what [`append_rows`]
+/// returns, `[1, K, len_b + 1, D]`), only their last `window` positions when given, the
+/// K key/value heads repeated to H -> `[B, H, 1, D]`.
+pub fn attend_rows(
+    q: Tensor<4>,
+    rows: Vec<(Tensor<4>, Tensor<4>)>,
+    window: Option<usize>,
+    options: AttentionModuleOptions,
+) -> Tensor<4> {
+    let b = q.dims()[0];
+    let mut y: Vec<Tensor<4>> = rows
+        .into_iter()
+        .enumerate()
+        .map(|(row, (k, v))| {
+            let q = if b == 1 {
+                q.clone()
+            } else {
+                q.clone().slice(s![row..row + 1, .., .., ..])
+            };
+            let tk = k.dims()[2];
+            let (k, v) = match window {
+                Some(w) if tk > w => (k.slice(s![.., .., tk - w..tk, ..]), v.slice(s![.., .., tk - w..tk, ..])),
+                _ => (k, v),
+            };
+            let n_rep = q.dims()[1] / k.dims()[1];
+            attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), None, None, options)
+        })
+        .collect();
+    if b == 1 {
+        y.pop().expect("one row")
+    } else {
+        Tensor::cat(y, 0)
+    }
 }

@@ -15,8 +15,8 @@ use burn::tensor::ops::AttentionModuleOptions;
 use serde::{Deserialize, Serialize};
 
 use crate::fused::{attention, linear, silu};
+use crate::kv_cache::repeat_kv;
 use crate::registry::{FieldError, ensure};
-use crate::rope::repeat_kv;
 pub use crate::rope::{RopeScaling, RotaryEmbedding};
 use crate::{CausalLm, KvCache};
 
@@ -279,7 +279,7 @@ impl LlamaAttention {
         layer: usize,
     ) -> Tensor<3> {
         let [b, t, _] = x.dims();
-        let (h, k, d) = (self.n_head, self.n_kv_head, self.head_dim);
+        let (h, d) = (self.n_head, self.head_dim);
         let (q, kk, v) = self.qkv(x);
         let q = rotary.apply_rows(q, positions.clone());
         let kk = rotary.apply_rows(kk, positions);
@@ -289,23 +289,7 @@ impl LlamaAttention {
             is_causal: false,
         };
         let rows = crate::kv_cache::append_rows(caches, layer, kk, v);
-        let y: Vec<Tensor<4>> = rows
-            .into_iter()
-            .enumerate()
-            .map(|(row, (kk, v))| {
-                let q = if b == 1 {
-                    q.clone()
-                } else {
-                    q.clone().slice(s![row..row + 1, .., .., ..])
-                };
-                attention(q, repeat_kv(kk, h / k), repeat_kv(v, h / k), None, None, options)
-            })
-            .collect();
-        let y = if b == 1 {
-            y.into_iter().next().unwrap()
-        } else {
-            Tensor::cat(y, 0)
-        };
+        let y = crate::kv_cache::attend_rows(q, rows, None, options);
         let y = y.swap_dims(1, 2).reshape([b, t, h * d]);
         linear(&self.o_proj, y)
     }

@@ -125,13 +125,10 @@ impl RotaryEmbedding {
     /// Rotate `x` `[B, heads, T, D]` for positions `start..start+T`:
     /// `x * cos + rotate_half(x) * sin`, `rotate_half([x1, x2]) = [-x2, x1]`.
     pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
-        let [_, _, t, d] = x.dims();
+        let t = x.dims()[2];
         let cos = self.cos.clone().slice(s![start..start + t, ..]).unsqueeze::<4>(); // [1, 1, T, D]
         let sin = self.sin.clone().slice(s![start..start + t, ..]).unsqueeze::<4>();
-        let x1 = x.clone().slice(s![.., .., .., 0..d / 2]);
-        let x2 = x.clone().slice(s![.., .., .., d / 2..d]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * cos + rotated * sin
+        rotate(x, cos, sin)
     }
 
     /// Rotate `x` `[B, heads, 1, D]` row `b` at position `positions[b]` (a decode step
@@ -140,22 +137,18 @@ impl RotaryEmbedding {
         let [b, _, _, d] = x.dims();
         let cos = self.cos.clone().select(0, positions.clone()).reshape([b, 1, 1, d]);
         let sin = self.sin.clone().select(0, positions).reshape([b, 1, 1, d]);
-        let x1 = x.clone().slice(s![.., .., .., 0..d / 2]);
-        let x2 = x.clone().slice(s![.., .., .., d / 2..d]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * cos + rotated * sin
+        rotate(x, cos, sin)
     }
 }
 
-/// Repeat each of K key/value heads H/K times: `[B, K, T, D]` -> `[B, H, T, D]`.
-pub fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
-    if n_rep == 1 {
-        return x;
-    }
-    let [b, k, t, d] = x.dims();
-    x.unsqueeze_dim::<5>(2)
-        .expand([b, k, n_rep, t, d])
-        .reshape([b, k * n_rep, t, d])
+/// `x * cos + rotate_half(x) * sin`, `rotate_half([x1, x2]) = [-x2, x1]` over the last
+/// dimension; `cos`/`sin` broadcast against `x`.
+fn rotate(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
+    let d = x.dims()[3];
+    let x1 = x.clone().slice(s![.., .., .., 0..d / 2]);
+    let x2 = x.clone().slice(s![.., .., .., d / 2..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos + rotated * sin
 }
 
 #[cfg(test)]
