@@ -128,6 +128,25 @@ pub fn meta_u64(file: &GgufFile, key: &str) -> Result<u64, ConvertError> {
     Ok(file.require(key, file.u64(key))?)
 }
 
+/// The Hugging Face `rope_scaling` of `{arch}.rope.scaling.*` (null when none); a type
+/// Kiln lacks is an error naming the key.
+pub fn rope_scaling(file: &GgufFile, arch: &str) -> Result<Value, ConvertError> {
+    let (ty, factor) = (
+        format!("{arch}.rope.scaling.type"),
+        format!("{arch}.rope.scaling.factor"),
+    );
+    Ok(match file.str(&ty)? {
+        None | Some("none") => Value::Null,
+        Some("linear") => json!({"rope_type": "linear", "factor": file.require(&factor, file.f64(&factor))?}),
+        Some(other) => {
+            return Err(ConvertError::Config(format!(
+                "{}: metadata {ty}: {other:?} is not supported (none, linear are)",
+                file.path().display()
+            )));
+        }
+    })
+}
+
 /// The tokenizer files built from `tokenizer.ggml.*` (and `tokenizer.chat_template`).
 struct TokenizerFiles {
     tokenizer_json: Vec<u8>,

@@ -232,19 +232,9 @@ fn gguf_config(g: &GgufFile) -> Result<Value, ConvertError> {
         "hidden_activation": "gelu_pytorch_tanh",
         "tie_word_embeddings": true,
     });
-    match g.str(&key("rope.scaling.type"))? {
-        None | Some("none") => {}
-        Some("linear") => {
-            let factor = g.require(&key("rope.scaling.factor"), g.f64(&key("rope.scaling.factor")))?;
-            c["rope_scaling"] = json!({"rope_type": "linear", "factor": factor});
-        }
-        Some(other) => {
-            return Err(ConvertError::Config(format!(
-                "{}: metadata {}: {other:?} is not supported (none, linear are)",
-                g.path().display(),
-                key("rope.scaling.type")
-            )));
-        }
+    let scaling = crate::gguf::rope_scaling(g, "gemma3")?;
+    if !scaling.is_null() {
+        c["rope_scaling"] = scaling;
     }
     for cap in ["final_logit_softcapping", "attn_logit_softcapping"] {
         if let Some(v) = g.f64(&key(cap))? {

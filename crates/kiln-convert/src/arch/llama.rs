@@ -267,19 +267,7 @@ fn gguf_config(g: &GgufFile) -> Result<Value, ConvertError> {
             g.path().display()
         )));
     }
-    let rope_scaling = match g.str(&key("rope.scaling.type"))? {
-        None | Some("none") => Value::Null,
-        Some("linear") => {
-            json!({"rope_type": "linear", "factor": g.require(&key("rope.scaling.factor"), g.f64(&key("rope.scaling.factor")))?})
-        }
-        Some(other) => {
-            return Err(ConvertError::Config(format!(
-                "{}: metadata {}: {other:?} is not supported (none, linear are)",
-                g.path().display(),
-                key("rope.scaling.type")
-            )));
-        }
-    };
+    let rope_scaling = crate::gguf::rope_scaling(g, "llama")?;
     let mut c = json!({
         "model_type": "llama", "architectures": ["LlamaForCausalLM"],
         "num_hidden_layers": meta_u64(g, &key("block_count"))?,
