@@ -22,8 +22,11 @@ use burn::prelude::*;
 use burn::tensor::activation::sigmoid;
 use burn::tensor::ops::AttentionModuleOptions;
 
+mod flex;
 #[cfg(feature = "tch")]
 mod libtorch;
+
+pub use flex::MAX_ROWS as KERNEL_MAX_ROWS;
 
 /// Whether `x` lives on a libtorch device, where this module's libtorch kernels run.
 pub fn runs_on_libtorch<const D: usize>(x: &Tensor<D>) -> bool {
@@ -71,10 +74,18 @@ pub fn adamw_update<const D: usize>(
 /// with the bias added in the same GEMM (`addmm`, as `torch.nn.Linear` does). Burn's
 /// `Linear` keeps a `[B, T, C]` input as B batched GEMMs when T is a multiple of 32 (a
 /// tiling rule for GPU kernels); on MKL that cost 3.5 ms of a 39 ms gpt2 training step.
+///
+/// On flex, without autodiff, an input of at most [`KERNEL_MAX_ROWS`] rows (a decode
+/// step) runs Kiln's multi-threaded matrix-vector kernel ([`flex`]); Burn's flex runs it
+/// on one thread.
 pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     #[cfg(feature = "tch")]
     if libtorch::runs_on_libtorch(&x) {
         return libtorch::linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()));
+    }
+    let bias = layer.bias.as_ref().map(|b| b.val());
+    if let Some(y) = flex::linear(&x, &layer.weight.val(), bias.as_ref()) {
+        return y;
     }
     layer.forward(x)
 }
@@ -113,6 +124,9 @@ pub fn conv2d(layer: &Conv2d, x: Tensor<4>) -> Tensor<4> {
 /// `[..., V]`, computed as `(E x^T)^T` so the large embedding is read in its stored
 /// layout (a transposed view of it would be copied on every call).
 pub fn tied_head<const D: usize>(x: Tensor<D>, embedding: Tensor<2>) -> Tensor<D> {
+    if let Some(y) = flex::tied_head(&x, &embedding) {
+        return y;
+    }
     let dims = x.dims();
     let c = dims[D - 1];
     let n = dims[..D - 1].iter().product::<usize>();

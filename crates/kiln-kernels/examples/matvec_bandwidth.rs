@@ -1,0 +1,40 @@
+//! Weight bandwidth of the decode kernels: the matrix-vector products of one SmolLM2-135M
+//! decode step (30 layers of q, k, v, o, gate, up, down in Burn's `[in, out]` layout,
+//! then the tied head `[49152, 576]`), each matrix its own memory as in the model, per
+//! path and row count. Prints ms per step and GB/s of weight read.
+//!   RAYON_NUM_THREADS=2 cargo run --release -p kiln-kernels --example matvec_bandwidth
+use kiln_kernels::{Isa, linear_kn_with, linear_nk_with};
+use std::time::Instant;
+
+fn main() {
+    let (c, f, kv, v, layers) = (576, 1536, 192, 49152, 30);
+    let layer = [(c, c), (c, kv), (c, kv), (c, c), (c, f), (c, f), (f, c)];
+    let fill = |len: usize| (0..len).map(|i| (i % 13) as f32 * 0.01).collect::<Vec<f32>>();
+    let weights: Vec<Vec<(usize, usize, Vec<f32>)>> =
+        (0..layers).map(|_| layer.iter().map(|&(k, n)| (k, n, fill(k * n))).collect()).collect();
+    let head = fill(v * c);
+    let bytes = 4 * (layers * layer.iter().map(|(k, n)| k * n).sum::<usize>() + v * c);
+    println!("threads {}, {:.0} MB of weights per step", kiln_kernels::pool::Pool::global().threads(), bytes as f64 / 1e6);
+    println!("| path | rows | ms/step | GB/s |");
+    println!("|---|---:|---:|---:|");
+    for isa in Isa::available() {
+        for m in [1, 8] {
+            let mut best = f64::MAX;
+            for _ in 0..8 {
+                let t = Instant::now();
+                for l in &weights {
+                    for (k, n, w) in l {
+                        let x = vec![0.5f32; m * k];
+                        let mut y = vec![0f32; m * n];
+                        linear_kn_with(isa, &x, w, None, &mut y, m, *k, *n);
+                    }
+                }
+                let x = vec![0.5f32; m * c];
+                let mut y = vec![0f32; m * v];
+                linear_nk_with(isa, &x, &head, None, &mut y, m, c, v);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!("| {isa:?} | {m} | {:.2} | {:.1} |", best * 1e3, bytes as f64 / best / 1e9);
+        }
+    }
+}

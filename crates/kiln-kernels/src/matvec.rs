@@ -1,0 +1,445 @@
+//! `y = x W (+ b)` for a few rows of `x`: the matrix-vector products of decoding.
+//!
+//! Two weight layouts, because the models hold both:
+//! - [`linear_kn`]: `w` `[k, n]` row-major, Burn's `nn::Linear` layout (`x @ w`). The `k`
+//!   rows are cut into one contiguous slab per thread; each thread streams its slab once
+//!   and accumulates a partial `y` `[m, n]` (in L1/L2), and the partials are summed. A
+//!   weight is read once, front to back, whatever `m`.
+//! - [`linear_nk`]: `w` `[n, k]` row-major, PyTorch's layout and a token embedding's (a
+//!   tied LM head): each output is a dot product of a weight row with `x`; the `n` rows
+//!   are cut into one slab per thread.
+//!
+//! `x` is `[m, k]`, `y` `[m, n]`, both row-major; `m` up to [`MAX_ROWS`] is one pass over
+//! the weight (more rows are done [`MAX_ROWS`] at a time). Sums are in f32, in a different
+//! order from a GEMM's, so results agree with one to rounding (the tests use 1e-5
+//! relative to the sum of magnitudes).
+
+use crate::Isa;
+use crate::pool::Pool;
+use std::cell::RefCell;
+
+/// The rows one pass over a weight serves; the rest of a batch takes further passes.
+pub const MAX_ROWS: usize = 8;
+
+/// Weights smaller than this many elements run on the calling thread (handing out
+/// the work costs more than the product).
+const PARALLEL_MIN: usize = 32 * 1024;
+
+thread_local! {
+    /// The partial sums of [`linear_kn`], reused across calls (no allocation per token).
+    static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `y[m, n] = x[m, k] · w[k, n] + bias[n]` with `w` row-major `[k, n]`, on the best path
+/// of this CPU. Panics if a slice's length disagrees with `m`, `k`, `n`.
+pub fn linear_kn(x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32], m: usize, k: usize, n: usize) {
+    linear_kn_with(Isa::best(), x, w, bias, y, m, k, n)
+}
+
+/// `y[m, n] = x[m, k] · w[n, k]ᵀ + bias[n]` with `w` row-major `[n, k]`, on the best path
+/// of this CPU. Panics if a slice's length disagrees with `m`, `k`, `n`.
+pub fn linear_nk(x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32], m: usize, k: usize, n: usize) {
+    linear_nk_with(Isa::best(), x, w, bias, y, m, k, n)
+}
+
+fn check(x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &[f32], m: usize, k: usize, n: usize) {
+    assert_eq!(x.len(), m * k, "x is [m, k]");
+    assert_eq!(w.len(), k * n, "w has k * n elements");
+    assert_eq!(y.len(), m * n, "y is [m, n]");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n, "bias is [n]");
+    }
+}
+
+/// How many slabs to cut `rows` rows of a `rows * cols` weight into.
+fn slabs(rows: usize, cols: usize, min_rows: usize) -> usize {
+    if rows * cols < PARALLEL_MIN {
+        return 1;
+    }
+    Pool::global().threads().min(rows / min_rows).max(1)
+}
+
+/// [`linear_kn`] on a given path (`isa` must be one of [`Isa::available`]).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_kn_with(
+    isa: Isa,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    check(x, w, bias, y, m, k, n);
+    assert!(Isa::available().contains(&isa), "{isa:?} is not available on this CPU");
+    for r0 in (0..m).step_by(MAX_ROWS) {
+        let rows = MAX_ROWS.min(m - r0);
+        let x = &x[r0 * k..(r0 + rows) * k];
+        let y = &mut y[r0 * n..(r0 + rows) * n];
+        kn_pass(isa, x, w, bias, y, rows, k, n);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn kn_pass(isa: Isa, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32], m: usize, k: usize, n: usize) {
+    let parts = slabs(k, n, 16);
+    let slab = k.div_ceil(parts);
+    let init = |out: &mut [f32]| match bias {
+        Some(b) => out.chunks_mut(n).for_each(|row| row.copy_from_slice(b)),
+        None => out.fill(0.0),
+    };
+    if parts == 1 {
+        init(y);
+        kn_slab(isa, x, w, y, m, k, n, 0, k);
+        return;
+    }
+    // Taken out of the thread-local for the call and put back after.
+    let mut partials = PARTIALS.take();
+    {
+        partials.resize(parts * m * n, 0.0);
+        let out = Shared(partials.as_mut_ptr());
+        Pool::global().run(parts, &|p| {
+            let (k0, k1) = (p * slab, ((p + 1) * slab).min(k));
+            // SAFETY: task `p` alone writes partial `p`, within the buffer.
+            let out = unsafe { std::slice::from_raw_parts_mut({ out }.0.add(p * m * n), m * n) };
+            out.fill(0.0);
+            kn_slab(isa, x, w, out, m, k, n, k0, k1);
+        });
+        init(y);
+        for part in partials.chunks(m * n) {
+            y.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        }
+    }
+    PARTIALS.set(partials);
+}
+
+/// `acc[m, n] += x[:, k0..k1] · w[k0..k1, :]`.
+#[allow(clippy::too_many_arguments)]
+fn kn_slab(isa: Isa, x: &[f32], w: &[f32], acc: &mut [f32], m: usize, k: usize, n: usize, k0: usize, k1: usize) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is available (checked by the caller), so the CPU has AVX2 and FMA.
+        Isa::Avx2Fma => unsafe { avx2::kn_slab(x, w, acc, m, k, n, k0, k1) },
+        _ => {
+            for kk in k0..k1 {
+                let row = &w[kk * n..(kk + 1) * n];
+                for r in 0..m {
+                    let xv = x[r * k + kk];
+                    acc[r * n..(r + 1) * n]
+                        .iter_mut()
+                        .zip(row)
+                        .for_each(|(a, wv)| *a += xv * wv);
+                }
+            }
+        }
+    }
+}
+
+/// [`linear_nk`] on a given path (`isa` must be one of [`Isa::available`]).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_nk_with(
+    isa: Isa,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    check(x, w, bias, y, m, k, n);
+    assert!(Isa::available().contains(&isa), "{isa:?} is not available on this CPU");
+    for r0 in (0..m).step_by(MAX_ROWS) {
+        let rows = MAX_ROWS.min(m - r0);
+        let x = &x[r0 * k..(r0 + rows) * k];
+        let y = &mut y[r0 * n..(r0 + rows) * n];
+        nk_pass(isa, x, w, bias, y, rows, k, n);
+    }
+}
+
+/// A buffer shared by the tasks of one pool job, each writing its own part of it.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: the tasks write disjoint parts of a buffer that outlives the job.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+fn nk_pass(isa: Isa, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32], m: usize, k: usize, n: usize) {
+    let parts = slabs(n, k, 8);
+    let slab = n.div_ceil(parts);
+    let out = Shared(y.as_mut_ptr());
+    let run = |p: usize| {
+        let (j0, j1) = (p * slab, ((p + 1) * slab).min(n));
+        // SAFETY: slab `p` writes only columns j0..j1 of each of the m rows of `y`.
+        let write = |r: usize, j: usize, v: f32| unsafe { *{ out }.0.add(r * n + j) = v };
+        nk_slab(isa, x, w, bias, m, k, j0, j1, write);
+    };
+    Pool::global().run(parts, &run);
+}
+
+/// `y[r, j] = x[r, :] · w[j, :] + bias[j]` for the columns `j0..j1`, handed to `write`.
+#[allow(clippy::too_many_arguments)]
+fn nk_slab(
+    isa: Isa,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+    write: impl Fn(usize, usize, f32),
+) {
+    let mut sums = [0f32; MAX_ROWS];
+    for j in j0..j1 {
+        let row = &w[j * k..(j + 1) * k];
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` is available (checked by the caller): AVX2 and FMA.
+            Isa::Avx2Fma => unsafe { avx2::dots(row, x, m, &mut sums) },
+            _ => {
+                for (r, s) in sums.iter_mut().enumerate().take(m) {
+                    *s = row.iter().zip(&x[r * k..(r + 1) * k]).map(|(a, b)| a * b).sum();
+                }
+            }
+        }
+        let b = bias.map_or(0.0, |b| b[j]);
+        for (r, s) in sums.iter().enumerate().take(m) {
+            write(r, j, s + b);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::MAX_ROWS;
+    use std::arch::x86_64::*;
+
+    /// `acc[m, n] += x[:, k0..k1] · w[k0..k1, :]`, four weight rows per sweep of `acc`.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn kn_slab(
+        x: &[f32],
+        w: &[f32],
+        acc: &mut [f32],
+        m: usize,
+        k: usize,
+        n: usize,
+        k0: usize,
+        k1: usize,
+    ) {
+        let n8 = n / 8 * 8;
+        let (wp, ap) = (w.as_ptr(), acc.as_mut_ptr());
+        let mut kk = k0;
+        while kk + 4 <= k1 {
+            let mut xb = [[_mm256_setzero_ps(); 4]; MAX_ROWS];
+            for r in 0..m {
+                for i in 0..4 {
+                    xb[r][i] = _mm256_set1_ps(x[r * k + kk + i]);
+                }
+            }
+            let rows = [0, 1, 2, 3].map(|i| unsafe { wp.add((kk + i) * n) });
+            let mut j = 0;
+            while j < n8 {
+                unsafe {
+                    let w0 = _mm256_loadu_ps(rows[0].add(j));
+                    let w1 = _mm256_loadu_ps(rows[1].add(j));
+                    let w2 = _mm256_loadu_ps(rows[2].add(j));
+                    let w3 = _mm256_loadu_ps(rows[3].add(j));
+                    for (r, xb) in xb.iter().enumerate().take(m) {
+                        let p = ap.add(r * n + j);
+                        let mut a = _mm256_loadu_ps(p);
+                        a = _mm256_fmadd_ps(xb[0], w0, a);
+                        a = _mm256_fmadd_ps(xb[1], w1, a);
+                        a = _mm256_fmadd_ps(xb[2], w2, a);
+                        a = _mm256_fmadd_ps(xb[3], w3, a);
+                        _mm256_storeu_ps(p, a);
+                    }
+                }
+                j += 8;
+            }
+            for j in n8..n {
+                for r in 0..m {
+                    let mut s = acc[r * n + j];
+                    for i in 0..4 {
+                        s += x[r * k + kk + i] * w[(kk + i) * n + j];
+                    }
+                    acc[r * n + j] = s;
+                }
+            }
+            kk += 4;
+        }
+        while kk < k1 {
+            let row = &w[kk * n..(kk + 1) * n];
+            for r in 0..m {
+                let xv = x[r * k + kk];
+                let xb = _mm256_set1_ps(xv);
+                let mut j = 0;
+                while j < n8 {
+                    unsafe {
+                        let p = ap.add(r * n + j);
+                        _mm256_storeu_ps(p, _mm256_fmadd_ps(xb, _mm256_loadu_ps(row.as_ptr().add(j)), _mm256_loadu_ps(p)));
+                    }
+                    j += 8;
+                }
+                for j in n8..n {
+                    acc[r * n + j] += xv * row[j];
+                }
+            }
+            kk += 1;
+        }
+    }
+
+    /// `sums[r] = row · x[r, :]` for the `m` rows of `x` (`[m, row.len()]`).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dots(row: &[f32], x: &[f32], m: usize, sums: &mut [f32; MAX_ROWS]) {
+        let k = row.len();
+        let k16 = k / 16 * 16;
+        let wp = row.as_ptr();
+        let mut r0 = 0;
+        while r0 < m {
+            let g = (m - r0).min(4);
+            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            let mut i = 0;
+            while i < k16 {
+                unsafe {
+                    let w0 = _mm256_loadu_ps(wp.add(i));
+                    let w1 = _mm256_loadu_ps(wp.add(i + 8));
+                    for (q, acc) in acc.iter_mut().enumerate().take(g) {
+                        let xp = x.as_ptr().add((r0 + q) * k + i);
+                        acc[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), acc[0]);
+                        acc[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), acc[1]);
+                    }
+                }
+                i += 16;
+            }
+            for (q, acc) in acc.iter().enumerate().take(g) {
+                let v = _mm256_add_ps(acc[0], acc[1]);
+                let lo = _mm256_castps256_ps128(v);
+                let hi = _mm256_extractf128_ps(v, 1);
+                let s4 = _mm_add_ps(lo, hi);
+                let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+                let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+                let xr = &x[(r0 + q) * k..(r0 + q + 1) * k];
+                let tail: f32 = row[k16..].iter().zip(&xr[k16..]).map(|(a, b)| a * b).sum();
+                sums[r0 + q] = _mm_cvtss_f32(s1) + tail;
+            }
+            r0 += g;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic pseudo-random fill in [-1, 1).
+    fn fill(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The plain triple loop in f64, and the sum of magnitudes of each output (the scale
+    /// of its rounding error).
+    fn reference(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize, kn: bool) -> (Vec<f64>, Vec<f64>) {
+        let mut y = vec![0f64; m * n];
+        let mut mag = vec![0f64; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                let (mut s, mut a) = (bias.map_or(0.0, |b| b[j] as f64), bias.map_or(0.0, |b| b[j].abs() as f64));
+                for i in 0..k {
+                    let wv = if kn { w[i * n + j] } else { w[j * k + i] } as f64;
+                    s += x[r * k + i] as f64 * wv;
+                    a += (x[r * k + i] as f64 * wv).abs();
+                }
+                y[r * n + j] = s;
+                mag[r * n + j] = a;
+            }
+        }
+        (y, mag)
+    }
+
+    fn check_close(got: &[f32], want: &[f64], mag: &[f64], what: &str) {
+        for (i, ((g, w), a)) in got.iter().zip(want).zip(mag).enumerate() {
+            let err = (*g as f64 - w).abs();
+            assert!(err <= 1e-5 * a.max(1e-30), "{what}: element {i}: {g} vs {w} (|diff| {err}, scale {a})");
+        }
+    }
+
+    /// Shapes that hit every tail: k not a multiple of 4 or 16, n not a multiple of 8,
+    /// m over MAX_ROWS, weights above and below the parallel threshold.
+    const SHAPES: &[(usize, usize, usize)] = &[
+        (1, 1, 1),
+        (1, 7, 3),
+        (2, 33, 17),
+        (3, 576, 192),
+        (1, 576, 1536),
+        (4, 1537, 35),
+        (8, 64, 1000),
+        (11, 130, 257),
+        (1, 576, 4099),
+    ];
+
+    #[test]
+    fn linear_kn_matches_the_triple_loop_on_every_path() {
+        for isa in Isa::available() {
+            for &(m, k, n) in SHAPES {
+                let (x, w, b) = (fill(m * k, 1), fill(k * n, 2), fill(n, 3));
+                for bias in [None, Some(&b[..])] {
+                    let mut y = vec![f32::NAN; m * n];
+                    linear_kn_with(isa, &x, &w, bias, &mut y, m, k, n);
+                    let (want, mag) = reference(&x, &w, bias, m, k, n, true);
+                    check_close(&y, &want, &mag, &format!("{isa:?} kn m={m} k={k} n={n} bias={}", bias.is_some()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn linear_nk_matches_the_triple_loop_on_every_path() {
+        for isa in Isa::available() {
+            for &(m, k, n) in SHAPES {
+                let (x, w, b) = (fill(m * k, 4), fill(k * n, 5), fill(n, 6));
+                for bias in [None, Some(&b[..])] {
+                    let mut y = vec![f32::NAN; m * n];
+                    linear_nk_with(isa, &x, &w, bias, &mut y, m, k, n);
+                    let (want, mag) = reference(&x, &w, bias, m, k, n, false);
+                    check_close(&y, &want, &mag, &format!("{isa:?} nk m={m} k={k} n={n} bias={}", bias.is_some()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn one_slab_and_many_agree() {
+        let (m, k, n) = (2, 576, 1536);
+        let (x, w) = (fill(m * k, 7), fill(k * n, 8));
+        let mut outs = Vec::new();
+        for isa in Isa::available() {
+            let mut y = vec![0f32; m * n];
+            linear_kn_with(isa, &x, &w, None, &mut y, m, k, n);
+            outs.push(y);
+            // and on the calling thread alone
+            let mut y = vec![0f32; m * n];
+            kn_slab(isa, &x, &w, &mut y, m, k, n, 0, k);
+            outs.push(y);
+        }
+        let (want, mag) = reference(&x, &w, None, m, k, n, true);
+        for y in &outs {
+            check_close(y, &want, &mag, "kn across thread counts");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "x is [m, k]")]
+    fn a_wrong_length_is_refused() {
+        let mut y = vec![0f32; 4];
+        linear_kn(&[0.0; 3], &[0.0; 8], None, &mut y, 2, 2, 2);
+    }
+}
