@@ -10,6 +10,7 @@
 //! ([`Isa::detect`], at run time), a portable loop otherwise. The tests run every path
 //! the machine has against a plain triple loop.
 
+pub mod decode;
 pub mod matvec;
 pub mod pool;
 

@@ -220,6 +220,36 @@ pub fn attention(
     burn::tensor::module::attention(q, k, v, mask, bias, options)
 }
 
+/// Burn's `nn::RmsNorm` applied to `x` `[..., C]`: `x / sqrt(mean(x^2) + eps) * gamma`.
+/// On flex without autodiff it is one pass ([`flex`]), not five kernels.
+pub fn rms_norm<const D: usize>(norm: &burn::nn::RmsNorm, x: Tensor<D>) -> Tensor<D> {
+    if let Some(y) = flex::rms_norm(&x, &norm.gamma.val(), norm.epsilon, false) {
+        return y;
+    }
+    norm.forward(x)
+}
+
+/// Gemma's RMS norm, `x / sqrt(mean(x^2) + eps) * (1 + weight)`, in one pass on flex
+/// without autodiff; `None` elsewhere (the caller composes it from Burn ops).
+pub fn rms_norm_plus_one<const D: usize>(x: &Tensor<D>, weight: &Tensor<1>, eps: f64) -> Option<Tensor<D>> {
+    flex::rms_norm(x, weight, eps, true)
+}
+
+/// [`crate::rope::RotaryEmbedding::apply_rows`]'s kernel on flex without autodiff.
+pub(crate) fn rope_rows_kernel(x: &Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>, positions: &Tensor<1, Int>) -> Option<Tensor<4>> {
+    flex::rope_rows(x, cos, sin, positions)
+}
+
+/// [`crate::kv_cache::attend_rows`]'s kernel on flex without autodiff (see there).
+pub(crate) fn attend_rows_kernel(
+    q: &Tensor<4>,
+    rows: &[(Tensor<4>, Tensor<4>)],
+    window: Option<usize>,
+    options: &AttentionModuleOptions,
+) -> Option<Tensor<4>> {
+    flex::attend_rows(q, rows, window, options.scale, options.softcap)
+}
+
 /// `log(softmax(x))` along `dim`.
 pub fn log_softmax<const D: usize>(x: Tensor<D>, dim: usize) -> Tensor<D> {
     #[cfg(feature = "tch")]

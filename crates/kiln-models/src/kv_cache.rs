@@ -184,6 +184,10 @@ pub fn attend_rows(
     window: Option<usize>,
     options: AttentionModuleOptions,
 ) -> Tensor<4> {
+    // On flex: one pass per row over the cache buffers, no repeated heads.
+    if let Some(y) = crate::fused::attend_rows_kernel(&q, &rows, window, &options) {
+        return y;
+    }
     let b = q.dims()[0];
     let mut y: Vec<Tensor<4>> = rows
         .into_iter()

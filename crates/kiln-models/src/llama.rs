@@ -14,7 +14,7 @@ use burn::prelude::*;
 use burn::tensor::ops::AttentionModuleOptions;
 use serde::{Deserialize, Serialize};
 
-use crate::fused::{attention, linear, silu};
+use crate::fused::{attention, linear, rms_norm, silu};
 use crate::kv_cache::repeat_kv;
 use crate::registry::{FieldError, ensure};
 pub use crate::rope::{RopeScaling, RotaryEmbedding};
@@ -313,8 +313,8 @@ impl LlamaDecoderLayer {
         let x = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), rotary, start, cache);
-        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+                .forward(rms_norm(&self.input_layernorm, x), rotary, start, cache);
+        x.clone() + self.mlp.forward(rms_norm(&self.post_attention_layernorm, x))
     }
 }
 
@@ -331,7 +331,7 @@ impl LlamaForCausalLM {
             cache.advance(t);
         }
         // [B, T, C] -> [B, T, V]
-        self.head(m.norm.forward(x))
+        self.head(rms_norm(&m.norm, x))
     }
 
     /// `[B, T, C]` -> logits `[B, T, V]`, through `lm_head` or the tied embedding.
@@ -380,17 +380,17 @@ impl CausalLm for LlamaForCausalLM {
         let mut x = m.embed_tokens.forward(tokens);
         for (i, layer) in m.layers.iter().enumerate() {
             let y = layer.self_attn.forward_step(
-                layer.input_layernorm.forward(x.clone()),
+                rms_norm(&layer.input_layernorm, x.clone()),
                 &m.rotary,
                 positions.clone(),
                 caches,
                 i,
             );
             x = x + y;
-            x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
+            x = x.clone() + layer.mlp.forward(rms_norm(&layer.post_attention_layernorm, x));
         }
         crate::kv_cache::advance_rows(caches);
-        self.head(m.norm.forward(x))
+        self.head(rms_norm(&m.norm, x))
     }
 }
 

@@ -134,6 +134,10 @@ impl RotaryEmbedding {
     /// Rotate `x` `[B, heads, 1, D]` row `b` at position `positions[b]` (a decode step
     /// of independent sequences); the same arithmetic as [`apply`](Self::apply).
     pub fn apply_rows(&self, x: Tensor<4>, positions: Tensor<1, Int>) -> Tensor<4> {
+        // On flex: one pass over the rows (the same products and sum).
+        if let Some(y) = crate::fused::rope_rows_kernel(&x, &self.cos, &self.sin, &positions) {
+            return y;
+        }
         let [b, _, _, d] = x.dims();
         let cos = self.cos.clone().select(0, positions.clone()).reshape([b, 1, 1, d]);
         let sin = self.sin.clone().select(0, positions).reshape([b, 1, 1, d]);

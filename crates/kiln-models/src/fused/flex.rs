@@ -111,3 +111,111 @@ fn wrap<const D: usize>(values: Vec<f32>, shape: &[usize; D]) -> Tensor<D> {
         autodiff: DispatchAutodiffContext::Disabled,
     })
 }
+
+/// RMS normalisation over the last dimension (`g = gamma`, or `1 + gamma` with
+/// `add_one`) as one pass ([`kiln_kernels::decode::rms_norm`]) for an untracked f32 flex
+/// tensor; `None` otherwise.
+pub(super) fn rms_norm<const D: usize>(x: &Tensor<D>, gamma: &Tensor<1>, eps: f64, add_one: bool) -> Option<Tensor<D>> {
+    let xt = flex_f32(x)?;
+    let gt = flex_f32(gamma)?;
+    let (xs, gs) = (xt.as_slice::<f32>()?, gt.as_slice::<f32>()?);
+    if gs.is_empty() || x.dims()[D - 1] != gs.len() {
+        return None;
+    }
+    let mut y = vec![0f32; xs.len()];
+    kiln_kernels::decode::rms_norm(xs, gs, eps as f32, add_one, &mut y);
+    Some(wrap(y, &x.dims()))
+}
+
+/// One sequence's cached keys or values `[1, K, len, D]` as a view of its buffer.
+fn cache_view(t: &FlexTensor) -> Option<kiln_kernels::decode::CacheView<'_>> {
+    let layout = t.layout();
+    let dims = layout.shape().to_vec();
+    let [1, _, _, d] = dims[..] else { return None };
+    let strides = layout.strides();
+    if strides[3] != 1 || strides[2] != d as isize || strides[1] < 0 {
+        return None;
+    }
+    Some(kiln_kernels::decode::CacheView {
+        data: t.storage::<f32>(),
+        start: layout.start_offset(),
+        head_stride: strides[1] as usize,
+    })
+}
+
+/// [`crate::kv_cache::attend_rows`] as one pass per row ([`kiln_kernels::decode::attention_step`])
+/// when every tensor is an untracked f32 flex tensor laid out as the KV cache leaves them;
+/// `None` otherwise. `q` `[B, H, 1, D]`, `rows[b]` `[1, K, len_b, D]` -> `[B, H, 1, D]`.
+pub(super) fn attend_rows(
+    q: &Tensor<4>,
+    rows: &[(Tensor<4>, Tensor<4>)],
+    window: Option<usize>,
+    scale: Option<f64>,
+    softcap: Option<f64>,
+) -> Option<Tensor<4>> {
+    let [b, h, t, d] = q.dims();
+    if t != 1 || rows.len() != b {
+        return None;
+    }
+    let qt = flex_f32(q)?;
+    let qs = qt.as_slice::<f32>()?;
+    let scale = scale.unwrap_or_else(|| 1.0 / (d as f64).sqrt()) as f32;
+    let mut out = vec![0f32; b * h * d];
+    let mut scores = Vec::new();
+    for (row, (k, v)) in rows.iter().enumerate() {
+        let [_, kv, len, kd] = k.dims();
+        if kd != d || v.dims() != k.dims() || kv == 0 || h % kv != 0 || len == 0 {
+            return None;
+        }
+        let (kt, vt) = (flex_f32(k)?, flex_f32(v)?);
+        let (kview, vview) = (cache_view(&kt)?, cache_view(&vt)?);
+        kiln_kernels::decode::attention_step(
+            &qs[row * h * d..(row + 1) * h * d],
+            kview,
+            vview,
+            h,
+            kv,
+            d,
+            len,
+            window,
+            scale,
+            softcap.map(|c| c as f32),
+            &mut scores,
+            &mut out[row * h * d..(row + 1) * h * d],
+        );
+    }
+    Some(wrap(out, &[b, h, 1, d]))
+}
+
+/// The values of an untracked flex int tensor `[n]` as positions.
+fn flex_positions(t: &Tensor<1, Int>) -> Option<Vec<usize>> {
+    let dispatch = t.clone().into_dispatch();
+    let DispatchTensorKind::Flex(BackendTensor::Int(t)) = dispatch.kind else {
+        return None;
+    };
+    let values: Vec<i64> = match t.dtype() {
+        DType::I64 => t.as_slice::<i64>()?.to_vec(),
+        DType::I32 => t.as_slice::<i32>()?.iter().map(|&v| v as i64).collect(),
+        _ => return None,
+    };
+    values.into_iter().map(|v| usize::try_from(v).ok()).collect()
+}
+
+/// [`crate::rope::RotaryEmbedding::apply_rows`] as one pass
+/// ([`kiln_kernels::decode::rope_rows`]): `x` `[B, heads, 1, D]`, row `b` at
+/// `positions[b]`; `None` unless every tensor is an untracked f32 flex tensor.
+pub(super) fn rope_rows(x: &Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>, positions: &Tensor<1, Int>) -> Option<Tensor<4>> {
+    let [b, heads, t, d] = x.dims();
+    if t != 1 || positions.dims()[0] != b || cos.dims()[1] != d || d % 2 != 0 {
+        return None;
+    }
+    let (xt, ct, st) = (flex_f32(x)?, flex_f32(cos)?, flex_f32(sin)?);
+    let (xs, cs, ss) = (xt.as_slice::<f32>()?, ct.as_slice::<f32>()?, st.as_slice::<f32>()?);
+    let positions = flex_positions(positions)?;
+    if positions.iter().any(|&p| p >= cos.dims()[0]) {
+        return None;
+    }
+    let mut y = vec![0f32; xs.len()];
+    kiln_kernels::decode::rope_rows(xs, cs, ss, heads, d, &positions, &mut y);
+    Some(wrap(y, &[b, heads, 1, d]))
+}
