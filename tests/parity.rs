@@ -539,7 +539,8 @@ fn adamw_matches_burns_adamw_on_every_backend() {
 
 /// Decode steps of two sequences of different lengths (a prefill each, then batched
 /// `forward_step`s): on flex these run Kiln's kernels (matrix-vector products, RMS norm,
-/// rotary embedding, attention over the cache buffers, `kiln-kernels`), on every other
+/// rotary embedding, attention over the cache buffers, `kiln-kernels`; with the weights
+/// as Burn stores them and as the inference loader lays them out), on every other
 /// backend Burn's ops. Same weights, same logits to 1e-4 relative: grouped-query heads,
 /// q/k/v biases and a tied head (llama), and a sliding window shorter than the
 /// sequence, q/k norms and a soft-capped head (gemma3).
@@ -585,6 +586,11 @@ fn decode_steps_on_flex_kernels_match_every_backend() {
     save_weights(&l, &lp).unwrap();
     save_weights(&g, &gp).unwrap();
     let (want_l, want_g) = (steps(&l, &flex), steps(&g, &flex));
+    // The inference loader's layout (`fused::for_decoding`: [out, in] weights, q/k/v and
+    // gate/up as one kernel job each) computes the same.
+    let (dl, dg) = (kiln_models::fused::for_decoding(l.clone()), kiln_models::fused::for_decoding(g.clone()));
+    assert!(rel_diff(&want_l, &steps(&dl, &flex)) < 1e-5, "llama, decode layout");
+    assert!(rel_diff(&want_g, &steps(&dg, &flex)) < 1e-5, "gemma3, decode layout");
     let mut compared = 0;
     for kind in [BackendKind::Ndarray, BackendKind::Wgpu, BackendKind::Tch] {
         if !kind.is_compiled() {

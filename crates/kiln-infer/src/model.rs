@@ -108,10 +108,10 @@ impl FamilyVisitor for Build<'_> {
     type Output = Result<Model, LoadError>;
 
     fn causal_lm<A: LanguageArchitecture>(self, config: &A) -> Self::Output {
-        Ok(Model::CausalLm(Box::new(load_weights(
-            config.init(self.device),
-            self.weights,
-        )?)))
+        let model = load_weights(config.init(self.device), self.weights)?;
+        // Decoding streams every linear weight once per token: on flex, lay them out
+        // for Kiln's matrix-vector kernels.
+        Ok(Model::CausalLm(Box::new(kiln_models::fused::for_decoding(model))))
     }
 
     fn image_classifier<A: ImageArchitecture>(self, config: &A) -> Self::Output {

@@ -14,7 +14,7 @@ pub mod decode;
 pub mod matvec;
 pub mod pool;
 
-pub use matvec::{MAX_ROWS, linear_kn, linear_kn_with, linear_nk, linear_nk_with};
+pub use matvec::{MAX_ROWS, NkProduct, linear_kn, linear_kn_with, linear_nk, linear_nk_many, linear_nk_with, transpose};
 
 /// The instruction-set paths of the kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -158,6 +158,73 @@ pub fn linear_nk_with(
     }
 }
 
+/// One product of [`linear_nk_many`]: `y[m, n] = x · w[n, k]ᵀ + bias`.
+pub struct NkProduct<'a> {
+    pub w: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub y: &'a mut [f32],
+    pub n: usize,
+}
+
+/// Several [`linear_nk`] products of the same `x` `[m, k]` (a layer's q, k and v, or
+/// its gate and up projections) as one job of the pool: one hand-out and one wait
+/// instead of one per product. Panics if a slice's length disagrees with `m`, `k`, `n`.
+pub fn linear_nk_many(x: &[f32], m: usize, k: usize, products: &mut [NkProduct<'_>]) {
+    let isa = Isa::best();
+    if m > MAX_ROWS {
+        for p in products.iter_mut() {
+            linear_nk_with(isa, x, p.w, p.bias, p.y, m, k, p.n);
+        }
+        return;
+    }
+    let mut tasks = Vec::with_capacity(products.len() * Pool::global().threads());
+    // The weights and the outputs' addresses; the outputs are written only through these.
+    let mut jobs = Vec::with_capacity(products.len());
+    for (i, p) in products.iter_mut().enumerate() {
+        check(x, p.w, p.bias, p.y, m, k, p.n);
+        let parts = slabs(p.n, k, 8);
+        let slab = p.n.div_ceil(parts);
+        tasks.extend((0..parts).map(|q| (i, q * slab, ((q + 1) * slab).min(p.n))));
+        jobs.push((p.w, p.bias, p.n, Shared(p.y.as_mut_ptr())));
+    }
+    let jobs = &jobs;
+    Pool::global().run(tasks.len(), &|t| {
+        let (i, j0, j1) = tasks[t];
+        let (w, bias, n, out) = jobs[i];
+        // SAFETY: task `t` writes only columns j0..j1 of product i's `y` (m rows of n),
+        // which outlives the job.
+        let write = |r: usize, j: usize, v: f32| unsafe { *{ out }.0.add(r * n + j) = v };
+        nk_slab(isa, x, w, bias, m, k, j0, j1, write);
+    });
+}
+
+/// `dst[n, k] = src[k, n]ᵀ` (row-major both), in 32 x 32 blocks, split over the pool
+/// by blocks of `dst` rows: re-laying a `[in, out]` weight as `[out, in]` for
+/// [`linear_nk`] once at load.
+pub fn transpose(src: &[f32], k: usize, n: usize, dst: &mut [f32]) {
+    assert_eq!(src.len(), k * n, "src is [k, n]");
+    assert_eq!(dst.len(), k * n, "dst is [n, k]");
+    const B: usize = 32;
+    let out = Shared(dst.as_mut_ptr());
+    let run = |block: usize| {
+        let n0 = block * B;
+        for k0 in (0..k).step_by(B) {
+            for j in n0..(n0 + B).min(n) {
+                for i in k0..(k0 + B).min(k) {
+                    // SAFETY: block `block` writes only rows n0..n0+B of `dst`.
+                    unsafe { *{ out }.0.add(j * k + i) = src[i * n + j] };
+                }
+            }
+        }
+    };
+    let blocks = n.div_ceil(B);
+    if k * n < PARALLEL_MIN {
+        (0..blocks).for_each(run);
+    } else {
+        Pool::global().run(blocks, &run);
+    }
+}
+
 /// A buffer shared by the tasks of one pool job, each writing its own part of it.
 #[derive(Clone, Copy)]
 struct Shared(*mut f32);
@@ -433,6 +500,42 @@ mod tests {
         let (want, mag) = reference(&x, &w, None, m, k, n, true);
         for y in &outs {
             check_close(y, &want, &mag, "kn across thread counts");
+        }
+    }
+
+    #[test]
+    fn linear_nk_many_equals_one_product_at_a_time() {
+        let (m, k) = (3, 576);
+        let sizes = [576usize, 192, 192, 7];
+        let x = fill(m * k, 9);
+        let ws: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| fill(n * k, 10 + i as u64)).collect();
+        let bias = fill(576, 20);
+        let mut ys: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![f32::NAN; m * n]).collect();
+        let mut products: Vec<NkProduct> = ys
+            .iter_mut()
+            .zip(&ws)
+            .zip(&sizes)
+            .map(|((y, w), &n)| NkProduct { w, bias: (n == 576).then_some(&bias[..]), y, n })
+            .collect();
+        linear_nk_many(&x, m, k, &mut products);
+        for ((y, w), &n) in ys.iter().zip(&ws).zip(&sizes) {
+            let mut one = vec![0f32; m * n];
+            linear_nk(&x, w, (n == 576).then_some(&bias[..]), &mut one, m, k, n);
+            assert_eq!(y, &one, "n = {n}");
+        }
+    }
+
+    #[test]
+    fn transpose_is_the_transpose() {
+        for (k, n) in [(1, 1), (3, 70), (576, 192), (33, 65)] {
+            let src = fill(k * n, 30);
+            let mut dst = vec![f32::NAN; k * n];
+            transpose(&src, k, n, &mut dst);
+            for i in 0..k {
+                for j in 0..n {
+                    assert_eq!(dst[j * k + i], src[i * n + j], "{k}x{n} [{i}, {j}]");
+                }
+            }
         }
     }
 

@@ -90,6 +90,51 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     layer.forward(x)
 }
 
+/// `layers` applied to the same `x` -> one output each, as [`linear`] computes them; on
+/// flex (decode-sized `x`, weights laid out by [`for_decoding`]) as one job of Kiln's
+/// kernels instead of one per layer.
+pub fn linears<const D: usize, const N: usize>(layers: [&Linear; N], x: Tensor<D>) -> [Tensor<D>; N] {
+    let params: Vec<(Tensor<2>, Option<Tensor<1>>)> =
+        layers.iter().map(|l| (l.weight.val(), l.bias.as_ref().map(|b| b.val()))).collect();
+    if let Some(ys) = flex::linears(&x, &params)
+        && let Ok(ys) = <[Tensor<D>; N]>::try_from(ys)
+    {
+        return ys;
+    }
+    layers.map(|l| linear(l, x.clone()))
+}
+
+/// `model` with every `Linear` weight on flex stored `[out, in]` (a transposed view, the
+/// same logical `[in, out]` tensor), the layout Kiln's decode kernels stream fastest.
+/// For inference only (the weights become untracked); a no-op on other backends.
+pub fn for_decoding<M: Module>(model: M) -> M {
+    struct DecodeLayout {
+        /// Whether each module entered is a `Linear`.
+        linear: Vec<bool>,
+    }
+    impl burn::module::ModuleMapper for DecodeLayout {
+        fn enter_module(&mut self, _name: &str, container_type: &str) {
+            self.linear.push(container_type == "Struct:Linear");
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.linear.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if D != 2 || self.linear.last() != Some(&true) {
+                return param;
+            }
+            param.map(|t| {
+                if t.dims()[0] == 0 {
+                    return t;
+                }
+                let t2 = Tensor::<2>::from_dispatch(t.into_dispatch());
+                Tensor::<D>::from_dispatch(flex::out_in_layout(t2).into_dispatch())
+            })
+        }
+    }
+    model.map(&mut DecodeLayout { linear: Vec::new() })
+}
+
 /// `layer` (Burn's `nn::conv::Conv2d`) applied to `x` `[B, C_in, H, W]` -> `[B, C_out, H', W']`.
 ///
 /// On libtorch (valid or symmetric explicit padding) this is libtorch's convolution and,

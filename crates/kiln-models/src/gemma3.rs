@@ -23,7 +23,7 @@ use burn::prelude::*;
 use burn::tensor::ops::AttentionModuleOptions;
 use serde::{Deserialize, Serialize};
 
-use crate::fused::{attention, gelu_tanh, linear, tied_head};
+use crate::fused::{attention, gelu_tanh, linear, linears, tied_head};
 use crate::kv_cache::repeat_kv;
 use crate::registry::{FieldError, ensure};
 use crate::rope::{RopeScaling, RotaryEmbedding};
@@ -317,8 +317,8 @@ pub struct Gemma3Mlp {
 
 impl Gemma3Mlp {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = gelu_tanh(linear(&self.gate_proj, x.clone()));
-        linear(&self.down_proj, gate * linear(&self.up_proj, x))
+        let [gate, up] = linears([&self.gate_proj, &self.up_proj], x);
+        linear(&self.down_proj, gelu_tanh(gate) * up)
     }
 }
 
@@ -359,13 +359,10 @@ impl Gemma3Attention {
     fn qkv(&self, x: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let [b, t, _] = x.dims();
         let (h, k, d) = (self.n_head, self.n_kv_head, self.head_dim);
-        let q = self
-            .q_norm
-            .forward(linear(&self.q_proj, x.clone()).reshape([b, t, h, d]));
-        let kk = self
-            .k_norm
-            .forward(linear(&self.k_proj, x.clone()).reshape([b, t, k, d]));
-        let v = linear(&self.v_proj, x).reshape([b, t, k, d]);
+        let [q, kk, v] = linears([&self.q_proj, &self.k_proj, &self.v_proj], x);
+        let q = self.q_norm.forward(q.reshape([b, t, h, d]));
+        let kk = self.k_norm.forward(kk.reshape([b, t, k, d]));
+        let v = v.reshape([b, t, k, d]);
         (q.swap_dims(1, 2), kk.swap_dims(1, 2), v.swap_dims(1, 2))
     }
 

@@ -14,7 +14,7 @@ use burn::prelude::*;
 use burn::tensor::ops::AttentionModuleOptions;
 use serde::{Deserialize, Serialize};
 
-use crate::fused::{attention, linear, rms_norm, silu};
+use crate::fused::{attention, linear, linears, rms_norm, silu};
 use crate::kv_cache::repeat_kv;
 use crate::registry::{FieldError, ensure};
 pub use crate::rope::{RopeScaling, RotaryEmbedding};
@@ -230,9 +230,10 @@ impl LlamaAttention {
     fn qkv(&self, x: Tensor<3>) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let [b, t, _] = x.dims();
         let (h, k, d) = (self.n_head, self.n_kv_head, self.head_dim);
-        let q = linear(&self.q_proj, x.clone()).reshape([b, t, h, d]).swap_dims(1, 2);
-        let kk = linear(&self.k_proj, x.clone()).reshape([b, t, k, d]).swap_dims(1, 2);
-        let v = linear(&self.v_proj, x).reshape([b, t, k, d]).swap_dims(1, 2);
+        let [q, kk, v] = linears([&self.q_proj, &self.k_proj, &self.v_proj], x);
+        let q = q.reshape([b, t, h, d]).swap_dims(1, 2);
+        let kk = kk.reshape([b, t, k, d]).swap_dims(1, 2);
+        let v = v.reshape([b, t, k, d]).swap_dims(1, 2);
         (q, kk, v)
     }
 
@@ -297,8 +298,8 @@ impl LlamaAttention {
 
 impl LlamaMlp {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(linear(&self.gate_proj, x.clone()));
-        linear(&self.down_proj, gate * linear(&self.up_proj, x))
+        let [gate, up] = linears([&self.gate_proj, &self.up_proj], x);
+        linear(&self.down_proj, silu(gate) * up)
     }
 }
 
