@@ -109,7 +109,7 @@ print(f\"{r['prefill_tok_s']:.1f} {r['decode_b1_tok_s']:.1f} {r['decode_b8_tok_s
   echo "### $m ($(basename "$src"), weights in f32; $threads threads; $(date -u +%Y-%m-%d))"
   echo
   head=""; rule="|---|"; for b in "${backends[@]}"; do head+=" Kiln $b |"; rule+="---:|"; done
-  echo "|$head llama.cpp (F32 GGUF) | transformers (eager f32) | best Kiln / llama.cpp | best Kiln / transformers |"
+  echo "| |$head llama.cpp (F32 GGUF) | transformers (eager f32) | best Kiln / llama.cpp | best Kiln / transformers |"
   echo "$rule---:|---:|---:|---:|"
   p=$(best k_pre max); d1=$(best k_b1 max); d8=$(best k_b8 max)
   echo "| prefill tokens/s (512-token prompt) |$(cols k_pre) $l_pre | $h_pre | $(ratio "$p" "$l_pre") | $(ratio "$p" "$h_pre") |"

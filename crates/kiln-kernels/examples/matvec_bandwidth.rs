@@ -1,7 +1,9 @@
 //! Weight bandwidth of the decode kernels: the matrix-vector products of one SmolLM2-135M
-//! decode step (30 layers of q, k, v, o, gate, up, down in Burn's `[in, out]` layout,
-//! then the tied head `[49152, 576]`), each matrix its own memory as in the model, per
-//! path and row count. Prints ms per step and GB/s of weight read.
+//! decode step (30 layers of q, k, v, o, gate, up, down, then the tied head
+//! `[49152, 576]`), each matrix its own memory as in the model, with the layer weights
+//! in Burn's `[in, out]` layout (`linear_kn`) and in the `[out, in]` layout the inference
+//! loader gives them (`linear_nk`), per path and row count. Prints ms per step and GB/s
+//! of weight read, best of 8.
 //!   RAYON_NUM_THREADS=2 cargo run --release -p kiln-kernels --example matvec_bandwidth
 use kiln_kernels::{Isa, linear_kn_with, linear_nk_with};
 use std::time::Instant;
@@ -14,27 +16,38 @@ fn main() {
         (0..layers).map(|_| layer.iter().map(|&(k, n)| (k, n, fill(k * n))).collect()).collect();
     let head = fill(v * c);
     let bytes = 4 * (layers * layer.iter().map(|(k, n)| k * n).sum::<usize>() + v * c);
-    println!("threads {}, {:.0} MB of weights per step", kiln_kernels::pool::Pool::global().threads(), bytes as f64 / 1e6);
-    println!("| path | rows | ms/step | GB/s |");
-    println!("|---|---:|---:|---:|");
+    println!(
+        "threads {}, {:.0} MB of weights per step",
+        kiln_kernels::pool::Pool::global().threads(),
+        bytes as f64 / 1e6
+    );
+    println!("| layer weights | path | rows | ms/step | GB/s |");
+    println!("|---|---|---:|---:|---:|");
     for isa in Isa::available() {
-        for m in [1, 8] {
-            let mut best = f64::MAX;
-            for _ in 0..8 {
-                let t = Instant::now();
-                for l in &weights {
-                    for (k, n, w) in l {
-                        let x = vec![0.5f32; m * k];
-                        let mut y = vec![0f32; m * n];
-                        linear_kn_with(isa, &x, w, None, &mut y, m, *k, *n);
+        for kn in [true, false] {
+            for m in [1, 8] {
+                let mut best = f64::MAX;
+                for _ in 0..8 {
+                    let t = Instant::now();
+                    for l in &weights {
+                        for (k, n, w) in l {
+                            let x = vec![0.5f32; m * k];
+                            let mut y = vec![0f32; m * n];
+                            if kn {
+                                linear_kn_with(isa, &x, w, None, &mut y, m, *k, *n);
+                            } else {
+                                linear_nk_with(isa, &x, w, None, &mut y, m, *k, *n);
+                            }
+                        }
                     }
+                    let x = vec![0.5f32; m * c];
+                    let mut y = vec![0f32; m * v];
+                    linear_nk_with(isa, &x, &head, None, &mut y, m, c, v);
+                    best = best.min(t.elapsed().as_secs_f64());
                 }
-                let x = vec![0.5f32; m * c];
-                let mut y = vec![0f32; m * v];
-                linear_nk_with(isa, &x, &head, None, &mut y, m, c, v);
-                best = best.min(t.elapsed().as_secs_f64());
+                let layout = if kn { "[in, out]" } else { "[out, in]" };
+                println!("| {layout} | {isa:?} | {m} | {:.2} | {:.1} |", best * 1e3, bytes as f64 / best / 1e9);
             }
-            println!("| {isa:?} | {m} | {:.2} | {:.1} |", best * 1e3, bytes as f64 / best / 1e9);
         }
     }
 }
