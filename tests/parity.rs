@@ -582,13 +582,19 @@ fn decode_steps_on_flex_kernels_match_every_backend() {
     .unwrap();
     let flex = Device::flex();
     let (l, g) = (llama.init(&flex), gemma.init(&flex));
-    let (lp, gp) = (dir.path().join("llama.safetensors"), dir.path().join("gemma.safetensors"));
+    let (lp, gp) = (
+        dir.path().join("llama.safetensors"),
+        dir.path().join("gemma.safetensors"),
+    );
     save_weights(&l, &lp).unwrap();
     save_weights(&g, &gp).unwrap();
     let (want_l, want_g) = (steps(&l, &flex), steps(&g, &flex));
     // The inference loader's layout (`fused::for_decoding`: [out, in] weights, q/k/v and
     // gate/up as one kernel job each) computes the same.
-    let (dl, dg) = (kiln_models::fused::for_decoding(l.clone()), kiln_models::fused::for_decoding(g.clone()));
+    let (dl, dg) = (
+        kiln_models::fused::for_decoding(l.clone()),
+        kiln_models::fused::for_decoding(g.clone()),
+    );
     assert!(rel_diff(&want_l, &steps(&dl, &flex)) < 1e-5, "llama, decode layout");
     assert!(rel_diff(&want_g, &steps(&dg, &flex)) < 1e-5, "gemma3, decode layout");
     let mut compared = 0;
@@ -600,8 +606,16 @@ fn decode_steps_on_flex_kernels_match_every_backend() {
         let l = load_weights(llama.init(&device), &lp).unwrap();
         let g = load_weights(gemma.init(&device), &gp).unwrap();
         let (got_l, got_g) = (steps(&l, &device), steps(&g, &device));
-        assert!(rel_diff(&want_l, &got_l) < 1e-4, "llama on {kind:?}: {}", rel_diff(&want_l, &got_l));
-        assert!(rel_diff(&want_g, &got_g) < 1e-4, "gemma3 on {kind:?}: {}", rel_diff(&want_g, &got_g));
+        assert!(
+            rel_diff(&want_l, &got_l) < 1e-4,
+            "llama on {kind:?}: {}",
+            rel_diff(&want_l, &got_l)
+        );
+        assert!(
+            rel_diff(&want_g, &got_g) < 1e-4,
+            "gemma3 on {kind:?}: {}",
+            rel_diff(&want_g, &got_g)
+        );
         compared += 1;
     }
     assert!(compared > 0, "ndarray is always compiled in");

@@ -3,8 +3,10 @@
 //! `[49152, 576]`), each matrix its own memory as in the model, with the layer weights
 //! in Burn's `[in, out]` layout (`linear_kn`) and in the `[out, in]` layout the inference
 //! loader gives them (`linear_nk`), per path and row count. Prints ms per step and GB/s
-//! of weight read, best of 8.
+//! of weight read, best of 8; then the same step with every weight in Q8_0, Q4_0 and
+//! Q4_1 blocks (`quant::matvec`, the bytes read counted as packed).
 //!   RAYON_NUM_THREADS=2 cargo run --release -p kiln-kernels --example matvec_bandwidth
+use kiln_kernels::quant::{QuantType, matvec_with, quantize};
 use kiln_kernels::{Isa, linear_kn_with, linear_nk_with};
 use std::time::Instant;
 
@@ -12,8 +14,9 @@ fn main() {
     let (c, f, kv, v, layers) = (576, 1536, 192, 49152, 30);
     let layer = [(c, c), (c, kv), (c, kv), (c, c), (c, f), (c, f), (f, c)];
     let fill = |len: usize| (0..len).map(|i| (i % 13) as f32 * 0.01).collect::<Vec<f32>>();
-    let weights: Vec<Vec<(usize, usize, Vec<f32>)>> =
-        (0..layers).map(|_| layer.iter().map(|&(k, n)| (k, n, fill(k * n))).collect()).collect();
+    let weights: Vec<Vec<(usize, usize, Vec<f32>)>> = (0..layers)
+        .map(|_| layer.iter().map(|&(k, n)| (k, n, fill(k * n))).collect())
+        .collect();
     let head = fill(v * c);
     let bytes = 4 * (layers * layer.iter().map(|(k, n)| k * n).sum::<usize>() + v * c);
     println!(
@@ -21,7 +24,7 @@ fn main() {
         kiln_kernels::pool::Pool::global().threads(),
         bytes as f64 / 1e6
     );
-    println!("| layer weights | path | rows | ms/step | GB/s |");
+    println!("| weights | path | rows | ms/step | GB/s |");
     println!("|---|---|---:|---:|---:|");
     for isa in Isa::available() {
         for kn in [true, false] {
@@ -46,7 +49,49 @@ fn main() {
                     best = best.min(t.elapsed().as_secs_f64());
                 }
                 let layout = if kn { "[in, out]" } else { "[out, in]" };
-                println!("| {layout} | {isa:?} | {m} | {:.2} | {:.1} |", best * 1e3, bytes as f64 / best / 1e9);
+                println!(
+                    "| {layout} f32 | {isa:?} | {m} | {:.2} | {:.1} |",
+                    best * 1e3,
+                    bytes as f64 / best / 1e9
+                );
+            }
+        }
+    }
+    for ty in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1] {
+        let pack = |k: usize, n: usize, w: &[f32]| {
+            let mut q = vec![0u8; ty.bytes_for(k * n).unwrap()];
+            quantize(ty, w, &mut q);
+            q
+        };
+        let qweights: Vec<Vec<(usize, usize, Vec<u8>)>> = weights
+            .iter()
+            .map(|l| l.iter().map(|(k, n, w)| (*k, *n, pack(*k, *n, w))).collect())
+            .collect();
+        let qhead = pack(c, v, &head);
+        let qbytes = qweights.iter().flatten().map(|(_, _, q)| q.len()).sum::<usize>() + qhead.len();
+        for isa in Isa::available() {
+            for m in [1, 8] {
+                let mut best = f64::MAX;
+                for _ in 0..8 {
+                    let t = Instant::now();
+                    for l in &qweights {
+                        for (k, n, w) in l {
+                            let x = vec![0.5f32; m * k];
+                            let mut y = vec![0f32; m * n];
+                            matvec_with(isa, ty, w, &x, None, &mut y, m, *k, *n);
+                        }
+                    }
+                    let x = vec![0.5f32; m * c];
+                    let mut y = vec![0f32; m * v];
+                    matvec_with(isa, ty, &qhead, &x, None, &mut y, m, c, v);
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                println!(
+                    "| [out, in] {} | {isa:?} | {m} | {:.2} | {:.1} |",
+                    ty.name(),
+                    best * 1e3,
+                    qbytes as f64 / best / 1e9
+                );
             }
         }
     }

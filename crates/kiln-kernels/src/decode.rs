@@ -84,7 +84,10 @@ pub fn attention_step(
     assert!(len > 0, "at least one cached position");
     for view in [keys, values] {
         let last = view.start + (kv_heads - 1) * view.head_stride + len * d;
-        assert!(last <= view.data.len(), "the cache holds {kv_heads} heads of {len} positions");
+        assert!(
+            last <= view.data.len(),
+            "the cache holds {kv_heads} heads of {len} positions"
+        );
     }
     let first = window.map_or(0, |w| len.saturating_sub(w));
     let n = len - first;
@@ -160,7 +163,19 @@ mod tests {
 
     /// The plain definition with the heads repeated, in f64.
     #[allow(clippy::too_many_arguments)]
-    fn reference(q: &[f32], k: &[f32], v: &[f32], heads: usize, kv: usize, d: usize, len: usize, alloc: usize, first: usize, scale: f64, cap: Option<f64>) -> Vec<f64> {
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        heads: usize,
+        kv: usize,
+        d: usize,
+        len: usize,
+        alloc: usize,
+        first: usize,
+        scale: f64,
+        cap: Option<f64>,
+    ) -> Vec<f64> {
         let mut out = vec![0f64; heads * d];
         for h in 0..heads {
             let g = h / (heads / kv);
@@ -184,17 +199,58 @@ mod tests {
     #[test]
     fn attention_step_matches_the_definition_with_grouped_heads_window_and_softcap() {
         let (heads, kv, d, alloc) = (6, 2, 20, 16);
-        let fill = |n: usize, s: f32| (0..n).map(|i| ((i as f32 * s).sin())).collect::<Vec<f32>>();
-        let (q, k, v) = (fill(heads * d, 0.37), fill(kv * alloc * d, 0.11), fill(kv * alloc * d, 0.23));
-        for (len, window, cap) in [(1, None, None), (13, None, None), (13, Some(4), None), (16, Some(32), Some(0.5))] {
+        let fill = |n: usize, s: f32| (0..n).map(|i| (i as f32 * s).sin()).collect::<Vec<f32>>();
+        let (q, k, v) = (
+            fill(heads * d, 0.37),
+            fill(kv * alloc * d, 0.11),
+            fill(kv * alloc * d, 0.23),
+        );
+        for (len, window, cap) in [
+            (1, None, None),
+            (13, None, None),
+            (13, Some(4), None),
+            (16, Some(32), Some(0.5)),
+        ] {
             let mut out = vec![0f32; heads * d];
-            let view = |data| CacheView { data, start: 0, head_stride: alloc * d };
+            let view = |data| CacheView {
+                data,
+                start: 0,
+                head_stride: alloc * d,
+            };
             let scale = 1.0 / (d as f32).sqrt();
-            attention_step(&q, view(&k), view(&v), heads, kv, d, len, window, scale, cap, &mut Vec::new(), &mut out);
+            attention_step(
+                &q,
+                view(&k),
+                view(&v),
+                heads,
+                kv,
+                d,
+                len,
+                window,
+                scale,
+                cap,
+                &mut Vec::new(),
+                &mut out,
+            );
             let first = window.map_or(0, |w| len.saturating_sub(w));
-            let want = reference(&q, &k, &v, heads, kv, d, len, alloc, first, scale as f64, cap.map(|c| c as f64));
+            let want = reference(
+                &q,
+                &k,
+                &v,
+                heads,
+                kv,
+                d,
+                len,
+                alloc,
+                first,
+                scale as f64,
+                cap.map(|c| c as f64),
+            );
             for (i, (o, w)) in out.iter().zip(&want).enumerate() {
-                assert!((*o as f64 - w).abs() < 1e-5, "len {len} window {window:?} cap {cap:?} [{i}]: {o} vs {w}");
+                assert!(
+                    (*o as f64 - w).abs() < 1e-5,
+                    "len {len} window {window:?} cap {cap:?} [{i}]: {o} vs {w}"
+                );
             }
         }
     }
@@ -227,7 +283,24 @@ mod tests {
     #[should_panic(expected = "the cache holds")]
     fn a_cache_shorter_than_len_is_refused() {
         let buf = vec![0f32; 10];
-        let view = CacheView { data: &buf, start: 0, head_stride: 10 };
-        attention_step(&[0.0; 2], view, view, 1, 1, 2, 6, None, 1.0, None, &mut Vec::new(), &mut [0.0; 2]);
+        let view = CacheView {
+            data: &buf,
+            start: 0,
+            head_stride: 10,
+        };
+        attention_step(
+            &[0.0; 2],
+            view,
+            view,
+            1,
+            1,
+            2,
+            6,
+            None,
+            1.0,
+            None,
+            &mut Vec::new(),
+            &mut [0.0; 2],
+        );
     }
 }

@@ -13,15 +13,18 @@
 pub mod decode;
 pub mod matvec;
 pub mod pool;
+pub mod quant;
 
-pub use matvec::{MAX_ROWS, NkProduct, linear_kn, linear_kn_with, linear_nk, linear_nk_many, linear_nk_with, transpose};
+pub use matvec::{
+    MAX_ROWS, NkProduct, linear_kn, linear_kn_with, linear_nk, linear_nk_many, linear_nk_with, transpose,
+};
 
 /// The instruction-set paths of the kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
     /// Plain Rust (the compiler's own vectorisation, SSE2 on x86-64).
     Portable,
-    /// x86-64 AVX2 with FMA.
+    /// x86-64 AVX2 with FMA and F16C (every AVX2 CPU has them).
     Avx2Fma,
 }
 
@@ -29,7 +32,10 @@ impl Isa {
     /// The best path this CPU runs.
     pub fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
             return Isa::Avx2Fma;
         }
         Isa::Portable

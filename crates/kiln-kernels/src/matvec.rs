@@ -346,7 +346,10 @@ mod avx2 {
                 while j < n8 {
                     unsafe {
                         let p = ap.add(r * n + j);
-                        _mm256_storeu_ps(p, _mm256_fmadd_ps(xb, _mm256_loadu_ps(row.as_ptr().add(j)), _mm256_loadu_ps(p)));
+                        _mm256_storeu_ps(
+                            p,
+                            _mm256_fmadd_ps(xb, _mm256_loadu_ps(row.as_ptr().add(j)), _mm256_loadu_ps(p)),
+                        );
                     }
                     j += 8;
                 }
@@ -414,12 +417,23 @@ mod tests {
 
     /// The plain triple loop in f64, and the sum of magnitudes of each output (the scale
     /// of its rounding error).
-    fn reference(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize, kn: bool) -> (Vec<f64>, Vec<f64>) {
+    fn reference(
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        m: usize,
+        k: usize,
+        n: usize,
+        kn: bool,
+    ) -> (Vec<f64>, Vec<f64>) {
         let mut y = vec![0f64; m * n];
         let mut mag = vec![0f64; m * n];
         for r in 0..m {
             for j in 0..n {
-                let (mut s, mut a) = (bias.map_or(0.0, |b| b[j] as f64), bias.map_or(0.0, |b| b[j].abs() as f64));
+                let (mut s, mut a) = (
+                    bias.map_or(0.0, |b| b[j] as f64),
+                    bias.map_or(0.0, |b| b[j].abs() as f64),
+                );
                 for i in 0..k {
                     let wv = if kn { w[i * n + j] } else { w[j * k + i] } as f64;
                     s += x[r * k + i] as f64 * wv;
@@ -435,7 +449,10 @@ mod tests {
     fn check_close(got: &[f32], want: &[f64], mag: &[f64], what: &str) {
         for (i, ((g, w), a)) in got.iter().zip(want).zip(mag).enumerate() {
             let err = (*g as f64 - w).abs();
-            assert!(err <= 1e-5 * a.max(1e-30), "{what}: element {i}: {g} vs {w} (|diff| {err}, scale {a})");
+            assert!(
+                err <= 1e-5 * a.max(1e-30),
+                "{what}: element {i}: {g} vs {w} (|diff| {err}, scale {a})"
+            );
         }
     }
 
@@ -462,7 +479,12 @@ mod tests {
                     let mut y = vec![f32::NAN; m * n];
                     linear_kn_with(isa, &x, &w, bias, &mut y, m, k, n);
                     let (want, mag) = reference(&x, &w, bias, m, k, n, true);
-                    check_close(&y, &want, &mag, &format!("{isa:?} kn m={m} k={k} n={n} bias={}", bias.is_some()));
+                    check_close(
+                        &y,
+                        &want,
+                        &mag,
+                        &format!("{isa:?} kn m={m} k={k} n={n} bias={}", bias.is_some()),
+                    );
                 }
             }
         }
@@ -477,7 +499,12 @@ mod tests {
                     let mut y = vec![f32::NAN; m * n];
                     linear_nk_with(isa, &x, &w, bias, &mut y, m, k, n);
                     let (want, mag) = reference(&x, &w, bias, m, k, n, false);
-                    check_close(&y, &want, &mag, &format!("{isa:?} nk m={m} k={k} n={n} bias={}", bias.is_some()));
+                    check_close(
+                        &y,
+                        &want,
+                        &mag,
+                        &format!("{isa:?} nk m={m} k={k} n={n} bias={}", bias.is_some()),
+                    );
                 }
             }
         }
@@ -508,14 +535,23 @@ mod tests {
         let (m, k) = (3, 576);
         let sizes = [576usize, 192, 192, 7];
         let x = fill(m * k, 9);
-        let ws: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| fill(n * k, 10 + i as u64)).collect();
+        let ws: Vec<Vec<f32>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| fill(n * k, 10 + i as u64))
+            .collect();
         let bias = fill(576, 20);
         let mut ys: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![f32::NAN; m * n]).collect();
         let mut products: Vec<NkProduct> = ys
             .iter_mut()
             .zip(&ws)
             .zip(&sizes)
-            .map(|((y, w), &n)| NkProduct { w, bias: (n == 576).then_some(&bias[..]), y, n })
+            .map(|((y, w), &n)| NkProduct {
+                w,
+                bias: (n == 576).then_some(&bias[..]),
+                y,
+                n,
+            })
             .collect();
         linear_nk_many(&x, m, k, &mut products);
         for ((y, w), &n) in ys.iter().zip(&ws).zip(&sizes) {

@@ -94,8 +94,10 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
 /// flex (decode-sized `x`, weights laid out by [`for_decoding`]) as one job of Kiln's
 /// kernels instead of one per layer.
 pub fn linears<const D: usize, const N: usize>(layers: [&Linear; N], x: Tensor<D>) -> [Tensor<D>; N] {
-    let params: Vec<(Tensor<2>, Option<Tensor<1>>)> =
-        layers.iter().map(|l| (l.weight.val(), l.bias.as_ref().map(|b| b.val()))).collect();
+    let params: Vec<(Tensor<2>, Option<Tensor<1>>)> = layers
+        .iter()
+        .map(|l| (l.weight.val(), l.bias.as_ref().map(|b| b.val())))
+        .collect();
     if let Some(ys) = flex::linears(&x, &params)
         && let Ok(ys) = <[Tensor<D>; N]>::try_from(ys)
     {
@@ -281,7 +283,12 @@ pub fn rms_norm_plus_one<const D: usize>(x: &Tensor<D>, weight: &Tensor<1>, eps:
 }
 
 /// [`crate::rope::RotaryEmbedding::apply_rows`]'s kernel on flex without autodiff.
-pub(crate) fn rope_rows_kernel(x: &Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>, positions: &Tensor<1, Int>) -> Option<Tensor<4>> {
+pub(crate) fn rope_rows_kernel(
+    x: &Tensor<4>,
+    cos: &Tensor<2>,
+    sin: &Tensor<2>,
+    positions: &Tensor<1, Int>,
+) -> Option<Tensor<4>> {
     flex::rope_rows(x, cos, sin, positions)
 }
 

@@ -204,7 +204,12 @@ fn flex_positions(t: &Tensor<1, Int>) -> Option<Vec<usize>> {
 /// [`crate::rope::RotaryEmbedding::apply_rows`] as one pass
 /// ([`kiln_kernels::decode::rope_rows`]): `x` `[B, heads, 1, D]`, row `b` at
 /// `positions[b]`; `None` unless every tensor is an untracked f32 flex tensor.
-pub(super) fn rope_rows(x: &Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>, positions: &Tensor<1, Int>) -> Option<Tensor<4>> {
+pub(super) fn rope_rows(
+    x: &Tensor<4>,
+    cos: &Tensor<2>,
+    sin: &Tensor<2>,
+    positions: &Tensor<1, Int>,
+) -> Option<Tensor<4>> {
     let [b, heads, t, d] = x.dims();
     if t != 1 || positions.dims()[0] != b || cos.dims()[1] != d || d % 2 != 0 {
         return None;
@@ -243,7 +248,10 @@ pub(super) fn out_in_layout(w: Tensor<2>) -> Tensor<2> {
 /// Several `x w_i + b_i` of the same `x` (`[..., k]`, at most [`MAX_ROWS`] rows) as one
 /// pool job ([`kiln_kernels::linear_nk_many`]) when every weight is laid out `[out, in]`
 /// ([`out_in_layout`]) and every tensor is an untracked f32 flex tensor; `None` otherwise.
-pub(super) fn linears<const D: usize>(x: &Tensor<D>, layers: &[(Tensor<2>, Option<Tensor<1>>)]) -> Option<Vec<Tensor<D>>> {
+pub(super) fn linears<const D: usize>(
+    x: &Tensor<D>,
+    layers: &[(Tensor<2>, Option<Tensor<1>>)],
+) -> Option<Vec<Tensor<D>>> {
     let dims = x.dims();
     let k = dims[D - 1];
     let m = dims[..D - 1].iter().product::<usize>();
@@ -265,7 +273,9 @@ pub(super) fn linears<const D: usize>(x: &Tensor<D>, layers: &[(Tensor<2>, Optio
     }
     let mut weights = Vec::with_capacity(layers.len());
     for (wt, bt, n) in &held {
-        let WeightLayout::Nk(w) = weight_layout(wt)? else { return None };
+        let WeightLayout::Nk(w) = weight_layout(wt)? else {
+            return None;
+        };
         let bias = match bt {
             Some(b) => Some(b.as_slice::<f32>()?),
             None => None,

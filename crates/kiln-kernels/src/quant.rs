@@ -1,0 +1,625 @@
+//! GGUF's 32-value block formats kept quantized: the quantizers (the same bytes as
+//! llama.cpp's reference, `gguf.quants.quantize` of PyPI `gguf`) and matrix-vector
+//! products that read the packed weights in place.
+//!
+//! | type | bytes per 32 values | block | value |
+//! |---|---:|---|---|
+//! | Q8_0 | 34 | f16 `d`, 32 x i8 `q` | `d * q` |
+//! | Q4_0 | 18 | f16 `d`, 16 bytes: low nibbles values 0..16, high 16..32 | `d * (q - 8)` |
+//! | Q4_1 | 20 | f16 `d`, f16 `m`, nibbles as Q4_0 | `d * q + m` |
+//!
+//! The products quantize the activation rows to 8 bits per 32-value block first (as
+//! llama.cpp does: Q8_0 with an f16 scale, plus each block's scaled sum for Q4_1), then
+//! take integer dot products block by block: AVX2 `vpmaddubsw` / `vpmaddwd` when the CPU
+//! has them, a portable loop otherwise, never an f32 copy of the weight. Rows of the
+//! weight (`[out, in]`, GGUF's layout) are split over [`Pool`](crate::pool::Pool).
+
+use crate::Isa;
+use crate::pool::Pool;
+use std::cell::RefCell;
+
+/// Values per block, for every type here.
+pub const BLOCK: usize = 32;
+
+/// A block format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantType {
+    Q8_0,
+    Q4_0,
+    Q4_1,
+}
+
+impl QuantType {
+    /// Bytes of one block of 32 values.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            QuantType::Q8_0 => 34,
+            QuantType::Q4_0 => 18,
+            QuantType::Q4_1 => 20,
+        }
+    }
+
+    /// The name GGUF and llama.cpp use.
+    pub const fn name(self) -> &'static str {
+        match self {
+            QuantType::Q8_0 => "Q8_0",
+            QuantType::Q4_0 => "Q4_0",
+            QuantType::Q4_1 => "Q4_1",
+        }
+    }
+
+    /// By name (`q8_0`, `Q4_0`, ...).
+    pub fn from_name(name: &str) -> Option<QuantType> {
+        match name.to_ascii_uppercase().as_str() {
+            "Q8_0" => Some(QuantType::Q8_0),
+            "Q4_0" => Some(QuantType::Q4_0),
+            "Q4_1" => Some(QuantType::Q4_1),
+            _ => None,
+        }
+    }
+
+    /// Bytes of `values` values, `None` unless a whole number of blocks.
+    pub fn bytes_for(self, values: usize) -> Option<usize> {
+        values
+            .is_multiple_of(BLOCK)
+            .then(|| values / BLOCK * self.block_bytes())
+    }
+}
+
+fn f16_bits(v: f32) -> [u8; 2] {
+    half::f16::from_f32(v).to_bits().to_le_bytes()
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+/// numpy's `np_roundf` of gguf-py (and C's `roundf`): round half away from zero.
+fn roundf(v: f32) -> f32 {
+    let a = v.abs();
+    let floored = a.floor();
+    (floored + (2.0 * (a - floored)).floor()).copysign(v)
+}
+
+/// Quantize `x` (a whole number of 32-value blocks) into `out`, byte for byte as
+/// `gguf.quants.quantize` (gguf 0.19.0) does. Panics on lengths that disagree.
+pub fn quantize(ty: QuantType, x: &[f32], out: &mut [u8]) {
+    let bytes = ty.bytes_for(x.len()).expect("a whole number of 32-value blocks");
+    assert_eq!(
+        out.len(),
+        bytes,
+        "{}: {} bytes for {} values",
+        ty.name(),
+        out.len(),
+        x.len()
+    );
+    for (b, o) in x.chunks_exact(BLOCK).zip(out.chunks_exact_mut(ty.block_bytes())) {
+        match ty {
+            QuantType::Q8_0 => {
+                let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+                o[..2].copy_from_slice(&f16_bits(d));
+                for (q, &v) in o[2..].iter_mut().zip(b) {
+                    *q = roundf(v * id) as i8 as u8;
+                }
+            }
+            QuantType::Q4_0 => {
+                // the first value of largest magnitude, with its sign
+                let mut max = 0f32;
+                for &v in b {
+                    if v.abs() > max.abs() {
+                        max = v;
+                    }
+                }
+                let d = max / -8.0;
+                let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+                o[..2].copy_from_slice(&f16_bits(d));
+                let q = |v: f32| ((v * id + 8.5).trunc().max(0.0) as u8).min(15);
+                for j in 0..16 {
+                    o[2 + j] = q(b[j]) | (q(b[j + 16]) << 4);
+                }
+            }
+            QuantType::Q4_1 => {
+                let max = b.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let min = b.iter().copied().fold(f32::INFINITY, f32::min);
+                let d = (max - min) / 15.0;
+                let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+                o[..2].copy_from_slice(&f16_bits(d));
+                o[2..4].copy_from_slice(&f16_bits(min));
+                let q = |v: f32| (((v - min) * id + 0.5).trunc().max(0.0) as u8).min(15);
+                for j in 0..16 {
+                    o[4 + j] = q(b[j]) | (q(b[j + 16]) << 4);
+                }
+            }
+        }
+    }
+}
+
+/// One 32-value block of an activation row, quantized for the integer products.
+#[derive(Debug, Clone, Copy, Default)]
+struct ActBlock {
+    /// The scale, rounded through f16 as llama.cpp's `block_q8_0`/`block_q8_1` store it.
+    d: f32,
+    /// `d * sum(q)`, for Q4_1's offset term.
+    s: f32,
+    q: [i8; BLOCK],
+}
+
+/// Quantize an activation row into Q8 blocks (Q8_0's arithmetic).
+fn quantize_act(x: &[f32], out: &mut [ActBlock]) {
+    for (b, o) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
+        let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+        let mut sum = 0i32;
+        for (q, &v) in o.q.iter_mut().zip(b) {
+            *q = roundf(v * id) as i8;
+            sum += *q as i32;
+        }
+        o.d = half::f16::from_f32(d).to_f32();
+        o.s = o.d * sum as f32;
+    }
+}
+
+thread_local! {
+    /// Quantized activation rows, reused across calls (no allocation per token).
+    static ACTS: RefCell<Vec<ActBlock>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Weights smaller than this many values run on the calling thread.
+const PARALLEL_MIN: usize = 32 * 1024;
+
+/// Rows of `y` at most one pass over the weight serves.
+pub const MAX_ROWS: usize = 8;
+
+/// `y[m, n] = x[m, k] · W[n, k]ᵀ + bias` with `W` the `n` rows of `k` values packed as
+/// `ty` blocks (`w.len() == n * k / 32 * block_bytes`), on the best path of this CPU.
+/// Panics on lengths that disagree (`k` not a multiple of 32, among them).
+#[allow(clippy::too_many_arguments)]
+pub fn matvec(ty: QuantType, w: &[u8], x: &[f32], bias: Option<&[f32]>, y: &mut [f32], m: usize, k: usize, n: usize) {
+    matvec_with(Isa::best(), ty, w, x, bias, y, m, k, n)
+}
+
+/// [`matvec`] on a given path (one of [`Isa::available`]).
+#[allow(clippy::too_many_arguments)]
+pub fn matvec_with(
+    isa: Isa,
+    ty: QuantType,
+    w: &[u8],
+    x: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    assert!(Isa::available().contains(&isa), "{isa:?} is not available on this CPU");
+    let row_bytes = ty.bytes_for(k).expect("k is a multiple of 32");
+    assert_eq!(w.len(), n * row_bytes, "{}: w holds n rows of k values", ty.name());
+    assert_eq!(x.len(), m * k, "x is [m, k]");
+    assert_eq!(y.len(), m * n, "y is [m, n]");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n, "bias is [n]");
+    }
+    let blocks = k / BLOCK;
+    let mut acts = ACTS.take();
+    acts.resize(m * blocks, ActBlock::default());
+    for (row, out) in x.chunks_exact(k).zip(acts.chunks_exact_mut(blocks)) {
+        quantize_act(row, out);
+    }
+    for r0 in (0..m).step_by(MAX_ROWS) {
+        let rows = MAX_ROWS.min(m - r0);
+        let a = &acts[r0 * blocks..(r0 + rows) * blocks];
+        let y = &mut y[r0 * n..(r0 + rows) * n];
+        pass(isa, ty, w, a, bias, y, rows, blocks, row_bytes, n);
+    }
+    ACTS.set(acts);
+}
+
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: the tasks of one job write disjoint columns of a buffer that outlives it.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+#[allow(clippy::too_many_arguments)]
+fn pass(
+    isa: Isa,
+    ty: QuantType,
+    w: &[u8],
+    acts: &[ActBlock],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    m: usize,
+    blocks: usize,
+    row_bytes: usize,
+    n: usize,
+) {
+    let pool = Pool::global();
+    let parts = if n * blocks * BLOCK < PARALLEL_MIN {
+        1
+    } else {
+        pool.threads().min(n / 8).max(1)
+    };
+    let slab = n.div_ceil(parts);
+    let out = Out(y.as_mut_ptr());
+    let run = |p: usize| {
+        let mut sums = [0f32; MAX_ROWS];
+        for j in p * slab..((p + 1) * slab).min(n) {
+            let wrow = &w[j * row_bytes..(j + 1) * row_bytes];
+            let b = bias.map_or(0.0, |b| b[j]);
+            row_dots(isa, ty, wrow, acts, blocks, m, &mut sums);
+            for (r, s) in sums.iter().enumerate().take(m) {
+                // SAFETY: task `p` alone writes columns of its slab, within `y` (m rows of n).
+                unsafe { *{ out }.0.add(r * n + j) = s + b };
+            }
+        }
+    };
+    pool.run(parts, &run);
+}
+
+/// One weight row (packed) · each of the `m` quantized activation rows (`acts`, `m`
+/// rows of `blocks` blocks) into `sums[..m]`; the weight is decoded once for all rows.
+fn row_dots(isa: Isa, ty: QuantType, w: &[u8], acts: &[ActBlock], blocks: usize, m: usize, sums: &mut [f32; MAX_ROWS]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is available (checked by the caller): AVX2, FMA and F16C.
+        Isa::Avx2Fma => unsafe { avx2::row_dots(ty, w, acts, blocks, m, sums) },
+        _ => {
+            for (r, s) in sums.iter_mut().enumerate().take(m) {
+                *s = portable_row_dot(ty, w, &acts[r * blocks..(r + 1) * blocks]);
+            }
+        }
+    }
+}
+
+fn portable_row_dot(ty: QuantType, w: &[u8], acts: &[ActBlock]) -> f32 {
+    let bb = ty.block_bytes();
+    let mut sum = 0f32;
+    for (b, a) in w.chunks_exact(bb).zip(acts) {
+        match ty {
+            QuantType::Q8_0 => {
+                let dot: i32 = b[2..].iter().zip(&a.q).map(|(&q, &x)| q as i8 as i32 * x as i32).sum();
+                sum += f16_at(b, 0) * a.d * dot as f32;
+            }
+            QuantType::Q4_0 => {
+                let mut dot = 0i32;
+                for j in 0..16 {
+                    dot += ((b[2 + j] & 0x0f) as i32 - 8) * a.q[j] as i32;
+                    dot += ((b[2 + j] >> 4) as i32 - 8) * a.q[j + 16] as i32;
+                }
+                sum += f16_at(b, 0) * a.d * dot as f32;
+            }
+            QuantType::Q4_1 => {
+                let mut dot = 0i32;
+                for j in 0..16 {
+                    dot += (b[4 + j] & 0x0f) as i32 * a.q[j] as i32;
+                    dot += (b[4 + j] >> 4) as i32 * a.q[j + 16] as i32;
+                }
+                sum += f16_at(b, 0) * a.d * dot as f32 + f16_at(b, 2) * a.s;
+            }
+        }
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{ActBlock, MAX_ROWS, QuantType};
+    use std::arch::x86_64::*;
+
+    /// The eight i32 sums of `u[i] * s[i]` (u8 x i8) pairs over 32 bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256i {
+        let pairs = _mm256_maddubs_epi16(u, s);
+        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+    }
+
+    /// The 32 nibbles of 16 bytes as bytes 0..15: low nibbles first, then high.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn nibbles(p: *const u8) -> __m256i {
+        let raw = unsafe { _mm_loadu_si128(p as *const __m128i) };
+        let lo = _mm_and_si128(raw, _mm_set1_epi8(0x0f));
+        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0f));
+        _mm256_set_m128i(hi, lo)
+    }
+
+    /// An f16 scale through F16C.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn scale(b: &[u8], at: usize) -> f32 {
+        let bits = u16::from_le_bytes([b[at], b[at + 1]]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s4 = _mm_add_ps(lo, hi);
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
+    }
+
+    /// The type codes of the const-generic kernel (one compiled loop per type).
+    const Q8_0: u8 = 0;
+    const Q4_0: u8 = 1;
+    const Q4_1: u8 = 2;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn row_dots(
+        ty: QuantType,
+        w: &[u8],
+        acts: &[ActBlock],
+        blocks: usize,
+        m: usize,
+        sums: &mut [f32; MAX_ROWS],
+    ) {
+        unsafe {
+            match (ty, m) {
+                (QuantType::Q8_0, 1) => one_row::<Q8_0>(w, acts, blocks, sums),
+                (QuantType::Q4_0, 1) => one_row::<Q4_0>(w, acts, blocks, sums),
+                (QuantType::Q4_1, 1) => one_row::<Q4_1>(w, acts, blocks, sums),
+                (QuantType::Q8_0, _) => rows::<Q8_0>(w, acts, blocks, m, sums),
+                (QuantType::Q4_0, _) => rows::<Q4_0>(w, acts, blocks, m, sums),
+                (QuantType::Q4_1, _) => rows::<Q4_1>(w, acts, blocks, m, sums),
+            }
+        }
+    }
+
+    /// Block `blk`'s weights: (the values as i8 or, for Q4_1, u8; their scale; Q4_1's min).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block<const T: u8>(w: &[u8], blk: usize) -> (__m256i, f32, f32) {
+        let bb = [34, 18, 20][T as usize];
+        let b = &w[blk * bb..(blk + 1) * bb];
+        let p = b.as_ptr();
+        unsafe {
+            match T {
+                Q8_0 => (_mm256_loadu_si256(p.add(2) as *const __m256i), scale(b, 0), 0.0),
+                Q4_0 => (
+                    _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)),
+                    scale(b, 0),
+                    0.0,
+                ),
+                _ => (nibbles(p.add(4)), scale(b, 0), scale(b, 2)),
+            }
+        }
+    }
+
+    /// The eight i32 partial sums of one block's `w · x`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn block_dot<const T: u8>(q: __m256i, x: __m256i) -> __m256i {
+        match T {
+            Q4_1 => dot_u8_i8(q, x),
+            _ => dot_u8_i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)),
+        }
+    }
+
+    /// One activation row: four blocks in flight on four accumulators (one FMA's
+    /// latency per block would otherwise bound the loop).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn one_row<const T: u8>(w: &[u8], acts: &[ActBlock], blocks: usize, sums: &mut [f32; MAX_ROWS]) {
+        let mut offset = 0f32;
+        let mut step = |blk: usize, acc: __m256| {
+            let (q, d, min) = unsafe { block::<T>(w, blk) };
+            let a = &acts[blk];
+            let x = unsafe { _mm256_loadu_si256(a.q.as_ptr() as *const __m256i) };
+            if T == Q4_1 {
+                offset += min * a.s;
+            }
+            let s = _mm256_cvtepi32_ps(block_dot::<T>(q, x));
+            _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), s, acc)
+        };
+        let (mut a0, mut a1, mut a2, mut a3) = (
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+        );
+        let mut blk = 0;
+        while blk + 4 <= blocks {
+            a0 = step(blk, a0);
+            a1 = step(blk + 1, a1);
+            a2 = step(blk + 2, a2);
+            a3 = step(blk + 3, a3);
+            blk += 4;
+        }
+        while blk < blocks {
+            a0 = step(blk, a0);
+            blk += 1;
+        }
+        let all = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+        sums[0] = hsum(all) + offset;
+    }
+
+    /// Up to [`MAX_ROWS`] activation rows: each weight block decoded once for all.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows<const T: u8>(w: &[u8], acts: &[ActBlock], blocks: usize, m: usize, sums: &mut [f32; MAX_ROWS]) {
+        let mut acc = [_mm256_setzero_ps(); MAX_ROWS];
+        let mut offset = [0f32; MAX_ROWS];
+        for blk in 0..blocks {
+            let (q, d, min) = unsafe { block::<T>(w, blk) };
+            for r in 0..m {
+                let a = &acts[r * blocks + blk];
+                let x = unsafe { _mm256_loadu_si256(a.q.as_ptr() as *const __m256i) };
+                if T == Q4_1 {
+                    offset[r] += min * a.s;
+                }
+                let s = _mm256_cvtepi32_ps(block_dot::<T>(q, x));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), s, acc[r]);
+            }
+        }
+        for r in 0..m {
+            sums[r] = hsum(acc[r]) + offset[r];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TYPES: [QuantType; 3] = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1];
+
+    fn fill(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The values a block format holds, decoded the plain way.
+    fn decode(ty: QuantType, data: &[u8]) -> Vec<f32> {
+        let mut out = Vec::new();
+        for b in data.chunks_exact(ty.block_bytes()) {
+            let d = f16_at(b, 0);
+            match ty {
+                QuantType::Q8_0 => out.extend(b[2..].iter().map(|&q| d * q as i8 as f32)),
+                QuantType::Q4_0 => {
+                    out.extend(b[2..18].iter().map(|&q| d * ((q & 15) as f32 - 8.0)));
+                    out.extend(b[2..18].iter().map(|&q| d * ((q >> 4) as f32 - 8.0)));
+                }
+                QuantType::Q4_1 => {
+                    let m = f16_at(b, 2);
+                    out.extend(b[4..20].iter().map(|&q| d * (q & 15) as f32 + m));
+                    out.extend(b[4..20].iter().map(|&q| d * (q >> 4) as f32 + m));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn round_half_away_from_zero() {
+        for (v, want) in [
+            (0.5f32, 1.0f32),
+            (-0.5, -1.0),
+            (1.5, 2.0),
+            (2.5, 3.0),
+            (-2.4999, -2.0),
+            (0.0, 0.0),
+        ] {
+            assert_eq!(roundf(v), want, "{v}");
+        }
+    }
+
+    #[test]
+    fn quantize_then_decode_is_within_half_a_step() {
+        let x = fill(32 * 64, 1);
+        for ty in TYPES {
+            let mut q = vec![0u8; ty.bytes_for(x.len()).unwrap()];
+            quantize(ty, &x, &mut q);
+            let back = decode(ty, &q);
+            for (b, (xs, bs)) in x.chunks(32).zip(back.chunks(32)).enumerate() {
+                let (max, min) = xs.iter().fold((f32::MIN, f32::MAX), |(a, b), &v| (a.max(v), b.min(v)));
+                let amax = max.abs().max(min.abs());
+                let step = match ty {
+                    QuantType::Q8_0 => amax / 127.0,
+                    QuantType::Q4_0 => amax / 8.0,
+                    QuantType::Q4_1 => (max - min) / 15.0,
+                };
+                // Q4_0 spans d * [-8, 7] with d = max / -8: the side opposite the largest
+                // value reaches only 7/8 of it, and values beyond are clipped (as in ggml).
+                let (lo, hi) = match ty {
+                    QuantType::Q4_0 => {
+                        let d = f16_at(&q[b * ty.block_bytes()..], 0);
+                        ((-8.0 * d).min(7.0 * d), (-8.0 * d).max(7.0 * d))
+                    }
+                    _ => (f32::NEG_INFINITY, f32::INFINITY),
+                };
+                for (v, w) in xs.iter().zip(bs) {
+                    // half a step, plus the f16 rounding of the scale (and of Q4_1's min)
+                    let v = v.clamp(lo, hi);
+                    assert!(
+                        (v - w).abs() <= 0.5 * step * 1.01 + 2e-3 * amax,
+                        "{ty:?} block {b}: {v} -> {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_zero_block_stays_zero() {
+        for ty in TYPES {
+            let mut q = vec![0u8; ty.block_bytes()];
+            quantize(ty, &[0.0; 32], &mut q);
+            assert!(decode(ty, &q).iter().all(|&v| v == 0.0), "{ty:?}");
+        }
+    }
+
+    /// The product the kernels compute, in f64: the decoded weight times the decoded
+    /// quantized activations.
+    fn reference(ty: QuantType, w: &[u8], x: &[f32], m: usize, k: usize, n: usize) -> (Vec<f64>, Vec<f64>) {
+        let wd = decode(ty, w);
+        let mut xq = vec![ActBlock::default(); k / 32];
+        let (mut y, mut mag) = (vec![0f64; m * n], vec![0f64; m * n]);
+        for r in 0..m {
+            quantize_act(&x[r * k..(r + 1) * k], &mut xq);
+            let xd: Vec<f64> = xq
+                .iter()
+                .flat_map(|a| a.q.iter().map(move |&q| a.d as f64 * q as f64))
+                .collect();
+            for j in 0..n {
+                for i in 0..k {
+                    let p = wd[j * k + i] as f64 * xd[i];
+                    y[r * n + j] += p;
+                    mag[r * n + j] += p.abs();
+                }
+            }
+        }
+        (y, mag)
+    }
+
+    #[test]
+    fn matvec_matches_the_decoded_product_on_every_path() {
+        for ty in TYPES {
+            for (m, k, n) in [(1, 32, 1), (1, 576, 192), (3, 64, 70), (8, 576, 300), (11, 96, 33)] {
+                let (wf, x) = (fill(n * k, 2), fill(m * k, 3));
+                let mut w = vec![0u8; ty.bytes_for(n * k).unwrap()];
+                quantize(ty, &wf, &mut w);
+                let (want, mag) = reference(ty, &w, &x, m, k, n);
+                for isa in Isa::available() {
+                    let mut y = vec![f32::NAN; m * n];
+                    matvec_with(isa, ty, &w, &x, None, &mut y, m, k, n);
+                    for (i, ((g, w), a)) in y.iter().zip(&want).zip(&mag).enumerate() {
+                        assert!(
+                            (*g as f64 - w).abs() <= 1e-5 * a.max(1e-20),
+                            "{ty:?} {isa:?} m={m} k={k} n={n} [{i}]: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bias_is_added() {
+        let (m, k, n) = (2, 64, 5);
+        let (wf, x, b) = (fill(n * k, 4), fill(m * k, 5), fill(n, 6));
+        let mut w = vec![0u8; QuantType::Q8_0.bytes_for(n * k).unwrap()];
+        quantize(QuantType::Q8_0, &wf, &mut w);
+        let (mut with, mut without) = (vec![0f32; m * n], vec![0f32; m * n]);
+        matvec(QuantType::Q8_0, &w, &x, Some(&b), &mut with, m, k, n);
+        matvec(QuantType::Q8_0, &w, &x, None, &mut without, m, k, n);
+        for (i, (a, c)) in with.iter().zip(&without).enumerate() {
+            assert!((a - c - b[i % n]).abs() < 1e-6, "[{i}]");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "w holds n rows of k values")]
+    fn packed_data_of_the_wrong_length_is_refused() {
+        let mut y = vec![0f32; 2];
+        matvec(QuantType::Q4_0, &[0u8; 17], &[0.0; 32], None, &mut y[..1], 1, 32, 1);
+    }
+}
