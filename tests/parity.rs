@@ -537,8 +537,8 @@ fn adamw_matches_burns_adamw_on_every_backend() {
     }
 }
 
-/// Decode steps of two sequences of different lengths (a prefill each, then batched
-/// `forward_step`s): on flex these run Kiln's kernels (matrix-vector products, RMS norm,
+/// Decode steps of two sequences of different lengths (a prefill each, one of 10 rows,
+/// past the kernels' 8, one of 2; then batched `forward_step`s): on flex these run Kiln's kernels (matrix-vector products, RMS norm,
 /// rotary embedding, attention over the cache buffers, `kiln-kernels`; with the weights
 /// as Burn stores them and as the inference loader lays them out), on every other
 /// backend Burn's ops. Same weights, same logits to 1e-4 relative: grouped-query heads,
@@ -549,7 +549,7 @@ fn decode_steps_on_flex_kernels_match_every_backend() {
     fn steps<M: CausalLm>(model: &M, device: &Device) -> Vec<f32> {
         let ids = |v: &[i64]| Tensor::<2, Int>::from_data(TensorData::new(v.to_vec(), [1, v.len()]), device);
         let (mut a, mut b) = (model.new_cache(1, device), model.new_cache(1, device));
-        let mut out = values(model.forward_cached(ids(&[1, 5, 2, 7, 3]), &mut a));
+        let mut out = values(model.forward_cached(ids(&[1, 5, 2, 7, 3, 9, 4, 10, 6, 8]), &mut a));
         out.extend(values(model.forward_cached(ids(&[4, 6]), &mut b)));
         for step in 0..5i64 {
             let next = vec![(3 * step + 1) % 11, (5 * step + 2) % 11];

@@ -84,8 +84,24 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
         return libtorch::linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()));
     }
     let bias = layer.bias.as_ref().map(|b| b.val());
-    if let Some(y) = flex::linear(&x, &layer.weight.val(), bias.as_ref()) {
+    let weight = layer.weight.val();
+    if let Some(y) = flex::linear(&x, &weight, bias.as_ref()) {
         return y;
+    }
+    if flex::is_out_in(&weight) {
+        // A prefill over [out, in] weights (`for_decoding`): as `(W x^T)^T`, the GEMM
+        // reading the weight in its stored layout, as the tied head does.
+        let dims = x.dims();
+        let (k, n) = (dims[D - 1], weight.dims()[1]);
+        let m = dims[..D - 1].iter().product::<usize>();
+        let y = weight.transpose().matmul(x.reshape([m, k]).transpose()).transpose();
+        let y = match bias {
+            Some(b) => y + b.unsqueeze::<2>(),
+            None => y,
+        };
+        let mut out = dims;
+        out[D - 1] = n;
+        return y.reshape(out);
     }
     layer.forward(x)
 }

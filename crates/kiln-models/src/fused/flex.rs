@@ -300,3 +300,8 @@ pub(super) fn linears<const D: usize>(
             .collect(),
     )
 }
+
+/// Whether `w` is an untracked f32 flex matrix laid out by [`out_in_layout`].
+pub(super) fn is_out_in(w: &Tensor<2>) -> bool {
+    flex_f32(w).is_some_and(|t| matches!(weight_layout(&t), Some(WeightLayout::Nk(_))) && !t.is_contiguous())
+}
