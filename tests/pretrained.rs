@@ -3,7 +3,8 @@
 //! run on flex, against transformers loading the same GGUF files in float32
 //! (scripts/llm_reference.py writes `reference.json` beside each file):
 //! - last-position logits of three prompts within 1e-4 of the largest reference logit;
-//! - 64 greedy tokens identical, token for token;
+//! - 64 greedy tokens identical, token for token (SmolLM2 also on ndarray, and on
+//!   libtorch in the `--features tch` build);
 //! - the sliding-window perplexity of a Shakespeare poem within 0.1 %;
 //! - SmolLM2's GGUF-built tokenizer: transformers' ids on every line of the tokenizer
 //!   corpus.
@@ -127,11 +128,21 @@ fn lm(loaded: &LoadedModel) -> &dyn CausalLm {
 }
 
 fn check_logits_and_greedy(case: &'static Case, cell: &'static OnceLock<tempfile::TempDir>) {
-    let device = Device::flex();
+    check_logits_and_greedy_on(case, cell, &Device::flex(), usize::MAX);
+}
+
+/// The logits and greedy checks on `device`, for the first `prompts` reference prompts.
+fn check_logits_and_greedy_on(
+    case: &'static Case,
+    cell: &'static OnceLock<tempfile::TempDir>,
+    device: &Device,
+    prompts: usize,
+) {
+    let device = device.clone();
     let loaded = LoadedModel::open(kiln_dir(case, cell), WhichWeights::Best, &device).unwrap();
     let model = lm(&loaded);
     let tokenizer = loaded.tokenizer.as_ref().unwrap();
-    for p in reference(case).prompts {
+    for p in reference(case).prompts.into_iter().take(prompts) {
         // The prompt encodes to the ids transformers fed (BOS per the GGUF).
         if case.tokenizer_is_the_models {
             assert_eq!(tokenizer.encode_with_special(&p.text).unwrap(), p.ids, "{:?}", p.text);
@@ -215,6 +226,20 @@ fn smollm2_matches_transformers_logits_and_greedy_tokens() {
 #[test]
 fn gemma3_matches_transformers_logits_and_greedy_tokens() {
     check_logits_and_greedy(&GEMMA3, &GEMMA3_DIR);
+}
+
+/// SmolLM2 on Burn's ops instead of flex's kernels: ndarray in the default build, and
+/// libtorch in the `--features tch` build (.ci/run), one prompt each (its logits and 64
+/// greedy tokens against transformers'), in the time CI has.
+#[test]
+fn smollm2_on_other_backends_matches_transformers() {
+    use kiln_core::BackendKind;
+    for kind in [BackendKind::Ndarray, BackendKind::Tch] {
+        if kind.is_compiled() {
+            eprintln!("smollm2 on {kind:?}");
+            check_logits_and_greedy_on(&SMOLLM2, &SMOLLM2_DIR, &kind.device(0).unwrap(), 1);
+        }
+    }
 }
 
 #[test]

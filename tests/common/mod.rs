@@ -4,14 +4,25 @@
 
 use std::path::{Path, PathBuf};
 
+/// The package directory: `cargo test` sets `CARGO_MANIFEST_DIR` when it runs a test
+/// binary, and that is the checkout being tested. The value compiled in is only the
+/// fallback: a target directory shared between checkouts (CI's cache) can reuse a test
+/// binary built in another checkout, whose path may be gone.
+pub fn manifest_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// The repository root (tests of the `train`/`infer` packages live here too).
 pub fn repo_root() -> PathBuf {
-    let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let start = manifest_dir();
+    let mut dir = start.clone();
     while !dir.join("datasets").is_dir() {
         assert!(
             dir.pop(),
             "repository root with datasets/ not found above {}",
-            env!("CARGO_MANIFEST_DIR")
+            start.display()
         );
     }
     dir

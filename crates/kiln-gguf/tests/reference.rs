@@ -8,7 +8,12 @@ use std::path::PathBuf;
 use kiln_gguf::{GgmlType, GgufError, GgufFile, Value};
 
 fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gguf/quants.gguf")
+    // the checkout `cargo test` runs in (the compiled-in path is only a fallback: a shared
+    // target directory can reuse a test binary built in another checkout)
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("../../tests/fixtures/gguf/quants.gguf")
 }
 
 #[test]

@@ -24,6 +24,24 @@ pub fn rms_norm(x: &[f32], gamma: &[f32], eps: f32, add_one: bool, out: &mut [f3
     }
 }
 
+/// The gated MLP's activation and product in one pass: `out = act(gate) * up`, with
+/// `act` SiLU (`g * sigmoid(g)`, Llama) or, with `gelu`, GELU's tanh approximation in
+/// its sigmoid form (`g * sigmoid(2 sqrt(2/pi) (g + 0.044715 g^3))`, Gemma; what
+/// `fused::gelu_tanh` computes off libtorch).
+pub fn gated(gate: &[f32], up: &[f32], gelu: bool, out: &mut [f32]) {
+    assert_eq!(gate.len(), up.len(), "gate and up alike");
+    assert_eq!(out.len(), gate.len(), "out like gate");
+    const TWO_SQRT_2_OVER_PI: f32 = 2.0 * 0.797_884_6;
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        let z = if gelu {
+            (g + g * g * g * 0.044715) * TWO_SQRT_2_OVER_PI
+        } else {
+            g
+        };
+        *o = g * (1.0 / (1.0 + (-z).exp())) * u;
+    }
+}
+
 /// Rotary embedding of one position per row, HF's rotate-half layout: `x` `[rows, heads, d]`,
 /// row `r` at `positions[r]`, `cos`/`sin` tables `[positions, d]`:
 /// `out = x * cos[p] + rotate_half(x) * sin[p]`, `rotate_half([x1, x2]) = [-x2, x1]`
@@ -251,6 +269,25 @@ mod tests {
                     (*o as f64 - w).abs() < 1e-5,
                     "len {len} window {window:?} cap {cap:?} [{i}]: {o} vs {w}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn gated_is_the_activation_times_up() {
+        let gate = [-3.0f32, -0.5, 0.0, 0.7, 4.0];
+        let up = [1.5f32, -2.0, 3.0, 0.25, -1.0];
+        let mut out = [0f32; 5];
+        for gelu in [false, true] {
+            gated(&gate, &up, gelu, &mut out);
+            for i in 0..5 {
+                let g = gate[i] as f64;
+                let act = if gelu {
+                    0.5 * g * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g.powi(3))).tanh())
+                } else {
+                    g / (1.0 + (-g).exp())
+                };
+                assert!((out[i] as f64 - act * up[i] as f64).abs() < 1e-6, "gelu {gelu} [{i}]");
             }
         }
     }

@@ -8,12 +8,15 @@
 //! and the helpers, after a job, spin on an atomic for [`SPIN`] before they park on a
 //! condition variable, so a step's back-to-back calls cost no system call.
 //!
+//! A task that panics is caught where it runs; `run` panics in the caller once every
+//! task of the job has finished, and the pool keeps working.
+//!
 //! The pool has `RAYON_NUM_THREADS` threads (rayon's global setting, which the rest of
 //! Kiln follows), counting the caller. Jobs from several threads at once are
 //! serialised (one job at a time).
 
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -43,6 +46,8 @@ struct Shared {
     wake: Condvar,
     /// One job at a time.
     submit: Mutex<()>,
+    /// Whether a task of the current job panicked.
+    panicked: AtomicBool,
 }
 
 // SAFETY: `job` is written only by the submitter while no helper is active (see
@@ -76,6 +81,7 @@ impl Pool {
             lock: Mutex::new(()),
             wake: Condvar::new(),
             submit: Mutex::new(()),
+            panicked: AtomicBool::new(false),
         }));
         for i in 1..threads {
             std::thread::Builder::new()
@@ -126,6 +132,9 @@ impl Pool {
         while s.done.load(SeqCst) < tasks as usize {
             std::hint::spin_loop();
         }
+        if s.panicked.swap(false, SeqCst) {
+            panic!("a kernel task panicked (its message is above)");
+        }
     }
 }
 
@@ -144,8 +153,13 @@ unsafe fn work(s: &Shared, mut ticket: u64, job: Job) -> usize {
         match s.ticket.compare_exchange(ticket, ticket + 1, SeqCst, SeqCst) {
             Ok(_) => {
                 // SAFETY: task `task` of the current job is ours; `f` lives until every
-                // task of it has run.
-                unsafe { (*job.f)(task as usize) };
+                // task of it has run. A panicking task still counts as run (so neither the
+                // caller nor `f`'s frame is left waiting on a dead helper); the caller
+                // re-raises it once the job is over.
+                let call = std::panic::AssertUnwindSafe(|| unsafe { (*job.f)(task as usize) });
+                if std::panic::catch_unwind(call).is_err() {
+                    s.panicked.store(true, SeqCst);
+                }
                 ran += 1;
                 ticket += 1;
             }
@@ -215,6 +229,25 @@ mod tests {
             sum.fetch_add(i, SeqCst);
         });
         assert_eq!(sum.load(SeqCst), 12);
+    }
+
+    #[test]
+    fn a_panicking_task_panics_the_caller_once_the_job_is_over_and_the_pool_goes_on() {
+        let pool = Pool::new(2);
+        let ran = AtomicUsize::new(0);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.run(8, &|i| {
+                ran.fetch_add(1, SeqCst);
+                assert!(i != 5, "task 5 fails");
+            })
+        }));
+        assert!(result.is_err(), "the caller sees the panic");
+        assert_eq!(ran.load(SeqCst), 8, "every task ran before run returned");
+        let sum = AtomicUsize::new(0);
+        pool.run(4, &|i| {
+            sum.fetch_add(i, SeqCst);
+        });
+        assert_eq!(sum.load(SeqCst), 6, "the pool still works");
     }
 
     #[test]

@@ -11,7 +11,11 @@ use kiln_kernels::quant::{QuantType, matvec_with, quantize};
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let path = // the checkout `cargo test` runs in (the compiled-in path is only a fallback: a shared
+    // target directory can reuse a test binary built in another checkout)
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .join("../../tests/fixtures/quant")
         .join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (scripts/make_quant_fixtures.py)", path.display()))

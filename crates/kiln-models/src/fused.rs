@@ -318,6 +318,23 @@ pub(crate) fn attend_rows_kernel(
     flex::attend_rows(q, rows, window, options.scale, options.softcap)
 }
 
+/// Llama's gated MLP activation, `silu(gate) * up`: one pass on flex without autodiff.
+pub fn silu_mul<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
+    if let Some(y) = flex::gated(&gate, &up, false) {
+        return y;
+    }
+    silu(gate) * up
+}
+
+/// Gemma's gated MLP activation, `gelu_tanh(gate) * up`: one pass on flex without
+/// autodiff.
+pub fn gelu_tanh_mul<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
+    if let Some(y) = flex::gated(&gate, &up, true) {
+        return y;
+    }
+    gelu_tanh(gate) * up
+}
+
 /// `log(softmax(x))` along `dim`.
 pub fn log_softmax<const D: usize>(x: Tensor<D>, dim: usize) -> Tensor<D> {
     #[cfg(feature = "tch")]

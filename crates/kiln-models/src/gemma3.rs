@@ -23,7 +23,7 @@ use burn::prelude::*;
 use burn::tensor::ops::AttentionModuleOptions;
 use serde::{Deserialize, Serialize};
 
-use crate::fused::{attention, gelu_tanh, linear, linears, tied_head};
+use crate::fused::{attention, gelu_tanh_mul, linear, linears, tied_head};
 use crate::kv_cache::repeat_kv;
 use crate::registry::{FieldError, ensure};
 use crate::rope::{RopeScaling, RotaryEmbedding};
@@ -318,7 +318,7 @@ pub struct Gemma3Mlp {
 impl Gemma3Mlp {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [gate, up] = linears([&self.gate_proj, &self.up_proj], x);
-        linear(&self.down_proj, gelu_tanh(gate) * up)
+        linear(&self.down_proj, gelu_tanh_mul(gate, up))
     }
 }
 

@@ -14,7 +14,7 @@ use burn::prelude::*;
 use burn::tensor::ops::AttentionModuleOptions;
 use serde::{Deserialize, Serialize};
 
-use crate::fused::{attention, linear, linears, rms_norm, silu};
+use crate::fused::{attention, linear, linears, rms_norm, silu_mul};
 use crate::kv_cache::repeat_kv;
 use crate::registry::{FieldError, ensure};
 pub use crate::rope::{RopeScaling, RotaryEmbedding};
@@ -299,7 +299,7 @@ impl LlamaAttention {
 impl LlamaMlp {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [gate, up] = linears([&self.gate_proj, &self.up_proj], x);
-        linear(&self.down_proj, silu(gate) * up)
+        linear(&self.down_proj, silu_mul(gate, up))
     }
 }
 

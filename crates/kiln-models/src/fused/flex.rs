@@ -305,3 +305,16 @@ pub(super) fn linears<const D: usize>(
 pub(super) fn is_out_in(w: &Tensor<2>) -> bool {
     flex_f32(w).is_some_and(|t| matches!(weight_layout(&t), Some(WeightLayout::Nk(_))) && !t.is_contiguous())
 }
+
+/// `act(gate) * up` ([`kiln_kernels::decode::gated`]) in one pass for untracked f32 flex
+/// tensors of one shape; `None` otherwise.
+pub(super) fn gated<const D: usize>(gate: &Tensor<D>, up: &Tensor<D>, gelu: bool) -> Option<Tensor<D>> {
+    if gate.dims() != up.dims() {
+        return None;
+    }
+    let (gt, ut) = (flex_f32(gate)?, flex_f32(up)?);
+    let (gs, us) = (gt.as_slice::<f32>()?, ut.as_slice::<f32>()?);
+    let mut y = vec![0f32; gs.len()];
+    kiln_kernels::decode::gated(gs, us, gelu, &mut y);
+    Some(wrap(y, &gate.dims()))
+}
