@@ -12,6 +12,7 @@
 
 pub mod decode;
 pub mod matvec;
+pub mod memory;
 pub mod pool;
 pub mod quant;
 

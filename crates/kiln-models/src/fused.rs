@@ -123,22 +123,28 @@ pub fn linears<const D: usize, const N: usize>(layers: [&Linear; N], x: Tensor<D
 }
 
 /// `model` with every `Linear` weight on flex stored `[out, in]` (a transposed view, the
-/// same logical `[in, out]` tensor), the layout Kiln's decode kernels stream fastest.
+/// same logical `[in, out]` tensor), the layout Kiln's decode kernels stream fastest, and
+/// linear and embedding weights on huge pages (`kiln_kernels::memory`).
 /// For inference only (the weights become untracked); a no-op on other backends.
 pub fn for_decoding<M: Module>(model: M) -> M {
     struct DecodeLayout {
-        /// Whether each module entered is a `Linear`.
-        linear: Vec<bool>,
+        /// The type of each module entered (`Struct:Linear`, ...).
+        modules: Vec<String>,
     }
     impl burn::module::ModuleMapper for DecodeLayout {
         fn enter_module(&mut self, _name: &str, container_type: &str) {
-            self.linear.push(container_type == "Struct:Linear");
+            self.modules.push(container_type.to_string());
         }
         fn exit_module(&mut self, _name: &str, _container_type: &str) {
-            self.linear.pop();
+            self.modules.pop();
         }
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            if D != 2 || self.linear.last() != Some(&true) {
+            let relayout: fn(Tensor<2>) -> Tensor<2> = match self.modules.last().map(String::as_str) {
+                Some("Struct:Linear") => flex::out_in_layout,
+                Some("Struct:Embedding") => flex::on_huge_pages,
+                _ => return param,
+            };
+            if D != 2 {
                 return param;
             }
             param.map(|t| {
@@ -146,11 +152,11 @@ pub fn for_decoding<M: Module>(model: M) -> M {
                     return t;
                 }
                 let t2 = Tensor::<2>::from_dispatch(t.into_dispatch());
-                Tensor::<D>::from_dispatch(flex::out_in_layout(t2).into_dispatch())
+                Tensor::<D>::from_dispatch(relayout(t2).into_dispatch())
             })
         }
     }
-    model.map(&mut DecodeLayout { linear: Vec::new() })
+    model.map(&mut DecodeLayout { modules: Vec::new() })
 }
 
 /// `layer` (Burn's `nn::conv::Conv2d`) applied to `x` `[B, C_in, H, W]` -> `[B, C_out, H', W']`.

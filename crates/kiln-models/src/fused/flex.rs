@@ -12,7 +12,8 @@
 use burn::backend::flex::{FlexTensor, Layout};
 use burn::backend::{BackendTensor, DispatchAutodiffContext, DispatchTensor, DispatchTensorKind};
 use burn::prelude::*;
-use burn::tensor::{Bytes, DType, Shape};
+use burn::tensor::{AllocationProperty, Bytes, DType, Shape};
+use kiln_kernels::memory::HugeBuffer;
 
 pub use kiln_kernels::MAX_ROWS;
 
@@ -226,7 +227,7 @@ pub(super) fn rope_rows(
 }
 
 /// `w` `[k, n]` (a Burn `Linear` weight) re-laid as a transposed view of row-major
-/// `[n, k]` storage, the layout [`linear`] multiplies fastest (one contiguous dot product
+/// `[n, k]` storage on huge pages ([`HugeBuffer`]), the layout [`linear`] multiplies fastest (one contiguous dot product
 /// per output: 15-20 % more weight bandwidth than `[k, n]` on the SmolLM2 decode step's
 /// matrices, `kiln-kernels/examples/matvec_bandwidth.rs`). Same logical tensor, so
 /// Burn's ops (the strided GEMM of a prefill) read it unchanged. Anything but an
@@ -235,10 +236,27 @@ pub(super) fn out_in_layout(w: Tensor<2>) -> Tensor<2> {
     let Some(t) = flex_f32(&w) else { return w };
     let [k, n] = w.dims();
     let Some(src) = t.as_slice::<f32>() else { return w };
-    let mut dst = vec![0f32; k * n];
-    kiln_kernels::transpose(src, k, n, &mut dst);
+    let mut dst = HugeBuffer::zeroed(k * n);
+    kiln_kernels::transpose(src, k, n, dst.as_mut_slice());
     let layout = Layout::new(Shape::from(vec![k, n]), vec![1, k as isize], 0);
-    let t = FlexTensor::new(Bytes::from_elems(dst), layout, DType::F32);
+    from_huge(dst, layout)
+}
+
+/// `w` (a token embedding, read by the tied head every step) copied onto huge pages
+/// ([`HugeBuffer`]), same layout; anything but an untracked contiguous f32 flex matrix
+/// is returned as it is.
+pub(super) fn on_huge_pages(w: Tensor<2>) -> Tensor<2> {
+    let Some(t) = flex_f32(&w) else { return w };
+    let Some(src) = t.as_slice::<f32>() else { return w };
+    let mut dst = HugeBuffer::zeroed(src.len());
+    dst.as_mut_slice().copy_from_slice(src);
+    from_huge(dst, Layout::contiguous(Shape::from(w.dims().to_vec())))
+}
+
+/// An untracked flex tensor over `buffer`'s values, laid out by `layout`.
+fn from_huge(buffer: HugeBuffer, layout: Layout) -> Tensor<2> {
+    let bytes = Bytes::from_shared(bytes::Bytes::from_owner(buffer), AllocationProperty::Native);
+    let t = FlexTensor::new(bytes, layout, DType::F32);
     Tensor::from_dispatch(DispatchTensor {
         kind: DispatchTensorKind::Flex(BackendTensor::Float(t)),
         autodiff: DispatchAutodiffContext::Disabled,
