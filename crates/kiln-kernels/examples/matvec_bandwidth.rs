@@ -10,6 +10,32 @@ use kiln_kernels::quant::{QuantType, matvec_with, quantize};
 use kiln_kernels::{Isa, linear_kn_with, linear_nk_with};
 use std::time::Instant;
 
+/// One decode step's products over `layers` then `head` (`[v, c]`, dot-product form), the
+/// best of 8 runs in seconds. `product(w, x, y, k, n)` multiplies `m` rows.
+fn best_step<W>(
+    layers: &[Vec<(usize, usize, W)>],
+    head: &W,
+    (m, c, v): (usize, usize, usize),
+    product: impl Fn(&W, &[f32], &mut [f32], usize, usize, bool),
+) -> f64 {
+    let mut best = f64::MAX;
+    for _ in 0..8 {
+        let t = Instant::now();
+        for l in layers {
+            for (k, n, w) in l {
+                let x = vec![0.5f32; m * k];
+                let mut y = vec![0f32; m * n];
+                product(w, &x, &mut y, *k, *n, false);
+            }
+        }
+        let x = vec![0.5f32; m * c];
+        let mut y = vec![0f32; m * v];
+        product(head, &x, &mut y, c, v, true);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    best
+}
+
 fn main() {
     let (c, f, kv, v, layers) = (576, 1536, 192, 49152, 30);
     let layer = [(c, c), (c, kv), (c, kv), (c, c), (c, f), (c, f), (f, c)];
@@ -29,25 +55,13 @@ fn main() {
     for isa in Isa::available() {
         for kn in [true, false] {
             for m in [1, 8] {
-                let mut best = f64::MAX;
-                for _ in 0..8 {
-                    let t = Instant::now();
-                    for l in &weights {
-                        for (k, n, w) in l {
-                            let x = vec![0.5f32; m * k];
-                            let mut y = vec![0f32; m * n];
-                            if kn {
-                                linear_kn_with(isa, &x, w, None, &mut y, m, *k, *n);
-                            } else {
-                                linear_nk_with(isa, &x, w, None, &mut y, m, *k, *n);
-                            }
-                        }
+                let best = best_step(&weights, &head, (m, c, v), |w, x, y, k, n, is_head| {
+                    if kn && !is_head {
+                        linear_kn_with(isa, x, w, None, y, m, k, n);
+                    } else {
+                        linear_nk_with(isa, x, w, None, y, m, k, n);
                     }
-                    let x = vec![0.5f32; m * c];
-                    let mut y = vec![0f32; m * v];
-                    linear_nk_with(isa, &x, &head, None, &mut y, m, c, v);
-                    best = best.min(t.elapsed().as_secs_f64());
-                }
+                });
                 let layout = if kn { "[in, out]" } else { "[out, in]" };
                 println!(
                     "| {layout} f32 | {isa:?} | {m} | {:.2} | {:.1} |",
@@ -71,21 +85,9 @@ fn main() {
         let qbytes = qweights.iter().flatten().map(|(_, _, q)| q.len()).sum::<usize>() + qhead.len();
         for isa in Isa::available() {
             for m in [1, 8] {
-                let mut best = f64::MAX;
-                for _ in 0..8 {
-                    let t = Instant::now();
-                    for l in &qweights {
-                        for (k, n, w) in l {
-                            let x = vec![0.5f32; m * k];
-                            let mut y = vec![0f32; m * n];
-                            matvec_with(isa, ty, w, &x, None, &mut y, m, *k, *n);
-                        }
-                    }
-                    let x = vec![0.5f32; m * c];
-                    let mut y = vec![0f32; m * v];
-                    matvec_with(isa, ty, &qhead, &x, None, &mut y, m, c, v);
-                    best = best.min(t.elapsed().as_secs_f64());
-                }
+                let best = best_step(&qweights, &qhead, (m, c, v), |w, x, y, k, n, _| {
+                    matvec_with(isa, ty, w, x, None, y, m, k, n)
+                });
                 println!(
                     "| [out, in] {} | {isa:?} | {m} | {:.2} | {:.1} |",
                     ty.name(),

@@ -44,11 +44,18 @@ impl Isa {
 
     /// Every path this CPU runs, the portable one first (for tests and benchmarks).
     pub fn available() -> Vec<Isa> {
-        let mut paths = vec![Isa::Portable];
-        if Isa::detect() == Isa::Avx2Fma {
-            paths.push(Isa::Avx2Fma);
+        [Isa::Portable, Isa::Avx2Fma]
+            .into_iter()
+            .filter(|isa| isa.is_available())
+            .collect()
+    }
+
+    /// Whether this CPU runs this path (no allocation: the kernels check it per call).
+    pub fn is_available(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            Isa::Avx2Fma => Isa::best() == Isa::Avx2Fma,
         }
-        paths
     }
 
     /// The cached [`detect`](Isa::detect) result.
@@ -57,4 +64,36 @@ impl Isa {
         static BEST: OnceLock<Isa> = OnceLock::new();
         *BEST.get_or_init(Isa::detect)
     }
+}
+
+/// A buffer the tasks of one pool job share, each writing its own part of it.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut(pub(crate) *mut f32);
+// SAFETY: the tasks write disjoint parts of a buffer that outlives the job.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+/// The sum of the eight lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn hsum256(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps(v, 1);
+    let s4 = _mm_add_ps(lo, hi);
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
+}
+
+/// A deterministic pseudo-random fill in [-1, 1), for the tests.
+#[cfg(test)]
+pub(crate) fn test_fill(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
 }

@@ -14,8 +14,8 @@
 //! order from a GEMM's, so results agree with one to rounding (the tests use 1e-5
 //! relative to the sum of magnitudes).
 
-use crate::Isa;
 use crate::pool::Pool;
+use crate::{Isa, SharedMut};
 use std::cell::RefCell;
 
 /// The rows one pass over a weight serves; the rest of a batch takes further passes.
@@ -52,7 +52,7 @@ fn check(x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &[f32], m: usize, k: usi
 }
 
 /// How many slabs to cut `rows` rows of a `rows * cols` weight into.
-fn slabs(rows: usize, cols: usize, min_rows: usize) -> usize {
+pub(crate) fn slabs(rows: usize, cols: usize, min_rows: usize) -> usize {
     if rows * cols < PARALLEL_MIN {
         return 1;
     }
@@ -71,13 +71,32 @@ pub fn linear_kn_with(
     k: usize,
     n: usize,
 ) {
+    in_passes(isa, x, w, bias, y, m, k, n, kn_pass);
+}
+
+/// The signature of one pass over a weight for at most [`MAX_ROWS`] rows.
+type Pass = fn(Isa, &[f32], &[f32], Option<&[f32]>, &mut [f32], usize, usize, usize);
+
+/// Check the arguments, then run `pass` over the rows of `x` [`MAX_ROWS`] at a time.
+#[allow(clippy::too_many_arguments)]
+fn in_passes(
+    isa: Isa,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    pass: Pass,
+) {
     check(x, w, bias, y, m, k, n);
-    assert!(Isa::available().contains(&isa), "{isa:?} is not available on this CPU");
+    assert!(isa.is_available(), "{isa:?} is not available on this CPU");
     for r0 in (0..m).step_by(MAX_ROWS) {
         let rows = MAX_ROWS.min(m - r0);
         let x = &x[r0 * k..(r0 + rows) * k];
         let y = &mut y[r0 * n..(r0 + rows) * n];
-        kn_pass(isa, x, w, bias, y, rows, k, n);
+        pass(isa, x, w, bias, y, rows, k, n);
     }
 }
 
@@ -98,7 +117,7 @@ fn kn_pass(isa: Isa, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32], 
     let mut partials = PARTIALS.take();
     {
         partials.resize(parts * m * n, 0.0);
-        let out = Shared(partials.as_mut_ptr());
+        let out = SharedMut(partials.as_mut_ptr());
         Pool::global().run(parts, &|p| {
             let (k0, k1) = (p * slab, ((p + 1) * slab).min(k));
             // SAFETY: task `p` alone writes partial `p`, within the buffer.
@@ -148,14 +167,7 @@ pub fn linear_nk_with(
     k: usize,
     n: usize,
 ) {
-    check(x, w, bias, y, m, k, n);
-    assert!(Isa::available().contains(&isa), "{isa:?} is not available on this CPU");
-    for r0 in (0..m).step_by(MAX_ROWS) {
-        let rows = MAX_ROWS.min(m - r0);
-        let x = &x[r0 * k..(r0 + rows) * k];
-        let y = &mut y[r0 * n..(r0 + rows) * n];
-        nk_pass(isa, x, w, bias, y, rows, k, n);
-    }
+    in_passes(isa, x, w, bias, y, m, k, n, nk_pass);
 }
 
 /// One product of [`linear_nk_many`]: `y[m, n] = x · w[n, k]ᵀ + bias`.
@@ -185,7 +197,7 @@ pub fn linear_nk_many(x: &[f32], m: usize, k: usize, products: &mut [NkProduct<'
         let parts = slabs(p.n, k, 8);
         let slab = p.n.div_ceil(parts);
         tasks.extend((0..parts).map(|q| (i, q * slab, ((q + 1) * slab).min(p.n))));
-        jobs.push((p.w, p.bias, p.n, Shared(p.y.as_mut_ptr())));
+        jobs.push((p.w, p.bias, p.n, SharedMut(p.y.as_mut_ptr())));
     }
     let jobs = &jobs;
     Pool::global().run(tasks.len(), &|t| {
@@ -205,7 +217,7 @@ pub fn transpose(src: &[f32], k: usize, n: usize, dst: &mut [f32]) {
     assert_eq!(src.len(), k * n, "src is [k, n]");
     assert_eq!(dst.len(), k * n, "dst is [n, k]");
     const B: usize = 32;
-    let out = Shared(dst.as_mut_ptr());
+    let out = SharedMut(dst.as_mut_ptr());
     let run = |block: usize| {
         let n0 = block * B;
         for k0 in (0..k).step_by(B) {
@@ -225,17 +237,10 @@ pub fn transpose(src: &[f32], k: usize, n: usize, dst: &mut [f32]) {
     }
 }
 
-/// A buffer shared by the tasks of one pool job, each writing its own part of it.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-// SAFETY: the tasks write disjoint parts of a buffer that outlives the job.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
 fn nk_pass(isa: Isa, x: &[f32], w: &[f32], bias: Option<&[f32]>, y: &mut [f32], m: usize, k: usize, n: usize) {
     let parts = slabs(n, k, 8);
     let slab = n.div_ceil(parts);
-    let out = Shared(y.as_mut_ptr());
+    let out = SharedMut(y.as_mut_ptr());
     let run = |p: usize| {
         let (j0, j1) = (p * slab, ((p + 1) * slab).min(n));
         // SAFETY: slab `p` writes only columns j0..j1 of each of the m rows of `y`.
@@ -385,15 +390,9 @@ mod avx2 {
                 i += 16;
             }
             for (q, acc) in acc.iter().enumerate().take(g) {
-                let v = _mm256_add_ps(acc[0], acc[1]);
-                let lo = _mm256_castps256_ps128(v);
-                let hi = _mm256_extractf128_ps(v, 1);
-                let s4 = _mm_add_ps(lo, hi);
-                let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-                let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
                 let xr = &x[(r0 + q) * k..(r0 + q + 1) * k];
                 let tail: f32 = row[k16..].iter().zip(&xr[k16..]).map(|(a, b)| a * b).sum();
-                sums[r0 + q] = _mm_cvtss_f32(s1) + tail;
+                sums[r0 + q] = crate::hsum256(_mm256_add_ps(acc[0], acc[1])) + tail;
             }
             r0 += g;
         }
@@ -404,16 +403,7 @@ mod avx2 {
 mod tests {
     use super::*;
 
-    /// A deterministic pseudo-random fill in [-1, 1).
-    fn fill(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..len)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::test_fill as fill;
 
     /// The plain triple loop in f64, and the sum of magnitudes of each output (the scale
     /// of its rounding error).

@@ -14,8 +14,9 @@
 //! has them, a portable loop otherwise, never an f32 copy of the weight. Rows of the
 //! weight (`[out, in]`, GGUF's layout) are split over [`Pool`](crate::pool::Pool).
 
-use crate::Isa;
+use crate::matvec::{MAX_ROWS, slabs};
 use crate::pool::Pool;
+use crate::{Isa, SharedMut};
 use std::cell::RefCell;
 
 /// Values per block, for every type here.
@@ -167,12 +168,6 @@ thread_local! {
     static ACTS: RefCell<Vec<ActBlock>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Weights smaller than this many values run on the calling thread.
-const PARALLEL_MIN: usize = 32 * 1024;
-
-/// Rows of `y` at most one pass over the weight serves.
-pub const MAX_ROWS: usize = 8;
-
 /// `y[m, n] = x[m, k] · W[n, k]ᵀ + bias` with `W` the `n` rows of `k` values packed as
 /// `ty` blocks (`w.len() == n * k / 32 * block_bytes`), on the best path of this CPU.
 /// Panics on lengths that disagree (`k` not a multiple of 32, among them).
@@ -194,7 +189,7 @@ pub fn matvec_with(
     k: usize,
     n: usize,
 ) {
-    assert!(Isa::available().contains(&isa), "{isa:?} is not available on this CPU");
+    assert!(isa.is_available(), "{isa:?} is not available on this CPU");
     let row_bytes = ty.bytes_for(k).expect("k is a multiple of 32");
     assert_eq!(w.len(), n * row_bytes, "{}: w holds n rows of k values", ty.name());
     assert_eq!(x.len(), m * k, "x is [m, k]");
@@ -217,12 +212,6 @@ pub fn matvec_with(
     ACTS.set(acts);
 }
 
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: the tasks of one job write disjoint columns of a buffer that outlives it.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
 #[allow(clippy::too_many_arguments)]
 fn pass(
     isa: Isa,
@@ -236,14 +225,9 @@ fn pass(
     row_bytes: usize,
     n: usize,
 ) {
-    let pool = Pool::global();
-    let parts = if n * blocks * BLOCK < PARALLEL_MIN {
-        1
-    } else {
-        pool.threads().min(n / 8).max(1)
-    };
+    let parts = slabs(n, blocks * BLOCK, 8);
     let slab = n.div_ceil(parts);
-    let out = Out(y.as_mut_ptr());
+    let out = SharedMut(y.as_mut_ptr());
     let run = |p: usize| {
         let mut sums = [0f32; MAX_ROWS];
         for j in p * slab..((p + 1) * slab).min(n) {
@@ -256,7 +240,7 @@ fn pass(
             }
         }
     };
-    pool.run(parts, &run);
+    Pool::global().run(parts, &run);
 }
 
 /// One weight row (packed) · each of the `m` quantized activation rows (`acts`, `m`
@@ -333,16 +317,6 @@ mod avx2 {
     fn scale(b: &[u8], at: usize) -> f32 {
         let bits = u16::from_le_bytes([b[at], b[at + 1]]);
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s4 = _mm_add_ps(lo, hi);
-        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
     }
 
     /// The type codes of the const-generic kernel (one compiled loop per type).
@@ -435,7 +409,7 @@ mod avx2 {
             blk += 1;
         }
         let all = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-        sums[0] = hsum(all) + offset;
+        sums[0] = crate::hsum256(all) + offset;
     }
 
     /// Up to [`MAX_ROWS`] activation rows: each weight block decoded once for all.
@@ -456,7 +430,7 @@ mod avx2 {
             }
         }
         for r in 0..m {
-            sums[r] = hsum(acc[r]) + offset[r];
+            sums[r] = crate::hsum256(acc[r]) + offset[r];
         }
     }
 }
@@ -467,15 +441,7 @@ mod tests {
 
     const TYPES: [QuantType; 3] = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1];
 
-    fn fill(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..len)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::test_fill as fill;
 
     /// The values a block format holds, decoded the plain way.
     fn decode(ty: QuantType, data: &[u8]) -> Vec<f32> {

@@ -22,7 +22,7 @@ use burn::prelude::*;
 use burn::tensor::activation::sigmoid;
 use burn::tensor::ops::AttentionModuleOptions;
 
-mod flex;
+pub(crate) mod flex;
 #[cfg(feature = "tch")]
 mod libtorch;
 
@@ -296,32 +296,6 @@ pub fn rms_norm<const D: usize>(norm: &burn::nn::RmsNorm, x: Tensor<D>) -> Tenso
         return y;
     }
     norm.forward(x)
-}
-
-/// Gemma's RMS norm, `x / sqrt(mean(x^2) + eps) * (1 + weight)`, in one pass on flex
-/// without autodiff; `None` elsewhere (the caller composes it from Burn ops).
-pub fn rms_norm_plus_one<const D: usize>(x: &Tensor<D>, weight: &Tensor<1>, eps: f64) -> Option<Tensor<D>> {
-    flex::rms_norm(x, weight, eps, true)
-}
-
-/// [`crate::rope::RotaryEmbedding::apply_rows`]'s kernel on flex without autodiff.
-pub(crate) fn rope_rows_kernel(
-    x: &Tensor<4>,
-    cos: &Tensor<2>,
-    sin: &Tensor<2>,
-    positions: &Tensor<1, Int>,
-) -> Option<Tensor<4>> {
-    flex::rope_rows(x, cos, sin, positions)
-}
-
-/// [`crate::kv_cache::attend_rows`]'s kernel on flex without autodiff (see there).
-pub(crate) fn attend_rows_kernel(
-    q: &Tensor<4>,
-    rows: &[(Tensor<4>, Tensor<4>)],
-    window: Option<usize>,
-    options: &AttentionModuleOptions,
-) -> Option<Tensor<4>> {
-    flex::attend_rows(q, rows, window, options.scale, options.softcap)
 }
 
 /// Llama's gated MLP activation, `silu(gate) * up`: one pass on flex without autodiff.

@@ -261,7 +261,7 @@ impl GemmaRmsNorm {
 
     /// `[..., C]` -> `x / sqrt(mean(x^2) + eps) * (1 + w)`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        if let Some(y) = crate::fused::rms_norm_plus_one(&x, &self.weight.val(), self.epsilon) {
+        if let Some(y) = crate::fused::flex::rms_norm(&x, &self.weight.val(), self.epsilon, true) {
             return y;
         }
         let rms = (x.clone().square().mean_dim(D - 1) + self.epsilon).sqrt();

@@ -185,7 +185,7 @@ pub fn attend_rows(
     options: AttentionModuleOptions,
 ) -> Tensor<4> {
     // On flex: one pass per row over the cache buffers, no repeated heads.
-    if let Some(y) = crate::fused::attend_rows_kernel(&q, &rows, window, &options) {
+    if let Some(y) = crate::fused::flex::attend_rows(&q, &rows, window, &options) {
         return y;
     }
     let b = q.dims()[0];

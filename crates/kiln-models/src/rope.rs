@@ -135,7 +135,7 @@ impl RotaryEmbedding {
     /// of independent sequences); the same arithmetic as [`apply`](Self::apply).
     pub fn apply_rows(&self, x: Tensor<4>, positions: Tensor<1, Int>) -> Tensor<4> {
         // On flex: one pass over the rows (the same products and sum).
-        if let Some(y) = crate::fused::rope_rows_kernel(&x, &self.cos, &self.sin, &positions) {
+        if let Some(y) = crate::fused::flex::rope_rows(&x, &self.cos, &self.sin, &positions) {
             return y;
         }
         let [b, _, _, d] = x.dims();

@@ -12,6 +12,7 @@
 use burn::backend::flex::{FlexTensor, Layout};
 use burn::backend::{BackendTensor, DispatchAutodiffContext, DispatchTensor, DispatchTensorKind};
 use burn::prelude::*;
+use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{AllocationProperty, Bytes, DType, Shape};
 use kiln_kernels::memory::HugeBuffer;
 
@@ -54,7 +55,7 @@ fn weight_layout(w: &FlexTensor) -> Option<WeightLayout<'_>> {
 
 /// `y = x w + b` with `x` `[..., k]`, `w` `[k, n]`, `b` `[n]` when `x` has at most
 /// [`MAX_ROWS`] rows and every tensor is an untracked f32 flex tensor; `None` otherwise.
-pub(super) fn linear<const D: usize>(x: &Tensor<D>, weight: &Tensor<2>, bias: Option<&Tensor<1>>) -> Option<Tensor<D>> {
+pub(crate) fn linear<const D: usize>(x: &Tensor<D>, weight: &Tensor<2>, bias: Option<&Tensor<1>>) -> Option<Tensor<D>> {
     let dims = x.dims();
     let k = dims[D - 1];
     let m = dims[..D - 1].iter().product::<usize>();
@@ -85,7 +86,7 @@ pub(super) fn linear<const D: usize>(x: &Tensor<D>, weight: &Tensor<2>, bias: Op
 
 /// `x` `[..., C]` times the transposed embedding `[V, C]` -> `[..., V]` (a tied head)
 /// under the same conditions as [`linear`].
-pub(super) fn tied_head<const D: usize>(x: &Tensor<D>, embedding: &Tensor<2>) -> Option<Tensor<D>> {
+pub(crate) fn tied_head<const D: usize>(x: &Tensor<D>, embedding: &Tensor<2>) -> Option<Tensor<D>> {
     let dims = x.dims();
     let c = dims[D - 1];
     let m = dims[..D - 1].iter().product::<usize>();
@@ -106,7 +107,15 @@ pub(super) fn tied_head<const D: usize>(x: &Tensor<D>, embedding: &Tensor<2>) ->
 /// A fresh untracked flex tensor of `shape` holding `values`.
 fn wrap<const D: usize>(values: Vec<f32>, shape: &[usize; D]) -> Tensor<D> {
     let shape = Shape::from(shape.to_vec());
-    let t = FlexTensor::new(Bytes::from_elems(values), Layout::contiguous(shape), DType::F32);
+    untracked(FlexTensor::new(
+        Bytes::from_elems(values),
+        Layout::contiguous(shape),
+        DType::F32,
+    ))
+}
+
+/// `t` as an untracked tensor.
+fn untracked<const D: usize>(t: FlexTensor) -> Tensor<D> {
     Tensor::from_dispatch(DispatchTensor {
         kind: DispatchTensorKind::Flex(BackendTensor::Float(t)),
         autodiff: DispatchAutodiffContext::Disabled,
@@ -116,7 +125,7 @@ fn wrap<const D: usize>(values: Vec<f32>, shape: &[usize; D]) -> Tensor<D> {
 /// RMS normalisation over the last dimension (`g = gamma`, or `1 + gamma` with
 /// `add_one`) as one pass ([`kiln_kernels::decode::rms_norm`]) for an untracked f32 flex
 /// tensor; `None` otherwise.
-pub(super) fn rms_norm<const D: usize>(x: &Tensor<D>, gamma: &Tensor<1>, eps: f64, add_one: bool) -> Option<Tensor<D>> {
+pub(crate) fn rms_norm<const D: usize>(x: &Tensor<D>, gamma: &Tensor<1>, eps: f64, add_one: bool) -> Option<Tensor<D>> {
     let xt = flex_f32(x)?;
     let gt = flex_f32(gamma)?;
     let (xs, gs) = (xt.as_slice::<f32>()?, gt.as_slice::<f32>()?);
@@ -147,13 +156,13 @@ fn cache_view(t: &FlexTensor) -> Option<kiln_kernels::decode::CacheView<'_>> {
 /// [`crate::kv_cache::attend_rows`] as one pass per row ([`kiln_kernels::decode::attention_step`])
 /// when every tensor is an untracked f32 flex tensor laid out as the KV cache leaves them;
 /// `None` otherwise. `q` `[B, H, 1, D]`, `rows[b]` `[1, K, len_b, D]` -> `[B, H, 1, D]`.
-pub(super) fn attend_rows(
+pub(crate) fn attend_rows(
     q: &Tensor<4>,
     rows: &[(Tensor<4>, Tensor<4>)],
     window: Option<usize>,
-    scale: Option<f64>,
-    softcap: Option<f64>,
+    options: &AttentionModuleOptions,
 ) -> Option<Tensor<4>> {
+    let (scale, softcap) = (options.scale, options.softcap);
     let [b, h, t, d] = q.dims();
     if t != 1 || rows.len() != b {
         return None;
@@ -205,7 +214,7 @@ fn flex_positions(t: &Tensor<1, Int>) -> Option<Vec<usize>> {
 /// [`crate::rope::RotaryEmbedding::apply_rows`] as one pass
 /// ([`kiln_kernels::decode::rope_rows`]): `x` `[B, heads, 1, D]`, row `b` at
 /// `positions[b]`; `None` unless every tensor is an untracked f32 flex tensor.
-pub(super) fn rope_rows(
+pub(crate) fn rope_rows(
     x: &Tensor<4>,
     cos: &Tensor<2>,
     sin: &Tensor<2>,
@@ -232,7 +241,7 @@ pub(super) fn rope_rows(
 /// matrices, `kiln-kernels/examples/matvec_bandwidth.rs`). Same logical tensor, so
 /// Burn's ops (the strided GEMM of a prefill) read it unchanged. Anything but an
 /// untracked contiguous f32 flex matrix is returned as it is.
-pub(super) fn out_in_layout(w: Tensor<2>) -> Tensor<2> {
+pub(crate) fn out_in_layout(w: Tensor<2>) -> Tensor<2> {
     let Some(t) = flex_f32(&w) else { return w };
     let [k, n] = w.dims();
     let Some(src) = t.as_slice::<f32>() else { return w };
@@ -245,7 +254,7 @@ pub(super) fn out_in_layout(w: Tensor<2>) -> Tensor<2> {
 /// `w` (a token embedding, read by the tied head every step) copied onto huge pages
 /// ([`HugeBuffer`]), same layout; anything but an untracked contiguous f32 flex matrix
 /// is returned as it is.
-pub(super) fn on_huge_pages(w: Tensor<2>) -> Tensor<2> {
+pub(crate) fn on_huge_pages(w: Tensor<2>) -> Tensor<2> {
     let Some(t) = flex_f32(&w) else { return w };
     let Some(src) = t.as_slice::<f32>() else { return w };
     let mut dst = HugeBuffer::zeroed(src.len());
@@ -256,17 +265,13 @@ pub(super) fn on_huge_pages(w: Tensor<2>) -> Tensor<2> {
 /// An untracked flex tensor over `buffer`'s values, laid out by `layout`.
 fn from_huge(buffer: HugeBuffer, layout: Layout) -> Tensor<2> {
     let bytes = Bytes::from_shared(bytes::Bytes::from_owner(buffer), AllocationProperty::Native);
-    let t = FlexTensor::new(bytes, layout, DType::F32);
-    Tensor::from_dispatch(DispatchTensor {
-        kind: DispatchTensorKind::Flex(BackendTensor::Float(t)),
-        autodiff: DispatchAutodiffContext::Disabled,
-    })
+    untracked(FlexTensor::new(bytes, layout, DType::F32))
 }
 
 /// Several `x w_i + b_i` of the same `x` (`[..., k]`, at most [`MAX_ROWS`] rows) as one
 /// pool job ([`kiln_kernels::linear_nk_many`]) when every weight is laid out `[out, in]`
 /// ([`out_in_layout`]) and every tensor is an untracked f32 flex tensor; `None` otherwise.
-pub(super) fn linears<const D: usize>(
+pub(crate) fn linears<const D: usize>(
     x: &Tensor<D>,
     layers: &[(Tensor<2>, Option<Tensor<1>>)],
 ) -> Option<Vec<Tensor<D>>> {
@@ -320,13 +325,13 @@ pub(super) fn linears<const D: usize>(
 }
 
 /// Whether `w` is an untracked f32 flex matrix laid out by [`out_in_layout`].
-pub(super) fn is_out_in(w: &Tensor<2>) -> bool {
+pub(crate) fn is_out_in(w: &Tensor<2>) -> bool {
     flex_f32(w).is_some_and(|t| matches!(weight_layout(&t), Some(WeightLayout::Nk(_))) && !t.is_contiguous())
 }
 
 /// `act(gate) * up` ([`kiln_kernels::decode::gated`]) in one pass for untracked f32 flex
 /// tensors of one shape; `None` otherwise.
-pub(super) fn gated<const D: usize>(gate: &Tensor<D>, up: &Tensor<D>, gelu: bool) -> Option<Tensor<D>> {
+pub(crate) fn gated<const D: usize>(gate: &Tensor<D>, up: &Tensor<D>, gelu: bool) -> Option<Tensor<D>> {
     if gate.dims() != up.dims() {
         return None;
     }
