@@ -4,7 +4,8 @@
 //! in Burn's `[in, out]` layout (`linear_kn`) and in the `[out, in]` layout the inference
 //! loader gives them (`linear_nk`), per path and row count. Prints ms per step and GB/s
 //! of weight read, best of 8; then the same step with every weight in Q8_0, Q4_0 and
-//! Q4_1 blocks (`quant::matvec`, the bytes read counted as packed).
+//! Q4_1 blocks (`quant::matvec`, the bytes read counted as packed). The first row is the
+//! roofline: the same f32 bytes only summed, over the same thread pool, no product.
 //!   RAYON_NUM_THREADS=2 cargo run --release -p kiln-kernels --example matvec_bandwidth
 use kiln_kernels::quant::{QuantType, matvec_with, quantize};
 use kiln_kernels::{Isa, linear_kn_with, linear_nk_with};
@@ -36,6 +37,23 @@ fn best_step<W>(
     best
 }
 
+/// The sum of `w`, split over the kernel pool like a product: only the weight's read.
+fn pool_sum(w: &[f32]) -> f32 {
+    let pool = kiln_kernels::pool::Pool::global();
+    let tasks = pool.threads() * 4;
+    let chunk = w.len().div_ceil(tasks);
+    let total = std::sync::Mutex::new(0f32);
+    pool.run(tasks, &|t| {
+        let part = &w[(t * chunk).min(w.len())..((t + 1) * chunk).min(w.len())];
+        let mut acc = [0f32; 16];
+        for c in part.chunks(16) {
+            acc.iter_mut().zip(c).for_each(|(a, v)| *a += v);
+        }
+        *total.lock().unwrap() += acc.iter().sum::<f32>();
+    });
+    total.into_inner().unwrap()
+}
+
 fn main() {
     let (c, f, kv, v, layers) = (576, 1536, 192, 49152, 30);
     let layer = [(c, c), (c, kv), (c, kv), (c, c), (c, f), (c, f), (f, c)];
@@ -52,6 +70,12 @@ fn main() {
     );
     println!("| weights | path | rows | ms/step | GB/s |");
     println!("|---|---|---:|---:|---:|");
+    let read = best_step(&weights, &head, (1, c, v), |w, _, y, _, _, _| y[0] = pool_sum(w));
+    println!(
+        "| f32, read only (roofline) | - | - | {:.2} | {:.1} |",
+        read * 1e3,
+        bytes as f64 / read / 1e9
+    );
     for isa in Isa::available() {
         for kn in [true, false] {
             for m in [1, 8] {
