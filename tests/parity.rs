@@ -538,12 +538,14 @@ fn adamw_matches_burns_adamw_on_every_backend() {
 }
 
 /// Decode steps of two sequences of different lengths (a prefill each, one of 10 rows,
-/// past the kernels' 8, one of 2; then batched `forward_step`s): on flex these run Kiln's kernels (matrix-vector products, RMS norm,
-/// rotary embedding, attention over the cache buffers, `kiln-kernels`; with the weights
-/// as Burn stores them and as the inference loader lays them out), on every other
-/// backend Burn's ops. Same weights, same logits to 1e-4 relative: grouped-query heads,
-/// q/k/v biases and a tied head (llama), and a sliding window shorter than the
-/// sequence, q/k norms and a soft-capped head (gemma3).
+/// past the kernels' 8, one of 2; then batched `forward_step`s): on flex these run Kiln's
+/// kernels (matrix-vector products, RMS norm, rotary embedding, attention over the cache
+/// buffers, `kiln-kernels`) op by op with the weights as Burn stores them, and as one
+/// fused pass per step with the inference loader's layout; on every other backend Burn's
+/// ops. Same weights, same logits to 1e-4 relative (1e-5 between the two flex paths):
+/// grouped-query heads, q/k/v biases and a tied head (llama), its own head and output
+/// and MLP biases (llama-untied), and a sliding window shorter than the sequence, q/k
+/// norms and a soft-capped head (gemma3).
 #[test]
 fn decode_steps_on_flex_kernels_match_every_backend() {
     fn steps<M: CausalLm>(model: &M, device: &Device) -> Vec<f32> {
@@ -557,6 +559,43 @@ fn decode_steps_on_flex_kernels_match_every_backend() {
             out.extend(values(model.forward_step(step, &mut [&mut a, &mut b])));
         }
         out
+    }
+    /// Flex with Burn's layout, then with `for_decoding`'s (the fused step), then every
+    /// other compiled backend: the same logits.
+    fn check<M: CausalLm + Module + Clone>(name: &str, init: impl Fn(&Device) -> M, dir: &Path) {
+        let flex = Device::flex();
+        let model = init(&flex);
+        let path = dir.join(format!("{name}.safetensors"));
+        save_weights(&model, &path).unwrap();
+        let want = steps(&model, &flex);
+        // The inference loader's layout (`fused::for_decoding`: [out, in] weights) runs
+        // each decode step as one pass over flex buffers (`fused::step`).
+        let fused_before = kiln_models::fused::fused_decode_steps();
+        let got = steps(&kiln_models::fused::for_decoding(model.clone()), &flex);
+        assert!(
+            kiln_models::fused::fused_decode_steps() >= fused_before + 5,
+            "{name}: the decode layout's steps ran fused"
+        );
+        assert!(
+            rel_diff(&want, &got) < 1e-5,
+            "{name}, decode layout: {}",
+            rel_diff(&want, &got)
+        );
+        let mut compared = 0;
+        for kind in [BackendKind::Ndarray, BackendKind::Wgpu, BackendKind::Tch] {
+            if !kind.is_compiled() {
+                continue;
+            }
+            let device = kind.device(0).unwrap();
+            let got = steps(&load_weights(init(&device), &path).unwrap(), &device);
+            assert!(
+                rel_diff(&want, &got) < 1e-4,
+                "{name} on {kind:?}: {}",
+                rel_diff(&want, &got)
+            );
+            compared += 1;
+        }
+        assert!(compared > 0, "ndarray is always compiled in");
     }
     let dir = tempfile::tempdir().unwrap();
     let llama = LlamaConfig {
@@ -574,49 +613,23 @@ fn decode_steps_on_flex_kernels_match_every_backend() {
         rms_norm_eps: 1e-5,
         ..Default::default()
     };
+    check("llama", |d| llama.init(d), dir.path());
+    // Its own head, biases on the attention output and the MLP, no grouping.
+    let untied = LlamaConfig {
+        n_kv_head: 4,
+        head_dim: None,
+        qkv_bias: false,
+        o_bias: true,
+        mlp_bias: true,
+        tie_word_embeddings: false,
+        ..llama.clone()
+    };
+    check("llama-untied", |d| untied.init(d), dir.path());
     let gemma: kiln_models::Gemma3Config = serde_json::from_value(serde_json::json!({
         "n_layer": 4, "n_head": 4, "n_kv_head": 2, "n_embd": 16, "head_dim": 8,
         "intermediate_size": 24, "block_size": 16, "vocab_size": 11, "sliding_window": 3,
         "sliding_window_pattern": 2, "final_logit_softcapping": 30.0
     }))
     .unwrap();
-    let flex = Device::flex();
-    let (l, g) = (llama.init(&flex), gemma.init(&flex));
-    let (lp, gp) = (
-        dir.path().join("llama.safetensors"),
-        dir.path().join("gemma.safetensors"),
-    );
-    save_weights(&l, &lp).unwrap();
-    save_weights(&g, &gp).unwrap();
-    let (want_l, want_g) = (steps(&l, &flex), steps(&g, &flex));
-    // The inference loader's layout (`fused::for_decoding`: [out, in] weights, q/k/v and
-    // gate/up as one kernel job each) computes the same.
-    let (dl, dg) = (
-        kiln_models::fused::for_decoding(l.clone()),
-        kiln_models::fused::for_decoding(g.clone()),
-    );
-    assert!(rel_diff(&want_l, &steps(&dl, &flex)) < 1e-5, "llama, decode layout");
-    assert!(rel_diff(&want_g, &steps(&dg, &flex)) < 1e-5, "gemma3, decode layout");
-    let mut compared = 0;
-    for kind in [BackendKind::Ndarray, BackendKind::Wgpu, BackendKind::Tch] {
-        if !kind.is_compiled() {
-            continue;
-        }
-        let device = kind.device(0).unwrap();
-        let l = load_weights(llama.init(&device), &lp).unwrap();
-        let g = load_weights(gemma.init(&device), &gp).unwrap();
-        let (got_l, got_g) = (steps(&l, &device), steps(&g, &device));
-        assert!(
-            rel_diff(&want_l, &got_l) < 1e-4,
-            "llama on {kind:?}: {}",
-            rel_diff(&want_l, &got_l)
-        );
-        assert!(
-            rel_diff(&want_g, &got_g) < 1e-4,
-            "gemma3 on {kind:?}: {}",
-            rel_diff(&want_g, &got_g)
-        );
-        compared += 1;
-    }
-    assert!(compared > 0, "ndarray is always compiled in");
+    check("gemma3", |d| gemma.init(d), dir.path());
 }

@@ -14,7 +14,7 @@
 //! has them, a portable loop otherwise, never an f32 copy of the weight. Rows of the
 //! weight (`[out, in]`, GGUF's layout) are split over [`Pool`](crate::pool::Pool).
 
-use crate::matvec::{MAX_ROWS, slabs};
+use crate::matvec::{MAX_ROWS, row_tasks};
 use crate::pool::Pool;
 use crate::{Isa, SharedMut};
 use std::cell::RefCell;
@@ -225,7 +225,7 @@ fn pass(
     row_bytes: usize,
     n: usize,
 ) {
-    let parts = slabs(n, blocks * BLOCK, 8);
+    let parts = row_tasks(n, blocks * BLOCK, 8);
     let slab = n.div_ceil(parts);
     let out = SharedMut(y.as_mut_ptr());
     let run = |p: usize| {

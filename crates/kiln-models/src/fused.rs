@@ -25,8 +25,16 @@ use burn::tensor::ops::AttentionModuleOptions;
 pub(crate) mod flex;
 #[cfg(feature = "tch")]
 mod libtorch;
+pub(crate) mod step;
 
 pub use flex::MAX_ROWS as KERNEL_MAX_ROWS;
+
+/// How many decode steps (`CausalLm::forward_step`) this process has run as one pass
+/// over flex buffers ([`step`]) rather than op by op: for tests that check the fast path
+/// is the one taken.
+pub fn fused_decode_steps() -> usize {
+    step::STEPS.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// Whether `x` lives on a libtorch device, where this module's libtorch kernels run.
 pub fn runs_on_libtorch<const D: usize>(x: &Tensor<D>) -> bool {

@@ -439,6 +439,60 @@ impl Gemma3DecoderLayer {
 }
 
 impl Gemma3ForCausalLM {
+    /// The weights as the fused flex decode step reads them; `None` off flex or in
+    /// Burn's `[in, out]` weight layout.
+    fn step_plan(&self) -> Option<crate::fused::step::Plan> {
+        use crate::fused::step::{Head, Layer, Norm, Plan, Proj, Values};
+        let m = &self.model;
+        let norm = |n: &GemmaRmsNorm| Norm::new(&n.weight.val(), n.epsilon);
+        let (global, local) = (Values::rotary(&m.rotary_global)?, Values::rotary(&m.rotary_local)?);
+        let layers = m
+            .layers
+            .iter()
+            .map(|l| {
+                let (a, f) = (&l.self_attn, &l.mlp);
+                let (cos, sin) = if a.window.is_some() {
+                    local.clone()
+                } else {
+                    global.clone()
+                };
+                Some(Layer {
+                    attn_norm: norm(&l.input_layernorm)?,
+                    q: Proj::new(&a.q_proj)?,
+                    k: Proj::new(&a.k_proj)?,
+                    v: Proj::new(&a.v_proj)?,
+                    qk_norm: Some((norm(&a.q_norm)?, norm(&a.k_norm)?)),
+                    o: Proj::new(&a.o_proj)?,
+                    post_attn_norm: Some(norm(&l.post_attention_layernorm)?),
+                    ff_norm: norm(&l.pre_feedforward_layernorm)?,
+                    gate: Proj::new(&f.gate_proj)?,
+                    up: Proj::new(&f.up_proj)?,
+                    down: Proj::new(&f.down_proj)?,
+                    post_ff_norm: Some(norm(&l.post_feedforward_layernorm)?),
+                    cos,
+                    sin,
+                    window: a.window,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let attn = &m.layers.first()?.self_attn;
+        Some(Plan {
+            embed: Values::matrix(&m.embed_tokens.weight.val())?,
+            embed_scale: Some(m.embed_scale),
+            layers,
+            norm: norm(&m.norm)?,
+            head: Head::Tied,
+            final_softcap: m.final_logit_softcapping,
+            norm_add_one: true,
+            gelu: true,
+            heads: attn.n_head,
+            kv_heads: attn.n_kv_head,
+            head_dim: attn.head_dim,
+            scale: Some(attn.scale),
+            attn_softcap: attn.softcap,
+        })
+    }
+
     /// `[B, T]` -> scaled embeddings `[B, T, C]`.
     fn embed(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
         self.model.embed_tokens.forward(tokens) * self.model.embed_scale
@@ -504,6 +558,12 @@ impl CausalLm for Gemma3ForCausalLM {
     }
 
     fn forward_step(&self, tokens: Tensor<2, Int>, caches: &mut [&mut KvCache]) -> Tensor<3> {
+        // On flex with the decode layout: the whole step as one pass over raw buffers.
+        if let Some(plan) = self.step_plan()
+            && let Some(logits) = crate::fused::step::run(&plan, &tokens, caches)
+        {
+            return logits;
+        }
         let positions = crate::kv_cache::row_positions(caches, &tokens.device());
         let mut x = self.embed(tokens);
         for (i, layer) in self.model.layers.iter().enumerate() {

@@ -76,6 +76,27 @@ impl KvCache {
         self.allocated = allocated;
     }
 
+    /// Make room for one more position (the fused decode step writes it itself);
+    /// `false` when the cache is full.
+    pub(crate) fn reserve_next(&mut self) -> bool {
+        if self.len >= self.capacity {
+            return false;
+        }
+        self.reserve(self.len + 1);
+        true
+    }
+
+    /// The key and value buffers of `layer`, `[batch, kv_heads, allocated, head_dim]`.
+    pub(crate) fn buffers_mut(&mut self, layer: usize) -> (&mut Tensor<4>, &mut Tensor<4>) {
+        let kv = &mut self.layers[layer];
+        (&mut kv.keys, &mut kv.values)
+    }
+
+    /// Number of layers.
+    pub(crate) fn layers(&self) -> usize {
+        self.layers.len()
+    }
+
     /// Number of cached positions.
     pub fn len(&self) -> usize {
         self.len

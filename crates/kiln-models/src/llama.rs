@@ -335,6 +335,58 @@ impl LlamaForCausalLM {
         self.head(rms_norm(&m.norm, x))
     }
 
+    /// The weights as the fused flex decode step reads them; `None` off flex or in
+    /// Burn's `[in, out]` weight layout.
+    fn step_plan(&self) -> Option<crate::fused::step::Plan> {
+        use crate::fused::step::{Head, Layer, Norm, Plan, Proj, Values};
+        let m = &self.model;
+        let norm = |n: &RmsNorm| Norm::new(&n.gamma.val(), n.epsilon);
+        let (cos, sin) = Values::rotary(&m.rotary)?;
+        let layers = m
+            .layers
+            .iter()
+            .map(|l| {
+                let (a, f) = (&l.self_attn, &l.mlp);
+                Some(Layer {
+                    attn_norm: norm(&l.input_layernorm)?,
+                    q: Proj::new(&a.q_proj)?,
+                    k: Proj::new(&a.k_proj)?,
+                    v: Proj::new(&a.v_proj)?,
+                    qk_norm: None,
+                    o: Proj::new(&a.o_proj)?,
+                    post_attn_norm: None,
+                    ff_norm: norm(&l.post_attention_layernorm)?,
+                    gate: Proj::new(&f.gate_proj)?,
+                    up: Proj::new(&f.up_proj)?,
+                    down: Proj::new(&f.down_proj)?,
+                    post_ff_norm: None,
+                    cos: cos.clone(),
+                    sin: sin.clone(),
+                    window: None,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let attn = &m.layers.first()?.self_attn;
+        Some(Plan {
+            embed: Values::matrix(&m.embed_tokens.weight.val())?,
+            embed_scale: None,
+            layers,
+            norm: norm(&m.norm)?,
+            head: match &self.lm_head {
+                Some(head) => Head::Proj(Proj::new(head)?),
+                None => Head::Tied,
+            },
+            final_softcap: None,
+            norm_add_one: false,
+            gelu: false,
+            heads: attn.n_head,
+            kv_heads: attn.n_kv_head,
+            head_dim: attn.head_dim,
+            scale: None,
+            attn_softcap: None,
+        })
+    }
+
     /// `[B, T, C]` -> logits `[B, T, V]`, through `lm_head` or the tied embedding.
     fn head(&self, x: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
@@ -375,6 +427,12 @@ impl CausalLm for LlamaForCausalLM {
     }
 
     fn forward_step(&self, tokens: Tensor<2, Int>, caches: &mut [&mut KvCache]) -> Tensor<3> {
+        // On flex with the decode layout: the whole step as one pass over raw buffers.
+        if let Some(plan) = self.step_plan()
+            && let Some(logits) = crate::fused::step::run(&plan, &tokens, caches)
+        {
+            return logits;
+        }
         let m = &self.model;
         let positions = crate::kv_cache::row_positions(caches, &tokens.device());
         // [B, 1] -> [B, 1, C]

@@ -19,7 +19,7 @@ use kiln_kernels::memory::HugeBuffer;
 pub use kiln_kernels::MAX_ROWS;
 
 /// The untracked f32 flex tensor behind `x`, if that is what it is.
-fn flex_f32<const D: usize>(x: &Tensor<D>) -> Option<FlexTensor> {
+pub(super) fn flex_f32<const D: usize>(x: &Tensor<D>) -> Option<FlexTensor> {
     let dispatch = x.clone().into_dispatch();
     if !matches!(dispatch.autodiff, DispatchAutodiffContext::Disabled) {
         return None;
@@ -31,14 +31,14 @@ fn flex_f32<const D: usize>(x: &Tensor<D>) -> Option<FlexTensor> {
 }
 
 /// How a weight `[k, n]` is laid out in its storage.
-enum WeightLayout<'a> {
+pub(super) enum WeightLayout<'a> {
     /// Row-major `[k, n]`.
     Kn(&'a [f32]),
     /// A transposed view of row-major `[n, k]`.
     Nk(&'a [f32]),
 }
 
-fn weight_layout(w: &FlexTensor) -> Option<WeightLayout<'_>> {
+pub(super) fn weight_layout(w: &FlexTensor) -> Option<WeightLayout<'_>> {
     let layout = w.layout();
     let dims = layout.shape().to_vec();
     let [k, n] = dims[..] else { return None };
@@ -105,7 +105,7 @@ pub(crate) fn tied_head<const D: usize>(x: &Tensor<D>, embedding: &Tensor<2>) ->
 }
 
 /// A fresh untracked flex tensor of `shape` holding `values`.
-fn wrap<const D: usize>(values: Vec<f32>, shape: &[usize; D]) -> Tensor<D> {
+pub(super) fn wrap<const D: usize>(values: Vec<f32>, shape: &[usize; D]) -> Tensor<D> {
     let shape = Shape::from(shape.to_vec());
     untracked(FlexTensor::new(
         Bytes::from_elems(values),
@@ -115,7 +115,7 @@ fn wrap<const D: usize>(values: Vec<f32>, shape: &[usize; D]) -> Tensor<D> {
 }
 
 /// `t` as an untracked tensor.
-fn untracked<const D: usize>(t: FlexTensor) -> Tensor<D> {
+pub(super) fn untracked<const D: usize>(t: FlexTensor) -> Tensor<D> {
     Tensor::from_dispatch(DispatchTensor {
         kind: DispatchTensorKind::Flex(BackendTensor::Float(t)),
         autodiff: DispatchAutodiffContext::Disabled,
@@ -138,7 +138,7 @@ pub(crate) fn rms_norm<const D: usize>(x: &Tensor<D>, gamma: &Tensor<1>, eps: f6
 }
 
 /// One sequence's cached keys or values `[1, K, len, D]` as a view of its buffer.
-fn cache_view(t: &FlexTensor) -> Option<kiln_kernels::decode::CacheView<'_>> {
+pub(super) fn cache_view(t: &FlexTensor) -> Option<kiln_kernels::decode::CacheView<'_>> {
     let layout = t.layout();
     let dims = layout.shape().to_vec();
     let [1, _, _, d] = dims[..] else { return None };
@@ -151,6 +151,35 @@ fn cache_view(t: &FlexTensor) -> Option<kiln_kernels::decode::CacheView<'_>> {
         start: layout.start_offset(),
         head_stride: strides[1] as usize,
     })
+}
+
+/// Write `rows` `[K, D]` (one position's keys or values) at position `pos` of the cache
+/// buffer `t` `[1, K, allocated, D]`, in place (Burn's copy-on-write copies only a shared
+/// buffer). `false`, writing nothing, unless `t` is an untracked f32 flex tensor laid out
+/// as [`cache_view`] reads it with room for `pos`.
+pub(super) fn write_cache_position(t: &mut Tensor<4>, pos: usize, rows: &[f32]) -> bool {
+    let [_, k, allocated, d] = t.dims();
+    let fits = flex_f32(t).is_some_and(|ft| cache_view(&ft).is_some());
+    if !fits || pos >= allocated || rows.len() != k * d {
+        return false;
+    }
+    t.inplace(|t| {
+        let DispatchTensor { kind, autodiff } = t.into_dispatch();
+        let kind = match kind {
+            DispatchTensorKind::Flex(BackendTensor::Float(mut ft)) => {
+                let (start, head_stride) = (ft.layout().start_offset(), ft.layout().strides()[1] as usize);
+                let data = ft.storage_mut::<f32>();
+                for (g, row) in rows.chunks_exact(d).enumerate() {
+                    let at = start + g * head_stride + pos * d;
+                    data[at..at + d].copy_from_slice(row);
+                }
+                DispatchTensorKind::Flex(BackendTensor::Float(ft))
+            }
+            other => other,
+        };
+        Tensor::from_dispatch(DispatchTensor { kind, autodiff })
+    });
+    true
 }
 
 /// [`crate::kv_cache::attend_rows`] as one pass per row ([`kiln_kernels::decode::attention_step`])
@@ -171,7 +200,6 @@ pub(crate) fn attend_rows(
     let qs = qt.as_slice::<f32>()?;
     let scale = scale.unwrap_or_else(|| 1.0 / (d as f64).sqrt()) as f32;
     let mut out = vec![0f32; b * h * d];
-    let mut scores = Vec::new();
     for (row, (k, v)) in rows.iter().enumerate() {
         let [_, kv, len, kd] = k.dims();
         if kd != d || v.dims() != k.dims() || kv == 0 || h % kv != 0 || len == 0 {
@@ -190,15 +218,15 @@ pub(crate) fn attend_rows(
             window,
             scale,
             softcap.map(|c| c as f32),
-            &mut scores,
             &mut out[row * h * d..(row + 1) * h * d],
         );
     }
     Some(wrap(out, &[b, h, 1, d]))
 }
 
-/// The values of an untracked flex int tensor `[n]` as positions.
-fn flex_positions(t: &Tensor<1, Int>) -> Option<Vec<usize>> {
+/// The values of an untracked flex int tensor as indices (positions, token ids), `None`
+/// for a negative one or another backend.
+pub(super) fn flex_indices<const D: usize>(t: &Tensor<D, Int>) -> Option<Vec<usize>> {
     let dispatch = t.clone().into_dispatch();
     let DispatchTensorKind::Flex(BackendTensor::Int(t)) = dispatch.kind else {
         return None;
@@ -226,7 +254,7 @@ pub(crate) fn rope_rows(
     }
     let (xt, ct, st) = (flex_f32(x)?, flex_f32(cos)?, flex_f32(sin)?);
     let (xs, cs, ss) = (xt.as_slice::<f32>()?, ct.as_slice::<f32>()?, st.as_slice::<f32>()?);
-    let positions = flex_positions(positions)?;
+    let positions = flex_indices(positions)?;
     if positions.iter().any(|&p| p >= cos.dims()[0]) {
         return None;
     }

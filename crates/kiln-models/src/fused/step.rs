@@ -1,0 +1,389 @@
+//! The decode step of Llama and Gemma 3 on flex as one pass over raw buffers.
+//!
+//! With every matrix product, norm, rotary embedding and attention already on Kiln's
+//! kernels, what was left of a SmolLM2 decode step outside them was the glue: about 20
+//! tensor ops per layer (the residual adds, reshapes and head swaps that copy, the KV
+//! cache's `slice_assign`, a fresh output buffer per op), each a dispatch and an
+//! allocation, run on the calling thread while the pool's other thread waits (perf:
+//! the helper idle 18 % of the step, `malloc`/`memmove`/`memset` on the caller). Here a
+//! [`Plan`] borrows each weight's flex storage once per step and [`run`] walks the
+//! layers with the kernels writing into buffers reused across steps (per thread), the
+//! keys and values copied straight into the cache buffers.
+//!
+//! Same kernels, same order of operations as the per-op path, so the same logits: the
+//! per-op path stays for everything the plan does not cover (another backend or dtype,
+//! Burn's `[in, out]` weight layout, more than [`MAX_ROWS`] sequences), and
+//! `tests/parity.rs` checks both against the other backends.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use burn::backend::flex::FlexTensor;
+use burn::nn::Linear;
+use burn::prelude::*;
+use kiln_kernels::decode::{CacheView, attention_step, gated, rms_norm, rope_rows};
+use kiln_kernels::{MAX_ROWS, NkProduct, linear_nk, linear_nk_many};
+
+use super::flex::{WeightLayout, cache_view, flex_f32, flex_indices, weight_layout, wrap, write_cache_position};
+use crate::KvCache;
+
+/// A run of f32 values in a flex tensor's storage (the tensor is held, so the run lives
+/// as long as the plan).
+#[derive(Clone)]
+pub(crate) struct Values {
+    tensor: FlexTensor,
+    start: usize,
+    len: usize,
+}
+
+impl Values {
+    /// A contiguous untracked f32 flex tensor.
+    fn contiguous<const D: usize>(x: &Tensor<D>) -> Option<Values> {
+        let tensor = flex_f32(x)?;
+        let (start, end) = tensor.layout().contiguous_offsets()?;
+        Some(Values {
+            tensor,
+            start,
+            len: end - start,
+        })
+    }
+
+    /// A `[k, n]` weight stored `[n, k]` row-major (`fused::for_decoding`'s layout).
+    fn out_in(w: &Tensor<2>) -> Option<Values> {
+        let tensor = flex_f32(w)?;
+        let [k, n] = w.dims();
+        if !matches!(weight_layout(&tensor)?, WeightLayout::Nk(_)) {
+            return None;
+        }
+        let start = tensor.layout().start_offset();
+        Some(Values {
+            tensor,
+            start,
+            len: k * n,
+        })
+    }
+
+    fn get(&self) -> &[f32] {
+        &self.tensor.storage::<f32>()[self.start..self.start + self.len]
+    }
+}
+
+/// An RMS norm's weight and epsilon.
+pub(crate) struct Norm {
+    gamma: Values,
+    eps: f32,
+}
+
+impl Norm {
+    pub(crate) fn new(gamma: &Tensor<1>, eps: f64) -> Option<Norm> {
+        Some(Norm {
+            gamma: Values::contiguous(gamma)?,
+            eps: eps as f32,
+        })
+    }
+}
+
+/// A linear layer `[in, out]` stored `[out, in]`, with its bias.
+pub(crate) struct Proj {
+    w: Values,
+    bias: Option<Values>,
+    k: usize,
+    n: usize,
+}
+
+impl Proj {
+    pub(crate) fn new(layer: &Linear) -> Option<Proj> {
+        let weight = layer.weight.val();
+        let [k, n] = weight.dims();
+        let bias = match &layer.bias {
+            Some(b) => Some(Values::contiguous(&b.val())?),
+            None => None,
+        };
+        Some(Proj {
+            w: Values::out_in(&weight)?,
+            bias,
+            k,
+            n,
+        })
+    }
+
+    fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_ref().map(Values::get)
+    }
+}
+
+/// One decoder layer: `x += [post_attn_norm](o(attn(rope(q, k), v)))` over
+/// `attn_norm(x)`, then `x += [post_ff_norm](down(act(gate) * up))` over `ff_norm(x)`.
+pub(crate) struct Layer {
+    pub attn_norm: Norm,
+    pub q: Proj,
+    pub k: Proj,
+    pub v: Proj,
+    /// Per-head RMS norms of the queries and keys (Gemma 3).
+    pub qk_norm: Option<(Norm, Norm)>,
+    pub o: Proj,
+    pub post_attn_norm: Option<Norm>,
+    pub ff_norm: Norm,
+    pub gate: Proj,
+    pub up: Proj,
+    pub down: Proj,
+    pub post_ff_norm: Option<Norm>,
+    /// The rotary tables `[positions, D]` this layer uses.
+    pub cos: Values,
+    pub sin: Values,
+    /// Attend only to the last `window` positions.
+    pub window: Option<usize>,
+}
+
+/// The LM head: the tied token embedding or its own projection.
+pub(crate) enum Head {
+    Tied,
+    Proj(Proj),
+}
+
+/// A model's decode step: its weights as flex storage and its hyper-parameters.
+pub(crate) struct Plan {
+    /// `[V, C]`
+    pub embed: Values,
+    /// Embeddings multiplied by this (Gemma: `sqrt(C)`).
+    pub embed_scale: Option<f32>,
+    pub layers: Vec<Layer>,
+    pub norm: Norm,
+    pub head: Head,
+    /// Logits soft-capped to `cap * tanh(logits / cap)`.
+    pub final_softcap: Option<f64>,
+    /// RMS norms multiply by `1 + weight` (Gemma).
+    pub norm_add_one: bool,
+    /// GELU-tanh gate (Gemma) instead of SiLU (Llama).
+    pub gelu: bool,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Attention scale; `None` is `1 / sqrt(D)`.
+    pub scale: Option<f64>,
+    pub attn_softcap: Option<f64>,
+}
+
+impl Values {
+    /// The rotary tables of `rotary`.
+    pub(crate) fn rotary(rotary: &crate::rope::RotaryEmbedding) -> Option<(Values, Values)> {
+        Some((Values::contiguous(&rotary.cos)?, Values::contiguous(&rotary.sin)?))
+    }
+
+    /// A contiguous matrix (the token embedding).
+    pub(crate) fn matrix(x: &Tensor<2>) -> Option<Values> {
+        Values::contiguous(x)
+    }
+}
+
+/// Buffers of one thread's decode steps, reused from step to step.
+#[derive(Default)]
+struct Buffers {
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    q_rot: Vec<f32>,
+    k_rot: Vec<f32>,
+    attn: Vec<f32>,
+    out: Vec<f32>,
+    out_normed: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    act: Vec<f32>,
+}
+
+/// Decode steps run here so far (process-wide).
+pub(crate) static STEPS: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static BUFFERS: RefCell<Buffers> = RefCell::new(Buffers::default());
+}
+
+fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    buf.resize(len, 0.0);
+    &mut buf[..len]
+}
+
+/// The decode step of `caches.len()` independent sequences, `tokens` `[B, 1]`, row `b`
+/// written at position `caches[b].len()` of its cache -> logits `[B, 1, V]`, every cache
+/// advanced by one. `None`, changing nothing, unless the tokens and every cache buffer
+/// are flex tensors this step can read and write, there are at most [`MAX_ROWS`]
+/// sequences, and every cache has room.
+pub(crate) fn run(plan: &Plan, tokens: &Tensor<2, Int>, caches: &mut [&mut KvCache]) -> Option<Tensor<3>> {
+    let [b, t] = tokens.dims();
+    let (h, kv, d) = (plan.heads, plan.kv_heads, plan.head_dim);
+    let c = plan.norm.gamma.len;
+    let vocab = plan.embed.len / c.max(1);
+    if t != 1 || b == 0 || b > MAX_ROWS || b != caches.len() || c == 0 {
+        return None;
+    }
+    let ids = flex_indices(tokens)?;
+    if ids.iter().any(|&id| id >= vocab) {
+        return None;
+    }
+    let positions: Vec<usize> = caches.iter().map(|cache| cache.len()).collect();
+    // Everything checked before anything is written.
+    for cache in caches.iter_mut() {
+        if cache.layers() != plan.layers.len() || !cache.reserve_next() {
+            return None;
+        }
+        for layer in 0..plan.layers.len() {
+            let (keys, values) = cache.buffers_mut(layer);
+            for buf in [&*keys, &*values] {
+                let [one, heads, _, hd] = buf.dims();
+                let readable = flex_f32(buf).is_some_and(|ft| cache_view(&ft).is_some());
+                if one != 1 || heads != kv || hd != d || !readable {
+                    return None;
+                }
+            }
+        }
+    }
+    let scale = plan.scale.unwrap_or_else(|| 1.0 / (d as f64).sqrt()) as f32;
+    let attn_softcap = plan.attn_softcap.map(|cap| cap as f32);
+    let add_one = plan.norm_add_one;
+    let norm = |n: &Norm, x: &[f32], out: &mut [f32]| rms_norm(x, n.gamma.get(), n.eps, add_one, out);
+    let logits = BUFFERS.with_borrow_mut(|buf| {
+        let x = sized(&mut buf.x, b * c);
+        let embed = plan.embed.get();
+        for (row, &id) in x.chunks_exact_mut(c).zip(&ids) {
+            row.copy_from_slice(&embed[id * c..(id + 1) * c]);
+            if let Some(s) = plan.embed_scale {
+                row.iter_mut().for_each(|v| *v *= s);
+            }
+        }
+        for (i, layer) in plan.layers.iter().enumerate() {
+            // Attention block.
+            let normed = sized(&mut buf.normed, b * c);
+            norm(&layer.attn_norm, x, normed);
+            let (q, k, v) = (
+                sized(&mut buf.q, b * layer.q.n),
+                sized(&mut buf.k, b * layer.k.n),
+                sized(&mut buf.v, b * layer.v.n),
+            );
+            let mut products = [
+                NkProduct {
+                    w: layer.q.w.get(),
+                    bias: layer.q.bias(),
+                    y: q,
+                    n: layer.q.n,
+                },
+                NkProduct {
+                    w: layer.k.w.get(),
+                    bias: layer.k.bias(),
+                    y: k,
+                    n: layer.k.n,
+                },
+                NkProduct {
+                    w: layer.v.w.get(),
+                    bias: layer.v.bias(),
+                    y: v,
+                    n: layer.v.n,
+                },
+            ];
+            linear_nk_many(normed, b, c, &mut products);
+            let (q, k, v) = (&mut buf.q[..b * h * d], &mut buf.k[..b * kv * d], &buf.v[..b * kv * d]);
+            if let Some((qn, kn)) = &layer.qk_norm {
+                let tmp = sized(&mut buf.q_rot, b * h * d);
+                norm(qn, q, tmp);
+                q.copy_from_slice(tmp);
+                let tmp = sized(&mut buf.k_rot, b * kv * d);
+                norm(kn, k, tmp);
+                k.copy_from_slice(tmp);
+            }
+            let (cos, sin) = (layer.cos.get(), layer.sin.get());
+            let q_rot = sized(&mut buf.q_rot, b * h * d);
+            rope_rows(q, cos, sin, h, d, &positions, q_rot);
+            let k_rot = sized(&mut buf.k_rot, b * kv * d);
+            rope_rows(k, cos, sin, kv, d, &positions, k_rot);
+            let attn = sized(&mut buf.attn, b * h * d);
+            for (row, cache) in caches.iter_mut().enumerate() {
+                let (keys, values) = cache.buffers_mut(i);
+                let p = positions[row];
+                let written = write_cache_position(keys, p, &k_rot[row * kv * d..(row + 1) * kv * d])
+                    && write_cache_position(values, p, &v[row * kv * d..(row + 1) * kv * d]);
+                assert!(written, "cache buffers checked above");
+                let (kt, vt) = (flex_f32(keys)?, flex_f32(values)?);
+                let (kview, vview): (CacheView, CacheView) = (cache_view(&kt)?, cache_view(&vt)?);
+                attention_step(
+                    &q_rot[row * h * d..(row + 1) * h * d],
+                    kview,
+                    vview,
+                    h,
+                    kv,
+                    d,
+                    p + 1,
+                    layer.window,
+                    scale,
+                    attn_softcap,
+                    &mut attn[row * h * d..(row + 1) * h * d],
+                );
+            }
+            let out = sized(&mut buf.out, b * c);
+            linear_nk(attn, layer.o.w.get(), layer.o.bias(), out, b, h * d, c);
+            residual(x, out, layer.post_attn_norm.as_ref(), &mut buf.out_normed, norm);
+            // MLP block.
+            let normed = sized(&mut buf.normed, b * c);
+            norm(&layer.ff_norm, x, normed);
+            let f = layer.gate.n;
+            let (gate, up) = (sized(&mut buf.gate, b * f), sized(&mut buf.up, b * f));
+            let mut products = [
+                NkProduct {
+                    w: layer.gate.w.get(),
+                    bias: layer.gate.bias(),
+                    y: gate,
+                    n: f,
+                },
+                NkProduct {
+                    w: layer.up.w.get(),
+                    bias: layer.up.bias(),
+                    y: up,
+                    n: f,
+                },
+            ];
+            linear_nk_many(normed, b, c, &mut products);
+            let act = sized(&mut buf.act, b * f);
+            gated(&buf.gate[..b * f], &buf.up[..b * f], plan.gelu, act);
+            let out = sized(&mut buf.out, b * c);
+            linear_nk(act, layer.down.w.get(), layer.down.bias(), out, b, f, c);
+            residual(x, out, layer.post_ff_norm.as_ref(), &mut buf.out_normed, norm);
+        }
+        let normed = sized(&mut buf.normed, b * c);
+        norm(&plan.norm, x, normed);
+        let mut logits = vec![0f32; b * vocab];
+        match &plan.head {
+            Head::Tied => linear_nk(normed, plan.embed.get(), None, &mut logits, b, c, vocab),
+            Head::Proj(p) => linear_nk(normed, p.w.get(), p.bias(), &mut logits, b, p.k, p.n),
+        }
+        if let Some(cap) = plan.final_softcap {
+            let cap = cap as f32;
+            logits.iter_mut().for_each(|l| *l = (*l / cap).tanh() * cap);
+        }
+        Some(logits)
+    })?;
+    for cache in caches.iter_mut() {
+        cache.advance(1);
+    }
+    STEPS.fetch_add(1, Ordering::Relaxed);
+    Some(wrap(logits, &[b, 1, vocab]))
+}
+
+/// `x += y`, or `x += norm(y)` when the block has an output norm (Gemma's sandwich).
+fn residual(
+    x: &mut [f32],
+    y: &[f32],
+    post_norm: Option<&Norm>,
+    scratch: &mut Vec<f32>,
+    norm: impl Fn(&Norm, &[f32], &mut [f32]),
+) {
+    let y = match post_norm {
+        Some(n) => {
+            let out = sized(scratch, y.len());
+            norm(n, y, out);
+            &*out
+        }
+        None => y,
+    };
+    x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+}
