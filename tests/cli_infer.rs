@@ -31,15 +31,11 @@ fn train_into(toml: &str, dir: &Path) {
 }
 
 /// Trained once per test binary: a tiny GPT-2, a tiny Llama and a tiny CNN.
-fn runs() -> &'static (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
-    static RUNS: OnceLock<(tempfile::TempDir, PathBuf, PathBuf, PathBuf)> = OnceLock::new();
+fn runs() -> &'static (PathBuf, PathBuf, PathBuf, PathBuf) {
+    static RUNS: OnceLock<(PathBuf, PathBuf, PathBuf, PathBuf)> = OnceLock::new();
     RUNS.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let (gpt2, llama, cnn) = (
-            dir.path().join("gpt2"),
-            dir.path().join("llama"),
-            dir.path().join("cnn"),
-        );
+        let dir = common::scratch_dir("cli-infer-runs");
+        let (gpt2, llama, cnn) = (dir.join("gpt2"), dir.join("llama"), dir.join("cnn"));
         train_into(&common::tiny_lm_toml("gpt2", 40), &gpt2);
         train_into(&common::tiny_lm_toml("llama", 40), &llama);
         train_into(&common::tiny_image_toml("cnn", 30), &cnn);

@@ -31,11 +31,11 @@ fn train_into(toml: &str, dir: &Path) {
 }
 
 /// A tiny GPT-2 and a tiny Llama, trained once per test binary.
-fn runs() -> &'static (tempfile::TempDir, Vec<PathBuf>) {
-    static RUNS: OnceLock<(tempfile::TempDir, Vec<PathBuf>)> = OnceLock::new();
+fn runs() -> &'static (PathBuf, Vec<PathBuf>) {
+    static RUNS: OnceLock<(PathBuf, Vec<PathBuf>)> = OnceLock::new();
     RUNS.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let paths: Vec<PathBuf> = ["gpt2", "llama"].iter().map(|a| dir.path().join(a)).collect();
+        let dir = common::scratch_dir("engine-runs");
+        let paths: Vec<PathBuf> = ["gpt2", "llama"].iter().map(|a| dir.join(a)).collect();
         for (arch, path) in ["gpt2", "llama"].iter().zip(&paths) {
             train_into(&common::tiny_lm_toml(arch, 60), path);
         }

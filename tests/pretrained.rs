@@ -96,8 +96,9 @@ fn source_dir(case: &Case) -> PathBuf {
     dir
 }
 
-/// The GGUF converted into a Kiln model directory, once per test binary.
-fn kiln_dir(case: &'static Case, cell: &'static OnceLock<tempfile::TempDir>) -> &'static Path {
+/// The GGUF converted into a Kiln model directory, once per test binary (in
+/// [`common::scratch_dir`], replaced next run).
+fn kiln_dir(case: &'static Case, cell: &'static OnceLock<PathBuf>) -> &'static Path {
     cell.get_or_init(|| {
         let gguf = source_dir(case).join(case.gguf);
         let source = Source::read(&gguf).unwrap();
@@ -105,14 +106,10 @@ fn kiln_dir(case: &'static Case, cell: &'static OnceLock<tempfile::TempDir>) -> 
         let model = hf_config::detect_model_config(&json, &path.display().to_string()).unwrap();
         let (weights, report) = convert(&source, &model, false).unwrap();
         assert!(report.is_complete(), "{}", report.details());
-        let out = tempfile::tempdir().unwrap();
-        let dir = out.path().join("model");
+        let dir = common::scratch_dir(&format!("pretrained-{}", case.dir)).join("model");
         write_model_dir_with(&dir, &model, &weights, None, None, &source.extra_files).unwrap();
-        out
+        dir
     })
-    .path()
-    .join("model")
-    .leak()
 }
 
 fn reference(case: &Case) -> Reference {
@@ -127,17 +124,12 @@ fn lm(loaded: &LoadedModel) -> &dyn CausalLm {
     }
 }
 
-fn check_logits_and_greedy(case: &'static Case, cell: &'static OnceLock<tempfile::TempDir>) {
+fn check_logits_and_greedy(case: &'static Case, cell: &'static OnceLock<PathBuf>) {
     check_logits_and_greedy_on(case, cell, &Device::flex(), usize::MAX);
 }
 
 /// The logits and greedy checks on `device`, for the first `prompts` reference prompts.
-fn check_logits_and_greedy_on(
-    case: &'static Case,
-    cell: &'static OnceLock<tempfile::TempDir>,
-    device: &Device,
-    prompts: usize,
-) {
+fn check_logits_and_greedy_on(case: &'static Case, cell: &'static OnceLock<PathBuf>, device: &Device, prompts: usize) {
     let device = device.clone();
     let loaded = LoadedModel::open(kiln_dir(case, cell), WhichWeights::Best, &device).unwrap();
     let model = lm(&loaded);
@@ -184,7 +176,7 @@ fn check_logits_and_greedy_on(
     }
 }
 
-fn check_perplexity(case: &'static Case, cell: &'static OnceLock<tempfile::TempDir>) {
+fn check_perplexity(case: &'static Case, cell: &'static OnceLock<PathBuf>) {
     let device = Device::flex();
     let loaded = LoadedModel::open(kiln_dir(case, cell), WhichWeights::Best, &device).unwrap();
     let r = reference(case).perplexity;
@@ -215,8 +207,8 @@ fn check_perplexity(case: &'static Case, cell: &'static OnceLock<tempfile::TempD
     );
 }
 
-static SMOLLM2_DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-static GEMMA3_DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+static SMOLLM2_DIR: OnceLock<PathBuf> = OnceLock::new();
+static GEMMA3_DIR: OnceLock<PathBuf> = OnceLock::new();
 
 #[test]
 fn smollm2_matches_transformers_logits_and_greedy_tokens() {
@@ -351,7 +343,7 @@ fn llama_cpp_tokens(name: &str) -> Vec<Vec<u32>> {
     files
 }
 
-fn check_against_llama_cpp(case: &'static Case, cell: &'static OnceLock<tempfile::TempDir>, name: &str) {
+fn check_against_llama_cpp(case: &'static Case, cell: &'static OnceLock<PathBuf>, name: &str) {
     let dir = kiln_dir(case, cell);
     let tokenizer = kiln_data::Tokenizer::load(&dir.join("tokenizer.json")).unwrap();
     let want = llama_cpp_tokens(name);

@@ -14,6 +14,19 @@ pub fn manifest_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
+/// A fresh, empty directory `name` under Cargo's scratch directory for integration tests
+/// (`CARGO_TARGET_TMPDIR`): for what a test binary builds once and keeps in a static. A
+/// `TempDir` in a static is never dropped, so it stayed in /tmp after every run (1.6 GB
+/// of converted LLMs per run of `tests/pretrained.rs`); this one is replaced next run.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// The repository root (tests of the `train`/`infer` packages live here too).
 pub fn repo_root() -> PathBuf {
     let start = manifest_dir();
