@@ -75,16 +75,21 @@ pub struct CacheView<'a> {
     pub head_stride: usize,
 }
 
+/// One sequence's query position for [`attention_steps`]: `q` `[heads, d]` over its
+/// `len` cached positions.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionRow<'a> {
+    pub q: &'a [f32],
+    pub keys: CacheView<'a>,
+    pub values: CacheView<'a>,
+    pub len: usize,
+}
+
 /// The attention of one query position: `q` `[heads, d]` over `len` cached positions of
 /// `kv_heads` key/value heads (query head `h` reads key/value head `h / (heads / kv_heads)`),
 /// only the last `window` of them when given: per head
 /// `softmax(s) v` with `s_t = scale * q·k_t`, soft-capped to `cap * tanh(s_t / cap)` when
 /// `softcap` is given (Burn's `attention` order). `out` is `[heads, d]`.
-///
-/// The heads run as tasks of the kernel pool once the cache is long enough to pay for
-/// the hand-out (run on one thread, the attention of a 600-token SmolLM2 decode was 6 %
-/// of the step's samples while the other thread waited); each thread scores into its own
-/// reused buffer.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_step(
     q: &[f32],
@@ -99,42 +104,97 @@ pub fn attention_step(
     softcap: Option<f32>,
     out: &mut [f32],
 ) {
-    assert!(kv_heads > 0 && heads % kv_heads == 0, "heads is a multiple of kv_heads");
-    assert_eq!(q.len(), heads * d, "q is [heads, d]");
-    assert_eq!(out.len(), heads * d, "out is [heads, d]");
-    assert!(len > 0, "at least one cached position");
-    for view in [keys, values] {
-        let last = view.start + (kv_heads - 1) * view.head_stride + len * d;
-        assert!(
-            last <= view.data.len(),
-            "the cache holds {kv_heads} heads of {len} positions"
-        );
+    let row = AttentionRow { q, keys, values, len };
+    attention_steps(&[row], heads, kv_heads, d, window, scale, softcap, out);
+}
+
+/// [`attention_step`] for each of a decode step's sequences, `out` `[rows, heads, d]`.
+///
+/// Every (sequence, head) pair is one task of the kernel pool once the caches are long
+/// enough to pay for the hand-out (on one thread, the attention of a 600-token SmolLM2
+/// decode was 6 % of the step's samples while the other thread waited); each thread
+/// scores into its own reused buffer. The loops are compiled for AVX2 as well, picked at
+/// run time; the arithmetic is the same (no fused multiply-adds), so are the results.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_steps(
+    rows: &[AttentionRow<'_>],
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    window: Option<usize>,
+    scale: f32,
+    softcap: Option<f32>,
+    out: &mut [f32],
+) {
+    let isa = crate::Isa::best();
+    attention_steps_with(isa, rows, heads, kv_heads, d, window, scale, softcap, out);
+}
+
+/// [`attention_steps`] on a given path (`isa` must be one of [`crate::Isa::available`]).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_steps_with(
+    isa: crate::Isa,
+    rows: &[AttentionRow<'_>],
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    window: Option<usize>,
+    scale: f32,
+    softcap: Option<f32>,
+    out: &mut [f32],
+) {
+    assert!(isa.is_available(), "{isa:?} is not available on this CPU");
+    assert!(
+        kv_heads > 0 && heads.is_multiple_of(kv_heads),
+        "heads is a multiple of kv_heads"
+    );
+    assert_eq!(out.len(), rows.len() * heads * d, "out is [rows, heads, d]");
+    for row in rows {
+        assert_eq!(row.q.len(), heads * d, "q is [heads, d]");
+        assert!(row.len > 0, "at least one cached position");
+        for view in [row.keys, row.values] {
+            let last = view.start + (kv_heads - 1) * view.head_stride + row.len * d;
+            assert!(
+                last <= view.data.len(),
+                "the cache holds {kv_heads} heads of {} positions",
+                row.len
+            );
+        }
     }
-    let first = window.map_or(0, |w| len.saturating_sub(w));
+    let first = |row: &AttentionRow| window.map_or(0, |w| row.len.saturating_sub(w));
     let rep = heads / kv_heads;
     let out = crate::SharedMut(out.as_mut_ptr());
-    let head = |h: usize| {
-        // SAFETY: head `h` alone writes `out[h * d..(h + 1) * d]`, within `out`.
-        let oh = unsafe { std::slice::from_raw_parts_mut({ out }.0.add(h * d), d) };
+    let task = |t: usize| {
+        let (r, h) = (t / heads, t % heads);
+        let row = &rows[r];
+        // SAFETY: task `t` alone writes `out[t * d..(t + 1) * d]` (row r, head h), within `out`.
+        let oh = unsafe { std::slice::from_raw_parts_mut({ out }.0.add(t * d), d) };
         let g = h / rep;
+        let (first, keys, values) = (first(row), row.keys, row.values);
         let (kbase, vbase) = (keys.start + g * keys.head_stride, values.start + g * values.head_stride);
+        let head = Head {
+            q: &row.q[h * d..(h + 1) * d],
+            keys: &keys.data[kbase + first * d..kbase + row.len * d],
+            values: &values.data[vbase + first * d..vbase + row.len * d],
+            scale,
+            softcap,
+        };
         SCORES.with_borrow_mut(|scores| {
-            scores.resize(len - first, 0.0);
-            attend_head(
-                &q[h * d..(h + 1) * d],
-                |t| &keys.data[kbase + (first + t) * d..][..d],
-                |t| &values.data[vbase + (first + t) * d..][..d],
-                scale,
-                softcap,
-                scores,
-                oh,
-            );
+            scores.resize(row.len - first, 0.0);
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `isa` is available (asserted above): AVX2.
+                crate::Isa::Avx2Fma => unsafe { attend_head_avx2(&head, scores, oh) },
+                _ => attend_head(&head, scores, oh),
+            }
         });
     };
-    if heads > 1 && heads * (len - first) * d >= crate::matvec::PARALLEL_MIN {
-        crate::pool::Pool::global().run(heads, &head);
+    let tasks = rows.len() * heads;
+    let work: usize = rows.iter().map(|row| (row.len - first(row)) * heads * d).sum();
+    if tasks > 1 && work >= crate::matvec::PARALLEL_MIN {
+        crate::pool::Pool::global().run(tasks, &task);
     } else {
-        (0..heads).for_each(head);
+        (0..tasks).for_each(task);
     }
 }
 
@@ -143,20 +203,30 @@ thread_local! {
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// One head: `out = softmax(s) v` over the `scores.len()` positions `key(t)`/`value(t)`.
-fn attend_head<'a>(
-    qh: &[f32],
-    key: impl Fn(usize) -> &'a [f32],
-    value: impl Fn(usize) -> &'a [f32],
+/// One head's query and its keys and values `[positions, d]` (contiguous).
+struct Head<'a> {
+    q: &'a [f32],
+    keys: &'a [f32],
+    values: &'a [f32],
     scale: f32,
     softcap: Option<f32>,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
+}
+
+/// [`attend_head`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn attend_head_avx2(head: &Head, scores: &mut [f32], out: &mut [f32]) {
+    attend_head(head, scores, out)
+}
+
+/// One head: `out = softmax(s) v` over the `scores.len()` positions.
+#[inline(always)]
+fn attend_head(head: &Head, scores: &mut [f32], out: &mut [f32]) {
+    let d = head.q.len();
     let mut max = f32::NEG_INFINITY;
-    for (t, s) in scores.iter_mut().enumerate() {
-        let mut v = dot(qh, key(t)) * scale;
-        if let Some(cap) = softcap {
+    for (s, k) in scores.iter_mut().zip(head.keys.chunks_exact(d)) {
+        let mut v = dot(head.q, k) * head.scale;
+        if let Some(cap) = head.softcap {
             v = cap * (v / cap).tanh();
         }
         *s = v;
@@ -168,13 +238,14 @@ fn attend_head<'a>(
         sum += *s;
     }
     out.fill(0.0);
-    for (t, &p) in scores.iter().enumerate() {
+    for (&p, v) in scores.iter().zip(head.values.chunks_exact(d)) {
         let p = p / sum;
-        out.iter_mut().zip(value(t)).for_each(|(o, &v)| *o += p * v);
+        out.iter_mut().zip(v).for_each(|(o, &v)| *o += p * v);
     }
 }
 
 /// A dot product with eight independent partial sums (vectorised by the compiler).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -290,6 +361,59 @@ mod tests {
                     (*o as f64 - w).abs() < 1e-5,
                     "len {len} window {window:?} cap {cap:?} [{i}]: {o} vs {w}"
                 );
+            }
+        }
+    }
+
+    /// Several sequences in one call, on every path the CPU has: each row as it is alone
+    /// (bit for bit), and every path's bits the same.
+    #[test]
+    fn attention_steps_of_several_rows_equal_each_row_alone_on_every_path() {
+        let (heads, kv, d, alloc) = (4, 2, 24, 400);
+        let fill = |n: usize, s: f32| (0..n).map(|i| (i as f32 * s).sin()).collect::<Vec<f32>>();
+        let caches: Vec<(Vec<f32>, Vec<f32>)> = (0..3)
+            .map(|r| {
+                (
+                    fill(kv * alloc * d, 0.1 + r as f32 * 0.01),
+                    fill(kv * alloc * d, 0.2 + r as f32 * 0.03),
+                )
+            })
+            .collect();
+        let qs: Vec<Vec<f32>> = (0..3).map(|r| fill(heads * d, 0.3 + r as f32 * 0.07)).collect();
+        fn view(data: &[f32], head_stride: usize) -> CacheView<'_> {
+            CacheView {
+                data,
+                start: 0,
+                head_stride,
+            }
+        }
+        // Short and long caches: one call on one thread, one on the pool.
+        for lens in [[1, 5, 9], [150, 399, 400]] {
+            for (window, cap) in [(None, None), (Some(100), Some(0.7))] {
+                let rows: Vec<AttentionRow> = (0..3)
+                    .map(|r| AttentionRow {
+                        q: &qs[r],
+                        keys: view(&caches[r].0, alloc * d),
+                        values: view(&caches[r].1, alloc * d),
+                        len: lens[r],
+                    })
+                    .collect();
+                let mut outs = Vec::new();
+                for isa in crate::Isa::available() {
+                    let mut all = vec![0f32; 3 * heads * d];
+                    attention_steps_with(isa, &rows, heads, kv, d, window, 0.2, cap, &mut all);
+                    for (r, row) in rows.iter().enumerate() {
+                        let mut one = vec![0f32; heads * d];
+                        attention_steps_with(isa, &[*row], heads, kv, d, window, 0.2, cap, &mut one);
+                        assert_eq!(
+                            one[..],
+                            all[r * heads * d..(r + 1) * heads * d],
+                            "{isa:?} row {r} {lens:?}"
+                        );
+                    }
+                    outs.push(all);
+                }
+                assert!(outs.windows(2).all(|w| w[0] == w[1]), "every path alike, {lens:?}");
             }
         }
     }

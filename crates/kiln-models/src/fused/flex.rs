@@ -193,34 +193,32 @@ pub(crate) fn attend_rows(
 ) -> Option<Tensor<4>> {
     let (scale, softcap) = (options.scale, options.softcap);
     let [b, h, t, d] = q.dims();
-    if t != 1 || rows.len() != b {
+    if t != 1 || rows.len() != b || b == 0 {
         return None;
     }
     let qt = flex_f32(q)?;
     let qs = qt.as_slice::<f32>()?;
     let scale = scale.unwrap_or_else(|| 1.0 / (d as f64).sqrt()) as f32;
-    let mut out = vec![0f32; b * h * d];
-    for (row, (k, v)) in rows.iter().enumerate() {
+    let mut held = Vec::with_capacity(b);
+    for (k, v) in rows {
         let [_, kv, len, kd] = k.dims();
-        if kd != d || v.dims() != k.dims() || kv == 0 || h % kv != 0 || len == 0 {
+        if kd != d || v.dims() != k.dims() || kv == 0 || h % kv != 0 || len == 0 || kv != rows[0].0.dims()[1] {
             return None;
         }
-        let (kt, vt) = (flex_f32(k)?, flex_f32(v)?);
-        let (kview, vview) = (cache_view(&kt)?, cache_view(&vt)?);
-        kiln_kernels::decode::attention_step(
-            &qs[row * h * d..(row + 1) * h * d],
-            kview,
-            vview,
-            h,
-            kv,
-            d,
-            len,
-            window,
-            scale,
-            softcap.map(|c| c as f32),
-            &mut out[row * h * d..(row + 1) * h * d],
-        );
+        held.push((flex_f32(k)?, flex_f32(v)?, len));
     }
+    let mut steps = Vec::with_capacity(b);
+    for (row, (kt, vt, len)) in held.iter().enumerate() {
+        steps.push(kiln_kernels::decode::AttentionRow {
+            q: &qs[row * h * d..(row + 1) * h * d],
+            keys: cache_view(kt)?,
+            values: cache_view(vt)?,
+            len: *len,
+        });
+    }
+    let kv = rows[0].0.dims()[1];
+    let mut out = vec![0f32; b * h * d];
+    kiln_kernels::decode::attention_steps(&steps, h, kv, d, window, scale, softcap.map(|c| c as f32), &mut out);
     Some(wrap(out, &[b, h, 1, d]))
 }
 

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use burn::backend::flex::FlexTensor;
 use burn::nn::Linear;
 use burn::prelude::*;
-use kiln_kernels::decode::{CacheView, attention_step, gated, rms_norm, rope_rows};
+use kiln_kernels::decode::{AttentionRow, attention_steps, gated, rms_norm, rope_rows};
 use kiln_kernels::{MAX_ROWS, NkProduct, linear_nk, linear_nk_many};
 
 use super::flex::{WeightLayout, cache_view, flex_f32, flex_indices, weight_layout, wrap, write_cache_position};
@@ -297,29 +297,28 @@ pub(crate) fn run(plan: &Plan, tokens: &Tensor<2, Int>, caches: &mut [&mut KvCac
             rope_rows(q, cos, sin, h, d, &positions, q_rot);
             let k_rot = sized(&mut buf.k_rot, b * kv * d);
             rope_rows(k, cos, sin, kv, d, &positions, k_rot);
-            let attn = sized(&mut buf.attn, b * h * d);
+            let mut held = Vec::with_capacity(b);
             for (row, cache) in caches.iter_mut().enumerate() {
                 let (keys, values) = cache.buffers_mut(i);
                 let p = positions[row];
                 let written = write_cache_position(keys, p, &k_rot[row * kv * d..(row + 1) * kv * d])
                     && write_cache_position(values, p, &v[row * kv * d..(row + 1) * kv * d]);
                 assert!(written, "cache buffers checked above");
-                let (kt, vt) = (flex_f32(keys)?, flex_f32(values)?);
-                let (kview, vview): (CacheView, CacheView) = (cache_view(&kt)?, cache_view(&vt)?);
-                attention_step(
-                    &q_rot[row * h * d..(row + 1) * h * d],
-                    kview,
-                    vview,
-                    h,
-                    kv,
-                    d,
-                    p + 1,
-                    layer.window,
-                    scale,
-                    attn_softcap,
-                    &mut attn[row * h * d..(row + 1) * h * d],
-                );
+                held.push((flex_f32(keys)?, flex_f32(values)?));
             }
+            let mut rows = Vec::with_capacity(b);
+            for (row, (kt, vt)) in held.iter().enumerate() {
+                rows.push(AttentionRow {
+                    q: &q_rot[row * h * d..(row + 1) * h * d],
+                    keys: cache_view(kt)?,
+                    values: cache_view(vt)?,
+                    len: positions[row] + 1,
+                });
+            }
+            let attn = sized(&mut buf.attn, b * h * d);
+            attention_steps(&rows, h, kv, d, layer.window, scale, attn_softcap, attn);
+            drop(rows);
+            drop(held);
             let out = sized(&mut buf.out, b * c);
             linear_nk(attn, layer.o.w.get(), layer.o.bias(), out, b, h * d, c);
             residual(x, out, layer.post_attn_norm.as_ref(), &mut buf.out_normed, norm);
