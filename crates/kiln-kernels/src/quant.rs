@@ -67,6 +67,78 @@ impl QuantType {
     }
 }
 
+/// Why packed blocks cannot be used ([`check_blocks`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum BlockError {
+    /// The row length is not a whole number of 32-value blocks.
+    Columns { k: usize },
+    /// The bytes are not `rows` rows of `k / 32` blocks.
+    Length { expected: usize, found: usize },
+    /// A block's scale (or Q4_1's minimum) is not a finite number.
+    Scale {
+        row: usize,
+        block: usize,
+        offset: usize,
+        value: f32,
+    },
+}
+
+impl std::fmt::Display for BlockError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BlockError::Columns { k } => write!(f, "rows of {k} values are not a whole number of {BLOCK}-value blocks"),
+            BlockError::Length { expected, found } => {
+                write!(f, "{found} bytes of packed blocks where the shape needs {expected}")
+            }
+            BlockError::Scale {
+                row,
+                block,
+                offset,
+                value,
+            } => write!(
+                f,
+                "row {row}, block {block}: scale {value} at byte offset {offset} is not finite"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for BlockError {}
+
+/// Check packed `ty` blocks of a `[rows, k]` matrix before any product reads them: their
+/// length, and every block's f16 scale (and Q4_1's minimum) finite. The products do not
+/// check (they would only compute garbage from a corrupt block); a loader calls this once.
+pub fn check_blocks(ty: QuantType, data: &[u8], rows: usize, k: usize) -> Result<(), BlockError> {
+    let row_bytes = ty.bytes_for(k).ok_or(BlockError::Columns { k })?;
+    let expected = row_bytes * rows;
+    if data.len() != expected {
+        return Err(BlockError::Length {
+            expected,
+            found: data.len(),
+        });
+    }
+    // Byte offsets of the f16 numbers within a block.
+    let numbers: &[usize] = match ty {
+        QuantType::Q8_0 | QuantType::Q4_0 => &[0],
+        QuantType::Q4_1 => &[0, 2],
+    };
+    for (i, block) in data.chunks_exact(ty.block_bytes()).enumerate() {
+        for &at in numbers {
+            let value = f16_at(block, at);
+            if !value.is_finite() {
+                let per_row = k / BLOCK;
+                return Err(BlockError::Scale {
+                    row: i / per_row,
+                    block: i % per_row,
+                    offset: i * ty.block_bytes() + at,
+                    value,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 fn f16_bits(v: f32) -> [u8; 2] {
     half::f16::from_f32(v).to_bits().to_le_bytes()
 }
@@ -587,5 +659,42 @@ mod tests {
     fn packed_data_of_the_wrong_length_is_refused() {
         let mut y = vec![0f32; 2];
         matvec(QuantType::Q4_0, &[0u8; 17], &[0.0; 32], None, &mut y[..1], 1, 32, 1);
+    }
+
+    #[test]
+    fn check_blocks_refuses_a_wrong_length_and_corrupt_scales_by_offset() {
+        let (rows, k) = (3, 64);
+        for ty in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1] {
+            let mut w = vec![0u8; ty.bytes_for(rows * k).unwrap()];
+            quantize(ty, &fill(rows * k, 9), &mut w);
+            assert_eq!(check_blocks(ty, &w, rows, k), Ok(()), "{ty:?}");
+            assert_eq!(check_blocks(ty, &w, rows, 48), Err(BlockError::Columns { k: 48 }));
+            assert_eq!(
+                check_blocks(ty, &w[1..], rows, k),
+                Err(BlockError::Length {
+                    expected: w.len(),
+                    found: w.len() - 1
+                })
+            );
+            // Row 1's second block: its scale, then (Q4_1) its minimum, made NaN / infinite.
+            let block = 2 + 1;
+            let numbers: &[usize] = if ty == QuantType::Q4_1 { &[0, 2] } else { &[0] };
+            for &at in numbers {
+                for bits in [0x7e00u16, 0x7c00] {
+                    let mut bad = w.clone();
+                    let offset = block * ty.block_bytes() + at;
+                    bad[offset..offset + 2].copy_from_slice(&bits.to_le_bytes());
+                    match check_blocks(ty, &bad, rows, k) {
+                        Err(BlockError::Scale {
+                            row: 1,
+                            block: 1,
+                            offset: o,
+                            ..
+                        }) => assert_eq!(o, offset),
+                        other => panic!("{ty:?} {at} {bits:#x}: {other:?}"),
+                    }
+                }
+            }
+        }
     }
 }
