@@ -85,30 +85,12 @@ pub struct AttentionRow<'a> {
     pub len: usize,
 }
 
-/// The attention of one query position: `q` `[heads, d]` over `len` cached positions of
-/// `kv_heads` key/value heads (query head `h` reads key/value head `h / (heads / kv_heads)`),
-/// only the last `window` of them when given: per head
-/// `softmax(s) v` with `s_t = scale * q·k_t`, soft-capped to `cap * tanh(s_t / cap)` when
-/// `softcap` is given (Burn's `attention` order). `out` is `[heads, d]`.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_step(
-    q: &[f32],
-    keys: CacheView<'_>,
-    values: CacheView<'_>,
-    heads: usize,
-    kv_heads: usize,
-    d: usize,
-    len: usize,
-    window: Option<usize>,
-    scale: f32,
-    softcap: Option<f32>,
-    out: &mut [f32],
-) {
-    let row = AttentionRow { q, keys, values, len };
-    attention_steps(&[row], heads, kv_heads, d, window, scale, softcap, out);
-}
-
-/// [`attention_step`] for each of a decode step's sequences, `out` `[rows, heads, d]`.
+/// The attention of each of a decode step's sequences at one query position: row `r`'s
+/// `q` `[heads, d]` over its `len` cached positions of `kv_heads` key/value heads (query
+/// head `h` reads key/value head `h / (heads / kv_heads)`), only the last `window` of them
+/// when given: per head `softmax(s) v` with `s_t = scale * q·k_t`, soft-capped to
+/// `cap * tanh(s_t / cap)` when `softcap` is given (Burn's `attention` order). `out` is
+/// `[rows, heads, d]`.
 ///
 /// Every (sequence, head) pair is one task of the kernel pool once the caches are long
 /// enough to pay for the hand-out (on one thread, the attention of a 600-token SmolLM2
@@ -317,7 +299,7 @@ mod tests {
     }
 
     #[test]
-    fn attention_step_matches_the_definition_with_grouped_heads_window_and_softcap() {
+    fn attention_steps_match_the_definition_with_grouped_heads_window_and_softcap() {
         // The last two run the heads on the pool (6 * len * 20 >= PARALLEL_MIN).
         let (heads, kv, d, alloc) = (6, 2, 20, 320);
         let fill = |n: usize, s: f32| (0..n).map(|i| (i as f32 * s).sin()).collect::<Vec<f32>>();
@@ -341,7 +323,13 @@ mod tests {
                 head_stride: alloc * d,
             };
             let scale = 1.0 / (d as f32).sqrt();
-            attention_step(&q, view(&k), view(&v), heads, kv, d, len, window, scale, cap, &mut out);
+            let row = AttentionRow {
+                q: &q,
+                keys: view(&k),
+                values: view(&v),
+                len,
+            };
+            attention_steps(&[row], heads, kv, d, window, scale, cap, &mut out);
             let first = window.map_or(0, |w| len.saturating_sub(w));
             let want = reference(
                 &q,
@@ -470,6 +458,12 @@ mod tests {
             start: 0,
             head_stride: 10,
         };
-        attention_step(&[0.0; 2], view, view, 1, 1, 2, 6, None, 1.0, None, &mut [0.0; 2]);
+        let row = AttentionRow {
+            q: &[0.0; 2],
+            keys: view,
+            values: view,
+            len: 6,
+        };
+        attention_steps(&[row], 1, 1, 2, None, 1.0, None, &mut [0.0; 2]);
     }
 }

@@ -477,7 +477,7 @@ impl Gemma3ForCausalLM {
             .collect::<Option<Vec<_>>>()?;
         let attn = &m.layers.first()?.self_attn;
         Some(Plan {
-            embed: Values::matrix(&m.embed_tokens.weight.val())?,
+            embed: Values::contiguous(&m.embed_tokens.weight.val())?,
             embed_scale: Some(m.embed_scale),
             layers,
             norm: norm(&m.norm)?,

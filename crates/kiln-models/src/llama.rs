@@ -368,7 +368,7 @@ impl LlamaForCausalLM {
             .collect::<Option<Vec<_>>>()?;
         let attn = &m.layers.first()?.self_attn;
         Some(Plan {
-            embed: Values::matrix(&m.embed_tokens.weight.val())?,
+            embed: Values::contiguous(&m.embed_tokens.weight.val())?,
             embed_scale: None,
             layers,
             norm: norm(&m.norm)?,

@@ -182,7 +182,7 @@ pub(super) fn write_cache_position(t: &mut Tensor<4>, pos: usize, rows: &[f32]) 
     true
 }
 
-/// [`crate::kv_cache::attend_rows`] as one pass per row ([`kiln_kernels::decode::attention_step`])
+/// [`crate::kv_cache::attend_rows`] as one pass ([`kiln_kernels::decode::attention_steps`])
 /// when every tensor is an untracked f32 flex tensor laid out as the KV cache leaves them;
 /// `None` otherwise. `q` `[B, H, 1, D]`, `rows[b]` `[1, K, len_b, D]` -> `[B, H, 1, D]`.
 pub(crate) fn attend_rows(

@@ -37,8 +37,8 @@ pub(crate) struct Values {
 }
 
 impl Values {
-    /// A contiguous untracked f32 flex tensor.
-    fn contiguous<const D: usize>(x: &Tensor<D>) -> Option<Values> {
+    /// A contiguous untracked f32 flex tensor (a norm's weight, the token embedding).
+    pub(crate) fn contiguous<const D: usize>(x: &Tensor<D>) -> Option<Values> {
         let tensor = flex_f32(x)?;
         let (start, end) = tensor.layout().contiguous_offsets()?;
         Some(Values {
@@ -168,11 +168,6 @@ impl Values {
     /// The rotary tables of `rotary`.
     pub(crate) fn rotary(rotary: &crate::rope::RotaryEmbedding) -> Option<(Values, Values)> {
         Some((Values::contiguous(&rotary.cos)?, Values::contiguous(&rotary.sin)?))
-    }
-
-    /// A contiguous matrix (the token embedding).
-    pub(crate) fn matrix(x: &Tensor<2>) -> Option<Values> {
-        Values::contiguous(x)
     }
 }
 
