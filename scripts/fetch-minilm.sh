@@ -41,11 +41,15 @@ if [ -f "$kiln_dir/model.safetensors" ] && [ "$kiln_dir/model.safetensors" -nt "
   echo "the Kiln conversion is in $kiln_dir"
 else
   rm -rf "$kiln_dir"
-  # Built as part of the workspace (`--workspace --bin convert`), so its dependencies get
-  # the same features as the test build's and are compiled once, not twice; the
-  # architecture comes from the model's config.json.
-  (cd "$root" && cargo build --release --quiet --workspace --bin convert)
-  "${CARGO_TARGET_DIR:-$root/target}/release/convert" --input "$out" --output "$kiln_dir" > /dev/null
+  # scripts/test.sh passes the `convert` its test build made (KILN_CONVERT), so Burn is
+  # compiled once with the tests' features; run alone, this builds it as part of the
+  # workspace. The architecture comes from the model's config.json.
+  convert="${KILN_CONVERT:-}"
+  if [ -z "$convert" ]; then
+    (cd "$root" && cargo build --release --quiet --workspace --bin convert)
+    convert="${CARGO_TARGET_DIR:-$root/target}/release/convert"
+  fi
+  "$convert" --input "$out" --output "$kiln_dir" > /dev/null
   echo "converted all-MiniLM-L6-v2 into $kiln_dir"
 fi
 

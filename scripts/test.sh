@@ -12,10 +12,15 @@
 #    (scripts/fetch-llms.sh) and transformers' reference outputs on them
 #    (scripts/llm-reference.sh, cached by the inputs' hash);
 # 4. `cargo test --release --workspace` with the arguments given.
+# The whole test build comes first (`cargo test --no-run`, with $KILN_FEATURES), and the
+# setup's conversion uses the `convert` binary it made: Burn is compiled once, with one
+# feature set, instead of once for the setup's binary and again for the tests.
 # Every step is idempotent and cached: downloads go to $KILN_CACHE (default
 # ~/.cache/kiln), build artifacts to $CARGO_TARGET_DIR (default target/), so a warm run
 # costs little more than the tests themselves. Prints how long setup and tests took.
-# Environment: KILN_CACHE, KILN_VENV, CARGO_TARGET_DIR, and KILN_TORCH_SETUP_FLAGS (the
+# Environment: KILN_CACHE, KILN_VENV, CARGO_TARGET_DIR, KILN_FEATURES (extra backends
+# compiled into the build, e.g. `tch,wgpu` once scripts/setup-libtorch.sh and
+# scripts/setup-vulkan.sh have run, as .ci/run does), and KILN_TORCH_SETUP_FLAGS (the
 # flags of scripts/setup-torch-cpu.sh, default --stubs; set it empty for the real CUDA
 # wheels). The committed datasets (Shakespeare, the Fashion-MNIST slice) need nothing;
 # scripts/fetch-datasets.sh rebuilds them (.ci/run checks that it reproduces them).
@@ -28,6 +33,15 @@ export KILN_TORCH_SETUP_FLAGS="${KILN_TORCH_SETUP_FLAGS---stubs}"
 mkdir -p "$KILN_CACHE"
 
 fmt() { printf '%d min %d s' $(($1 / 60)) $(($1 % 60)); }
+features=()
+[ -z "${KILN_FEATURES:-}" ] || features=(--features "$KILN_FEATURES")
+start=$(date +%s)
+echo "== cargo test --release --workspace --no-run ${features[*]}"
+cargo test --release --workspace --no-run "${features[@]}"
+export KILN_CONVERT="${CARGO_TARGET_DIR:-$root/target}/release/convert"
+build=$(( $(date +%s) - start ))
+echo "== the test build took $(fmt "$build")"
+
 start=$(date +%s)
 echo "== test setup (downloads in $KILN_CACHE, Python in $KILN_VENV)"
 scripts/fetch-sentiment.sh
@@ -37,10 +51,10 @@ scripts/llm-reference.sh
 setup=$(( $(date +%s) - start ))
 echo "== setup took $(fmt "$setup")"
 
-echo "== cargo test --release --workspace $*"
+echo "== cargo test --release --workspace ${features[*]} $*"
 tests_start=$(date +%s)
 rc=0
-cargo test --release --workspace "$@" || rc=$?
+cargo test --release --workspace "${features[@]}" "$@" || rc=$?
 tests=$(( $(date +%s) - tests_start ))
-echo "== setup $(fmt "$setup"), tests $(fmt "$tests") (build included), total $(fmt $((setup + tests)))$([ "$rc" = 0 ] || echo "; cargo test failed (exit $rc)")"
+echo "== build $(fmt "$build"), setup $(fmt "$setup"), tests $(fmt "$tests"), total $(fmt $((build + setup + tests)))$([ "$rc" = 0 ] || echo "; cargo test failed (exit $rc)")"
 exit "$rc"
