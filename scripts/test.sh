@@ -12,9 +12,9 @@
 #    (scripts/fetch-llms.sh) and transformers' reference outputs on them
 #    (scripts/llm-reference.sh, cached by the inputs' hash);
 # 4. `cargo test --release --workspace` with the arguments given.
-# The whole test build comes first (`cargo test --no-run`, with $KILN_FEATURES), and the
-# setup's conversion uses the `convert` binary it made: Burn is compiled once, with one
-# feature set, instead of once for the setup's binary and again for the tests.
+# The whole test build (`cargo test --no-run`, with $KILN_FEATURES) runs in the
+# background of steps 1-3, and the MiniLM conversion uses the `convert` binary it made:
+# Burn is compiled once, with one feature set, while the downloads run.
 # Every step is idempotent and cached: downloads go to $KILN_CACHE (default
 # ~/.cache/kiln), build artifacts to $CARGO_TARGET_DIR (default target/), so a warm run
 # costs little more than the tests themselves. Prints how long setup and tests took.
@@ -35,26 +35,39 @@ mkdir -p "$KILN_CACHE"
 fmt() { printf '%d min %d s' $(($1 / 60)) $(($1 % 60)); }
 features=()
 [ -z "${KILN_FEATURES:-}" ] || features=(--features "$KILN_FEATURES")
+target="${CARGO_TARGET_DIR:-$root/target}"
+mkdir -p "$target"
+# The test build runs in the background while the downloads, the Python environment
+# and transformers' references are set up; only the MiniLM conversion waits for it.
 start=$(date +%s)
-echo "== cargo test --release --workspace --no-run ${features[*]}"
-cargo test --release --workspace --no-run "${features[@]}"
-export KILN_CONVERT="${CARGO_TARGET_DIR:-$root/target}/release/convert"
-build=$(( $(date +%s) - start ))
-echo "== the test build took $(fmt "$build")"
-
-start=$(date +%s)
+build_log="$target/test-build.log"
+echo "== cargo test --release --workspace --no-run ${features[*]} (in the background; log: $build_log)"
+cargo test --release --workspace --no-run "${features[@]}" > "$build_log" 2>&1 &
+build_pid=$!
+trap 'kill "$build_pid" 2> /dev/null || true' EXIT
 echo "== test setup (downloads in $KILN_CACHE, Python in $KILN_VENV)"
 scripts/fetch-sentiment.sh
-scripts/fetch-minilm.sh --torch
 scripts/fetch-llms.sh
+scripts/fetch-minilm.sh --torch --no-convert
 scripts/llm-reference.sh
 setup=$(( $(date +%s) - start ))
-echo "== setup took $(fmt "$setup")"
+echo "== setup took $(fmt "$setup") beside the build; waiting for the build"
+if ! wait "$build_pid"; then
+  tail -n 60 "$build_log" >&2
+  echo "== the test build failed (the whole log: $build_log)" >&2
+  exit 1
+fi
+trap - EXIT
+grep -E '^(warning|error)' "$build_log" | sort | uniq -c || true
+build=$(( $(date +%s) - start ))
+echo "== the test build took $(fmt "$build") (setup included)"
+export KILN_CONVERT="$target/release/convert"
+scripts/fetch-minilm.sh
 
 echo "== cargo test --release --workspace ${features[*]} $*"
 tests_start=$(date +%s)
 rc=0
 cargo test --release --workspace "${features[@]}" "$@" || rc=$?
 tests=$(( $(date +%s) - tests_start ))
-echo "== build $(fmt "$build"), setup $(fmt "$setup"), tests $(fmt "$tests"), total $(fmt $((build + setup + tests)))$([ "$rc" = 0 ] || echo "; cargo test failed (exit $rc)")"
+echo "== build $(fmt "$build") (setup $(fmt "$setup") beside it), tests $(fmt "$tests"), total $(fmt $((build + tests)))$([ "$rc" = 0 ] || echo "; cargo test failed (exit $rc)")"
 exit "$rc"
