@@ -411,9 +411,10 @@ fn fused_ops_match_burns_composed_ops_on_every_backend() {
         let x = tracked(device, [2, 64, 16], 1);
         let w = input(device, [16, 24], 2).require_grad();
         let b = input(device, [24], 3).require_grad();
-        let layer = burn::nn::Linear {
+        let layer = kiln_models::quant::Linear {
             weight: burn::module::Param::from_tensor(w.clone()),
             bias: bias.then(|| burn::module::Param::from_tensor(b.clone())),
+            packed: None,
         };
         let out = fused::linear(&layer, x.clone()).reshape([2, 64, 4, 6]);
         let mut leaves = vec![R3(x), R2(w)];

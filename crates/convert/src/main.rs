@@ -12,6 +12,11 @@
 //!
 //! The reverse direction: `--to hf --input KILN_DIR --output DIR` writes Hugging Face
 //! names and layouts (`model.safetensors`, `config.json`) that `transformers` loads.
+//!
+//! `--quantize q8_0|q4_0|q4_1 --input KILN_DIR --output DIR [--keep REGEX]...` packs the
+//! linear weights (and a language model's token embedding) of a Kiln model directory
+//! in GGUF blocks (`kiln_convert::quantize`), which `infer` runs on Kiln's quantized
+//! kernels.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -47,11 +52,56 @@ struct Cli {
     /// their initial values); prints the full report.
     #[arg(long)]
     allow_partial: bool,
+    /// Pack the weights of the Kiln model directory --input in this GGUF block format.
+    #[arg(long, value_parser = ["q8_0", "q4_0", "q4_1"])]
+    quantize: Option<String>,
+    /// With --quantize: keep the modules whose path matches this regex f32 (repeatable).
+    #[arg(long, requires = "quantize")]
+    keep: Vec<String>,
+}
+
+fn quantize(cli: &Cli, ty: &str) -> Result<()> {
+    let started = Instant::now();
+    let ty = kiln_kernels::quant::QuantType::from_name(ty).expect("clap checked the name");
+    if !cli.input.join(CONFIG).is_file() {
+        bail!(
+            "{}: --quantize takes a Kiln model directory (no {CONFIG} here); convert the checkpoint first",
+            cli.input.display()
+        );
+    }
+    let keep = cli
+        .keep
+        .iter()
+        .map(|k| regex::Regex::new(k).with_context(|| format!("--keep {k:?}: not a regex")))
+        .collect::<Result<Vec<_>>>()?;
+    let report = kiln_convert::quantize::quantize_dir(&cli.input, &cli.output, ty, &keep)?;
+    for (module, reason) in &report.kept {
+        println!("  kept f32: {module} ({reason})");
+    }
+    let [before, after] = report.bytes;
+    println!(
+        "quantized {} -> {} | {} weights packed as {} | {:.1} MB -> {:.1} MB | {:.2} s",
+        cli.input.display(),
+        cli.output.display(),
+        report.packed.len(),
+        ty.name(),
+        before as f64 / 1e6,
+        after as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn to_hf(cli: &Cli) -> Result<()> {
     let started = Instant::now();
-    let model = ModelFile::load(&cli.input.join(CONFIG))?.model;
+    let file = ModelFile::load(&cli.input.join(CONFIG))?;
+    if file.quantization.is_some() {
+        bail!(
+            "{}: packed (quantized) weights have no Hugging Face form here; export the f32 model directory",
+            cli.input.join(CONFIG).display()
+        );
+    }
+    let model = file.model;
     let weights = weights_file(&cli.input, WhichWeights::Best);
     let bytes = std::fs::read(&weights).with_context(|| format!("reading {}", weights.display()))?;
     let hf = kiln_convert::export_hf(&bytes, &model)?;
@@ -76,6 +126,9 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     if cli.to.is_some() {
         return to_hf(&cli);
+    }
+    if let Some(ty) = &cli.quantize {
+        return quantize(&cli, ty);
     }
     let started = Instant::now();
     let source = Source::read(&cli.input)?;

@@ -100,6 +100,13 @@ struct Cli {
     /// chunks: llama.cpp's llama-perplexity (BOS-first chunks, second halves scored).
     #[arg(long, value_enum, default_value_t = PplMethod::Sliding)]
     ppl_method: PplMethod,
+    /// With --perplexity: also run this model directory (the same tokenizer, e.g. the f32
+    /// model a quantized one came from) over the same windows and print the KL divergence
+    /// of --model's next-token distributions from it (mean, median, 99th percentile,
+    /// max) and how often the two agree on the most likely token, as llama.cpp's
+    /// `llama-perplexity --kl-divergence` does.
+    #[arg(long, requires = "perplexity")]
+    kl_reference: Option<PathBuf>,
 
     /// Text to classify or embed (encoder models; repeatable).
     #[arg(long)]
@@ -275,6 +282,32 @@ fn perplexity(cli: &Cli, loaded: &LoadedModel, model: &dyn CausalLm, device: &bu
         PplMethod::Chunks => PerplexityMethod::Chunks { context },
     };
     let started = std::time::Instant::now();
+    if let Some(dir) = &cli.kl_reference {
+        let reference = LoadedModel::open(dir, WhichWeights::Best, device)
+            .with_context(|| format!("loading the --kl-reference model {}", dir.display()))?;
+        let Model::CausalLm(reference) = &reference.model else {
+            bail!("--kl-reference {}: not a language model", dir.display());
+        };
+        let d = kiln_infer::perplexity::divergence(model, reference.as_ref(), &ids, method, bos, device)?;
+        println!(
+            "perplexity {:.4} (reference {:.4}, {:+.3} %)",
+            d.model.perplexity,
+            d.reference.perplexity,
+            (d.model.perplexity / d.reference.perplexity - 1.0) * 100.0
+        );
+        println!(
+            "KL divergence from the reference: mean {:.6}, median {:.6}, 99th percentile {:.6}, max {:.6} nats | same top token {:.3} % | {} positions, {} | {:.1} s",
+            d.kl_mean,
+            d.kl_median,
+            d.kl_p99,
+            d.kl_max,
+            d.top1_agreement * 100.0,
+            d.model.scored,
+            d.model.method,
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
     let p = perplexity(model, &ids, method, bos, device)?;
     let seconds = started.elapsed().as_secs_f64();
     println!("perplexity {:.4}", p.perplexity);

@@ -9,6 +9,7 @@
 pub mod arch;
 pub mod gguf;
 pub mod hf_config;
+pub mod quantize;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -511,6 +512,7 @@ pub fn write_model_dir_with(
     let toml = ModelFile {
         model: model.clone(),
         head: None,
+        quantization: None,
     }
     .to_toml();
     let mut files: Vec<(&str, Vec<u8>)> = vec![(MODEL_WEIGHTS, weights.to_vec()), (CONFIG, toml.into_bytes())];

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use kiln_models::quant::Quantization;
 use kiln_models::{ClassifierHead, ModelConfig};
 use serde::{Deserialize, Serialize};
 
@@ -90,6 +91,10 @@ pub struct ModelFile {
     /// The classification head of a fine-tuned classifier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head: Option<ClassifierHead>,
+    /// Which weights are stored packed in GGUF blocks (`convert --quantize`, a GGUF kept
+    /// quantized); see `kiln_models::quant`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<Quantization>,
 }
 
 /// [`ModelFile`] as a file that must hold nothing else (`convert --config`).
@@ -99,6 +104,8 @@ struct StrictModelFile {
     model: ModelConfig,
     #[serde(default)]
     head: Option<ClassifierHead>,
+    #[serde(default)]
+    quantization: Option<Quantization>,
 }
 
 impl ModelFile {
@@ -126,6 +133,7 @@ impl ModelFile {
         let file = Self {
             model: strict.model,
             head: strict.head,
+            quantization: strict.quantization,
         };
         file.validate(path)?;
         Ok(file)
@@ -136,6 +144,9 @@ impl ModelFile {
         self.model.validate_complete().map_err(bad)?;
         if let Some(head) = &self.head {
             head.validate().map_err(bad)?;
+        }
+        if let Some(q) = &self.quantization {
+            q.validate().map_err(bad)?;
         }
         Ok(())
     }

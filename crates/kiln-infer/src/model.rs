@@ -9,9 +9,12 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use kiln_core::StoreError;
-use kiln_core::layout::{GENERATION_CONFIG, HF_CONFIG, LABELS, ModelDir, ModelDirError, TOKENIZER, WhichWeights};
+use kiln_core::layout::{
+    CONFIG, GENERATION_CONFIG, HF_CONFIG, LABELS, ModelDir, ModelDirError, TOKENIZER, WhichWeights,
+};
 use kiln_core::weights::load_weights;
 use kiln_data::{DataError, Tokenizer};
+use kiln_models::quant::{self, Quantization};
 use kiln_models::{
     CausalLm, ClassifierHead, Encoder, EncoderArchitecture, FamilyVisitor, ImageArchitecture, ImageClassifier,
     LanguageArchitecture, ModelKind, SequenceClassifier,
@@ -66,7 +69,9 @@ impl LoadedModel {
         };
         let model = dir.file.model.visit_family(Build {
             weights: &dir.weights,
+            config: &dir.path(CONFIG),
             head: dir.file.head.as_ref(),
+            quantization: dir.file.quantization.as_ref(),
             device,
         })?;
         let labels = match (&model, &dir.file.head) {
@@ -102,32 +107,55 @@ struct Build<'a> {
     weights: &'a Path,
     head: Option<&'a ClassifierHead>,
     device: &'a Device,
+    /// The directory's `config.toml` (for errors in its `[quantization]`).
+    config: &'a Path,
+    quantization: Option<&'a Quantization>,
+}
+
+impl Build<'_> {
+    /// `init(device)` loaded from the weights file. With packed weights: built and
+    /// loaded on flex with its packed layout, every block checked, and on another
+    /// backend dequantized and moved there (only flex has Kiln's quantized kernels).
+    fn load<M: burn::module::Module>(&self, init: impl Fn(&Device) -> M) -> Result<M, LoadError> {
+        let Some(q) = self.quantization else {
+            return Ok(load_weights(init(self.device), self.weights)?);
+        };
+        let bad = |path: &Path, message: String| LoadError::File {
+            path: path.to_path_buf(),
+            message,
+        };
+        let flex = Device::flex();
+        let model = quant::packed_layout(init(&flex), q).map_err(|e| bad(self.config, e.to_string()))?;
+        let model = load_weights(model, self.weights)?;
+        quant::check_packed(&model).map_err(|e| bad(self.weights, e))?;
+        if *self.device == flex {
+            Ok(model)
+        } else {
+            Ok(quant::unpacked(model).to_device(self.device))
+        }
+    }
 }
 
 impl FamilyVisitor for Build<'_> {
     type Output = Result<Model, LoadError>;
 
     fn causal_lm<A: LanguageArchitecture>(self, config: &A) -> Self::Output {
-        let model = load_weights(config.init(self.device), self.weights)?;
+        let model = self.load(|device| config.init(device))?;
         // Decoding streams every linear weight once per token: on flex, lay them out
         // for Kiln's matrix-vector kernels.
         Ok(Model::CausalLm(Box::new(kiln_models::fused::for_decoding(model))))
     }
 
     fn image_classifier<A: ImageArchitecture>(self, config: &A) -> Self::Output {
-        Ok(Model::ImageClassifier(Box::new(load_weights(
-            config.init(self.device),
-            self.weights,
-        )?)))
+        Ok(Model::ImageClassifier(Box::new(
+            self.load(|device| config.init(device))?,
+        )))
     }
 
     fn encoder<A: EncoderArchitecture>(self, config: &A) -> Self::Output {
         Ok(match self.head {
-            Some(head) => Model::TextClassifier(Box::new(load_weights(
-                config.init_classifier(head, self.device),
-                self.weights,
-            )?)),
-            None => Model::Encoder(Box::new(load_weights(config.init(self.device), self.weights)?)),
+            Some(head) => Model::TextClassifier(Box::new(self.load(|device| config.init_classifier(head, device))?)),
+            None => Model::Encoder(Box::new(self.load(|device| config.init(device))?)),
         })
     }
 }

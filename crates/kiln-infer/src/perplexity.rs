@@ -60,38 +60,19 @@ pub enum PerplexityError {
     Stride { stride: usize, message: String },
     #[error("the text is {tokens} tokens: {message}")]
     TooShort { tokens: usize, message: String },
+    #[error(
+        "the reference model has {reference} tokens in its vocabulary, this model {model}: they must share a tokenizer"
+    )]
+    Vocabulary { model: usize, reference: usize },
 }
 
-/// Negative log-likelihoods of `targets[i]` after `window[..=i]`, for `i` in `from..`.
-fn window_nll(model: &dyn CausalLm, window: &[u32], from: usize, device: &Device) -> f64 {
-    let t = window.len();
-    let ids = Tensor::<2, Int>::from_data(
-        TensorData::new(window.iter().map(|&i| i as i64).collect(), [1, t]),
-        device,
-    );
-    // [1, T, V]: position i predicts token i + 1.
-    let logits = model.forward(ids).slice(s![.., from..t - 1, ..]);
-    let n = t - 1 - from;
-    let targets: Vec<i64> = window[from + 1..].iter().map(|&i| i as i64).collect();
-    let targets = Tensor::<3, Int>::from_data(TensorData::new(targets, [1, n, 1]), device);
-    let logp: Vec<f32> = log_softmax(logits, 2)
-        .gather(2, targets)
-        .into_data()
-        .try_into_vec::<f32>()
-        .expect("f32 log-probabilities");
-    -logp.iter().map(|&v| v as f64).sum::<f64>()
-}
-
-/// The perplexity of `ids` under `model`; `bos` is the token Chunks puts first in each
-/// chunk (`None`: the chunks are left as they are).
-pub fn perplexity(
-    model: &dyn CausalLm,
+/// The windows `method` cuts `ids` into: (tokens, index of the first position scored).
+fn windows(
     ids: &[u32],
     method: PerplexityMethod,
     bos: Option<u32>,
-    device: &Device,
-) -> Result<Perplexity, PerplexityError> {
-    let max = model.context_len();
+    max: usize,
+) -> Result<Vec<(Vec<u32>, usize)>, PerplexityError> {
     let context = match method {
         PerplexityMethod::Sliding { context, .. } | PerplexityMethod::Chunks { context } => context,
     };
@@ -101,7 +82,7 @@ pub fn perplexity(
             message: format!("must be between 4 and the model's context length {max}"),
         });
     }
-    let (mut nll, mut scored, mut windows) = (0.0, 0, 0);
+    let mut out = Vec::new();
     match method {
         PerplexityMethod::Sliding { stride, .. } => {
             if stride == 0 || stride > context {
@@ -124,9 +105,7 @@ pub fn perplexity(
                 let window = &ids[begin..end];
                 // score the last `fresh` targets (all of them in the first window)
                 let from = (window.len() - 1).saturating_sub(fresh);
-                nll += window_nll(model, window, from, device);
-                scored += window.len() - 1 - from;
-                windows += 1;
+                out.push((window.to_vec(), from));
                 prev_end = end;
                 if end == ids.len() {
                     break;
@@ -142,26 +121,156 @@ pub fn perplexity(
                     message: format!("fewer than one chunk of --context {context}"),
                 });
             }
-            let first = context / 2;
-            let mut window = vec![0u32; context];
             for c in 0..chunks {
-                window.copy_from_slice(&ids[c * context..(c + 1) * context]);
+                let mut window = ids[c * context..(c + 1) * context].to_vec();
                 if let Some(bos) = bos {
                     window[0] = bos;
                 }
-                nll += window_nll(model, &window, first, device);
-                scored += context - 1 - first;
-                windows += 1;
+                out.push((window, context / 2));
             }
         }
     }
-    Ok(Perplexity {
+    Ok(out)
+}
+
+/// Log-probabilities `[1, n, V]` of the next token at positions `from..T-1` of `window`,
+/// and the targets `[1, n, 1]`.
+fn window_logp(model: &dyn CausalLm, window: &[u32], from: usize, device: &Device) -> (Tensor<3>, Tensor<3, Int>) {
+    let t = window.len();
+    let ids = Tensor::<2, Int>::from_data(
+        TensorData::new(window.iter().map(|&i| i as i64).collect(), [1, t]),
+        device,
+    );
+    // [1, T, V]: position i predicts token i + 1.
+    let logits = model.forward(ids).slice(s![.., from..t - 1, ..]);
+    let n = t - 1 - from;
+    let targets: Vec<i64> = window[from + 1..].iter().map(|&i| i as i64).collect();
+    let targets = Tensor::<3, Int>::from_data(TensorData::new(targets, [1, n, 1]), device);
+    (log_softmax(logits, 2), targets)
+}
+
+fn f32s<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 values")
+}
+
+/// The summed negative log-likelihood of the targets.
+fn nll(logp: Tensor<3>, targets: Tensor<3, Int>) -> f64 {
+    -f32s(logp.gather(2, targets)).iter().map(|&v| v as f64).sum::<f64>()
+}
+
+/// The perplexity of `ids` under `model`; `bos` is the token Chunks puts first in each
+/// chunk (`None`: the chunks are left as they are).
+pub fn perplexity(
+    model: &dyn CausalLm,
+    ids: &[u32],
+    method: PerplexityMethod,
+    bos: Option<u32>,
+    device: &Device,
+) -> Result<Perplexity, PerplexityError> {
+    let windows = windows(ids, method, bos, model.context_len())?;
+    let (mut total, mut scored) = (0.0, 0);
+    for (window, from) in &windows {
+        let (logp, targets) = window_logp(model, window, *from, device);
+        total += nll(logp, targets);
+        scored += window.len() - 1 - from;
+    }
+    Ok(summary(total, scored, ids.len(), windows.len(), method, bos))
+}
+
+fn summary(
+    nll: f64,
+    scored: usize,
+    tokens: usize,
+    windows: usize,
+    method: PerplexityMethod,
+    bos: Option<u32>,
+) -> Perplexity {
+    Perplexity {
         perplexity: (nll / scored as f64).exp(),
         nll,
         scored,
-        tokens: ids.len(),
+        tokens,
         windows,
         bos_per_window: matches!(method, PerplexityMethod::Chunks { .. }) && bos.is_some(),
         method,
+    }
+}
+
+/// How far a model's next-token distributions are from a reference model's over the
+/// same text (llama.cpp's `llama-perplexity --kl-divergence`): at every scored position
+/// `KL(reference || model)` in nats and whether the two agree on the most likely token.
+#[derive(Debug, Clone)]
+pub struct Divergence {
+    pub model: Perplexity,
+    pub reference: Perplexity,
+    pub kl_mean: f64,
+    pub kl_median: f64,
+    pub kl_p99: f64,
+    pub kl_max: f64,
+    /// Fraction of positions where both models' most likely token is the same.
+    pub top1_agreement: f64,
+}
+
+/// [`perplexity`] of `model` and of `reference` over the same windows, and the KL
+/// divergence between their distributions at every scored position. Both models must
+/// share the tokenizer (the vocabulary sizes are checked).
+pub fn divergence(
+    model: &dyn CausalLm,
+    reference: &dyn CausalLm,
+    ids: &[u32],
+    method: PerplexityMethod,
+    bos: Option<u32>,
+    device: &Device,
+) -> Result<Divergence, PerplexityError> {
+    if model.vocab_size() != reference.vocab_size() {
+        return Err(PerplexityError::Vocabulary {
+            model: model.vocab_size(),
+            reference: reference.vocab_size(),
+        });
+    }
+    let windows = windows(ids, method, bos, model.context_len().min(reference.context_len()))?;
+    let (mut nll_m, mut nll_r, mut scored) = (0.0, 0.0, 0);
+    let (mut kl, mut same) = (Vec::new(), 0usize);
+    for (window, from) in &windows {
+        let (lm, targets) = window_logp(model, window, *from, device);
+        let (lr, _) = window_logp(reference, window, *from, device);
+        nll_m += nll(lm.clone(), targets.clone());
+        nll_r += nll(lr.clone(), targets);
+        let top_m: Vec<i64> = lm
+            .clone()
+            .argmax(2)
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec()
+            .expect("ids");
+        let top_r: Vec<i64> = lr
+            .clone()
+            .argmax(2)
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec()
+            .expect("ids");
+        same += top_m.iter().zip(&top_r).filter(|(a, b)| a == b).count();
+        // KL(r || m) = sum_v p_r (log p_r - log p_m), per position.
+        let per_position = (lr.clone().exp() * (lr - lm)).sum_dim(2);
+        kl.extend(f32s(per_position).into_iter().map(|v| v as f64));
+        scored += window.len() - 1 - from;
+    }
+    let n = kl.len().max(1);
+    let kl_mean = kl.iter().sum::<f64>() / n as f64;
+    kl.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        kl.get(((kl.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Ok(Divergence {
+        model: summary(nll_m, scored, ids.len(), windows.len(), method, bos),
+        reference: summary(nll_r, scored, ids.len(), windows.len(), method, bos),
+        kl_mean,
+        kl_median: at(0.5),
+        kl_p99: at(0.99),
+        kl_max: at(1.0),
+        top1_agreement: same as f64 / n as f64,
     })
 }

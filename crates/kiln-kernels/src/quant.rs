@@ -59,6 +59,14 @@ impl QuantType {
         }
     }
 
+    /// The format whose blocks are `bytes` long (34, 18, 20), the last dimension of a
+    /// packed weight.
+    pub fn from_block_bytes(bytes: usize) -> Option<QuantType> {
+        [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1]
+            .into_iter()
+            .find(|t| t.block_bytes() == bytes)
+    }
+
     /// Bytes of `values` values, `None` unless a whole number of blocks.
     pub fn bytes_for(self, values: usize) -> Option<usize> {
         values

@@ -7,7 +7,7 @@
 //!
 //! Shapes: B = batch, T = sequence, C = hidden, H = heads, D = C / H, F = intermediate.
 
-use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
+use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, tanh};
 use burn::tensor::module::attention;
@@ -15,6 +15,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use serde::{Deserialize, Serialize};
 
 use crate::fused::{LayerNorm, linear};
+use crate::quant::Linear;
 use crate::registry::{FieldError, ensure};
 
 fn default_eps() -> f64 {
@@ -63,10 +64,12 @@ impl BertConfig {
         let init = Initializer::Normal { mean: 0.0, std: 0.02 };
         let c = self.n_embd;
         let linear = |d_in, d_out| {
-            let mut layer = LinearConfig::new(d_in, d_out)
-                .with_bias(false)
-                .with_initializer(init.clone())
-                .init(device);
+            let mut layer = Linear::from(
+                LinearConfig::new(d_in, d_out)
+                    .with_bias(false)
+                    .with_initializer(init.clone())
+                    .init(device),
+            );
             layer.bias = Some(Initializer::Zeros.init([d_out], device));
             layer
         };
@@ -335,7 +338,8 @@ impl ClassifierHead {
             dropout: DropoutConfig::new(self.dropout).init(),
             classifier: LinearConfig::new(c, self.labels.len())
                 .with_initializer(Initializer::Zeros)
-                .init(device),
+                .init(device)
+                .into(),
             cls_pooling: self.pooling == Pooling::Cls,
         }
     }

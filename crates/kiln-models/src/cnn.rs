@@ -5,12 +5,13 @@
 
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
-use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{Dropout, DropoutConfig, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::ImageClassifier;
 use crate::fused::{conv2d, linear, relu};
+use crate::quant::Linear;
 use crate::registry::{FieldError, ensure};
 
 fn default_input() -> [usize; 3] {
@@ -66,8 +67,12 @@ impl CnnConfig {
             conv1: conv(c_in, c1),
             conv2: conv(c1, c2),
             pool: MaxPool2dConfig::new([2, 2]).init(),
-            fc1: LinearConfig::new(c2 * (h / 4) * (w / 4), self.hidden_size).init(device),
-            fc2: LinearConfig::new(self.hidden_size, self.num_classes).init(device),
+            fc1: LinearConfig::new(c2 * (h / 4) * (w / 4), self.hidden_size)
+                .init(device)
+                .into(),
+            fc2: LinearConfig::new(self.hidden_size, self.num_classes)
+                .init(device)
+                .into(),
             dropout: DropoutConfig::new(self.dropout).init(),
             input_shape: self.input_shape,
         }

@@ -16,11 +16,12 @@
 //! gradients against Burn's.
 
 use burn::module::Param;
-use burn::nn::Linear;
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use burn::tensor::activation::sigmoid;
 use burn::tensor::ops::AttentionModuleOptions;
+
+use crate::quant::{Embedding, Linear};
 
 pub(crate) mod flex;
 #[cfg(feature = "tch")]
@@ -76,7 +77,8 @@ pub fn adamw_update<const D: usize>(
     libtorch::adamw_update(param, grad, m, v, step)
 }
 
-/// `layer` (Burn's `nn::Linear`, weight `[in, out]`) applied to `x` `[..., in]` -> `[..., out]`.
+/// `layer` (weight `[in, out]`, Burn's `nn::Linear` layout, or packed blocks) applied
+/// to `x` `[..., in]` -> `[..., out]`.
 ///
 /// On libtorch every leading dimension is folded into the rows of one matrix product
 /// with the bias added in the same GEMM (`addmm`, as `torch.nn.Linear` does). Burn's
@@ -85,13 +87,20 @@ pub fn adamw_update<const D: usize>(
 ///
 /// On flex, without autodiff, an input of at most [`KERNEL_MAX_ROWS`] rows (a decode
 /// step) runs Kiln's multi-threaded matrix-vector kernel ([`flex`]); Burn's flex runs it
-/// on one thread.
+/// on one thread. A packed weight runs Kiln's quantized kernel on flex (any number of
+/// rows) and is dequantized for Burn's matmul elsewhere.
 pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+    let bias = layer.bias.as_ref().map(|b| b.val());
+    if let (Some(packed), Some(shape)) = (&layer.packed, layer.packed_shape()) {
+        if let Some(y) = flex::packed_linear(&x, packed, shape, bias.as_ref()) {
+            return y;
+        }
+        return burn::tensor::module::linear(x, layer.dense_weight(), bias);
+    }
     #[cfg(feature = "tch")]
     if libtorch::runs_on_libtorch(&x) {
-        return libtorch::linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()));
+        return libtorch::linear(x, layer.weight.val(), bias);
     }
-    let bias = layer.bias.as_ref().map(|b| b.val());
     let weight = layer.weight.val();
     if let Some(y) = flex::linear(&x, &weight, bias.as_ref()) {
         return y;
@@ -111,13 +120,16 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
         out[D - 1] = n;
         return y.reshape(out);
     }
-    layer.forward(x)
+    burn::tensor::module::linear(x, weight, bias)
 }
 
 /// `layers` applied to the same `x` -> one output each, as [`linear`] computes them; on
 /// flex (decode-sized `x`, weights laid out by [`for_decoding`]) as one job of Kiln's
 /// kernels instead of one per layer.
 pub fn linears<const D: usize, const N: usize>(layers: [&Linear; N], x: Tensor<D>) -> [Tensor<D>; N] {
+    if layers.iter().any(|l| l.packed.is_some()) {
+        return layers.map(|l| linear(l, x.clone()));
+    }
     let params: Vec<(Tensor<2>, Option<Tensor<1>>)> = layers
         .iter()
         .map(|l| (l.weight.val(), l.bias.as_ref().map(|b| b.val())))
@@ -199,8 +211,15 @@ pub fn conv2d(layer: &Conv2d, x: Tensor<4>) -> Tensor<4> {
 
 /// A tied LM head: `x` `[..., C]` times the transposed token embedding `[V, C]` ->
 /// `[..., V]`, computed as `(E x^T)^T` so the large embedding is read in its stored
-/// layout (a transposed view of it would be copied on every call).
-pub fn tied_head<const D: usize>(x: Tensor<D>, embedding: Tensor<2>) -> Tensor<D> {
+/// layout (a transposed view of it would be copied on every call); a packed embedding
+/// is a packed linear layer with the tokens as its outputs.
+pub fn tied_head<const D: usize>(x: Tensor<D>, embedding: &Embedding) -> Tensor<D> {
+    if let (Some(packed), Some(shape)) = (&embedding.packed, embedding.packed_shape())
+        && let Some(y) = flex::packed_linear(&x, packed, shape, None)
+    {
+        return y;
+    }
+    let embedding = embedding.dense_weight();
     if let Some(y) = flex::tied_head(&x, &embedding) {
         return y;
     }

@@ -18,13 +18,14 @@
 //! D = head_dim (independent of C), F = intermediate_size, V = vocab.
 
 use burn::module::Param;
-use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
+use burn::nn::{EmbeddingConfig, Initializer, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::ops::AttentionModuleOptions;
 use serde::{Deserialize, Serialize};
 
 use crate::fused::{attention, gelu_tanh_mul, linear, linears, tied_head};
 use crate::kv_cache::repeat_kv;
+use crate::quant::{Embedding, Linear};
 use crate::registry::{FieldError, ensure};
 use crate::rope::{RopeScaling, RotaryEmbedding};
 use crate::{CausalLm, KvCache};
@@ -163,10 +164,12 @@ impl Gemma3Config {
         assert!(self.vocab_size > 0, "Gemma3Config::init: vocab_size must be set");
         let init = Initializer::Normal { mean: 0.0, std: 0.02 };
         let linear = |d_in, d_out| {
-            LinearConfig::new(d_in, d_out)
-                .with_bias(false)
-                .with_initializer(init.clone())
-                .init(device)
+            Linear::from(
+                LinearConfig::new(d_in, d_out)
+                    .with_bias(false)
+                    .with_initializer(init.clone())
+                    .init(device),
+            )
         };
         let norm = |d| GemmaRmsNorm::new(d, self.rms_norm_eps, device);
         let (c, d, f) = (self.n_embd, self.head_dim, self.intermediate_size);
@@ -200,9 +203,11 @@ impl Gemma3Config {
             .collect();
         Gemma3ForCausalLM {
             model: Gemma3Model {
-                embed_tokens: EmbeddingConfig::new(self.vocab_size, c)
-                    .with_initializer(init.clone())
-                    .init(device),
+                embed_tokens: Embedding::from(
+                    EmbeddingConfig::new(self.vocab_size, c)
+                        .with_initializer(init.clone())
+                        .init(device),
+                ),
                 layers,
                 norm: norm(c),
                 rotary_global: RotaryEmbedding::new(
@@ -442,7 +447,7 @@ impl Gemma3ForCausalLM {
     /// The weights as the fused flex decode step reads them; `None` off flex or in
     /// Burn's `[in, out]` weight layout.
     fn step_plan(&self) -> Option<crate::fused::step::Plan> {
-        use crate::fused::step::{Head, Layer, Norm, Plan, Proj, Values};
+        use crate::fused::step::{Head, Layer, Matrix, Norm, Plan, Proj, Values};
         let m = &self.model;
         let norm = |n: &GemmaRmsNorm| Norm::new(&n.weight.val(), n.epsilon);
         let (global, local) = (Values::rotary(&m.rotary_global)?, Values::rotary(&m.rotary_local)?);
@@ -477,7 +482,7 @@ impl Gemma3ForCausalLM {
             .collect::<Option<Vec<_>>>()?;
         let attn = &m.layers.first()?.self_attn;
         Some(Plan {
-            embed: Values::contiguous(&m.embed_tokens.weight.val())?,
+            embed: Matrix::embedding(&m.embed_tokens)?,
             embed_scale: Some(m.embed_scale),
             layers,
             norm: norm(&m.norm)?,
@@ -501,7 +506,7 @@ impl Gemma3ForCausalLM {
     /// Final norm, tied head, soft cap: `[B, T, C]` -> `[B, T, V]`.
     fn head(&self, x: Tensor<3>) -> Tensor<3> {
         let m = &self.model;
-        let logits = tied_head(m.norm.forward(x), m.embed_tokens.weight.val());
+        let logits = tied_head(m.norm.forward(x), &m.embed_tokens);
         match m.final_logit_softcapping {
             Some(cap) => (logits / cap).tanh() * cap,
             None => logits,
@@ -533,7 +538,7 @@ impl CausalLm for Gemma3ForCausalLM {
     }
 
     fn vocab_size(&self) -> usize {
-        self.model.embed_tokens.weight.dims()[0]
+        self.model.embed_tokens.vocab()
     }
 
     fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {

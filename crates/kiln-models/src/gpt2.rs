@@ -5,7 +5,7 @@
 //!
 //! Shapes: B = batch, T = sequence, C = n_embd, H = n_head, D = C / H, V = vocab.
 
-use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
+use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::fused::gelu_tanh;
 use crate::fused::{LayerNorm, attention, linear};
+use crate::quant::Linear;
 use crate::registry::{FieldError, ensure};
 use crate::{CausalLm, KvCache};
 
@@ -92,10 +93,12 @@ impl Gpt2Config {
         };
         // Weights drawn from `init`, biases zero (a fresh parameter that trains).
         let linear = |d_in, d_out, init: &Initializer| {
-            let mut layer = LinearConfig::new(d_in, d_out)
-                .with_bias(false)
-                .with_initializer(init.clone())
-                .init(device);
+            let mut layer = Linear::from(
+                LinearConfig::new(d_in, d_out)
+                    .with_bias(false)
+                    .with_initializer(init.clone())
+                    .init(device),
+            );
             layer.bias = self.bias.then(|| Initializer::Zeros.init([d_out], device));
             layer
         };

@@ -19,6 +19,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod loss;
 pub mod mlp;
+pub mod quant;
 pub mod registry;
 pub mod rope;
 

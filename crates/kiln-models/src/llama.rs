@@ -9,13 +9,14 @@
 //! Shapes: B = batch, T = sequence, C = n_embd, H = n_head, K = n_kv_head,
 //! D = head_dim (default C / H), F = intermediate_size, V = vocab.
 
-use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::nn::{EmbeddingConfig, Initializer, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 use burn::tensor::ops::AttentionModuleOptions;
 use serde::{Deserialize, Serialize};
 
 use crate::fused::{attention, linear, linears, rms_norm, silu_mul};
 use crate::kv_cache::repeat_kv;
+use crate::quant::{Embedding, Linear};
 use crate::registry::{FieldError, ensure};
 pub use crate::rope::{RopeScaling, RotaryEmbedding};
 use crate::{CausalLm, KvCache};
@@ -127,10 +128,12 @@ impl LlamaConfig {
         assert!(self.vocab_size > 0, "LlamaConfig::init: vocab_size must be set");
         let init = Initializer::Normal { mean: 0.0, std: 0.02 };
         let linear_b = |d_in, d_out, bias| {
-            LinearConfig::new(d_in, d_out)
-                .with_bias(bias)
-                .with_initializer(init.clone())
-                .init(device)
+            Linear::from(
+                LinearConfig::new(d_in, d_out)
+                    .with_bias(bias)
+                    .with_initializer(init.clone())
+                    .init(device),
+            )
         };
         let linear = |d_in, d_out| linear_b(d_in, d_out, false);
         let rms_norm = || {
@@ -161,9 +164,11 @@ impl LlamaConfig {
             .collect();
         LlamaForCausalLM {
             model: LlamaModel {
-                embed_tokens: EmbeddingConfig::new(self.vocab_size, c)
-                    .with_initializer(init.clone())
-                    .init(device),
+                embed_tokens: Embedding::from(
+                    EmbeddingConfig::new(self.vocab_size, c)
+                        .with_initializer(init.clone())
+                        .init(device),
+                ),
                 layers,
                 norm: rms_norm(),
                 rotary: RotaryEmbedding::new(d, self.block_size, self.rope_theta, self.rope_scaling.as_ref(), device),
@@ -338,7 +343,7 @@ impl LlamaForCausalLM {
     /// The weights as the fused flex decode step reads them; `None` off flex or in
     /// Burn's `[in, out]` weight layout.
     fn step_plan(&self) -> Option<crate::fused::step::Plan> {
-        use crate::fused::step::{Head, Layer, Norm, Plan, Proj, Values};
+        use crate::fused::step::{Head, Layer, Matrix, Norm, Plan, Proj, Values};
         let m = &self.model;
         let norm = |n: &RmsNorm| Norm::new(&n.gamma.val(), n.epsilon);
         let (cos, sin) = Values::rotary(&m.rotary)?;
@@ -368,7 +373,7 @@ impl LlamaForCausalLM {
             .collect::<Option<Vec<_>>>()?;
         let attn = &m.layers.first()?.self_attn;
         Some(Plan {
-            embed: Values::contiguous(&m.embed_tokens.weight.val())?,
+            embed: Matrix::embedding(&m.embed_tokens)?,
             embed_scale: None,
             layers,
             norm: norm(&m.norm)?,
@@ -391,7 +396,7 @@ impl LlamaForCausalLM {
     fn head(&self, x: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
             Some(head) => linear(head, x),
-            None => crate::fused::tied_head(x, self.model.embed_tokens.weight.val()),
+            None => crate::fused::tied_head(x, &self.model.embed_tokens),
         }
     }
 }
@@ -402,7 +407,7 @@ impl CausalLm for LlamaForCausalLM {
     }
 
     fn vocab_size(&self) -> usize {
-        self.model.embed_tokens.weight.dims()[0]
+        self.model.embed_tokens.vocab()
     }
 
     fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {

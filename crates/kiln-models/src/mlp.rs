@@ -2,12 +2,13 @@
 //!
 //! Shapes: B = batch, I = channels * height * width, N_i = hidden sizes, K = classes.
 
-use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
+use burn::nn::{Dropout, DropoutConfig, LinearConfig};
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::ImageClassifier;
 use crate::fused::{linear, relu};
+use crate::quant::Linear;
 use crate::registry::{FieldError, ensure};
 
 fn default_input() -> [usize; 3] {
@@ -56,12 +57,12 @@ impl MlpConfig {
         let mut d_in = self.input_shape.iter().product();
         let mut hidden = Vec::with_capacity(self.hidden_sizes.len());
         for &d_out in &self.hidden_sizes {
-            hidden.push(LinearConfig::new(d_in, d_out).init(device));
+            hidden.push(LinearConfig::new(d_in, d_out).init(device).into());
             d_in = d_out;
         }
         Mlp {
             hidden,
-            head: LinearConfig::new(d_in, self.num_classes).init(device),
+            head: LinearConfig::new(d_in, self.num_classes).init(device).into(),
             dropout: DropoutConfig::new(self.dropout).init(),
             input_shape: self.input_shape,
         }

@@ -375,7 +375,16 @@ pub fn run_finetune(
     let ModelFile {
         model: base_model,
         head: base_head,
+        quantization,
     } = dir.file.clone();
+    if quantization.is_some() {
+        return Err(RunError::RunDir {
+            path: cfg.init_from.join(CONFIG),
+            message: "init_from holds packed (quantized) weights ([quantization]); fine-tuning starts from \
+                      f32 weights: convert the original checkpoint without --quantize"
+                .into(),
+        });
+    }
     if base_head.is_some() {
         return Err(RunError::RunDir {
             path: cfg.init_from.join(CONFIG),
@@ -544,6 +553,7 @@ impl FinetuneJob<'_> {
         let model_file = ModelFile {
             model: prepared.config.model.clone(),
             head: head.cloned(),
+            quantization: None,
         };
         atomic_write(&run_dir.join(CONFIG), model_file.to_toml().as_bytes())?;
         let cfg_toml = toml::to_string_pretty(cfg).expect("config serialises");

@@ -11,10 +11,13 @@
 
 use burn::backend::flex::{FlexTensor, Layout};
 use burn::backend::{BackendTensor, DispatchAutodiffContext, DispatchTensor, DispatchTensorKind};
+use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{AllocationProperty, Bytes, DType, Shape};
 use kiln_kernels::memory::HugeBuffer;
+
+use crate::quant::PackedShape;
 
 pub use kiln_kernels::MAX_ROWS;
 
@@ -79,6 +82,56 @@ pub(crate) fn linear<const D: usize>(x: &Tensor<D>, weight: &Tensor<2>, bias: Op
         WeightLayout::Kn(w) => kiln_kernels::linear_kn(xs, w, bs, &mut y, m, k, n),
         WeightLayout::Nk(w) => kiln_kernels::linear_nk(xs, w, bs, &mut y, m, k, n),
     }
+    let mut out = dims;
+    out[D - 1] = n;
+    Some(wrap(y, &out))
+}
+
+/// The U8 flex tensor of a packed weight ([`crate::quant`]), if that is what it is.
+pub(crate) fn packed_bytes(packed: &Param<Tensor<3, Int>>) -> Option<FlexTensor> {
+    let dispatch = packed.val().into_dispatch();
+    match dispatch.kind {
+        DispatchTensorKind::Flex(BackendTensor::Int(t)) if t.dtype() == DType::U8 => Some(t),
+        _ => None,
+    }
+}
+
+/// `y = x Wᵀ + b` with `W` packed (`shape.rows` outputs of `shape.cols` inputs) for an
+/// untracked f32 flex `x` `[..., cols]` of any number of rows, on Kiln's quantized
+/// kernel ([`kiln_kernels::quant::matvec`], eight rows per pass over the weight);
+/// `None` otherwise.
+pub(crate) fn packed_linear<const D: usize>(
+    x: &Tensor<D>,
+    packed: &Param<Tensor<3, Int>>,
+    shape: PackedShape,
+    bias: Option<&Tensor<1>>,
+) -> Option<Tensor<D>> {
+    let dims = x.dims();
+    let (k, n) = (dims[D - 1], shape.rows);
+    let m = dims[..D - 1].iter().product::<usize>();
+    if m == 0 || k != shape.cols {
+        return None;
+    }
+    let xt = flex_f32(x)?;
+    let wt = packed_bytes(packed)?;
+    let bt = match bias {
+        Some(b) => Some(flex_f32(b)?),
+        None => None,
+    };
+    let copied;
+    let xs = match xt.as_slice::<f32>() {
+        Some(xs) => xs,
+        None => {
+            copied = x.to_data().try_to_vec::<f32>().ok()?;
+            &copied[..]
+        }
+    };
+    let bs = match &bt {
+        Some(b) => Some(b.as_slice::<f32>()?),
+        None => None,
+    };
+    let mut y = vec![0f32; m * n];
+    kiln_kernels::quant::matvec(shape.ty, wt.as_slice::<u8>()?, xs, bs, &mut y, m, k, n);
     let mut out = dims;
     out[D - 1] = n;
     Some(wrap(y, &out))

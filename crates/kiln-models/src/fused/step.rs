@@ -19,13 +19,15 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::backend::flex::FlexTensor;
-use burn::nn::Linear;
 use burn::prelude::*;
 use kiln_kernels::decode::{AttentionRow, attention_steps, gated, rms_norm, rope_rows};
 use kiln_kernels::{MAX_ROWS, NkProduct, linear_nk, linear_nk_many};
 
-use super::flex::{WeightLayout, cache_view, flex_f32, flex_indices, weight_layout, wrap, write_cache_position};
+use super::flex::{
+    WeightLayout, cache_view, flex_f32, flex_indices, packed_bytes, weight_layout, wrap, write_cache_position,
+};
 use crate::KvCache;
+use crate::quant::{Embedding, Linear, PackedShape, dequantize_rows};
 
 /// A run of f32 values in a flex tensor's storage (the tensor is held, so the run lives
 /// as long as the plan).
@@ -83,9 +85,65 @@ impl Norm {
     }
 }
 
-/// A linear layer `[in, out]` stored `[out, in]`, with its bias.
+/// A matrix of `rows` rows of `cols` values, as the step reads it: f32 rows (a weight
+/// stored `[out, in]`, the token embedding) or packed blocks ([`crate::quant`]).
+#[derive(Clone)]
+pub(crate) enum Matrix {
+    F32(Values),
+    Packed { tensor: FlexTensor, shape: PackedShape },
+}
+
+impl Matrix {
+    fn packed(layer_packed: &burn::module::Param<Tensor<3, Int>>, shape: PackedShape) -> Option<Matrix> {
+        let tensor = packed_bytes(layer_packed)?;
+        tensor.as_slice::<u8>()?;
+        Some(Matrix::Packed { tensor, shape })
+    }
+
+    /// The token embedding `[V, C]`.
+    pub(crate) fn embedding(e: &Embedding) -> Option<Matrix> {
+        match (&e.packed, e.packed_shape()) {
+            (Some(p), Some(shape)) => Matrix::packed(p, shape),
+            _ => Some(Matrix::F32(Values::contiguous(&e.weight.val())?)),
+        }
+    }
+
+    /// Rows.
+    fn rows(&self, cols: usize) -> usize {
+        match self {
+            Matrix::F32(v) => v.len / cols.max(1),
+            Matrix::Packed { shape, .. } => shape.rows,
+        }
+    }
+
+    /// Row `i` into `out` (`cols` values), dequantized when packed.
+    fn row(&self, i: usize, out: &mut [f32]) {
+        let c = out.len();
+        match self {
+            Matrix::F32(v) => out.copy_from_slice(&v.get()[i * c..(i + 1) * c]),
+            Matrix::Packed { tensor, shape } => {
+                let rb = shape.row_bytes();
+                let bytes = &tensor.as_slice::<u8>().expect("checked contiguous")[i * rb..(i + 1) * rb];
+                dequantize_rows(PackedShape { rows: 1, ..*shape }, bytes, out);
+            }
+        }
+    }
+
+    /// `y[m, rows] = x[m, cols] · selfᵀ + bias`.
+    fn product(&self, x: &[f32], bias: Option<&[f32]>, y: &mut [f32], m: usize, cols: usize, rows: usize) {
+        match self {
+            Matrix::F32(w) => linear_nk(x, w.get(), bias, y, m, cols, rows),
+            Matrix::Packed { tensor, shape } => {
+                let w = tensor.as_slice::<u8>().expect("checked contiguous");
+                kiln_kernels::quant::matvec(shape.ty, w, x, bias, y, m, cols, rows)
+            }
+        }
+    }
+}
+
+/// A linear layer `[in, out]` stored `[out, in]` (or packed), with its bias.
 pub(crate) struct Proj {
-    w: Values,
+    w: Matrix,
     bias: Option<Values>,
     k: usize,
     n: usize,
@@ -93,22 +151,49 @@ pub(crate) struct Proj {
 
 impl Proj {
     pub(crate) fn new(layer: &Linear) -> Option<Proj> {
-        let weight = layer.weight.val();
-        let [k, n] = weight.dims();
         let bias = match &layer.bias {
             Some(b) => Some(Values::contiguous(&b.val())?),
             None => None,
         };
-        Some(Proj {
-            w: Values::out_in(&weight)?,
-            bias,
-            k,
-            n,
-        })
+        let (k, n) = (layer.d_input(), layer.d_output());
+        let w = match (&layer.packed, layer.packed_shape()) {
+            (Some(p), Some(shape)) => Matrix::packed(p, shape)?,
+            _ => Matrix::F32(Values::out_in(&layer.weight.val())?),
+        };
+        Some(Proj { w, bias, k, n })
     }
 
     fn bias(&self) -> Option<&[f32]> {
         self.bias.as_ref().map(Values::get)
+    }
+
+    /// `y[m, n] = x[m, k] · W + b`.
+    fn apply(&self, x: &[f32], y: &mut [f32], m: usize) {
+        self.w.product(x, self.bias(), y, m, self.k, self.n)
+    }
+}
+
+/// `projs` applied to the same `x` `[m, k]`, one output each: one job of the f32
+/// kernels when every weight is f32, else one product after another.
+fn apply_all(x: &[f32], m: usize, k: usize, projs: &mut [(&Proj, &mut [f32])]) {
+    if projs.iter().all(|(p, _)| matches!(p.w, Matrix::F32(_))) {
+        let mut products: Vec<NkProduct<'_>> = projs
+            .iter_mut()
+            .map(|(p, y)| NkProduct {
+                w: match &p.w {
+                    Matrix::F32(v) => v.get(),
+                    Matrix::Packed { .. } => unreachable!("all f32"),
+                },
+                bias: p.bias(),
+                y: &mut y[..],
+                n: p.n,
+            })
+            .collect();
+        linear_nk_many(x, m, k, &mut products);
+    } else {
+        for (p, y) in projs.iter_mut() {
+            p.apply(x, y, m);
+        }
     }
 }
 
@@ -144,7 +229,7 @@ pub(crate) enum Head {
 /// A model's decode step: its weights as flex storage and its hyper-parameters.
 pub(crate) struct Plan {
     /// `[V, C]`
-    pub embed: Values,
+    pub embed: Matrix,
     /// Embeddings multiplied by this (Gemma: `sqrt(C)`).
     pub embed_scale: Option<f32>,
     pub layers: Vec<Layer>,
@@ -210,7 +295,7 @@ pub(crate) fn run(plan: &Plan, tokens: &Tensor<2, Int>, caches: &mut [&mut KvCac
     let [b, t] = tokens.dims();
     let (h, kv, d) = (plan.heads, plan.kv_heads, plan.head_dim);
     let c = plan.norm.gamma.len;
-    let vocab = plan.embed.len / c.max(1);
+    let vocab = plan.embed.rows(c);
     if t != 1 || b == 0 || b > MAX_ROWS || b != caches.len() || c == 0 {
         return None;
     }
@@ -241,9 +326,8 @@ pub(crate) fn run(plan: &Plan, tokens: &Tensor<2, Int>, caches: &mut [&mut KvCac
     let norm = |n: &Norm, x: &[f32], out: &mut [f32]| rms_norm(x, n.gamma.get(), n.eps, add_one, out);
     let logits = BUFFERS.with_borrow_mut(|buf| {
         let x = sized(&mut buf.x, b * c);
-        let embed = plan.embed.get();
         for (row, &id) in x.chunks_exact_mut(c).zip(&ids) {
-            row.copy_from_slice(&embed[id * c..(id + 1) * c]);
+            plan.embed.row(id, row);
             if let Some(s) = plan.embed_scale {
                 row.iter_mut().for_each(|v| *v *= s);
             }
@@ -257,27 +341,7 @@ pub(crate) fn run(plan: &Plan, tokens: &Tensor<2, Int>, caches: &mut [&mut KvCac
                 sized(&mut buf.k, b * layer.k.n),
                 sized(&mut buf.v, b * layer.v.n),
             );
-            let mut products = [
-                NkProduct {
-                    w: layer.q.w.get(),
-                    bias: layer.q.bias(),
-                    y: q,
-                    n: layer.q.n,
-                },
-                NkProduct {
-                    w: layer.k.w.get(),
-                    bias: layer.k.bias(),
-                    y: k,
-                    n: layer.k.n,
-                },
-                NkProduct {
-                    w: layer.v.w.get(),
-                    bias: layer.v.bias(),
-                    y: v,
-                    n: layer.v.n,
-                },
-            ];
-            linear_nk_many(normed, b, c, &mut products);
+            apply_all(normed, b, c, &mut [(&layer.q, q), (&layer.k, k), (&layer.v, v)]);
             let (q, k, v) = (&mut buf.q[..b * h * d], &mut buf.k[..b * kv * d], &buf.v[..b * kv * d]);
             if let Some((qn, kn)) = &layer.qk_norm {
                 let tmp = sized(&mut buf.q_rot, b * h * d);
@@ -315,40 +379,26 @@ pub(crate) fn run(plan: &Plan, tokens: &Tensor<2, Int>, caches: &mut [&mut KvCac
             drop(rows);
             drop(held);
             let out = sized(&mut buf.out, b * c);
-            linear_nk(attn, layer.o.w.get(), layer.o.bias(), out, b, h * d, c);
+            layer.o.apply(attn, out, b);
             residual(x, out, layer.post_attn_norm.as_ref(), &mut buf.out_normed, norm);
             // MLP block.
             let normed = sized(&mut buf.normed, b * c);
             norm(&layer.ff_norm, x, normed);
             let f = layer.gate.n;
             let (gate, up) = (sized(&mut buf.gate, b * f), sized(&mut buf.up, b * f));
-            let mut products = [
-                NkProduct {
-                    w: layer.gate.w.get(),
-                    bias: layer.gate.bias(),
-                    y: gate,
-                    n: f,
-                },
-                NkProduct {
-                    w: layer.up.w.get(),
-                    bias: layer.up.bias(),
-                    y: up,
-                    n: f,
-                },
-            ];
-            linear_nk_many(normed, b, c, &mut products);
+            apply_all(normed, b, c, &mut [(&layer.gate, gate), (&layer.up, up)]);
             let act = sized(&mut buf.act, b * f);
             gated(&buf.gate[..b * f], &buf.up[..b * f], plan.gelu, act);
             let out = sized(&mut buf.out, b * c);
-            linear_nk(act, layer.down.w.get(), layer.down.bias(), out, b, f, c);
+            layer.down.apply(act, out, b);
             residual(x, out, layer.post_ff_norm.as_ref(), &mut buf.out_normed, norm);
         }
         let normed = sized(&mut buf.normed, b * c);
         norm(&plan.norm, x, normed);
         let mut logits = vec![0f32; b * vocab];
         match &plan.head {
-            Head::Tied => linear_nk(normed, plan.embed.get(), None, &mut logits, b, c, vocab),
-            Head::Proj(p) => linear_nk(normed, p.w.get(), p.bias(), &mut logits, b, p.k, p.n),
+            Head::Tied => plan.embed.product(normed, None, &mut logits, b, c, vocab),
+            Head::Proj(p) => p.apply(normed, &mut logits, b),
         }
         if let Some(cap) = plan.final_softcap {
             let cap = cap as f32;
