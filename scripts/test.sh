@@ -35,6 +35,10 @@ mkdir -p "$KILN_CACHE"
 fmt() { printf '%d min %d s' $(($1 / 60)) $(($1 % 60)); }
 features=()
 [ -z "${KILN_FEATURES:-}" ] || features=(--features "$KILN_FEATURES")
+# With libtorch linked in (the `tch` feature), every test binary of a crate above
+# kiln-core needs libtorch's directory at run time; cargo adds only paths inside the
+# target directory to the loader's path (the binaries get it in their rpath).
+[ -z "${LIBTORCH:-}" ] || export LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 target="${CARGO_TARGET_DIR:-$root/target}"
 mkdir -p "$target"
 # The test build runs in the background while the downloads, the Python environment

@@ -29,7 +29,7 @@ fn generated_magika_matches_onnxruntime_on_real_files() {
     assert_eq!(labels.len(), 214);
 
     let device = Device::flex();
-    let model = kiln_magika::Model::default();
+    let model = kiln_magika::pretrained(&device);
     let ours = kiln_magika::classify(&model, &slices, &device);
     let mut worst = 0.0f32;
     for (i, (p, r)) in ours.iter().zip(&reference.probabilities).enumerate() {

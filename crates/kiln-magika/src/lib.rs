@@ -11,6 +11,13 @@ use burn::prelude::*;
 
 pub use model::Model;
 
+/// The pretrained Magika model on `device`, from the weights the build script generated
+/// beside the code. (The generated `Model::default()` loads them on Burn's default
+/// device, which is wgpu in a build with the `wgpu` feature, not the caller's.)
+pub fn pretrained(device: &Device) -> Model {
+    Model::from_file(concat!(env!("OUT_DIR"), "/model/magika_standard_v3_3.bpk"), device)
+}
+
 const BEG: usize = 1024;
 const END: usize = 1024;
 const PADDING: i32 = 256;
