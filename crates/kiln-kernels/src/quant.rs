@@ -292,6 +292,80 @@ pub fn matvec_with(
     ACTS.set(acts);
 }
 
+/// One product of [`matvec_many`]: `y[m, n] = x · W[n, k]ᵀ + bias`, `W` packed as `ty`.
+pub struct QuantProduct<'a> {
+    pub ty: QuantType,
+    pub w: &'a [u8],
+    pub bias: Option<&'a [f32]>,
+    pub y: &'a mut [f32],
+    pub n: usize,
+}
+
+/// Several [`matvec`] products of the same `x` `[m, k]` (a layer's q, k and v, or its
+/// gate and up projections): `x` quantized once and every product's rows one job of the
+/// pool (one hand-out and one wait instead of one per product), each row computed as
+/// [`matvec`] computes it (the same bits). Panics on lengths that disagree.
+pub fn matvec_many(x: &[f32], m: usize, k: usize, products: &mut [QuantProduct<'_>]) {
+    let isa = Isa::best();
+    let blocks = k / BLOCK;
+    assert!(k.is_multiple_of(BLOCK), "k is a multiple of 32");
+    assert_eq!(x.len(), m * k, "x is [m, k]");
+    let mut jobs = Vec::with_capacity(products.len());
+    for p in products.iter_mut() {
+        let row_bytes = p.ty.bytes_for(k).expect("k is a multiple of 32");
+        assert_eq!(
+            p.w.len(),
+            p.n * row_bytes,
+            "{}: w holds n rows of k values",
+            p.ty.name()
+        );
+        assert_eq!(p.y.len(), m * p.n, "y is [m, n]");
+        if let Some(b) = p.bias {
+            assert_eq!(b.len(), p.n, "bias is [n]");
+        }
+        jobs.push((p.ty, p.w, p.bias, p.n, row_bytes, SharedMut(p.y.as_mut_ptr())));
+    }
+    let mut acts = ACTS.take();
+    acts.resize(m * blocks, ActBlock::default());
+    for (row, out) in x.chunks_exact(k).zip(acts.chunks_exact_mut(blocks)) {
+        quantize_act(row, out);
+    }
+    let mut tasks = Vec::with_capacity(jobs.len() * Pool::global().threads() * 4);
+    for (i, &(_, _, _, n, _, _)) in jobs.iter().enumerate() {
+        let parts = row_tasks(n, k, 8);
+        let slab = n.div_ceil(parts);
+        tasks.extend((0..parts).map(|q| (i, q * slab, ((q + 1) * slab).min(n))));
+    }
+    for r0 in (0..m).step_by(MAX_ROWS) {
+        let rows = MAX_ROWS.min(m - r0);
+        let a = &acts[r0 * blocks..(r0 + rows) * blocks];
+        let (jobs, tasks) = (&jobs, &tasks);
+        Pool::global().run(tasks.len(), &|t| {
+            let (i, j0, j1) = tasks[t];
+            let (ty, w, bias, n, row_bytes, out) = jobs[i];
+            let mut sums = [0f32; MAX_ROWS];
+            for j in j0..j1 {
+                let b = bias.map_or(0.0, |b| b[j]);
+                row_dots(
+                    isa,
+                    ty,
+                    &w[j * row_bytes..(j + 1) * row_bytes],
+                    a,
+                    blocks,
+                    rows,
+                    &mut sums,
+                );
+                for (r, s) in sums.iter().enumerate().take(rows) {
+                    // SAFETY: task `t` alone writes columns j0..j1 of product i's `y`
+                    // (m rows of n), which outlives the job.
+                    unsafe { *{ out }.0.add((r0 + r) * n + j) = s + b };
+                }
+            }
+        });
+    }
+    ACTS.set(acts);
+}
+
 #[allow(clippy::too_many_arguments)]
 fn pass(
     isa: Isa,
@@ -518,6 +592,47 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn many_products_give_each_product_the_bits_it_gets_alone() {
+        let (k, ns) = (96, [40usize, 24, 64]);
+        for m in [1, 3, 8, 11] {
+            let x = crate::test_fill(m * k, 5);
+            let types = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1];
+            let weights: Vec<Vec<u8>> = ns
+                .iter()
+                .zip(types)
+                .enumerate()
+                .map(|(i, (&n, ty))| {
+                    let mut w = vec![0u8; ty.bytes_for(n * k).unwrap()];
+                    quantize(ty, &crate::test_fill(n * k, 10 + i as u64), &mut w);
+                    w
+                })
+                .collect();
+            let bias = crate::test_fill(24, 99);
+            let mut alone: Vec<Vec<f32>> = Vec::new();
+            for (i, (&n, ty)) in ns.iter().zip(types).enumerate() {
+                let mut y = vec![0f32; m * n];
+                let b = (i == 1).then_some(&bias[..]);
+                matvec(ty, &weights[i], &x, b, &mut y, m, k, n);
+                alone.push(y);
+            }
+            let mut outs: Vec<Vec<f32>> = ns.iter().map(|&n| vec![0f32; m * n]).collect();
+            let mut products: Vec<QuantProduct<'_>> = outs
+                .iter_mut()
+                .enumerate()
+                .map(|(i, y)| QuantProduct {
+                    ty: types[i],
+                    w: &weights[i],
+                    bias: (i == 1).then_some(&bias[..]),
+                    y,
+                    n: ns[i],
+                })
+                .collect();
+            matvec_many(&x, m, k, &mut products);
+            assert_eq!(outs, alone, "m = {m}");
+        }
+    }
 
     const TYPES: [QuantType; 3] = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1];
 

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use burn::backend::flex::FlexTensor;
 use burn::prelude::*;
 use kiln_kernels::decode::{AttentionRow, attention_steps, gated, rms_norm, rope_rows};
+use kiln_kernels::quant::QuantProduct;
 use kiln_kernels::{MAX_ROWS, NkProduct, linear_nk, linear_nk_many};
 
 use super::flex::{
@@ -173,8 +174,8 @@ impl Proj {
     }
 }
 
-/// `projs` applied to the same `x` `[m, k]`, one output each: one job of the f32
-/// kernels when every weight is f32, else one product after another.
+/// `projs` applied to the same `x` `[m, k]`, one output each: one job of the pool when
+/// every weight is f32 or every weight is packed, else one product after another.
 fn apply_all(x: &[f32], m: usize, k: usize, projs: &mut [(&Proj, &mut [f32])]) {
     if projs.iter().all(|(p, _)| matches!(p.w, Matrix::F32(_))) {
         let mut products: Vec<NkProduct<'_>> = projs
@@ -190,6 +191,21 @@ fn apply_all(x: &[f32], m: usize, k: usize, projs: &mut [(&Proj, &mut [f32])]) {
             })
             .collect();
         linear_nk_many(x, m, k, &mut products);
+    } else if projs.iter().all(|(p, _)| matches!(p.w, Matrix::Packed { .. })) {
+        let mut products: Vec<QuantProduct<'_>> = projs
+            .iter_mut()
+            .map(|(p, y)| match &p.w {
+                Matrix::Packed { tensor, shape } => QuantProduct {
+                    ty: shape.ty,
+                    w: tensor.as_slice::<u8>().expect("checked contiguous"),
+                    bias: p.bias(),
+                    y: &mut y[..],
+                    n: p.n,
+                },
+                Matrix::F32(_) => unreachable!("all packed"),
+            })
+            .collect();
+        kiln_kernels::quant::matvec_many(x, m, k, &mut products);
     } else {
         for (p, y) in projs.iter_mut() {
             p.apply(x, y, m);
