@@ -73,6 +73,62 @@ pub(crate) struct SharedMut(pub(crate) *mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
+/// Most products one [`linear_nk_many`] or [`quant::matvec_many`] call takes (a
+/// layer's q, k, v; its gate and up).
+pub const MAX_PRODUCTS: usize = 4;
+
+/// The tasks of one pool job over several products' output rows, on the stack (a
+/// decode step makes these calls a hundred times per token): product `i` is cut into
+/// [`matvec::row_tasks`] slabs of consecutive rows.
+pub(crate) struct Split {
+    /// Task counts, cumulative: product `i` owns tasks `ends[i - 1]..ends[i]`.
+    ends: [usize; MAX_PRODUCTS],
+    rows: [usize; MAX_PRODUCTS],
+    len: usize,
+}
+
+impl Split {
+    /// `rows[i]` output rows of `cols` inputs for product `i`. Panics on more than
+    /// [`MAX_PRODUCTS`] products.
+    pub(crate) fn new(rows: impl ExactSizeIterator<Item = usize>, cols: usize) -> Split {
+        assert!(
+            rows.len() <= MAX_PRODUCTS,
+            "at most {MAX_PRODUCTS} products in one call"
+        );
+        let mut split = Split {
+            ends: [0; MAX_PRODUCTS],
+            rows: [0; MAX_PRODUCTS],
+            len: 0,
+        };
+        let mut total = 0;
+        for (i, n) in rows.enumerate() {
+            total += matvec::row_tasks(n, cols, 8);
+            split.ends[i] = total;
+            split.rows[i] = n;
+            split.len = i + 1;
+        }
+        split
+    }
+
+    /// Tasks in all.
+    pub(crate) fn tasks(&self) -> usize {
+        if self.len == 0 { 0 } else { self.ends[self.len - 1] }
+    }
+
+    /// Task `t`: (its product, first row, end row).
+    pub(crate) fn task(&self, t: usize) -> (usize, usize, usize) {
+        let i = self.ends[..self.len]
+            .iter()
+            .position(|&e| t < e)
+            .expect("a task of this split");
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        let (n, parts) = (self.rows[i], self.ends[i] - start);
+        let slab = n.div_ceil(parts);
+        let q = t - start;
+        (i, (q * slab).min(n), ((q + 1) * slab).min(n))
+    }
+}
+
 /// The sum of the eight lanes.
 #[cfg(target_arch = "x86_64")]
 #[inline]

@@ -15,7 +15,7 @@
 //! relative to the sum of magnitudes).
 
 use crate::pool::Pool;
-use crate::{Isa, SharedMut};
+use crate::{Isa, MAX_PRODUCTS, SharedMut, Split};
 use std::cell::RefCell;
 
 /// The rows one pass over a weight serves; the rest of a batch takes further passes.
@@ -207,20 +207,18 @@ pub fn linear_nk_many(x: &[f32], m: usize, k: usize, products: &mut [NkProduct<'
         }
         return;
     }
-    let mut tasks = Vec::with_capacity(products.len() * Pool::global().threads());
-    // The weights and the outputs' addresses; the outputs are written only through these.
-    let mut jobs = Vec::with_capacity(products.len());
-    for (i, p) in products.iter_mut().enumerate() {
+    for p in products.iter() {
         check(x, p.w, p.bias, p.y, m, k, p.n);
-        let parts = row_tasks(p.n, k, 8);
-        let slab = p.n.div_ceil(parts);
-        tasks.extend((0..parts).map(|q| (i, q * slab, ((q + 1) * slab).min(p.n))));
-        jobs.push((p.w, p.bias, p.n, SharedMut(p.y.as_mut_ptr())));
     }
+    let split = Split::new(products.iter().map(|p| p.n), k);
+    // The weights and the outputs' addresses; the outputs are written only through these.
+    let mut each = products.iter_mut();
+    let jobs: [Option<(&[f32], Option<&[f32]>, usize, SharedMut)>; MAX_PRODUCTS] =
+        std::array::from_fn(|_| each.next().map(|p| (p.w, p.bias, p.n, SharedMut(p.y.as_mut_ptr()))));
     let jobs = &jobs;
-    Pool::global().run(tasks.len(), &|t| {
-        let (i, j0, j1) = tasks[t];
-        let (w, bias, n, out) = jobs[i];
+    Pool::global().run(split.tasks(), &|t| {
+        let (i, j0, j1) = split.task(t);
+        let (w, bias, n, out) = jobs[i].expect("a product of this call");
         // SAFETY: task `t` writes only columns j0..j1 of product i's `y` (m rows of n),
         // which outlives the job.
         let write = |r: usize, j: usize, v: f32| unsafe { *{ out }.0.add(r * n + j) = v };

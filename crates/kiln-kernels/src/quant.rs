@@ -16,7 +16,7 @@
 
 use crate::matvec::{MAX_ROWS, row_tasks};
 use crate::pool::Pool;
-use crate::{Isa, SharedMut};
+use crate::{Isa, MAX_PRODUCTS, SharedMut, Split};
 use std::cell::RefCell;
 
 /// Values per block, for every type here.
@@ -222,9 +222,26 @@ pub fn quantize(ty: QuantType, x: &[f32], out: &mut [u8]) {
 struct ActBlock {
     /// The scale, rounded through f16 as llama.cpp's `block_q8_0`/`block_q8_1` store it.
     d: f32,
-    /// `d * sum(q)`, for Q4_1's offset term.
+    /// `d * sum(q)`, for the minimum term of Q4_1 (and of Q4_0 on AVX2, as `-8 d`).
     s: f32,
     q: [i8; BLOCK],
+}
+
+/// Quantize an activation row into Q8 blocks on `isa`: the same bits on every path.
+fn quantize_act_with(isa: Isa, x: &[f32], out: &mut [ActBlock]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is available (checked by the caller): AVX2, FMA and F16C.
+        Isa::Avx2Fma => unsafe { avx2::quantize_act(x, out) },
+        _ => quantize_act(x, out),
+    }
+}
+
+/// The inverse scale of an activation block: 0 for a block of zeros, and for one so
+/// small (amax < 127 / f32::MAX) that `1 / d` overflows (its values quantize to 0).
+fn inverse_scale(d: f32) -> f32 {
+    let id = 1.0 / d;
+    if d == 0.0 || !id.is_finite() { 0.0 } else { id }
 }
 
 /// Quantize an activation row into Q8 blocks (Q8_0's arithmetic).
@@ -232,7 +249,7 @@ fn quantize_act(x: &[f32], out: &mut [ActBlock]) {
     for (b, o) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
         let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
-        let id = if d == 0.0 { 0.0 } else { 1.0 / d };
+        let id = inverse_scale(d);
         let mut sum = 0i32;
         for (q, &v) in o.q.iter_mut().zip(b) {
             *q = roundf(v * id) as i8;
@@ -281,7 +298,7 @@ pub fn matvec_with(
     let mut acts = ACTS.take();
     acts.resize(m * blocks, ActBlock::default());
     for (row, out) in x.chunks_exact(k).zip(acts.chunks_exact_mut(blocks)) {
-        quantize_act(row, out);
+        quantize_act_with(isa, row, out);
     }
     for r0 in (0..m).step_by(MAX_ROWS) {
         let rows = MAX_ROWS.min(m - r0);
@@ -310,8 +327,7 @@ pub fn matvec_many(x: &[f32], m: usize, k: usize, products: &mut [QuantProduct<'
     let blocks = k / BLOCK;
     assert!(k.is_multiple_of(BLOCK), "k is a multiple of 32");
     assert_eq!(x.len(), m * k, "x is [m, k]");
-    let mut jobs = Vec::with_capacity(products.len());
-    for p in products.iter_mut() {
+    for p in products.iter() {
         let row_bytes = p.ty.bytes_for(k).expect("k is a multiple of 32");
         assert_eq!(
             p.w.len(),
@@ -323,44 +339,37 @@ pub fn matvec_many(x: &[f32], m: usize, k: usize, products: &mut [QuantProduct<'
         if let Some(b) = p.bias {
             assert_eq!(b.len(), p.n, "bias is [n]");
         }
-        jobs.push((p.ty, p.w, p.bias, p.n, row_bytes, SharedMut(p.y.as_mut_ptr())));
     }
+    let split = Split::new(products.iter().map(|p| p.n), k);
+    // The weights and the outputs' addresses; the outputs are written only through these.
+    type Job<'a> = (QuantType, &'a [u8], Option<&'a [f32]>, usize, usize, SharedMut);
+    let mut each = products.iter_mut();
+    let jobs: [Option<Job<'_>>; MAX_PRODUCTS] = std::array::from_fn(|_| {
+        each.next().map(|p| {
+            let row_bytes = p.ty.bytes_for(k).expect("checked");
+            (p.ty, p.w, p.bias, p.n, row_bytes, SharedMut(p.y.as_mut_ptr()))
+        })
+    });
     let mut acts = ACTS.take();
     acts.resize(m * blocks, ActBlock::default());
     for (row, out) in x.chunks_exact(k).zip(acts.chunks_exact_mut(blocks)) {
-        quantize_act(row, out);
-    }
-    let mut tasks = Vec::with_capacity(jobs.len() * Pool::global().threads() * 4);
-    for (i, &(_, _, _, n, _, _)) in jobs.iter().enumerate() {
-        let parts = row_tasks(n, k, 8);
-        let slab = n.div_ceil(parts);
-        tasks.extend((0..parts).map(|q| (i, q * slab, ((q + 1) * slab).min(n))));
+        quantize_act_with(isa, row, out);
     }
     for r0 in (0..m).step_by(MAX_ROWS) {
         let rows = MAX_ROWS.min(m - r0);
         let a = &acts[r0 * blocks..(r0 + rows) * blocks];
-        let (jobs, tasks) = (&jobs, &tasks);
-        Pool::global().run(tasks.len(), &|t| {
-            let (i, j0, j1) = tasks[t];
-            let (ty, w, bias, n, row_bytes, out) = jobs[i];
-            let mut sums = [0f32; MAX_ROWS];
-            for j in j0..j1 {
+        let (jobs, split) = (&jobs, &split);
+        Pool::global().run(split.tasks(), &|t| {
+            let (i, j0, j1) = split.task(t);
+            let (ty, w, bias, n, row_bytes, out) = jobs[i].expect("a product of this call");
+            rows_range(isa, ty, w, row_bytes, a, blocks, rows, j0..j1, |j, sums| {
                 let b = bias.map_or(0.0, |b| b[j]);
-                row_dots(
-                    isa,
-                    ty,
-                    &w[j * row_bytes..(j + 1) * row_bytes],
-                    a,
-                    blocks,
-                    rows,
-                    &mut sums,
-                );
-                for (r, s) in sums.iter().enumerate().take(rows) {
+                for (r, s) in sums.iter().enumerate() {
                     // SAFETY: task `t` alone writes columns j0..j1 of product i's `y`
                     // (m rows of n), which outlives the job.
                     unsafe { *{ out }.0.add((r0 + r) * n + j) = s + b };
                 }
-            }
+            });
         });
     }
     ACTS.set(acts);
@@ -383,18 +392,70 @@ fn pass(
     let slab = n.div_ceil(parts);
     let out = SharedMut(y.as_mut_ptr());
     let run = |p: usize| {
-        let mut sums = [0f32; MAX_ROWS];
-        for j in p * slab..((p + 1) * slab).min(n) {
-            let wrow = &w[j * row_bytes..(j + 1) * row_bytes];
-            let b = bias.map_or(0.0, |b| b[j]);
-            row_dots(isa, ty, wrow, acts, blocks, m, &mut sums);
-            for (r, s) in sums.iter().enumerate().take(m) {
-                // SAFETY: task `p` alone writes columns of its slab, within `y` (m rows of n).
-                unsafe { *{ out }.0.add(r * n + j) = s + b };
-            }
-        }
+        rows_range(
+            isa,
+            ty,
+            w,
+            row_bytes,
+            acts,
+            blocks,
+            m,
+            p * slab..((p + 1) * slab).min(n),
+            |j, sums| {
+                let b = bias.map_or(0.0, |b| b[j]);
+                for (r, s) in sums.iter().enumerate() {
+                    // SAFETY: task `p` alone writes columns of its slab, within `y` (m rows of n).
+                    unsafe { *{ out }.0.add(r * n + j) = s + b };
+                }
+            },
+        );
     };
     Pool::global().run(parts, &run);
+}
+
+/// Weight rows `js` of `w` (packed, `row_bytes` each) · each of the `m` quantized
+/// activation rows: `emit(j, sums)`, `sums[r]` for activation row `r`. One activation
+/// row (decode at batch 1) on AVX2 takes the weight rows four at a time, each activation
+/// block loaded once for the four (the products of a small model have rows of only
+/// 18-48 blocks, so a row's fixed costs, the final horizontal sum among them, count).
+#[allow(clippy::too_many_arguments)]
+fn rows_range(
+    isa: Isa,
+    ty: QuantType,
+    w: &[u8],
+    row_bytes: usize,
+    acts: &[ActBlock],
+    blocks: usize,
+    m: usize,
+    js: std::ops::Range<usize>,
+    mut emit: impl FnMut(usize, &[f32]),
+) {
+    let mut j = js.start;
+    #[cfg(target_arch = "x86_64")]
+    if m == 1 && isa == Isa::Avx2Fma {
+        while j + 4 <= js.end {
+            let four = &w[j * row_bytes..(j + 4) * row_bytes];
+            // SAFETY: `isa` is available (checked by the caller): AVX2, FMA and F16C.
+            let sums = unsafe { avx2::four_rows(ty, four, row_bytes, &acts[..blocks], blocks) };
+            for (i, s) in sums.iter().enumerate() {
+                emit(j + i, std::slice::from_ref(s));
+            }
+            j += 4;
+        }
+    }
+    let mut sums = [0f32; MAX_ROWS];
+    for j in j..js.end {
+        row_dots(
+            isa,
+            ty,
+            &w[j * row_bytes..(j + 1) * row_bytes],
+            acts,
+            blocks,
+            m,
+            &mut sums,
+        );
+        emit(j, &sums[..m]);
+    }
 }
 
 /// One weight row (packed) · each of the `m` quantized activation rows (`acts`, `m`
@@ -473,6 +534,49 @@ mod avx2 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 
+    /// [`super::quantize_act`] eight lanes at a time, the same operations (max of the
+    /// magnitudes, `v * (1 / d)`, round half away from zero as `floor(a) + floor(2 (a -
+    /// floor(a)))` with the sign put back), so the same bits.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_act(x: &[f32], out: &mut [ActBlock]) {
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let sign = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MIN));
+        for (b, o) in x.chunks_exact(super::BLOCK).zip(out.iter_mut()) {
+            let p = b.as_ptr();
+            // SAFETY: `b` holds 32 values.
+            let v = unsafe { [0, 8, 16, 24].map(|i| _mm256_loadu_ps(p.add(i))) };
+            let m = _mm256_max_ps(
+                _mm256_max_ps(_mm256_and_ps(v[0], abs), _mm256_and_ps(v[1], abs)),
+                _mm256_max_ps(_mm256_and_ps(v[2], abs), _mm256_and_ps(v[3], abs)),
+            );
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
+            let d = amax / 127.0;
+            let id = _mm256_set1_ps(super::inverse_scale(d));
+            let q = v.map(|v| {
+                let t = _mm256_mul_ps(v, id);
+                let a = _mm256_and_ps(t, abs);
+                let f = _mm256_floor_ps(a);
+                let two = _mm256_floor_ps(_mm256_mul_ps(_mm256_set1_ps(2.0), _mm256_sub_ps(a, f)));
+                let r = _mm256_or_ps(_mm256_add_ps(f, two), _mm256_and_ps(t, sign));
+                _mm256_cvtps_epi32(r)
+            });
+            let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            let s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+            let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+            let total = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 1)));
+            // i32 -> i16 -> i8 saturating packs work within 128-bit lanes: put the
+            // eight 4-byte groups back in order.
+            let packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            let ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            // SAFETY: `o.q` is 32 bytes.
+            unsafe { _mm256_storeu_si256(o.q.as_mut_ptr() as *mut __m256i, ordered) };
+            o.d = half::f16::from_f32(d).to_f32();
+            o.s = o.d * total as f32;
+        }
+    }
+
     /// The type codes of the const-generic kernel (one compiled loop per type).
     const Q8_0: u8 = 0;
     const Q4_0: u8 = 1;
@@ -488,18 +592,16 @@ mod avx2 {
         sums: &mut [f32; MAX_ROWS],
     ) {
         unsafe {
-            match (ty, m) {
-                (QuantType::Q8_0, 1) => one_row::<Q8_0>(w, acts, blocks, sums),
-                (QuantType::Q4_0, 1) => one_row::<Q4_0>(w, acts, blocks, sums),
-                (QuantType::Q4_1, 1) => one_row::<Q4_1>(w, acts, blocks, sums),
-                (QuantType::Q8_0, _) => rows::<Q8_0>(w, acts, blocks, m, sums),
-                (QuantType::Q4_0, _) => rows::<Q4_0>(w, acts, blocks, m, sums),
-                (QuantType::Q4_1, _) => rows::<Q4_1>(w, acts, blocks, m, sums),
+            match ty {
+                QuantType::Q8_0 => rows::<Q8_0>(w, acts, blocks, m, sums),
+                QuantType::Q4_0 => rows::<Q4_0>(w, acts, blocks, m, sums),
+                QuantType::Q4_1 => rows::<Q4_1>(w, acts, blocks, m, sums),
             }
         }
     }
 
-    /// Block `blk`'s weights: (the values as i8 or, for Q4_1, u8; their scale; Q4_1's min).
+    /// Block `blk`'s weights: (the values, i8 for Q8_0, the u8 nibbles for Q4_0 and Q4_1; their
+    /// scale; the minimum: Q4_1's own, -8 d for Q4_0, unused for Q8_0).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn block<const T: u8>(w: &[u8], blk: usize) -> (__m256i, f32, f32) {
@@ -509,11 +611,12 @@ mod avx2 {
         unsafe {
             match T {
                 Q8_0 => (_mm256_loadu_si256(p.add(2) as *const __m256i), scale(b, 0), 0.0),
-                Q4_0 => (
-                    _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8)),
-                    scale(b, 0),
-                    0.0,
-                ),
+                // d * (q - 8) = d * q + (-8 d): Q4_1's form with the minimum -8 d, so
+                // the nibbles go straight into the unsigned x signed product.
+                Q4_0 => {
+                    let d = scale(b, 0);
+                    (nibbles(p.add(2)), d, -8.0 * d)
+                }
                 _ => (nibbles(p.add(4)), scale(b, 0), scale(b, 2)),
             }
         }
@@ -524,49 +627,59 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     fn block_dot<const T: u8>(q: __m256i, x: __m256i) -> __m256i {
         match T {
-            Q4_1 => dot_u8_i8(q, x),
-            _ => dot_u8_i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)),
+            Q8_0 => dot_u8_i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)),
+            _ => dot_u8_i8(q, x),
         }
     }
 
-    /// One activation row: four blocks in flight on four accumulators (one FMA's
-    /// latency per block would otherwise bound the loop).
+    /// Four weight rows (`row_bytes` apart in `w`) · one activation row: each activation
+    /// block loaded once for the four, four independent accumulators. Each row's sum is
+    /// the same sequence of operations as in [`rows`] (one accumulator, blocks in order),
+    /// so a row gets the same bits whichever path, batch or task split computes it.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn one_row<const T: u8>(w: &[u8], acts: &[ActBlock], blocks: usize, sums: &mut [f32; MAX_ROWS]) {
-        let mut offset = 0f32;
-        let mut step = |blk: usize, acc: __m256| {
-            let (q, d, min) = unsafe { block::<T>(w, blk) };
-            let a = &acts[blk];
-            let x = unsafe { _mm256_loadu_si256(a.q.as_ptr() as *const __m256i) };
-            if T == Q4_1 {
-                offset += min * a.s;
+    pub(super) unsafe fn four_rows(
+        ty: QuantType,
+        w: &[u8],
+        row_bytes: usize,
+        acts: &[ActBlock],
+        blocks: usize,
+    ) -> [f32; 4] {
+        unsafe {
+            match ty {
+                QuantType::Q8_0 => four::<Q8_0>(w, row_bytes, acts, blocks),
+                QuantType::Q4_0 => four::<Q4_0>(w, row_bytes, acts, blocks),
+                QuantType::Q4_1 => four::<Q4_1>(w, row_bytes, acts, blocks),
             }
-            let s = _mm256_cvtepi32_ps(block_dot::<T>(q, x));
-            _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), s, acc)
-        };
-        let (mut a0, mut a1, mut a2, mut a3) = (
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-        );
-        let mut blk = 0;
-        while blk + 4 <= blocks {
-            a0 = step(blk, a0);
-            a1 = step(blk + 1, a1);
-            a2 = step(blk + 2, a2);
-            a3 = step(blk + 3, a3);
-            blk += 4;
         }
-        while blk < blocks {
-            a0 = step(blk, a0);
-            blk += 1;
-        }
-        let all = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-        sums[0] = crate::hsum256(all) + offset;
     }
 
-    /// Up to [`MAX_ROWS`] activation rows: each weight block decoded once for all.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn four<const T: u8>(w: &[u8], row_bytes: usize, acts: &[ActBlock], blocks: usize) -> [f32; 4] {
+        assert!(w.len() >= 4 * row_bytes && acts.len() >= blocks && row_bytes >= blocks * [34, 18, 20][T as usize]);
+        let rows = [
+            &w[..row_bytes],
+            &w[row_bytes..2 * row_bytes],
+            &w[2 * row_bytes..3 * row_bytes],
+            &w[3 * row_bytes..4 * row_bytes],
+        ];
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut offset = [0f32; 4];
+        for (blk, a) in acts[..blocks].iter().enumerate() {
+            let x = unsafe { _mm256_loadu_si256(a.q.as_ptr() as *const __m256i) };
+            for r in 0..4 {
+                let (q, d, min) = unsafe { block::<T>(rows[r], blk) };
+                if T != Q8_0 {
+                    offset[r] += min * a.s;
+                }
+                let s = _mm256_cvtepi32_ps(block_dot::<T>(q, x));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), s, acc[r]);
+            }
+        }
+        [0, 1, 2, 3].map(|r| crate::hsum256(acc[r]) + offset[r])
+    }
+
+    /// Up to [`MAX_ROWS`] activation rows: each weight block decoded once for all, one
+    /// accumulator per row over the blocks in order.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn rows<const T: u8>(w: &[u8], acts: &[ActBlock], blocks: usize, m: usize, sums: &mut [f32; MAX_ROWS]) {
         let mut acc = [_mm256_setzero_ps(); MAX_ROWS];
@@ -576,7 +689,7 @@ mod avx2 {
             for r in 0..m {
                 let a = &acts[r * blocks + blk];
                 let x = unsafe { _mm256_loadu_si256(a.q.as_ptr() as *const __m256i) };
-                if T == Q4_1 {
+                if T != Q8_0 {
                     offset[r] += min * a.s;
                 }
                 let s = _mm256_cvtepi32_ps(block_dot::<T>(q, x));
@@ -744,7 +857,14 @@ mod tests {
     #[test]
     fn matvec_matches_the_decoded_product_on_every_path() {
         for ty in TYPES {
-            for (m, k, n) in [(1, 32, 1), (1, 576, 192), (3, 64, 70), (8, 576, 300), (11, 96, 33)] {
+            for (m, k, n) in [
+                (1, 32, 1),
+                (1, 576, 192),
+                (1, 96, 70),
+                (3, 64, 70),
+                (8, 576, 300),
+                (11, 96, 33),
+            ] {
                 let (wf, x) = (fill(n * k, 2), fill(m * k, 3));
                 let mut w = vec![0u8; ty.bytes_for(n * k).unwrap()];
                 quantize(ty, &wf, &mut w);
@@ -759,6 +879,65 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// Decoding a sequence alone or in a batch must give it the same logits (greedy
+    /// output independent of the batch), so a row's sum is the same whether it is one of
+    /// four weight rows at batch 1, one row alone at a slab's end, or one of m rows.
+    #[test]
+    fn a_row_gets_the_same_bits_in_any_batch_and_any_split() {
+        let (k, n) = (160, 37);
+        for ty in TYPES {
+            let mut w = vec![0u8; ty.bytes_for(n * k).unwrap()];
+            quantize(ty, &fill(n * k, 21), &mut w);
+            let row_bytes = ty.bytes_for(k).unwrap();
+            for isa in Isa::available() {
+                let m = 6;
+                let x = fill(m * k, 22);
+                let mut batch = vec![0f32; m * n];
+                matvec_with(isa, ty, &w, &x, None, &mut batch, m, k, n);
+                for r in 0..m {
+                    let mut alone = vec![0f32; n];
+                    matvec_with(isa, ty, &w, &x[r * k..(r + 1) * k], None, &mut alone, 1, k, n);
+                    assert_eq!(alone, batch[r * n..(r + 1) * n], "{ty:?} {isa:?} row {r}");
+                    // Rows from 1 on: groups of four start at another row.
+                    let mut acts = vec![ActBlock::default(); k / BLOCK];
+                    quantize_act(&x[r * k..(r + 1) * k], &mut acts);
+                    let mut shifted = vec![f32::NAN; n];
+                    rows_range(isa, ty, &w, row_bytes, &acts, k / BLOCK, 1, 1..n, |j, s| {
+                        shifted[j] = s[0]
+                    });
+                    assert_eq!(shifted[1..], alone[1..], "{ty:?} {isa:?} row {r}, split at 1");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn activations_quantize_to_the_same_bits_on_every_path() {
+        let mut x = fill(32 * 9, 31);
+        // Ties (x.5 after scaling by 127 / 2), zeros, a zero block, extremes.
+        x[0] = 2.0;
+        x[1] = 0.5 / 127.0 * 2.0;
+        x[2] = -1.5 / 127.0 * 2.0;
+        x[3] = -0.0;
+        x[32..64].iter_mut().for_each(|v| *v = 0.0);
+        x[64] = 1e30;
+        // A block so small that 1 / d overflows.
+        x[96..128].iter_mut().for_each(|v| *v *= 1e-37);
+        let mut want = vec![ActBlock::default(); 9];
+        quantize_act(&x, &mut want);
+        for isa in Isa::available() {
+            let mut got = vec![ActBlock::default(); 9];
+            quantize_act_with(isa, &x, &mut got);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    (g.q, g.d.to_bits(), g.s.to_bits()),
+                    (w.q, w.d.to_bits(), w.s.to_bits()),
+                    "{isa:?} block {i}"
+                );
             }
         }
     }

@@ -175,36 +175,31 @@ impl Proj {
 }
 
 /// `projs` applied to the same `x` `[m, k]`, one output each: one job of the pool when
-/// every weight is f32 or every weight is packed, else one product after another.
-fn apply_all(x: &[f32], m: usize, k: usize, projs: &mut [(&Proj, &mut [f32])]) {
+/// every weight is f32 or every weight is packed, else one product after another. The
+/// products' list is an array on the stack: nothing is allocated per step.
+fn apply_all<const N: usize>(x: &[f32], m: usize, k: usize, mut projs: [(&Proj, &mut [f32]); N]) {
     if projs.iter().all(|(p, _)| matches!(p.w, Matrix::F32(_))) {
-        let mut products: Vec<NkProduct<'_>> = projs
-            .iter_mut()
-            .map(|(p, y)| NkProduct {
-                w: match &p.w {
-                    Matrix::F32(v) => v.get(),
-                    Matrix::Packed { .. } => unreachable!("all f32"),
-                },
+        let mut products: [NkProduct<'_>; N] = projs.each_mut().map(|(p, y)| NkProduct {
+            w: match &p.w {
+                Matrix::F32(v) => v.get(),
+                Matrix::Packed { .. } => unreachable!("all f32"),
+            },
+            bias: p.bias(),
+            y: &mut y[..],
+            n: p.n,
+        });
+        linear_nk_many(x, m, k, &mut products);
+    } else if projs.iter().all(|(p, _)| matches!(p.w, Matrix::Packed { .. })) {
+        let mut products: [QuantProduct<'_>; N] = projs.each_mut().map(|(p, y)| match &p.w {
+            Matrix::Packed { tensor, shape } => QuantProduct {
+                ty: shape.ty,
+                w: tensor.as_slice::<u8>().expect("checked contiguous"),
                 bias: p.bias(),
                 y: &mut y[..],
                 n: p.n,
-            })
-            .collect();
-        linear_nk_many(x, m, k, &mut products);
-    } else if projs.iter().all(|(p, _)| matches!(p.w, Matrix::Packed { .. })) {
-        let mut products: Vec<QuantProduct<'_>> = projs
-            .iter_mut()
-            .map(|(p, y)| match &p.w {
-                Matrix::Packed { tensor, shape } => QuantProduct {
-                    ty: shape.ty,
-                    w: tensor.as_slice::<u8>().expect("checked contiguous"),
-                    bias: p.bias(),
-                    y: &mut y[..],
-                    n: p.n,
-                },
-                Matrix::F32(_) => unreachable!("all packed"),
-            })
-            .collect();
+            },
+            Matrix::F32(_) => unreachable!("all packed"),
+        });
         kiln_kernels::quant::matvec_many(x, m, k, &mut products);
     } else {
         for (p, y) in projs.iter_mut() {
@@ -357,7 +352,7 @@ pub(crate) fn run(plan: &Plan, tokens: &Tensor<2, Int>, caches: &mut [&mut KvCac
                 sized(&mut buf.k, b * layer.k.n),
                 sized(&mut buf.v, b * layer.v.n),
             );
-            apply_all(normed, b, c, &mut [(&layer.q, q), (&layer.k, k), (&layer.v, v)]);
+            apply_all(normed, b, c, [(&layer.q, q), (&layer.k, k), (&layer.v, v)]);
             let (q, k, v) = (&mut buf.q[..b * h * d], &mut buf.k[..b * kv * d], &buf.v[..b * kv * d]);
             if let Some((qn, kn)) = &layer.qk_norm {
                 let tmp = sized(&mut buf.q_rot, b * h * d);
@@ -402,7 +397,7 @@ pub(crate) fn run(plan: &Plan, tokens: &Tensor<2, Int>, caches: &mut [&mut KvCac
             norm(&layer.ff_norm, x, normed);
             let f = layer.gate.n;
             let (gate, up) = (sized(&mut buf.gate, b * f), sized(&mut buf.up, b * f));
-            apply_all(normed, b, c, &mut [(&layer.gate, gate), (&layer.up, up)]);
+            apply_all(normed, b, c, [(&layer.gate, gate), (&layer.up, up)]);
             let act = sized(&mut buf.act, b * f);
             gated(&buf.gate[..b * f], &buf.up[..b * f], plan.gelu, act);
             let out = sized(&mut buf.out, b * c);
