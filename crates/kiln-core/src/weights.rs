@@ -205,19 +205,67 @@ pub fn expected_tensors_lazy<M: Module>(model: &M) -> BTreeMap<String, ExpectedT
 
 /// Load safetensors weights from `path` into `model`, after checking every name and shape.
 /// The model's own initial values are never computed (see [`expected_tensors_lazy`]).
-/// The file is memory-mapped, checked in place and loaded from the map (Burn's
-/// `SafetensorsStore::from_file`), so it is never copied whole into memory.
+/// The header is read from a memory map (only its pages are touched); each tensor is
+/// then read from the file straight into its own buffer when the model takes it
+/// (`pread`, one tensor at a time), so the process never holds the file's pages beside
+/// its copy of them: peak memory is the model, not twice the model (Burn's
+/// `SafetensorsStore::from_file` keeps the whole map resident while it loads).
 pub fn load_weights<M: Module>(mut model: M, path: &Path) -> Result<M, StoreError> {
+    use burn::store::burn_pack::{Bytes, Error as PackError, Tensor as PackTensor};
+    use std::os::unix::fs::FileExt;
     let file = std::fs::File::open(path).map_err(io_err(path))?;
     // SAFETY: read-only map of a file Kiln does not modify while loading it.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(path))?;
     check_weights(&map, path, &expected_tensors_lazy(&model))?;
-    drop(map);
-    let mut store = SafetensorsStore::from_file(path);
-    let result = model.load_from(&mut store).map_err(|e| StoreError::Other {
+    let (header, metadata) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| StoreError::Corrupt {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
+    drop(map);
+    let data_start = 8 + header as u64;
+    let file = std::sync::Arc::new(file);
+    let mut tensors = Vec::new();
+    for (name, info) in metadata.tensors() {
+        let dtype = burn_dtype(info.dtype).ok_or_else(|| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            message: format!("tensor {name}: dtype {:?} is not one Kiln loads", info.dtype),
+        })?;
+        let (begin, end) = info.data_offsets;
+        let (file, at, len, is_f32) = (
+            file.clone(),
+            data_start + begin as u64,
+            end - begin,
+            info.dtype == safetensors::Dtype::F32,
+        );
+        let what = format!("{}: tensor {name}", path.display());
+        tensors.push(PackTensor::deferred(
+            name,
+            dtype,
+            info.shape.clone(),
+            None,
+            len,
+            move || {
+                let read = |buf: &mut [u8]| {
+                    file.read_exact_at(buf, at)
+                        .map_err(|e| PackError::IoError(format!("{what}: {e}")))
+                };
+                if is_f32 {
+                    // Read as f32 elements, so the buffer has f32 alignment and the tensor
+                    // takes it as is.
+                    let mut values = vec![0f32; len / 4];
+                    // SAFETY: the bytes of `values`, exactly `len` of them (`len` is a
+                    // multiple of 4 for F32, checked by the header's validation).
+                    read(unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr() as *mut u8, len) })?;
+                    Ok(Bytes::from_elems(values))
+                } else {
+                    let mut bytes = vec![0u8; len];
+                    read(&mut bytes)?;
+                    Ok(Bytes::from_bytes_vec(bytes))
+                }
+            },
+        ));
+    }
+    let result = model.apply(tensors, None, None, false);
     if !result.errors.is_empty() || !result.missing.is_empty() {
         return Err(StoreError::Mismatch {
             path: path.to_path_buf(),
@@ -225,4 +273,25 @@ pub fn load_weights<M: Module>(mut model: M, path: &Path) -> Result<M, StoreErro
         });
     }
     Ok(model)
+}
+
+/// The Burn dtype of a safetensors dtype Kiln stores.
+fn burn_dtype(dtype: safetensors::Dtype) -> Option<burn::tensor::DType> {
+    use burn::tensor::DType as B;
+    use safetensors::Dtype as S;
+    Some(match dtype {
+        S::F64 => B::F64,
+        S::F32 => B::F32,
+        S::F16 => B::F16,
+        S::BF16 => B::BF16,
+        S::I64 => B::I64,
+        S::I32 => B::I32,
+        S::I16 => B::I16,
+        S::I8 => B::I8,
+        S::U64 => B::U64,
+        S::U32 => B::U32,
+        S::U8 => B::U8,
+        S::BOOL => B::Bool(burn::tensor::BoolStore::Native),
+        _ => return None,
+    })
 }
