@@ -107,7 +107,7 @@ fn kiln_dir(case: &'static Case, cell: &'static OnceLock<PathBuf>) -> &'static P
         let (weights, report) = convert(&source, &model, false).unwrap();
         assert!(report.is_complete(), "{}", report.details());
         let dir = common::scratch_dir(&format!("pretrained-{}", case.dir)).join("model");
-        write_model_dir_with(&dir, &model, &weights, None, None, &source.extra_files).unwrap();
+        write_model_dir_with(&dir, &model, &weights, None, None, &source.extra_files, None).unwrap();
         dir
     })
 }
@@ -487,4 +487,133 @@ fn lora_fine_tuning_of_pretrained_smollm2_lowers_the_loss() {
     }
     let loaded = LoadedModel::open(&run_dir, WhichWeights::Best, &Device::flex()).unwrap();
     assert_eq!(loaded.eos_token_ids, vec![2]);
+}
+
+/// `convert --keep-quantized`: the GGUF's own Q4_1 and Q8_0 blocks in the Kiln model
+/// directory, byte for byte where llama.cpp keeps Hugging Face's row order and row for
+/// row where it permuted Q and K, and run packed on flex. The only difference from the
+/// dequantized model is then the kernels' 8-bit activations: perplexity within 1 % of
+/// the f32 model's and the same greedy token after each reference prompt. Gemma 3's
+/// Q4_K_M file keeps only its Q8_0 tensors; every other one is dequantized, by name and
+/// with its type.
+#[test]
+fn gguf_blocks_are_kept_packed_byte_for_byte() {
+    use kiln_convert::quantize::keep_gguf_blocks;
+    use kiln_models::quant::{PackedShape, QuantType, dequantize_rows};
+    let gguf = source_dir(&SMOLLM2).join(SMOLLM2.gguf);
+    let source = kiln_convert::gguf::read_with(&gguf, true).unwrap();
+    let (path, json) = source.hf_config.clone().unwrap();
+    let model = hf_config::detect_model_config(&json, &path.display().to_string()).unwrap();
+    let (weights, report) = convert(&source, &model, false).unwrap();
+    let (packed, plan, q) = keep_gguf_blocks(&weights, &gguf, &model, &source.packed, &report.mapped).unwrap();
+    assert!(
+        q.kept.is_empty(),
+        "every quantized SmolLM2 tensor is kept: {:?}",
+        q.kept
+    );
+    assert_eq!(
+        q.packed.len(),
+        30 * 7 + 1,
+        "seven linear layers per block and the embedding"
+    );
+    assert_eq!(plan.get("model.embed_tokens"), Some(QuantType::Q8_0));
+    assert_eq!(plan.get("model.layers.0.self_attn.q_proj"), Some(QuantType::Q4_1));
+    assert!(
+        q.bytes[1] * 5 < q.bytes[0],
+        "Q4_1 is under a fifth of f32: {:?}",
+        q.bytes
+    );
+
+    let file = kiln_gguf::GgufFile::open(&gguf).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&packed).unwrap();
+    let f32_st = safetensors::SafeTensors::deserialize(&weights).unwrap();
+    for (gguf_name, module) in [
+        ("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj"),
+        ("blk.29.ffn_down.weight", "model.layers.29.mlp.down_proj"),
+        ("token_embd.weight", "model.embed_tokens"),
+    ] {
+        let blocks = st.tensor(&format!("{module}.packed")).unwrap();
+        assert!(
+            blocks.data() == file.data(file.tensor(gguf_name).unwrap()),
+            "{module}: the bytes of {gguf_name}"
+        );
+    }
+    // Q and K: the rows of the file reordered, dequantizing to exactly the f32 model's
+    // weights (stored [in, out] there).
+    for module in ["model.layers.0.self_attn.q_proj", "model.layers.7.self_attn.k_proj"] {
+        let blocks = st.tensor(&format!("{module}.packed")).unwrap();
+        let [rows, nb, _] = blocks.shape()[..] else {
+            panic!("3-D")
+        };
+        let shape = PackedShape {
+            ty: QuantType::Q4_1,
+            rows,
+            cols: nb * 32,
+        };
+        let mut rows_f32 = vec![0f32; rows * shape.cols];
+        dequantize_rows(shape, blocks.data(), &mut rows_f32);
+        let dense = f32_st.tensor(&format!("{module}.weight")).unwrap();
+        let dense: Vec<f32> = dense
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        for (j, row) in rows_f32.chunks(shape.cols).enumerate() {
+            for (i, &v) in row.iter().enumerate() {
+                assert_eq!(
+                    v.to_bits(),
+                    dense[i * rows + j].to_bits(),
+                    "{module}: output {j}, input {i}"
+                );
+            }
+        }
+    }
+
+    // Packed on flex against the dequantized model.
+    let dir = common::scratch_dir("pretrained-smollm2-gguf-blocks").join("model");
+    write_model_dir_with(&dir, &model, &packed, None, None, &source.extra_files, Some(&plan)).unwrap();
+    let device = Device::flex();
+    let quantized = LoadedModel::open(&dir, WhichWeights::Best, &device).unwrap();
+    let dense = LoadedModel::open(kiln_dir(&SMOLLM2, &SMOLLM2_DIR), WhichWeights::Best, &device).unwrap();
+    let r = reference(&SMOLLM2);
+    let ppl = |m: &LoadedModel| {
+        let method = PerplexityMethod::Sliding {
+            context: r.perplexity.context,
+            stride: r.perplexity.stride,
+        };
+        perplexity(lm(m), &r.perplexity.ids, method, None, &device)
+            .unwrap()
+            .perplexity
+    };
+    let (got, want) = (ppl(&quantized), ppl(&dense));
+    eprintln!("smollm2 perplexity: GGUF blocks on flex {got:.4}, dequantized {want:.4}");
+    assert!(
+        (got / want - 1.0).abs() < 0.01,
+        "perplexity {got} packed vs {want} dequantized"
+    );
+    for p in &r.prompts {
+        let next = |m: &LoadedModel| {
+            let (tokens, _) = generate(lm(m), &p.ids, 1, &Sampling::greedy(), true, &device, |_| {}).unwrap();
+            tokens
+        };
+        assert_eq!(next(&quantized), next(&dense), "{:?}: the next greedy token", p.text);
+    }
+
+    // Gemma 3: only the Q8_0 tensors have a Kiln kernel.
+    let gguf = source_dir(&GEMMA3).join(GEMMA3.gguf);
+    let source = kiln_convert::gguf::read_with(&gguf, true).unwrap();
+    let (path, json) = source.hf_config.clone().unwrap();
+    let model = hf_config::detect_model_config(&json, &path.display().to_string()).unwrap();
+    let (weights, report) = convert(&source, &model, false).unwrap();
+    let (_, plan, q) = keep_gguf_blocks(&weights, &gguf, &model, &source.packed, &report.mapped).unwrap();
+    assert!(plan.tensors.values().all(|t| t == "Q8_0"), "{plan:?}");
+    assert_eq!(plan.get("model.embed_tokens"), Some(QuantType::Q8_0));
+    assert_eq!(plan.tensors.len(), 1 + 9, "the embedding and half the layers' v_proj");
+    let (module, why) = q
+        .kept
+        .iter()
+        .find(|(m, _)| m.ends_with("layers.0.self_attn.o_proj"))
+        .unwrap();
+    assert!(why.contains("Q4_K"), "{module}: {why}");
+    assert_eq!(q.kept.len(), 18 * 7 - 9, "{:?}", q.kept);
 }

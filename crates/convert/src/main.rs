@@ -16,7 +16,8 @@
 //! `--quantize q8_0|q4_0|q4_1 --input KILN_DIR --output DIR [--keep REGEX]...` packs the
 //! linear weights (and a language model's token embedding) of a Kiln model directory
 //! in GGUF blocks (`kiln_convert::quantize`), which `infer` runs on Kiln's quantized
-//! kernels.
+//! kernels. `--keep-quantized` with a `.gguf` input keeps the file's own Q8_0/Q4_0/Q4_1
+//! blocks packed the same way, byte for byte, instead of dequantizing them.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -58,6 +59,11 @@ struct Cli {
     /// With --quantize: keep the modules whose path matches this regex f32 (repeatable).
     #[arg(long, requires = "quantize")]
     keep: Vec<String>,
+    /// With a .gguf --input: keep the file's Q8_0/Q4_0/Q4_1 weights in their blocks
+    /// (as `--quantize` packs them) instead of dequantizing them to f32; tensors in other
+    /// types are dequantized (each listed with its reason).
+    #[arg(long, conflicts_with_all = ["quantize", "to"])]
+    keep_quantized: bool,
 }
 
 fn quantize(cli: &Cli, ty: &str) -> Result<()> {
@@ -131,7 +137,18 @@ fn main() -> Result<()> {
         return quantize(&cli, ty);
     }
     let started = Instant::now();
-    let source = Source::read(&cli.input)?;
+    let is_gguf = cli.input.extension().is_some_and(|e| e == "gguf") && !cli.input.is_dir();
+    if cli.keep_quantized && !is_gguf {
+        bail!(
+            "--keep-quantized: {} is not a .gguf file (to quantize a Kiln model directory, use --quantize)",
+            cli.input.display()
+        );
+    }
+    let source = if is_gguf {
+        kiln_convert::gguf::read_with(&cli.input, cli.keep_quantized)?
+    } else {
+        Source::read(&cli.input)?
+    };
     // A Hugging Face config: the --arch given, else the one it names.
     let from_json = |json: &serde_json::Value, path: &std::path::Path| match &cli.arch {
         Some(arch) => hf_config::model_config(arch, json, &path.display().to_string()),
@@ -167,11 +184,39 @@ fn main() -> Result<()> {
     if !report.is_complete() {
         print!("{}", report.details());
     }
+    let (weights, quantization) = if cli.keep_quantized {
+        let (packed, plan, q) =
+            kiln_convert::quantize::keep_gguf_blocks(&weights, &cli.input, &model, &source.packed, &report.mapped)?;
+        for (module, ty, [rows, cols]) in &q.packed {
+            println!("  kept {} blocks: {module} [{rows}, {cols}]", ty.name());
+        }
+        for (module, why) in &q.kept {
+            println!("  f32: {module}: {why}");
+        }
+        println!(
+            "kept {} weights in their GGUF blocks, {} in f32 | {:.1} MB -> {:.1} MB",
+            q.packed.len(),
+            q.kept.len(),
+            q.bytes[0] as f64 / 1e6,
+            q.bytes[1] as f64 / 1e6
+        );
+        (packed, (!plan.tensors.is_empty()).then_some(plan))
+    } else {
+        (weights, None)
+    };
     let tokenizer = source.tokenizer.as_deref();
     let hf_json = source.hf_config.as_ref().map(|(p, _)| p.as_path());
     // A GGUF's config.json and tokenizer files are made from its metadata.
     let hf_json = hf_json.filter(|_| source.extra_files.is_empty());
-    write_model_dir_with(&cli.output, &model, &weights, hf_json, tokenizer, &source.extra_files)?;
+    write_model_dir_with(
+        &cli.output,
+        &model,
+        &weights,
+        hf_json,
+        tokenizer,
+        &source.extra_files,
+        quantization.as_ref(),
+    )?;
     println!(
         "converted {} ({}) -> {} | {} arch | {} | {:.2} s",
         cli.input.display(),

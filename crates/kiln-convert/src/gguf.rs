@@ -5,7 +5,10 @@
 //! `general.architecture`; its entry in [`crate::arch`] holds the tensor-name table, the
 //! metadata-to-config mapping and the fix-ups undoing llama.cpp's converter (the Q/K row
 //! permutation of Llama, the `+1` folded into Gemma's norms). Tensors are dequantised
-//! to f32 here (block by block, from the memory-mapped file).
+//! to f32 here (block by block, from the memory-mapped file); with `keep_quantized`,
+//! the blocks of every 2-D tensor in a format Kiln has kernels for (Q8_0, Q4_0, Q4_1)
+//! are kept as well, rows put in Hugging Face order ([`GgufBlocks`]), for
+//! [`crate::quantize::keep_gguf_blocks`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -13,7 +16,9 @@ use std::path::Path;
 use burn::tensor::DType;
 use burn_pack::Tensor as PackTensor;
 use kiln_core::layout::{GENERATION_CONFIG, HF_CONFIG, TOKENIZER, TOKENIZER_CONFIG};
+use kiln_gguf::quants::GgmlType;
 use kiln_gguf::{GgufError, GgufFile};
+use kiln_kernels::quant::{BLOCK, QuantType};
 use regex::Regex;
 use serde_json::{Value, json};
 
@@ -48,9 +53,81 @@ pub fn rules_for(file: &GgufFile) -> Result<(&'static str, &'static GgufRules), 
     )))
 }
 
+/// A GGUF tensor's blocks, kept packed: `rows` rows of `cols` values, row `j` being
+/// row `j` of the Hugging Face tensor (`[out, in]`: output `j`), the bytes as the file
+/// stores them.
+#[derive(Debug, Clone)]
+pub struct GgufBlocks {
+    pub ty: QuantType,
+    pub rows: usize,
+    pub cols: usize,
+    pub bytes: Vec<u8>,
+}
+
+/// Where the rows of the Hugging Face tensor `hf` come from in the GGUF one: row `j` of
+/// the fixed tensor is row `perm[j]` of the file's. Found by running the
+/// architecture's fix-up on the row numbers; `None` when it does more than move rows.
+fn row_permutation(rules: &GgufRules, hf: &str, rows: usize, config: &Value) -> Option<Vec<usize>> {
+    let Some(fix) = rules.fix else {
+        return Some((0..rows).collect());
+    };
+    // Row numbers are exact in f32 up to 2^24 rows.
+    if rows > 1 << 24 {
+        return None;
+    }
+    let mut index: Vec<f32> = (0..rows).map(|r| r as f32).collect();
+    fix(hf, &[rows, 1], &mut index, config).ok()?;
+    let perm: Vec<usize> = index.iter().map(|&v| v as usize).collect();
+    let mut seen = vec![false; rows];
+    for (&p, &v) in perm.iter().zip(&index) {
+        if v != p as f32 || p >= rows || std::mem::replace(&mut seen[p], true) {
+            return None;
+        }
+    }
+    Some(perm)
+}
+
+/// The blocks of `info` in Hugging Face row order, or why they cannot be kept.
+fn keep_blocks(
+    file: &GgufFile,
+    info: &kiln_gguf::TensorInfo,
+    rules: &GgufRules,
+    hf: &str,
+    config: &Value,
+) -> Result<GgufBlocks, String> {
+    let ty = match info.ty {
+        GgmlType::Q8_0 => QuantType::Q8_0,
+        GgmlType::Q4_0 => QuantType::Q4_0,
+        GgmlType::Q4_1 => QuantType::Q4_1,
+        other => return Err(format!("GGUF type {} has no Kiln kernel (dequantized)", other.name())),
+    };
+    let shape = info.shape();
+    let [rows, cols] = shape[..] else {
+        return Err(format!("{} in {}-D, Kiln packs 2-D weights", ty.name(), shape.len()));
+    };
+    let perm = row_permutation(rules, hf, rows, config)
+        .ok_or_else(|| "the architecture's fix-up of this tensor is not a row permutation".to_string())?;
+    let data = file.data(info);
+    let row_bytes = cols / BLOCK * ty.block_bytes();
+    if data.len() != rows * row_bytes {
+        return Err(format!("{} bytes for {rows} rows of {row_bytes}", data.len()));
+    }
+    let mut bytes = Vec::with_capacity(data.len());
+    for &from in &perm {
+        bytes.extend_from_slice(&data[from * row_bytes..(from + 1) * row_bytes]);
+    }
+    Ok(GgufBlocks { ty, rows, cols, bytes })
+}
+
 /// Read a `.gguf` file as a [`Source`]: HF-named f32 tensors, the HF config, and the
 /// tokenizer files in `extra_files`.
 pub fn read(path: &Path) -> Result<Source, ConvertError> {
+    read_with(path, false)
+}
+
+/// [`read`]; with `keep_quantized`, also each quantized 2-D tensor's blocks (or why
+/// they cannot be kept) in [`Source::packed`].
+pub fn read_with(path: &Path, keep_quantized: bool) -> Result<Source, ConvertError> {
     let file = GgufFile::open(path)?;
     let (_, rules) = rules_for(&file)?;
     let config = (rules.config)(&file)?;
@@ -60,6 +137,7 @@ pub fn read(path: &Path) -> Result<Source, ConvertError> {
         .map(|(from, to)| (Regex::new(from).expect("rule tables hold valid regexes"), *to))
         .collect();
     let mut tensors = BTreeMap::new();
+    let mut packed = BTreeMap::new();
     let mut unplaced = Vec::new();
     for info in &file.tensors {
         let Some((re, to)) = names.iter().find(|(re, _)| re.is_match(&info.name)) else {
@@ -68,6 +146,9 @@ pub fn read(path: &Path) -> Result<Source, ConvertError> {
         };
         let hf = re.replace(&info.name, *to).into_owned();
         let shape = info.shape();
+        if keep_quantized && !matches!(info.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+            packed.insert(hf.clone(), keep_blocks(&file, info, rules, &hf, &config));
+        }
         let mut values = file.dequantize(info)?;
         if let Some(fix) = rules.fix {
             fix(&hf, &shape, &mut values, &config)
@@ -120,6 +201,7 @@ pub fn read(path: &Path) -> Result<Source, ConvertError> {
         tokenizer: None,
         files: vec![path.to_path_buf()],
         extra_files,
+        packed,
     })
 }
 

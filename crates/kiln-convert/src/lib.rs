@@ -61,6 +61,9 @@ pub struct Source {
     /// Files for the model directory made from the source itself (a GGUF file's
     /// `config.json`, `tokenizer.json`, ...), written in place of copies.
     pub extra_files: Vec<(String, Vec<u8>)>,
+    /// A GGUF file read with `keep_quantized` ([`gguf::read_with`]): each quantized
+    /// tensor (by Hugging Face name) as its blocks, or why they cannot be kept.
+    pub packed: BTreeMap<String, Result<gguf::GgufBlocks, String>>,
 }
 
 fn read_store(
@@ -223,6 +226,7 @@ impl Source {
                 tokenizer: None,
                 files,
                 extra_files: vec![],
+                packed: BTreeMap::new(),
             });
         }
         let index = input.join("model.safetensors.index.json");
@@ -272,6 +276,7 @@ impl Source {
             tokenizer,
             files,
             extra_files: vec![],
+            packed: BTreeMap::new(),
         })
     }
 }
@@ -496,11 +501,11 @@ pub fn write_model_dir(
     hf_config: Option<&Path>,
     tokenizer: Option<&Path>,
 ) -> Result<(), ConvertError> {
-    write_model_dir_with(out, model, weights, hf_config, tokenizer, &[])
+    write_model_dir_with(out, model, weights, hf_config, tokenizer, &[], None)
 }
 
 /// [`write_model_dir`] plus `extra` files (name, bytes), which replace copies of the same
-/// name.
+/// name, and the `[quantization]` of packed `weights`.
 pub fn write_model_dir_with(
     out: &Path,
     model: &ModelConfig,
@@ -508,11 +513,12 @@ pub fn write_model_dir_with(
     hf_config: Option<&Path>,
     tokenizer: Option<&Path>,
     extra: &[(String, Vec<u8>)],
+    quantization: Option<&kiln_models::quant::Quantization>,
 ) -> Result<(), ConvertError> {
     let toml = ModelFile {
         model: model.clone(),
         head: None,
-        quantization: None,
+        quantization: quantization.cloned(),
     }
     .to_toml();
     let mut files: Vec<(&str, Vec<u8>)> = vec![(MODEL_WEIGHTS, weights.to_vec()), (CONFIG, toml.into_bytes())];

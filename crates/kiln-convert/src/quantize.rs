@@ -21,7 +21,9 @@ use kiln_models::quant::{Quantizable, Quantization, WeightKind, quantizable};
 use kiln_models::{EncoderArchitecture, FamilyVisitor, ImageArchitecture, LanguageArchitecture};
 use regex::Regex;
 
+use crate::gguf::GgufBlocks;
 use crate::{ConvertError, read_err};
+use safetensors::tensor::TensorView;
 
 /// What `--quantize` did to each weight.
 #[derive(Debug, Default)]
@@ -105,33 +107,20 @@ pub fn quantize_dir(
             dir.file.model.arch()
         )));
     }
-    let by_module: BTreeMap<&str, &Quantizable> = weights.iter().map(|w| (w.module.as_str(), w)).collect();
     let path = &dir.weights;
     let file = std::fs::File::open(path).map_err(|e| read_err(path, e))?;
     // SAFETY: read-only map of a file this process does not modify.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| read_err(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| read_err(path, e))?;
     let mut report = QuantizeReport {
         kept,
         ..Default::default()
     };
-    // name -> (dtype, shape, bytes)
-    let mut out: BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        let module = name.strip_suffix(".weight").filter(|m| plan.tensors.contains_key(*m));
-        let Some(module) = module else {
-            out.insert(name, (view.dtype(), view.shape().to_vec(), view.data().to_vec()));
-            continue;
-        };
-        let w = by_module[module];
+    let bytes = write_packed(&map, path, &weights, &plan, &mut report, |name, w, view| {
         if view.dtype() != safetensors::Dtype::F32 || view.shape().len() != 2 {
-            return Err(read_err(
-                path,
-                format!(
-                    "{name}: {:?} {:?}, expected a 2-D F32 weight",
-                    view.dtype(),
-                    view.shape()
-                ),
+            return Err(format!(
+                "{name}: {:?} {:?}, expected a 2-D F32 weight",
+                view.dtype(),
+                view.shape()
             ));
         }
         let values: Vec<f32> = view
@@ -141,57 +130,29 @@ pub fn quantize_dir(
             .collect();
         // Rows as GGUF packs them: a linear weight is stored [in, out], its rows are the
         // outputs; an embedding's rows are its tokens.
-        let (shape, rows) = match w.kind {
+        let rows = match w.kind {
             WeightKind::Linear => {
                 let [k, n] = [view.shape()[0], view.shape()[1]];
                 let mut t = vec![0f32; k * n];
                 kiln_kernels::matvec::transpose(&values, k, n, &mut t);
-                (vec![0, n], t)
+                t
             }
-            WeightKind::Embedding => (vec![0, view.shape()[1]], values),
+            WeightKind::Embedding => values,
         };
         if w.rows * w.cols != rows.len() {
-            return Err(read_err(
-                path,
-                format!(
-                    "{name}: {:?} does not hold the model's {} x {}",
-                    view.shape(),
-                    w.cols,
-                    w.rows
-                ),
+            return Err(format!(
+                "{name}: {:?} does not hold the model's {} x {}",
+                view.shape(),
+                w.cols,
+                w.rows
             ));
         }
         if let Some(i) = rows.iter().position(|v| !v.is_finite()) {
-            return Err(read_err(
-                path,
-                format!("{name}: value {i} is {}, which cannot be quantized", rows[i]),
-            ));
+            return Err(format!("{name}: value {i} is {}, which cannot be quantized", rows[i]));
         }
         let mut packed = vec![0u8; ty.bytes_for(rows.len()).expect("whole blocks (checked by the plan)")];
         quantize(ty, &rows, &mut packed);
-        out.insert(name.clone(), (safetensors::Dtype::F32, shape, Vec::new()));
-        out.insert(
-            format!("{module}.packed"),
-            (
-                safetensors::Dtype::U8,
-                vec![w.rows, w.cols / BLOCK, ty.block_bytes()],
-                packed,
-            ),
-        );
-        report.packed.push((module.to_string(), ty, [w.rows, w.cols]));
-    }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = out
-        .iter()
-        .map(|(name, (dtype, shape, bytes))| {
-            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| read_err(path, format!("{name}: {e}")))
-        })
-        .collect::<Result<_, _>>()?;
-    let metadata = std::collections::HashMap::from([("kiln.packed".to_string(), "gguf-blocks".to_string())]);
-    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| ConvertError::Write {
-        path: output.join(MODEL_WEIGHTS),
-        message: e.to_string(),
+        Ok((ty, packed))
     })?;
     report.bytes = [map.len(), bytes.len()];
     let config = ModelFile {
@@ -209,4 +170,134 @@ pub fn quantize_dir(
     let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
     crate::write_dir_atomically(output, &refs)?;
     Ok(report)
+}
+
+/// The safetensors `weights` (f32, read from `path`) with every module of `plan` packed:
+/// `blocks(name, weight, view)` gives the blocks of the module's `.weight` tensor, row `j`
+/// being output `j` (linear) or token `j` (embedding), or an error message. The layout
+/// is [`kiln_models::quant`]'s: `<module>.packed` U8 `[rows, cols / 32, block bytes]`
+/// and an empty `<module>.weight` marker.
+fn write_packed(
+    weights: &[u8],
+    path: &Path,
+    model: &[Quantizable],
+    plan: &Quantization,
+    report: &mut QuantizeReport,
+    mut blocks: impl FnMut(&str, &Quantizable, &TensorView<'_>) -> Result<(QuantType, Vec<u8>), String>,
+) -> Result<Vec<u8>, ConvertError> {
+    let by_module: BTreeMap<&str, &Quantizable> = model.iter().map(|w| (w.module.as_str(), w)).collect();
+    let st = safetensors::SafeTensors::deserialize(weights).map_err(|e| read_err(path, e))?;
+    // name -> (dtype, shape, bytes)
+    let mut out: BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let module = name.strip_suffix(".weight").filter(|m| plan.tensors.contains_key(*m));
+        let Some(module) = module else {
+            out.insert(name, (view.dtype(), view.shape().to_vec(), view.data().to_vec()));
+            continue;
+        };
+        let w = by_module[module];
+        let (ty, packed) = blocks(&name, w, &view).map_err(|m| read_err(path, m))?;
+        if ty.bytes_for(w.rows * w.cols) != Some(packed.len()) {
+            return Err(read_err(
+                path,
+                format!(
+                    "{name}: {} bytes of {} blocks for {} x {} values",
+                    packed.len(),
+                    ty.name(),
+                    w.rows,
+                    w.cols
+                ),
+            ));
+        }
+        // The marker: no values, the width of what the module outputs.
+        let marker = match w.kind {
+            WeightKind::Linear => vec![0, w.rows],
+            WeightKind::Embedding => vec![0, w.cols],
+        };
+        out.insert(name.clone(), (safetensors::Dtype::F32, marker, Vec::new()));
+        out.insert(
+            format!("{module}.packed"),
+            (
+                safetensors::Dtype::U8,
+                vec![w.rows, w.cols / BLOCK, ty.block_bytes()],
+                packed,
+            ),
+        );
+        report.packed.push((module.to_string(), ty, [w.rows, w.cols]));
+    }
+    let views: Vec<(String, TensorView<'_>)> = out
+        .iter()
+        .map(|(name, (dtype, shape, bytes))| {
+            TensorView::new(*dtype, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| read_err(path, format!("{name}: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    let metadata = std::collections::HashMap::from([("kiln.packed".to_string(), "gguf-blocks".to_string())]);
+    safetensors::serialize(views, Some(metadata)).map_err(|e| ConvertError::Write {
+        path: path.with_file_name(MODEL_WEIGHTS),
+        message: e.to_string(),
+    })
+}
+
+/// A GGUF file's own blocks in the converted model: `weights` are the f32 safetensors of
+/// [`crate::convert`] on a source read with `keep_quantized` ([`crate::gguf::read_with`])
+/// and `mapped` its report's (source name, Kiln name) pairs. Each linear weight or token
+/// embedding whose GGUF tensor is Q8_0, Q4_0 or Q4_1 is replaced by the file's blocks,
+/// byte for byte (rows reordered where the architecture undoes llama.cpp's Q/K
+/// permutation); the others stay f32, each with its reason in the report. Returns the
+/// new weights and their `[quantization]`.
+pub fn keep_gguf_blocks(
+    weights: &[u8],
+    path: &Path,
+    model: &kiln_models::ModelConfig,
+    packed: &BTreeMap<String, Result<GgufBlocks, String>>,
+    mapped: &[(String, String, bool)],
+) -> Result<(Vec<u8>, Quantization, QuantizeReport), ConvertError> {
+    let file = ModelFile {
+        model: model.clone(),
+        head: None,
+        quantization: None,
+    };
+    let model_weights = weights_of(&file);
+    let by_module: BTreeMap<&str, &Quantizable> = model_weights.iter().map(|w| (w.module.as_str(), w)).collect();
+    let mut plan = Quantization::default();
+    let mut report = QuantizeReport::default();
+    let mut blocks_of: BTreeMap<String, &GgufBlocks> = BTreeMap::new();
+    for (source, kiln, _) in mapped {
+        let Some(kept) = packed.get(source) else { continue };
+        let Some(module) = kiln.strip_suffix(".weight") else {
+            report
+                .kept
+                .push((kiln.clone(), "not a weight (dequantized)".to_string()));
+            continue;
+        };
+        let reason = match (kept, by_module.get(module)) {
+            (Err(why), _) => Some(why.clone()),
+            (Ok(_), None) => Some("not a linear layer or embedding (dequantized)".to_string()),
+            (Ok(b), Some(w)) if !w.packable => {
+                Some(format!("{} module without a packed form (dequantized)", b.ty.name()))
+            }
+            (Ok(b), Some(w)) if [b.rows, b.cols] != [w.rows, w.cols] => Some(format!(
+                "{} x {} blocks for a module of {} x {}",
+                b.rows, b.cols, w.rows, w.cols
+            )),
+            (Ok(_), Some(_)) => None,
+        };
+        match (reason, kept) {
+            (None, Ok(b)) => {
+                plan.tensors.insert(module.to_string(), b.ty.name().to_string());
+                blocks_of.insert(module.to_string(), b);
+            }
+            (Some(why), _) => report.kept.push((module.to_string(), why)),
+            (None, Err(_)) => unreachable!("an error is a reason"),
+        }
+    }
+    let bytes = write_packed(weights, path, &model_weights, &plan, &mut report, |name, _, _| {
+        let module = name.strip_suffix(".weight").expect("planned modules are weights");
+        let b = blocks_of[module];
+        Ok((b.ty, b.bytes.clone()))
+    })?;
+    report.bytes = [weights.len(), bytes.len()];
+    Ok((bytes, plan, report))
 }
