@@ -166,7 +166,7 @@ pub fn attention_steps_with(
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `isa` is available (asserted above): AVX2.
-                crate::Isa::Avx2Fma => unsafe { attend_head_avx2(&head, scores, oh) },
+                crate::Isa::Avx2Fma | crate::Isa::Avx512Vnni => unsafe { attend_head_avx2(&head, scores, oh) },
                 _ => attend_head(&head, scores, oh),
             }
         });

@@ -157,7 +157,7 @@ fn kn_slab(isa: Isa, x: &[f32], w: &[f32], acc: &mut [f32], m: usize, k: usize, 
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is available (checked by the caller), so the CPU has AVX2 and FMA.
-        Isa::Avx2Fma => unsafe { avx2::kn_slab(x, w, acc, m, k, n, k0, k1) },
+        Isa::Avx2Fma | Isa::Avx512Vnni => unsafe { avx2::kn_slab(x, w, acc, m, k, n, k0, k1) },
         _ => {
             for kk in k0..k1 {
                 let row = &w[kk * n..(kk + 1) * n];
@@ -285,7 +285,7 @@ fn nk_slab(
         match isa {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `isa` is available (checked by the caller): AVX2 and FMA.
-            Isa::Avx2Fma => unsafe { avx2::dots(row, x, m, &mut sums) },
+            Isa::Avx2Fma | Isa::Avx512Vnni => unsafe { avx2::dots(row, x, m, &mut sums) },
             _ => {
                 for (r, s) in sums.iter_mut().enumerate().take(m) {
                     *s = row.iter().zip(&x[r * k..(r + 1) * k]).map(|(a, b)| a * b).sum();

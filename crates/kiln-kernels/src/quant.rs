@@ -232,7 +232,7 @@ fn quantize_act_with(isa: Isa, x: &[f32], out: &mut [ActBlock]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is available (checked by the caller): AVX2, FMA and F16C.
-        Isa::Avx2Fma => unsafe { avx2::quantize_act(x, out) },
+        Isa::Avx2Fma | Isa::Avx512Vnni => unsafe { avx2::quantize_act(x, out) },
         _ => quantize_act(x, out),
     }
 }
@@ -432,11 +432,19 @@ fn rows_range(
 ) {
     let mut j = js.start;
     #[cfg(target_arch = "x86_64")]
-    if m == 1 && isa == Isa::Avx2Fma {
+    if m == 1 && isa.has_avx2() {
         while j + 4 <= js.end {
             let four = &w[j * row_bytes..(j + 4) * row_bytes];
-            // SAFETY: `isa` is available (checked by the caller): AVX2, FMA and F16C.
-            let sums = unsafe { avx2::four_rows(ty, four, row_bytes, &acts[..blocks], blocks) };
+            let acts = &acts[..blocks];
+            // SAFETY: `isa` is available (checked by the caller): AVX2, FMA and F16C, and
+            // for Avx512Vnni AVX-512 VNNI and VL.
+            let sums = unsafe {
+                if isa == Isa::Avx512Vnni {
+                    vnni::four_rows(ty, four, row_bytes, acts, blocks)
+                } else {
+                    avx2::four_rows(ty, four, row_bytes, acts, blocks)
+                }
+            };
             for (i, s) in sums.iter().enumerate() {
                 emit(j + i, std::slice::from_ref(s));
             }
@@ -465,6 +473,9 @@ fn row_dots(isa: Isa, ty: QuantType, w: &[u8], acts: &[ActBlock], blocks: usize,
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is available (checked by the caller): AVX2, FMA and F16C.
         Isa::Avx2Fma => unsafe { avx2::row_dots(ty, w, acts, blocks, m, sums) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, with AVX-512 VNNI and VL.
+        Isa::Avx512Vnni => unsafe { vnni::row_dots(ty, w, acts, blocks, m, sums) },
         _ => {
             for (r, s) in sums.iter_mut().enumerate().take(m) {
                 *s = portable_row_dot(ty, w, &acts[r * blocks..(r + 1) * blocks]);
@@ -503,36 +514,175 @@ fn portable_row_dot(ty: QuantType, w: &[u8], acts: &[ActBlock]) -> f32 {
     sum
 }
 
+/// The integer kernels, compiled once per x86-64 path: `$features` for the target
+/// features and `$dot` for the u8 x i8 dot product of 32 bytes into eight i32 lanes (the
+/// one place the paths differ; both give the same sums, `vpmaddubsw`'s i16 pairs never
+/// saturating on these values: at most 2 x 128 x 127).
+#[cfg(target_arch = "x86_64")]
+macro_rules! int_kernels {
+    ($features:literal, |$u:ident, $s:ident| $dot:expr) => {
+        use super::{ActBlock, MAX_ROWS, QuantType};
+        use std::arch::x86_64::*;
+
+        /// The eight i32 sums of `u[i] * s[i]` (u8 x i8) over 32 bytes, four products per
+        /// lane.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn dot_u8_i8($u: __m256i, $s: __m256i) -> __m256i {
+            $dot
+        }
+
+        /// The 32 nibbles of 16 bytes as bytes 0..15: low nibbles first, then high.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn nibbles(p: *const u8) -> __m256i {
+            let raw = unsafe { _mm_loadu_si128(p as *const __m128i) };
+            let lo = _mm_and_si128(raw, _mm_set1_epi8(0x0f));
+            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0f));
+            _mm256_set_m128i(hi, lo)
+        }
+
+        /// An f16 scale through F16C.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn scale(b: &[u8], at: usize) -> f32 {
+            let bits = u16::from_le_bytes([b[at], b[at + 1]]);
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+        }
+
+        /// The type codes of the const-generic kernel (one compiled loop per type).
+        const Q8_0: u8 = 0;
+        const Q4_0: u8 = 1;
+        const Q4_1: u8 = 2;
+
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn row_dots(
+            ty: QuantType,
+            w: &[u8],
+            acts: &[ActBlock],
+            blocks: usize,
+            m: usize,
+            sums: &mut [f32; MAX_ROWS],
+        ) {
+            unsafe {
+                match ty {
+                    QuantType::Q8_0 => rows::<Q8_0>(w, acts, blocks, m, sums),
+                    QuantType::Q4_0 => rows::<Q4_0>(w, acts, blocks, m, sums),
+                    QuantType::Q4_1 => rows::<Q4_1>(w, acts, blocks, m, sums),
+                }
+            }
+        }
+
+        /// Block `blk`'s weights: (the values, i8 for Q8_0, the u8 nibbles for Q4_0 and Q4_1; their
+        /// scale; the minimum: Q4_1's own, -8 d for Q4_0, unused for Q8_0).
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn block<const T: u8>(w: &[u8], blk: usize) -> (__m256i, f32, f32) {
+            let bb = [34, 18, 20][T as usize];
+            let b = &w[blk * bb..(blk + 1) * bb];
+            let p = b.as_ptr();
+            unsafe {
+                match T {
+                    Q8_0 => (_mm256_loadu_si256(p.add(2) as *const __m256i), scale(b, 0), 0.0),
+                    // d * (q - 8) = d * q + (-8 d): Q4_1's form with the minimum -8 d, so
+                    // the nibbles go straight into the unsigned x signed product.
+                    Q4_0 => {
+                        let d = scale(b, 0);
+                        (nibbles(p.add(2)), d, -8.0 * d)
+                    }
+                    _ => (nibbles(p.add(4)), scale(b, 0), scale(b, 2)),
+                }
+            }
+        }
+
+        /// The eight i32 partial sums of one block's `w · x`.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn block_dot<const T: u8>(q: __m256i, x: __m256i) -> __m256i {
+            match T {
+                Q8_0 => dot_u8_i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)),
+                _ => dot_u8_i8(q, x),
+            }
+        }
+
+        /// Four weight rows (`row_bytes` apart in `w`) · one activation row: each activation
+        /// block loaded once for the four, four independent accumulators. Each row's sum is
+        /// the same sequence of operations as in [`rows`] (one accumulator, blocks in order),
+        /// so a row gets the same bits whichever path, batch or task split computes it.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn four_rows(
+            ty: QuantType,
+            w: &[u8],
+            row_bytes: usize,
+            acts: &[ActBlock],
+            blocks: usize,
+        ) -> [f32; 4] {
+            unsafe {
+                match ty {
+                    QuantType::Q8_0 => four::<Q8_0>(w, row_bytes, acts, blocks),
+                    QuantType::Q4_0 => four::<Q4_0>(w, row_bytes, acts, blocks),
+                    QuantType::Q4_1 => four::<Q4_1>(w, row_bytes, acts, blocks),
+                }
+            }
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn four<const T: u8>(w: &[u8], row_bytes: usize, acts: &[ActBlock], blocks: usize) -> [f32; 4] {
+            assert!(w.len() >= 4 * row_bytes && acts.len() >= blocks && row_bytes >= blocks * [34, 18, 20][T as usize]);
+            let rows = [
+                &w[..row_bytes],
+                &w[row_bytes..2 * row_bytes],
+                &w[2 * row_bytes..3 * row_bytes],
+                &w[3 * row_bytes..4 * row_bytes],
+            ];
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut offset = [0f32; 4];
+            for (blk, a) in acts[..blocks].iter().enumerate() {
+                let x = unsafe { _mm256_loadu_si256(a.q.as_ptr() as *const __m256i) };
+                for r in 0..4 {
+                    let (q, d, min) = unsafe { block::<T>(rows[r], blk) };
+                    if T != Q8_0 {
+                        offset[r] += min * a.s;
+                    }
+                    let s = _mm256_cvtepi32_ps(block_dot::<T>(q, x));
+                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), s, acc[r]);
+                }
+            }
+            [0, 1, 2, 3].map(|r| crate::hsum256(acc[r]) + offset[r])
+        }
+
+        /// Up to [`MAX_ROWS`] activation rows: each weight block decoded once for all, one
+        /// accumulator per row over the blocks in order.
+        #[target_feature(enable = $features)]
+        unsafe fn rows<const T: u8>(w: &[u8], acts: &[ActBlock], blocks: usize, m: usize, sums: &mut [f32; MAX_ROWS]) {
+            let mut acc = [_mm256_setzero_ps(); MAX_ROWS];
+            let mut offset = [0f32; MAX_ROWS];
+            for blk in 0..blocks {
+                let (q, d, min) = unsafe { block::<T>(w, blk) };
+                for r in 0..m {
+                    let a = &acts[r * blocks + blk];
+                    let x = unsafe { _mm256_loadu_si256(a.q.as_ptr() as *const __m256i) };
+                    if T != Q8_0 {
+                        offset[r] += min * a.s;
+                    }
+                    let s = _mm256_cvtepi32_ps(block_dot::<T>(q, x));
+                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), s, acc[r]);
+                }
+            }
+            for r in 0..m {
+                sums[r] = crate::hsum256(acc[r]) + offset[r];
+            }
+        }
+    };
+}
+
+/// AVX2: `vpmaddubsw` into i16 pairs, `vpmaddwd` by ones into i32.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{ActBlock, MAX_ROWS, QuantType};
-    use std::arch::x86_64::*;
-
-    /// The eight i32 sums of `u[i] * s[i]` (u8 x i8) pairs over 32 bytes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256i {
-        let pairs = _mm256_maddubs_epi16(u, s);
-        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
-    }
-
-    /// The 32 nibbles of 16 bytes as bytes 0..15: low nibbles first, then high.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn nibbles(p: *const u8) -> __m256i {
-        let raw = unsafe { _mm_loadu_si128(p as *const __m128i) };
-        let lo = _mm_and_si128(raw, _mm_set1_epi8(0x0f));
-        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0f));
-        _mm256_set_m128i(hi, lo)
-    }
-
-    /// An f16 scale through F16C.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn scale(b: &[u8], at: usize) -> f32 {
-        let bits = u16::from_le_bytes([b[at], b[at + 1]]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
+    int_kernels!("avx2,fma,f16c", |u, s| _mm256_madd_epi16(
+        _mm256_maddubs_epi16(u, s),
+        _mm256_set1_epi16(1)
+    ));
 
     /// [`super::quantize_act`] eight lanes at a time, the same operations (max of the
     /// magnitudes, `v * (1 / d)`, round half away from zero as `floor(a) + floor(2 (a -
@@ -576,130 +726,17 @@ mod avx2 {
             o.s = o.d * total as f32;
         }
     }
+}
 
-    /// The type codes of the const-generic kernel (one compiled loop per type).
-    const Q8_0: u8 = 0;
-    const Q4_0: u8 = 1;
-    const Q4_1: u8 = 2;
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn row_dots(
-        ty: QuantType,
-        w: &[u8],
-        acts: &[ActBlock],
-        blocks: usize,
-        m: usize,
-        sums: &mut [f32; MAX_ROWS],
-    ) {
-        unsafe {
-            match ty {
-                QuantType::Q8_0 => rows::<Q8_0>(w, acts, blocks, m, sums),
-                QuantType::Q4_0 => rows::<Q4_0>(w, acts, blocks, m, sums),
-                QuantType::Q4_1 => rows::<Q4_1>(w, acts, blocks, m, sums),
-            }
-        }
-    }
-
-    /// Block `blk`'s weights: (the values, i8 for Q8_0, the u8 nibbles for Q4_0 and Q4_1; their
-    /// scale; the minimum: Q4_1's own, -8 d for Q4_0, unused for Q8_0).
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn block<const T: u8>(w: &[u8], blk: usize) -> (__m256i, f32, f32) {
-        let bb = [34, 18, 20][T as usize];
-        let b = &w[blk * bb..(blk + 1) * bb];
-        let p = b.as_ptr();
-        unsafe {
-            match T {
-                Q8_0 => (_mm256_loadu_si256(p.add(2) as *const __m256i), scale(b, 0), 0.0),
-                // d * (q - 8) = d * q + (-8 d): Q4_1's form with the minimum -8 d, so
-                // the nibbles go straight into the unsigned x signed product.
-                Q4_0 => {
-                    let d = scale(b, 0);
-                    (nibbles(p.add(2)), d, -8.0 * d)
-                }
-                _ => (nibbles(p.add(4)), scale(b, 0), scale(b, 2)),
-            }
-        }
-    }
-
-    /// The eight i32 partial sums of one block's `w · x`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn block_dot<const T: u8>(q: __m256i, x: __m256i) -> __m256i {
-        match T {
-            Q8_0 => dot_u8_i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)),
-            _ => dot_u8_i8(q, x),
-        }
-    }
-
-    /// Four weight rows (`row_bytes` apart in `w`) · one activation row: each activation
-    /// block loaded once for the four, four independent accumulators. Each row's sum is
-    /// the same sequence of operations as in [`rows`] (one accumulator, blocks in order),
-    /// so a row gets the same bits whichever path, batch or task split computes it.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn four_rows(
-        ty: QuantType,
-        w: &[u8],
-        row_bytes: usize,
-        acts: &[ActBlock],
-        blocks: usize,
-    ) -> [f32; 4] {
-        unsafe {
-            match ty {
-                QuantType::Q8_0 => four::<Q8_0>(w, row_bytes, acts, blocks),
-                QuantType::Q4_0 => four::<Q4_0>(w, row_bytes, acts, blocks),
-                QuantType::Q4_1 => four::<Q4_1>(w, row_bytes, acts, blocks),
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn four<const T: u8>(w: &[u8], row_bytes: usize, acts: &[ActBlock], blocks: usize) -> [f32; 4] {
-        assert!(w.len() >= 4 * row_bytes && acts.len() >= blocks && row_bytes >= blocks * [34, 18, 20][T as usize]);
-        let rows = [
-            &w[..row_bytes],
-            &w[row_bytes..2 * row_bytes],
-            &w[2 * row_bytes..3 * row_bytes],
-            &w[3 * row_bytes..4 * row_bytes],
-        ];
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut offset = [0f32; 4];
-        for (blk, a) in acts[..blocks].iter().enumerate() {
-            let x = unsafe { _mm256_loadu_si256(a.q.as_ptr() as *const __m256i) };
-            for r in 0..4 {
-                let (q, d, min) = unsafe { block::<T>(rows[r], blk) };
-                if T != Q8_0 {
-                    offset[r] += min * a.s;
-                }
-                let s = _mm256_cvtepi32_ps(block_dot::<T>(q, x));
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), s, acc[r]);
-            }
-        }
-        [0, 1, 2, 3].map(|r| crate::hsum256(acc[r]) + offset[r])
-    }
-
-    /// Up to [`MAX_ROWS`] activation rows: each weight block decoded once for all, one
-    /// accumulator per row over the blocks in order.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn rows<const T: u8>(w: &[u8], acts: &[ActBlock], blocks: usize, m: usize, sums: &mut [f32; MAX_ROWS]) {
-        let mut acc = [_mm256_setzero_ps(); MAX_ROWS];
-        let mut offset = [0f32; MAX_ROWS];
-        for blk in 0..blocks {
-            let (q, d, min) = unsafe { block::<T>(w, blk) };
-            for r in 0..m {
-                let a = &acts[r * blocks + blk];
-                let x = unsafe { _mm256_loadu_si256(a.q.as_ptr() as *const __m256i) };
-                if T != Q8_0 {
-                    offset[r] += min * a.s;
-                }
-                let s = _mm256_cvtepi32_ps(block_dot::<T>(q, x));
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), s, acc[r]);
-            }
-        }
-        for r in 0..m {
-            sums[r] = crate::hsum256(acc[r]) + offset[r];
-        }
-    }
+/// AVX-512 VNNI on 256-bit vectors: `vpdpbusd`, the four u8 x i8 products of each lane
+/// summed into i32 in one instruction.
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    int_kernels!("avx2,fma,f16c,avx512f,avx512vl,avx512vnni", |u, s| _mm256_dpbusd_epi32(
+        _mm256_setzero_si256(),
+        u,
+        s
+    ));
 }
 
 #[cfg(test)]
@@ -893,11 +930,19 @@ mod tests {
             let mut w = vec![0u8; ty.bytes_for(n * k).unwrap()];
             quantize(ty, &fill(n * k, 21), &mut w);
             let row_bytes = ty.bytes_for(k).unwrap();
+            let mut avx2_family: Vec<(Isa, Vec<f32>)> = Vec::new();
             for isa in Isa::available() {
                 let m = 6;
                 let x = fill(m * k, 22);
                 let mut batch = vec![0f32; m * n];
                 matvec_with(isa, ty, &w, &x, None, &mut batch, m, k, n);
+                if isa.has_avx2() {
+                    // vpdpbusd and vpmaddubsw + vpmaddwd give the same sums.
+                    if let Some((first, bits)) = avx2_family.first() {
+                        assert_eq!(bits, &batch, "{ty:?}: {isa:?} vs {first:?}");
+                    }
+                    avx2_family.push((isa, batch.clone()));
+                }
                 for r in 0..m {
                     let mut alone = vec![0f32; n];
                     matvec_with(isa, ty, &w, &x[r * k..(r + 1) * k], None, &mut alone, 1, k, n);
