@@ -14,7 +14,7 @@
 //! has them, a portable loop otherwise, never an f32 copy of the weight. Rows of the
 //! weight (`[out, in]`, GGUF's layout) are split over [`Pool`](crate::pool::Pool).
 
-use crate::matvec::{MAX_ROWS, row_tasks};
+use crate::matvec::MAX_ROWS;
 use crate::pool::Pool;
 use crate::{Isa, MAX_PRODUCTS, SharedMut, Split};
 use std::cell::RefCell;
@@ -286,27 +286,8 @@ pub fn matvec_with(
     k: usize,
     n: usize,
 ) {
-    assert!(isa.is_available(), "{isa:?} is not available on this CPU");
-    let row_bytes = ty.bytes_for(k).expect("k is a multiple of 32");
-    assert_eq!(w.len(), n * row_bytes, "{}: w holds n rows of k values", ty.name());
-    assert_eq!(x.len(), m * k, "x is [m, k]");
-    assert_eq!(y.len(), m * n, "y is [m, n]");
-    if let Some(b) = bias {
-        assert_eq!(b.len(), n, "bias is [n]");
-    }
-    let blocks = k / BLOCK;
-    let mut acts = ACTS.take();
-    acts.resize(m * blocks, ActBlock::default());
-    for (row, out) in x.chunks_exact(k).zip(acts.chunks_exact_mut(blocks)) {
-        quantize_act_with(isa, row, out);
-    }
-    for r0 in (0..m).step_by(MAX_ROWS) {
-        let rows = MAX_ROWS.min(m - r0);
-        let a = &acts[r0 * blocks..(r0 + rows) * blocks];
-        let y = &mut y[r0 * n..(r0 + rows) * n];
-        pass(isa, ty, w, a, bias, y, rows, blocks, row_bytes, n);
-    }
-    ACTS.set(acts);
+    let mut product = [QuantProduct { ty, w, bias, y, n }];
+    matvec_many_with(isa, x, m, k, &mut product);
 }
 
 /// One product of [`matvec_many`]: `y[m, n] = x · W[n, k]ᵀ + bias`, `W` packed as `ty`.
@@ -323,7 +304,12 @@ pub struct QuantProduct<'a> {
 /// pool (one hand-out and one wait instead of one per product), each row computed as
 /// [`matvec`] computes it (the same bits). Panics on lengths that disagree.
 pub fn matvec_many(x: &[f32], m: usize, k: usize, products: &mut [QuantProduct<'_>]) {
-    let isa = Isa::best();
+    matvec_many_with(Isa::best(), x, m, k, products)
+}
+
+/// [`matvec_many`] on a given path (one of [`Isa::available`]).
+pub fn matvec_many_with(isa: Isa, x: &[f32], m: usize, k: usize, products: &mut [QuantProduct<'_>]) {
+    assert!(isa.is_available(), "{isa:?} is not available on this CPU");
     let blocks = k / BLOCK;
     assert!(k.is_multiple_of(BLOCK), "k is a multiple of 32");
     assert_eq!(x.len(), m * k, "x is [m, k]");
@@ -373,44 +359,6 @@ pub fn matvec_many(x: &[f32], m: usize, k: usize, products: &mut [QuantProduct<'
         });
     }
     ACTS.set(acts);
-}
-
-#[allow(clippy::too_many_arguments)]
-fn pass(
-    isa: Isa,
-    ty: QuantType,
-    w: &[u8],
-    acts: &[ActBlock],
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-    m: usize,
-    blocks: usize,
-    row_bytes: usize,
-    n: usize,
-) {
-    let parts = row_tasks(n, blocks * BLOCK, 8);
-    let slab = n.div_ceil(parts);
-    let out = SharedMut(y.as_mut_ptr());
-    let run = |p: usize| {
-        rows_range(
-            isa,
-            ty,
-            w,
-            row_bytes,
-            acts,
-            blocks,
-            m,
-            p * slab..((p + 1) * slab).min(n),
-            |j, sums| {
-                let b = bias.map_or(0.0, |b| b[j]);
-                for (r, s) in sums.iter().enumerate() {
-                    // SAFETY: task `p` alone writes columns of its slab, within `y` (m rows of n).
-                    unsafe { *{ out }.0.add(r * n + j) = s + b };
-                }
-            },
-        );
-    };
-    Pool::global().run(parts, &run);
 }
 
 /// Weight rows `js` of `w` (packed, `row_bytes` each) · each of the `m` quantized
