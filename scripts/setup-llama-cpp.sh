@@ -32,8 +32,14 @@ if [ ! -f "$src/CMakeLists.txt" ]; then
   mv "$tmp"/llama_cpp_python-0.3.36/vendor/llama.cpp "$src"
   rm -rf "$tmp"
 fi
+# Native code for this CPU, but no AMX: on a VM that lists AMX in /proc/cpuinfo without
+# granting the tile state (seen on a Sapphire Rapids VM, 2026-12-02), -march=native's AMX
+# kernels (ggml's repacked Q8_0/Q4_0 buffers) die with SIGILL / a general protection
+# fault in llama-bench and llama-perplexity. Harmless where the CPU has no AMX.
+no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
-  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NATIVE=ON > "$src/build.log"
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NATIVE=ON \
+  -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" > "$src/build.log"
 cmake --build "$src/build" --config Release -j "$(nproc)" \
   --target llama-bench llama-batched-bench llama-cli llama-completion llama-perplexity llama-tokenize llama-server llama-quantize >> "$src/build.log"
 echo "built llama.cpp ($(git -C "$src" rev-parse --short HEAD 2>/dev/null || echo vendored in llama-cpp-python 0.3.36)) in $bin"
