@@ -368,3 +368,71 @@ fn corrupt_or_mismatched_packed_weights_are_refused_by_name() {
     ));
     assert!(e.contains("model.layers.0.mlp.down_proj.packed"), "{e}");
 }
+
+/// `infer --kl-reference`'s figures (`perplexity::divergence`) against a direct
+/// computation: one window scoring every position, each model's log-softmax from its
+/// own forward pass, KL(f32 || quantized) per position in f64. And a model against
+/// itself diverges by nothing.
+#[test]
+fn kl_divergence_matches_a_direct_computation() {
+    use kiln_infer::perplexity::{PerplexityMethod, divergence, perplexity};
+    let root = common::scratch_dir("quantized-kl");
+    let flex = Device::flex();
+    let cfg = llama();
+    let dir = f32_dir(
+        &root,
+        "f32",
+        ModelConfig::Llama(cfg.clone()),
+        &kiln_core::rng::seeded_init(5, &flex, || cfg.init(&flex)),
+    );
+    quantize_dir(&dir, &root.join("q4"), QuantType::Q4_0, &[]).unwrap();
+    let (reference, quantized) = (open(&dir, &flex), open(&root.join("q4"), &flex));
+    let ids: Vec<u32> = TOKENS.iter().map(|&t| t as u32).collect();
+    let whole = PerplexityMethod::Sliding {
+        context: ids.len(),
+        stride: ids.len(),
+    };
+    let d = divergence(lm(&quantized), lm(&reference), &ids, whole, None, &flex).unwrap();
+
+    let log_softmax = |model: &dyn CausalLm| -> Vec<Vec<f64>> {
+        logits(model, &flex)
+            .chunks(VOCAB)
+            .map(|row| {
+                let max = row.iter().fold(f32::MIN, |m, &v| m.max(v)) as f64;
+                let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+                row.iter().map(|&v| v as f64 - lse).collect()
+            })
+            .collect()
+    };
+    let (lq, lr) = (log_softmax(lm(&quantized)), log_softmax(lm(&reference)));
+    // Position i predicts token i + 1: the last position predicts nothing.
+    let n = ids.len() - 1;
+    let kl: Vec<f64> = (0..n)
+        .map(|i| lr[i].iter().zip(&lq[i]).map(|(r, q)| r.exp() * (r - q)).sum())
+        .collect();
+    let argmax = |row: &[f64]| (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
+    let same = (0..n).filter(|&i| argmax(&lq[i]) == argmax(&lr[i])).count();
+    let mean = kl.iter().sum::<f64>() / n as f64;
+    let max = kl.iter().fold(0f64, |m, &v| m.max(v));
+    eprintln!("KL mean {} (direct {mean}), max {} (direct {max})", d.kl_mean, d.kl_max);
+    assert!(mean > 1e-4, "Q4_0 moves the distributions: {mean}");
+    assert!(
+        (d.kl_mean - mean).abs() <= 1e-4 * mean + 1e-7,
+        "mean KL {} vs {mean}",
+        d.kl_mean
+    );
+    assert!(
+        (d.kl_max - max).abs() <= 1e-4 * max + 1e-7,
+        "max KL {} vs {max}",
+        d.kl_max
+    );
+    assert!(d.kl_max >= d.kl_p99 && d.kl_p99 >= d.kl_median && d.kl_median >= 0.0);
+    assert_eq!(d.top1_agreement, same as f64 / n as f64);
+    let alone = perplexity(lm(&quantized), &ids, whole, None, &flex).unwrap();
+    assert_eq!(d.model.perplexity, alone.perplexity);
+
+    let itself = divergence(lm(&reference), lm(&reference), &ids, whole, None, &flex).unwrap();
+    assert!(itself.kl_max.abs() < 1e-9, "{}", itself.kl_max);
+    assert_eq!(itself.top1_agreement, 1.0);
+    assert_eq!(itself.model.perplexity, itself.reference.perplexity);
+}

@@ -236,21 +236,16 @@ pub fn divergence(
         let (lr, _) = window_logp(reference, window, *from, device);
         nll_m += nll(lm.clone(), targets.clone());
         nll_r += nll(lr.clone(), targets);
-        let top_m: Vec<i64> = lm
-            .clone()
-            .argmax(2)
-            .into_data()
-            .convert::<i64>()
-            .try_to_vec()
-            .expect("ids");
-        let top_r: Vec<i64> = lr
-            .clone()
-            .argmax(2)
-            .into_data()
-            .convert::<i64>()
-            .try_to_vec()
-            .expect("ids");
-        same += top_m.iter().zip(&top_r).filter(|(a, b)| a == b).count();
+        // The most likely token at each position.
+        let top = |logp: &Tensor<3>| -> Vec<i64> {
+            logp.clone()
+                .argmax(2)
+                .into_data()
+                .convert::<i64>()
+                .try_to_vec()
+                .expect("ids")
+        };
+        same += top(&lm).iter().zip(&top(&lr)).filter(|(a, b)| a == b).count();
         // KL(r || m) = sum_v p_r (log p_r - log p_m), per position.
         let per_position = (lr.clone().exp() * (lr - lm)).sum_dim(2);
         kl.extend(f32s(per_position).into_iter().map(|v| v as f64));
