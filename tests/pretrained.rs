@@ -96,16 +96,24 @@ fn source_dir(case: &Case) -> PathBuf {
     dir
 }
 
+/// The case's GGUF read (with its quantized blocks when `keep_quantized`) and converted
+/// to f32 Kiln weights, as `convert` does: the source, the model, the safetensors bytes
+/// and the (complete) report.
+fn converted(case: &Case, keep_quantized: bool) -> (Source, kiln_models::ModelConfig, Vec<u8>, kiln_convert::Report) {
+    let gguf = source_dir(case).join(case.gguf);
+    let source = Source::read_with(&gguf, keep_quantized).unwrap();
+    let (path, json) = source.hf_config.clone().unwrap();
+    let model = hf_config::detect_model_config(&json, &path.display().to_string()).unwrap();
+    let (weights, report) = convert(&source, &model, false).unwrap();
+    assert!(report.is_complete(), "{}", report.details());
+    (source, model, weights, report)
+}
+
 /// The GGUF converted into a Kiln model directory, once per test binary (in
 /// [`common::scratch_dir`], replaced next run).
 fn kiln_dir(case: &'static Case, cell: &'static OnceLock<PathBuf>) -> &'static Path {
     cell.get_or_init(|| {
-        let gguf = source_dir(case).join(case.gguf);
-        let source = Source::read(&gguf).unwrap();
-        let (path, json) = source.hf_config.clone().unwrap();
-        let model = hf_config::detect_model_config(&json, &path.display().to_string()).unwrap();
-        let (weights, report) = convert(&source, &model, false).unwrap();
-        assert!(report.is_complete(), "{}", report.details());
+        let (source, model, weights, _) = converted(case, false);
         let dir = common::scratch_dir(&format!("pretrained-{}", case.dir)).join("model");
         write_model_dir_with(&dir, &model, &weights, None, None, &source.extra_files, None).unwrap();
         dir
@@ -501,10 +509,7 @@ fn gguf_blocks_are_kept_packed_byte_for_byte() {
     use kiln_convert::quantize::keep_gguf_blocks;
     use kiln_models::quant::{PackedShape, QuantType, dequantize_rows};
     let gguf = source_dir(&SMOLLM2).join(SMOLLM2.gguf);
-    let source = kiln_convert::gguf::read_with(&gguf, true).unwrap();
-    let (path, json) = source.hf_config.clone().unwrap();
-    let model = hf_config::detect_model_config(&json, &path.display().to_string()).unwrap();
-    let (weights, report) = convert(&source, &model, false).unwrap();
+    let (source, model, weights, report) = converted(&SMOLLM2, true);
     let (packed, plan, q) = keep_gguf_blocks(&weights, &gguf, &model, &source.packed, &report.mapped).unwrap();
     assert!(
         q.kept.is_empty(),
@@ -601,10 +606,7 @@ fn gguf_blocks_are_kept_packed_byte_for_byte() {
 
     // Gemma 3: only the Q8_0 tensors have a Kiln kernel.
     let gguf = source_dir(&GEMMA3).join(GEMMA3.gguf);
-    let source = kiln_convert::gguf::read_with(&gguf, true).unwrap();
-    let (path, json) = source.hf_config.clone().unwrap();
-    let model = hf_config::detect_model_config(&json, &path.display().to_string()).unwrap();
-    let (weights, report) = convert(&source, &model, false).unwrap();
+    let (source, model, weights, report) = converted(&GEMMA3, true);
     let (_, plan, q) = keep_gguf_blocks(&weights, &gguf, &model, &source.packed, &report.mapped).unwrap();
     assert!(plan.tensors.values().all(|t| t == "Q8_0"), "{plan:?}");
     assert_eq!(plan.get("model.embed_tokens"), Some(QuantType::Q8_0));

@@ -137,18 +137,7 @@ fn main() -> Result<()> {
         return quantize(&cli, ty);
     }
     let started = Instant::now();
-    let is_gguf = cli.input.extension().is_some_and(|e| e == "gguf") && !cli.input.is_dir();
-    if cli.keep_quantized && !is_gguf {
-        bail!(
-            "--keep-quantized: {} is not a .gguf file (to quantize a Kiln model directory, use --quantize)",
-            cli.input.display()
-        );
-    }
-    let source = if is_gguf {
-        kiln_convert::gguf::read_with(&cli.input, cli.keep_quantized)?
-    } else {
-        Source::read(&cli.input)?
-    };
+    let source = Source::read_with(&cli.input, cli.keep_quantized)?;
     // A Hugging Face config: the --arch given, else the one it names.
     let from_json = |json: &serde_json::Value, path: &std::path::Path| match &cli.arch {
         Some(arch) => hf_config::model_config(arch, json, &path.display().to_string()),

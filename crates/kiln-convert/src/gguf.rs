@@ -18,7 +18,7 @@ use burn_pack::Tensor as PackTensor;
 use kiln_core::layout::{GENERATION_CONFIG, HF_CONFIG, TOKENIZER, TOKENIZER_CONFIG};
 use kiln_gguf::quants::GgmlType;
 use kiln_gguf::{GgufError, GgufFile};
-use kiln_kernels::quant::{BLOCK, QuantType};
+use kiln_kernels::quant::QuantType;
 use regex::Regex;
 use serde_json::{Value, json};
 
@@ -95,12 +95,8 @@ fn keep_blocks(
     hf: &str,
     config: &Value,
 ) -> Result<GgufBlocks, String> {
-    let ty = match info.ty {
-        GgmlType::Q8_0 => QuantType::Q8_0,
-        GgmlType::Q4_0 => QuantType::Q4_0,
-        GgmlType::Q4_1 => QuantType::Q4_1,
-        other => return Err(format!("GGUF type {} has no Kiln kernel (dequantized)", other.name())),
-    };
+    let ty = kiln_models::quant::quant_type(info.ty)
+        .ok_or_else(|| format!("GGUF type {} has no Kiln kernel (dequantized)", info.ty.name()))?;
     let shape = info.shape();
     let [rows, cols] = shape[..] else {
         return Err(format!("{} in {}-D, Kiln packs 2-D weights", ty.name(), shape.len()));
@@ -108,7 +104,9 @@ fn keep_blocks(
     let perm = row_permutation(rules, hf, rows, config)
         .ok_or_else(|| "the architecture's fix-up of this tensor is not a row permutation".to_string())?;
     let data = file.data(info);
-    let row_bytes = cols / BLOCK * ty.block_bytes();
+    let row_bytes = ty
+        .bytes_for(cols)
+        .ok_or_else(|| format!("rows of {cols} values are not whole {} blocks", ty.name()))?;
     if data.len() != rows * row_bytes {
         return Err(format!("{} bytes for {rows} rows of {row_bytes}", data.len()));
     }

@@ -209,13 +209,25 @@ impl Source {
     /// Read a checkpoint file, or a Hugging Face directory (`config.json` + `model.safetensors`,
     /// a sharded `model.safetensors.index.json`, or `pytorch_model.bin`).
     pub fn read(input: &Path) -> Result<Self, ConvertError> {
+        Self::read_with(input, false)
+    }
+
+    /// [`Source::read`]; with `keep_quantized` (a `.gguf` input only), also the file's
+    /// quantized blocks ([`gguf::read_with`]).
+    pub fn read_with(input: &Path, keep_quantized: bool) -> Result<Self, ConvertError> {
         let mut tensors = BTreeMap::new();
         let mut files = Vec::new();
         if !input.exists() {
             return Err(read_err(input, "no such file or directory"));
         }
         if !input.is_dir() && input.extension().is_some_and(|e| e == "gguf") {
-            return gguf::read(input);
+            return gguf::read_with(input, keep_quantized);
+        }
+        if keep_quantized {
+            return Err(read_err(
+                input,
+                "not a .gguf file: only a GGUF file's quantized blocks can be kept (a Kiln model directory is quantized with --quantize)",
+            ));
         }
         if !input.is_dir() {
             read_file(input, &mut tensors)?;

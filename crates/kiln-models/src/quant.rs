@@ -47,6 +47,13 @@ pub fn ggml_type(ty: QuantType) -> GgmlType {
     }
 }
 
+/// The block format of a GGUF type, if Kiln has kernels for it ([`ggml_type`] reversed).
+pub fn quant_type(ty: GgmlType) -> Option<QuantType> {
+    [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1]
+        .into_iter()
+        .find(|&q| ggml_type(q) == ty)
+}
+
 /// `[quantization]` of a model directory: the modules whose weight is stored packed.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
