@@ -54,6 +54,7 @@ scripts/fetch-sentiment.sh
 scripts/fetch-llms.sh
 scripts/fetch-minilm.sh --torch --no-convert
 scripts/llm-reference.sh
+scripts/setup-openai-client.sh
 setup=$(( $(date +%s) - start ))
 echo "== setup took $(fmt "$setup") beside the build; waiting for the build"
 if ! wait "$build_pid"; then

@@ -70,6 +70,11 @@ struct Cli {
     /// Most prompts of --prompt-file decoded together.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
+    /// Prompt tokens run per model call (default: the whole prompt at once). `serve`
+    /// runs prompts in chunks of its --prefill-chunk; the same value here gives what it
+    /// gives.
+    #[arg(long)]
+    prefill_chunk: Option<usize>,
     /// Re-run the whole sequence for every token instead of using the KV cache (the
     /// reference path: one prompt, no stop conditions).
     #[arg(long)]
@@ -357,14 +362,15 @@ fn request(cli: &Cli, loaded: &LoadedModel, prompt: Vec<u32>) -> Request {
             loaded.eos_token_ids.clone()
         },
         stop_strings: cli.stop.clone(),
+        logprobs: None,
     }
 }
 
 fn engine_config(cli: &Cli, model: &dyn CausalLm, max_batch: usize) -> EngineConfig {
     EngineConfig {
         max_batch,
-        // The whole prompt in one pass: what a prompt alone gets, in a batch too.
-        prefill_chunk: model.context_len(),
+        // By default the whole prompt in one pass: what a prompt alone gets, in a batch too.
+        prefill_chunk: cli.prefill_chunk.unwrap_or(model.context_len()),
         context_full: match cli.context_full {
             OnFull::Slide => ContextFull::Slide,
             OnFull::Stop => ContextFull::Stop,

@@ -59,6 +59,10 @@ pub struct Request {
     pub eos_token_ids: Vec<u32>,
     /// Texts that end the sequence (not part of the output text); needs a tokenizer.
     pub stop_strings: Vec<String>,
+    /// Report each generated token's log-probability under the model (its raw
+    /// distribution, before temperature, top-k and top-p) and this many of the most
+    /// likely alternatives (`Some(0)`: the chosen token's only).
+    pub logprobs: Option<usize>,
 }
 
 impl Request {
@@ -69,6 +73,7 @@ impl Request {
             sampling,
             eos_token_ids: Vec::new(),
             stop_strings: Vec::new(),
+            logprobs: None,
         }
     }
 }
@@ -120,6 +125,38 @@ pub struct TokenEvent {
     pub text: String,
     /// Set on the sequence's last event.
     pub finished: Option<FinishReason>,
+    /// With [`Request::logprobs`], for a generated token (not an end-of-sequence one).
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+/// A generated token's log-probability and the most likely tokens at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    /// `(token, log-probability)`, most likely first (ties: lower id first).
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprobs {
+    /// The log-softmax of `logits` at `token`, with the `top` most likely entries.
+    pub fn of(logits: &[f32], token: u32, top: usize) -> Self {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+        let lse = max as f64 + sum.ln();
+        let lp = |i: usize| (logits[i] as f64 - lse) as f32;
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        let top = top.min(order.len());
+        if top > 0 && top < order.len() {
+            order.select_nth_unstable_by(top - 1, by_logit);
+        }
+        order.truncate(top);
+        order.sort_unstable_by(by_logit);
+        Self {
+            logprob: lp(token as usize),
+            top: order.into_iter().map(|i| (i, lp(i as usize))).collect(),
+        }
+    }
 }
 
 /// Timings of one generation.
@@ -234,20 +271,7 @@ impl<'a, M: CausalLm + ?Sized> Engine<'a, M> {
 
     /// Queue `request`; it joins the running batch at the next step with a free slot.
     pub fn add(&mut self, request: Request) -> Result<SeqId, GenerateError> {
-        request.sampling.validate()?;
-        let context = self.model.context_len();
-        if request.prompt.is_empty() {
-            return Err(GenerateError::EmptyPrompt);
-        }
-        if request.prompt.len() > context {
-            return Err(GenerateError::PromptTooLong {
-                len: request.prompt.len(),
-                context,
-            });
-        }
-        if !request.stop_strings.is_empty() && self.tokenizer.is_none() {
-            return Err(GenerateError::StopWithoutTokenizer);
-        }
+        check_request(&request, self.model.context_len(), self.tokenizer.is_some())?;
         let id = self.next_id;
         self.next_id += 1;
         let finished = (request.max_new_tokens == 0).then_some((FinishReason::Length, None));
@@ -312,9 +336,8 @@ impl<'a, M: CausalLm + ?Sized> Engine<'a, M> {
             let logits = self.model.forward_cached(chunk, cache);
             seq.prefilled = end;
             if end == seq.request.prompt.len() {
-                let mut host = last_row_logits(logits);
-                let token = seq.sampler.sample(&mut host);
-                events.push(accept(seq, token, self.tokenizer, self.model.context_len())?);
+                let (token, lp) = sample(seq, last_row_logits(logits));
+                events.push(accept(seq, token, lp, self.tokenizer, self.model.context_len())?);
             }
         }
         // Decode: every sequence with a pending token, batched; full windows slide alone.
@@ -337,9 +360,8 @@ impl<'a, M: CausalLm + ?Sized> Engine<'a, M> {
             let logits = self.model.forward_cached(tokens_tensor(window, &self.device), cache);
             debug_assert_eq!(seq.tokens.last(), Some(&token));
             seq.pending = None;
-            let mut host = last_row_logits(logits);
-            let next = seq.sampler.sample(&mut host);
-            events.push(accept(seq, next, self.tokenizer, context)?);
+            let (next, lp) = sample(seq, last_row_logits(logits));
+            events.push(accept(seq, next, lp, self.tokenizer, context)?);
         }
         if !rows.is_empty() {
             let ids: Vec<u32> = rows
@@ -372,9 +394,8 @@ impl<'a, M: CausalLm + ?Sized> Engine<'a, M> {
                 .expect("logits are f32");
             for (row, &i) in rows.iter().enumerate() {
                 let seq = &mut self.running[i];
-                let mut row_logits = host[row * v..(row + 1) * v].to_vec();
-                let token = seq.sampler.sample(&mut row_logits);
-                events.push(accept(seq, token, self.tokenizer, context)?);
+                let (token, lp) = sample(seq, host[row * v..(row + 1) * v].to_vec());
+                events.push(accept(seq, token, lp, self.tokenizer, context)?);
             }
         }
         // Leave.
@@ -435,10 +456,40 @@ impl<'a, M: CausalLm + ?Sized> Engine<'a, M> {
     }
 }
 
+/// Sample `seq`'s next token from its logits (with their log-probabilities when asked).
+fn sample(seq: &mut Sequence, mut logits: Vec<f32>) -> (u32, Option<TokenLogprobs>) {
+    let Some(top) = seq.request.logprobs else {
+        return (seq.sampler.sample(&mut logits), None);
+    };
+    // The sampler scales its logits in place; the log-probabilities are the model's own.
+    let token = seq.sampler.sample(&mut logits.clone());
+    (token, Some(TokenLogprobs::of(&logits, token, top)))
+}
+
+/// Whether [`Engine::add`] takes `request` for a model of `context` tokens (with or
+/// without a tokenizer): what a server checks before it queues one.
+pub fn check_request(request: &Request, context: usize, has_tokenizer: bool) -> Result<(), GenerateError> {
+    request.sampling.validate()?;
+    if request.prompt.is_empty() {
+        return Err(GenerateError::EmptyPrompt);
+    }
+    if request.prompt.len() > context {
+        return Err(GenerateError::PromptTooLong {
+            len: request.prompt.len(),
+            context,
+        });
+    }
+    if !request.stop_strings.is_empty() && !has_tokenizer {
+        return Err(GenerateError::StopWithoutTokenizer);
+    }
+    Ok(())
+}
+
 /// Take `token` as `seq`'s next: check the stop conditions, stream its text.
 fn accept(
     seq: &mut Sequence,
     token: u32,
+    logprobs: Option<TokenLogprobs>,
     tokenizer: Option<&Tokenizer>,
     context: usize,
 ) -> Result<TokenEvent, GenerateError> {
@@ -450,6 +501,7 @@ fn accept(
         token,
         text: String::new(),
         finished: None,
+        logprobs: None,
     };
     if seq.request.eos_token_ids.contains(&token) {
         seq.finished = Some((FinishReason::Stop, None));
@@ -461,6 +513,7 @@ fn accept(
         }
         return Ok(event);
     }
+    event.logprobs = logprobs;
     seq.generated.push(token);
     seq.tokens.push(token);
     if let (Some(detok), Some(tok)) = (seq.detok.as_mut(), tokenizer) {
@@ -585,4 +638,27 @@ fn generate_uncached<M: CausalLm + ?Sized>(
         decode_s: total - prefill_s,
     };
     Ok((tokens.split_off(prompt.len()), stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logprobs_are_the_log_softmax_with_the_most_likely_first() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let lse = (1f64.exp() + 3f64.exp() + 2f64.exp() + 3f64.exp()).ln();
+        let lp = TokenLogprobs::of(&logits, 2, 3);
+        assert!((lp.logprob as f64 - (2.0 - lse)).abs() < 1e-6, "{lp:?}");
+        // Ties keep the lower id first.
+        let ids: Vec<u32> = lp.top.iter().map(|&(t, _)| t).collect();
+        assert_eq!(ids, vec![1, 3, 2]);
+        assert!((lp.top[0].1 as f64 - (3.0 - lse)).abs() < 1e-6);
+        let total: f64 = (0..4)
+            .map(|t| (TokenLogprobs::of(&logits, t, 0).logprob as f64).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-6, "{total}");
+        assert!(TokenLogprobs::of(&logits, 0, 0).top.is_empty());
+        assert_eq!(TokenLogprobs::of(&logits, 0, 10).top.len(), 4);
+    }
 }
