@@ -2,7 +2,7 @@
 # The official `openai` Python package (PyPI) in the test environment ($KILN_VENV, made
 # by scripts/setup-torch-cpu.sh; default $KILN_CACHE/venv): tests/cli_serve.rs drives
 # `serve` with it as any user's code would (tests/serve_openai.py), and
-# scripts/bench-serve.sh's load generator (benches/serve_load.py) streams with its httpx.
+# scripts/bench-serve.sh's load generator (benches/serve_load.py) streams with its HTTP client.
 #   scripts/setup-openai-client.sh
 set -euo pipefail
 cache="${KILN_CACHE:-$HOME/.cache/kiln}"

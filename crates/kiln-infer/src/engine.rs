@@ -1,10 +1,11 @@
 //! The generation engine: many sequences at once through one model, with a KV cache per
 //! sequence, per-sequence sampling and stop conditions, and a step API a server drives.
 //!
-//! Each step (1) admits waiting sequences up to `max_batch`, (2) runs at most one chunk
-//! of one sequence's prompt ("prefill", chunk boundaries fixed per prompt, so a long
-//! prompt never stalls the others for more than a chunk), and (3) decodes one token for
-//! every running sequence in one batched forward pass
+//! Each step (1) admits waiting sequences up to `max_batch`, (2) runs prompt chunks
+//! ("prefill") of the sequences still reading theirs, up to `prefill_chunk` tokens in
+//! all (chunk boundaries fixed per prompt, so a long prompt never stalls the others for
+//! more than a chunk, and short ones arriving together all start in one step), and
+//! (3) decodes one token for every running sequence in one batched forward pass
 //! ([`CausalLm::forward_step`]: linear layers over all rows, attention per sequence
 //! over its own cache). A sequence's tokens depend only on its prompt, its settings and
 //! its own random stream, not on what it is batched with. Finished or removed sequences
@@ -98,7 +99,8 @@ pub enum GenerateError {
 pub struct EngineConfig {
     /// Most sequences decoded together.
     pub max_batch: usize,
-    /// Most prompt tokens run in one step (one chunk of one prompt).
+    /// Prompt tokens per chunk, and most prompt tokens run in one step (several
+    /// prompts' chunks while they fit, at least one chunk).
     pub prefill_chunk: usize,
     pub context_full: ContextFull,
 }
@@ -323,14 +325,22 @@ impl<'a, M: CausalLm + ?Sized> Engine<'a, M> {
             self.running.push(seq);
         }
         let mut events = Vec::new();
-        // Prefill: one chunk of the first sequence still reading its prompt.
-        if let Some(i) = self
-            .running
-            .iter()
-            .position(|s| s.finished.is_none() && s.prefilled < s.request.prompt.len())
-        {
-            let seq = &mut self.running[i];
+        // Prefill: chunks of the sequences still reading their prompts, in admission
+        // order, up to `prefill_chunk` tokens in all (at least one chunk). A prompt's
+        // chunk boundaries do not depend on the budget, only on its own length.
+        let mut budget = self.config.prefill_chunk;
+        let mut ran_one = false;
+        for seq in self.running.iter_mut() {
+            if seq.finished.is_some() || seq.prefilled >= seq.request.prompt.len() {
+                continue;
+            }
             let end = (seq.prefilled + self.config.prefill_chunk).min(seq.request.prompt.len());
+            let n = end - seq.prefilled;
+            if ran_one && n > budget {
+                break;
+            }
+            ran_one = true;
+            budget = budget.saturating_sub(n);
             let chunk = tokens_tensor(&seq.request.prompt[seq.prefilled..end], &self.device);
             let cache = seq.cache.as_mut().expect("admitted");
             let logits = self.model.forward_cached(chunk, cache);
@@ -338,6 +348,9 @@ impl<'a, M: CausalLm + ?Sized> Engine<'a, M> {
             if end == seq.request.prompt.len() {
                 let (token, lp) = sample(seq, last_row_logits(logits));
                 events.push(accept(seq, token, lp, self.tokenizer, self.model.context_len())?);
+            }
+            if budget == 0 {
+                break;
             }
         }
         // Decode: every sequence with a pending token, batched; full windows slide alone.
