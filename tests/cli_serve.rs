@@ -710,3 +710,94 @@ fn the_openai_python_package_drives_completions_chat_streaming_and_embeddings() 
     );
     assert!(stdout.contains("all openai client checks passed"), "{stdout}");
 }
+
+/// The first `n` data rows of a Rotten Tomatoes split (scripts/fetch-sentiment.sh).
+fn sentiment_slice(split: &str, n: usize, dir: &Path) -> PathBuf {
+    let src = common::repo_root()
+        .join("datasets/rotten-tomatoes")
+        .join(format!("{split}.csv"));
+    let mut reader = csv::Reader::from_path(&src)
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/fetch-sentiment.sh)", src.display()));
+    let path = dir.join(format!("{split}.csv"));
+    let mut writer = csv::Writer::from_path(&path).unwrap();
+    writer.write_record(reader.headers().unwrap()).unwrap();
+    for record in reader.records().take(n) {
+        writer.write_record(&record.unwrap()).unwrap();
+    }
+    writer.flush().unwrap();
+    path
+}
+
+#[test]
+fn a_fine_tuned_classifier_answers_classify_with_its_labels() {
+    use kiln_core::layout::WhichWeights;
+    use kiln_infer::{LoadedModel, Model};
+    // A two-step frozen fine-tune of MiniLM on a slice of Rotten Tomatoes: a real
+    // classifier directory with a head and labels.
+    let dir = common::scratch_dir("serve-classifier");
+    let (train, val, test) = (
+        sentiment_slice("train", 32, &dir),
+        sentiment_slice("validation", 8, &dir),
+        sentiment_slice("test", 8, &dir),
+    );
+    let config = common::write(
+        &dir,
+        "frozen.toml",
+        &format!(
+            "init_from = {:?}\ntask = \"classify\"\nmethod = \"frozen\"\nmax_length = 64\n\n\
+             [data]\nkind = \"csv\"\ntrain = {train:?}\nvalidation = {val:?}\ntest = {test:?}\n\
+             label_column = \"category\"\ndrop_labels = [\"plot\"]\nempty_text = \"drop\"\n\n\
+             [train]\nseed = 3\nbatch_size = 8\nmax_steps = 2\neval_interval = 2\nlog_interval = 1\n\n\
+             [optim]\nlr = 1e-3\nwarmup_steps = 1\ndecay_steps = 4\n",
+            common::minilm_kiln()
+        ),
+    );
+    let run = dir.join("run");
+    let out = Command::new(sibling("finetune"))
+        .current_dir(common::repo_root())
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let server = Server::start(&run, &[]);
+    let texts = ["A warm, funny and wise film.", "Two hours I will never get back."];
+    let r = server.post("/v1/classify", &json!({"input": texts}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let device = burn::prelude::Device::flex();
+    let loaded = LoadedModel::open(&run, WhichWeights::Best, &device).unwrap();
+    let Model::TextClassifier(model) = &loaded.model else {
+        panic!("a classifier")
+    };
+    let want = kiln_infer::classify::classify_texts(
+        model.as_ref(),
+        loaded.tokenizer.as_ref().unwrap(),
+        &texts,
+        64,
+        2,
+        &device,
+    )
+    .unwrap();
+    for (i, probs) in want.probabilities.iter().enumerate() {
+        let got = &v["data"][i];
+        let best = kiln_infer::classify::argmax(probs);
+        assert_eq!(got["label"], loaded.label(best), "{got}");
+        for (k, p) in probs.iter().enumerate() {
+            let served = got["probabilities"][loaded.label(k)].as_f64().unwrap();
+            assert!((served - *p as f64).abs() < 1e-5, "text {i} class {k}: {served} vs {p}");
+        }
+    }
+    // Embeddings from the classifier's encoder work too; completions do not.
+    let r = server.post("/v1/embeddings", &json!({"input": texts[0]}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        server.post("/v1/chat/completions", &json!({"messages": []})).status,
+        400
+    );
+}

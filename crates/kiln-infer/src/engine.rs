@@ -253,6 +253,14 @@ impl<'a, M: CausalLm + ?Sized> Engine<'a, M> {
         }
     }
 
+    /// Allocate the KV caches of `slots` sequences now (a server's `max_batch`), so that
+    /// requests reuse them instead of allocating as they arrive.
+    pub fn preallocate(&mut self, slots: usize) {
+        while self.spare_caches.len() + self.running.len() < slots {
+            self.spare_caches.push(self.model.new_cache(1, &self.device));
+        }
+    }
+
     pub fn config(&self) -> &EngineConfig {
         &self.config
     }

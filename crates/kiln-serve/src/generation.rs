@@ -100,7 +100,8 @@ pub fn channel(max_batch: usize, max_queue: usize) -> (Generator, mpsc::Receiver
     (generator, rx, outstanding)
 }
 
-/// The worker loop; returns when every [`Generator`] is dropped and nothing runs.
+/// The worker loop; `ready` is called once the KV caches are allocated. Returns when
+/// every [`Generator`] is dropped and nothing runs.
 pub fn run(
     model: &dyn CausalLm,
     tokenizer: &Tokenizer,
@@ -108,8 +109,13 @@ pub fn run(
     config: EngineConfig,
     jobs: mpsc::Receiver<Job>,
     outstanding: Arc<AtomicUsize>,
+    ready: impl FnOnce(),
 ) {
     let mut engine = Engine::new(model, device, Some(tokenizer), config);
+    // Every batch slot's KV cache up front (its first positions; it grows, amortised,
+    // for a long sequence and is reused by the next one).
+    engine.preallocate(config.max_batch);
+    ready();
     let mut live: HashMap<SeqId, Live> = HashMap::new();
     let finish = |n: usize| {
         outstanding.fetch_sub(n, Ordering::AcqRel);

@@ -241,24 +241,21 @@ fn load_and_run(state: &AppState) -> Result<(), ServeError> {
             };
             let (generator, jobs, outstanding) = generation::channel(config.max_batch, config.max_queue);
             let model: &dyn CausalLm = model.as_ref();
-            publish(
-                state,
-                Served::Language(LanguageModel {
-                    generator,
-                    tokenizer: Arc::new(tokenizer.clone()),
-                    template,
-                    context: model.context_len(),
-                    eos_token_ids: loaded.eos_token_ids.clone(),
-                }),
-                &loaded,
-                &backend,
-            );
+            let served = Served::Language(LanguageModel {
+                generator,
+                tokenizer: Arc::new(tokenizer.clone()),
+                template,
+                context: model.context_len(),
+                eos_token_ids: loaded.eos_token_ids.clone(),
+            });
             let engine = EngineConfig {
                 max_batch: config.max_batch,
                 prefill_chunk: config.prefill_chunk,
                 context_full: ContextFull::Stop,
             };
-            generation::run(model, &tokenizer, &device, engine, jobs, outstanding);
+            generation::run(model, &tokenizer, &device, engine, jobs, outstanding, || {
+                publish(state, served, &loaded, &backend)
+            });
         }
         Model::Encoder(_) | Model::TextClassifier(_) => {
             let (tx, rx) = mpsc::channel();
@@ -277,7 +274,7 @@ fn load_and_run(state: &AppState) -> Result<(), ServeError> {
                 _ => unreachable!("matched above"),
             };
             let labels = match &loaded.model {
-                Model::TextClassifier(_) => (0..loaded.labels.len().max(1)).map(|k| loaded.label(k)).collect(),
+                Model::TextClassifier(c) => (0..c.num_classes()).map(|k| loaded.label(k)).collect(),
                 _ => Vec::new(),
             };
             publish(
