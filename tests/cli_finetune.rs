@@ -5,6 +5,8 @@
 //! (Compiled as a test of the `finetune` package, which provides CARGO_BIN_EXE_finetune.)
 
 mod common;
+#[path = "common/sentiment.rs"]
+mod sentiment;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -46,29 +48,12 @@ fn ok(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The first `n` data rows of a real split file (with its header), written into `dir`.
-fn slice(split: &str, n: usize, dir: &Path) -> PathBuf {
-    let src = common::repo_root()
-        .join("datasets/rotten-tomatoes")
-        .join(format!("{split}.csv"));
-    let mut reader = csv::Reader::from_path(&src)
-        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/fetch-sentiment.sh)", src.display()));
-    let path = dir.join(format!("{split}.csv"));
-    let mut writer = csv::Writer::from_path(&path).unwrap();
-    writer.write_record(reader.headers().unwrap()).unwrap();
-    for record in reader.records().take(n) {
-        writer.write_record(&record.unwrap()).unwrap();
-    }
-    writer.flush().unwrap();
-    path
-}
-
 /// A small sentiment config over slices of the real split (48 / 16 / 16 rows).
 fn sentiment_toml(dir: &Path, method: &str, steps: usize) -> PathBuf {
     let (train, val, test) = (
-        slice("train", 48, dir),
-        slice("validation", 16, dir),
-        slice("test", 16, dir),
+        sentiment::slice("train", 48, dir),
+        sentiment::slice("validation", 16, dir),
+        sentiment::slice("test", 16, dir),
     );
     let text = format!(
         "init_from = {:?}\ntask = \"classify\"\nmethod = \"{method}\"\nmax_length = 64\n\n\

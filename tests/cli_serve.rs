@@ -5,6 +5,8 @@
 //! (Compiled as a test of the `serve` package, which provides CARGO_BIN_EXE_serve.)
 
 mod common;
+#[path = "common/sentiment.rs"]
+mod sentiment;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -711,23 +713,6 @@ fn the_openai_python_package_drives_completions_chat_streaming_and_embeddings() 
     assert!(stdout.contains("all openai client checks passed"), "{stdout}");
 }
 
-/// The first `n` data rows of a Rotten Tomatoes split (scripts/fetch-sentiment.sh).
-fn sentiment_slice(split: &str, n: usize, dir: &Path) -> PathBuf {
-    let src = common::repo_root()
-        .join("datasets/rotten-tomatoes")
-        .join(format!("{split}.csv"));
-    let mut reader = csv::Reader::from_path(&src)
-        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/fetch-sentiment.sh)", src.display()));
-    let path = dir.join(format!("{split}.csv"));
-    let mut writer = csv::Writer::from_path(&path).unwrap();
-    writer.write_record(reader.headers().unwrap()).unwrap();
-    for record in reader.records().take(n) {
-        writer.write_record(&record.unwrap()).unwrap();
-    }
-    writer.flush().unwrap();
-    path
-}
-
 #[test]
 fn a_fine_tuned_classifier_answers_classify_with_its_labels() {
     use kiln_core::layout::WhichWeights;
@@ -736,9 +721,9 @@ fn a_fine_tuned_classifier_answers_classify_with_its_labels() {
     // classifier directory with a head and labels.
     let dir = common::scratch_dir("serve-classifier");
     let (train, val, test) = (
-        sentiment_slice("train", 32, &dir),
-        sentiment_slice("validation", 8, &dir),
-        sentiment_slice("test", 8, &dir),
+        sentiment::slice("train", 32, &dir),
+        sentiment::slice("validation", 8, &dir),
+        sentiment::slice("test", 8, &dir),
     );
     let config = common::write(
         &dir,

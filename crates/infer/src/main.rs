@@ -519,13 +519,7 @@ fn classify_text(
     let tokenizer = loaded.tokenizer.as_ref().context("classifier without a tokenizer")?;
     let texts = input_texts(cli)?;
     let refs: Vec<&str> = texts.iter().map(|(t, _)| t.as_str()).collect();
-    let max_len = loaded
-        .dir
-        .file
-        .head
-        .as_ref()
-        .and_then(|h| h.max_length)
-        .unwrap_or_else(|| model.max_positions());
+    let max_len = loaded.classifier_max_length(model);
     let started = std::time::Instant::now();
     let predictions = kiln_infer::classify::classify_texts(model, tokenizer, &refs, max_len, 32, device)?;
     if predictions.truncated > 0 {

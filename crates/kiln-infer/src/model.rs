@@ -96,6 +96,17 @@ impl LoadedModel {
         self.dir.file.model.arch()
     }
 
+    /// The longest input (tokens) a text classifier takes: the length its head was
+    /// trained on (`[head] max_length`), else its encoder's positions.
+    pub fn classifier_max_length(&self, model: &dyn SequenceClassifier) -> usize {
+        self.dir
+            .file
+            .head
+            .as_ref()
+            .and_then(|h| h.max_length)
+            .unwrap_or_else(|| model.max_positions())
+    }
+
     /// The name of class `k` (`class k` when the directory names none).
     pub fn label(&self, k: usize) -> String {
         self.labels.get(k).cloned().unwrap_or_else(|| format!("class {k}"))

@@ -262,14 +262,7 @@ fn load_and_run(state: &AppState) -> Result<(), ServeError> {
             let model = match &loaded.model {
                 Model::Encoder(e) => encoders::EncoderModel::Encoder(e.as_ref()),
                 Model::TextClassifier(c) => {
-                    let max_len = loaded
-                        .dir
-                        .file
-                        .head
-                        .as_ref()
-                        .and_then(|h| h.max_length)
-                        .unwrap_or_else(|| c.max_positions());
-                    encoders::EncoderModel::Classifier(c.as_ref(), max_len)
+                    encoders::EncoderModel::Classifier(c.as_ref(), loaded.classifier_max_length(c.as_ref()))
                 }
                 _ => unreachable!("matched above"),
             };

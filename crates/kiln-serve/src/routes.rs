@@ -215,6 +215,17 @@ async fn encode(
     }
 }
 
+/// The response of an encoder endpoint: one entry a text, the tokens they were.
+fn encoded_list(state: &AppState, data: Vec<Value>, tokens: usize) -> Response {
+    axum::Json(json!({
+        "object": "list",
+        "data": data,
+        "model": state.model_name,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response()
+}
+
 async fn embeddings(State(state): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
     let request: EmbeddingRequest = api::parse(&body)?;
     check_model(&state, request.model.as_deref())?;
@@ -244,13 +255,7 @@ async fn embeddings(State(state): State<Shared>, body: Bytes) -> Result<Response
             json!({"object": "embedding", "index": i, "embedding": embedding})
         })
         .collect();
-    Ok(axum::Json(json!({
-        "object": "list",
-        "data": data,
-        "model": state.model_name,
-        "usage": {"prompt_tokens": encoded.tokens, "total_tokens": encoded.tokens},
-    }))
-    .into_response())
+    Ok(encoded_list(&state, data, encoded.tokens))
 }
 
 async fn classify(State(state): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
@@ -279,11 +284,5 @@ async fn classify(State(state): State<Shared>, body: Bytes) -> Result<Response, 
             json!({"index": i, "label": encoder.labels.get(best), "score": probs.get(best), "probabilities": probabilities})
         })
         .collect();
-    Ok(axum::Json(json!({
-        "object": "list",
-        "data": data,
-        "model": state.model_name,
-        "usage": {"prompt_tokens": encoded.tokens, "total_tokens": encoded.tokens},
-    }))
-    .into_response())
+    Ok(encoded_list(&state, data, encoded.tokens))
 }
