@@ -103,41 +103,17 @@ impl Server {
     }
 
     fn connect(&self) -> TcpStream {
-        let s = TcpStream::connect(("127.0.0.1", self.port)).expect("connects");
-        s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
-        s
+        connect(self.port, Duration::from_secs(300))
     }
 
     fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> TcpStream {
         let mut s = self.connect();
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        for (k, v) in headers {
-            head += &format!("{k}: {v}\r\n");
-        }
-        head += "\r\n";
-        s.write_all(head.as_bytes()).unwrap();
-        s.write_all(body.as_bytes()).unwrap();
+        write_request(&mut s, method, path, headers, body);
         s
     }
 
     fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Response {
-        let s = self.send(method, path, headers, body);
-        let mut reader = BufReader::new(s);
-        let (status, head) = read_head(&mut reader);
-        let mut body = Vec::new();
-        if head.contains("transfer-encoding: chunked") {
-            Chunked::new(reader).read_to_end(&mut body).unwrap();
-        } else {
-            reader.read_to_end(&mut body).unwrap();
-        }
-        Response {
-            status,
-            head,
-            body: String::from_utf8(body).unwrap(),
-        }
+        read_response(self.send(method, path, headers, body))
     }
 
     fn get(&self, path: &str) -> Response {
@@ -193,6 +169,43 @@ struct Response {
 impl Response {
     fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {} {}", self.status, self.body))
+    }
+}
+
+fn connect(port: u16, read_timeout: Duration) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", port)).expect("connects");
+    s.set_read_timeout(Some(read_timeout)).unwrap();
+    s
+}
+
+/// One HTTP/1.1 request with a JSON body on `s` (the connection closes after the answer).
+fn write_request(s: &mut TcpStream, method: &str, path: &str, headers: &[(&str, &str)], body: &str) {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head += &format!("{k}: {v}\r\n");
+    }
+    head += "\r\n";
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body.as_bytes()).unwrap();
+}
+
+/// The whole answer on `s`: status, lower-cased head, body (chunked or not).
+fn read_response(s: TcpStream) -> Response {
+    let mut reader = BufReader::new(s);
+    let (status, head) = read_head(&mut reader);
+    let mut body = Vec::new();
+    if head.contains("transfer-encoding: chunked") {
+        Chunked::new(reader).read_to_end(&mut body).unwrap();
+    } else {
+        reader.read_to_end(&mut body).unwrap();
+    }
+    Response {
+        status,
+        head,
+        body: String::from_utf8(body).unwrap(),
     }
 }
 
@@ -520,7 +533,7 @@ fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0() {
     let threads: Vec<_> = (0..2)
         .map(|i| {
             let body = json!({"prompt": PROMPTS[i], "max_tokens": 40, "temperature": 0, "ignore_eos": true});
-            let s = Server::connect_to(port);
+            let s = Pending(connect(port, Duration::from_secs(120)));
             std::thread::spawn(move || s.finish_post("/v1/completions", &body))
         })
         .collect();
@@ -536,9 +549,9 @@ fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0() {
         std::thread::sleep(Duration::from_millis(20));
     }
     for t in threads {
-        let (status, body) = t.join().unwrap();
-        assert_eq!(status, 200, "{body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
+        let r = t.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json();
         assert_eq!(v["usage"]["completion_tokens"], 40, "{v}");
         assert_eq!(v["choices"][0]["finish_reason"], "length");
     }
@@ -550,32 +563,10 @@ fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0() {
 /// A connection opened before the signal, sent after.
 struct Pending(TcpStream);
 
-impl Server {
-    fn connect_to(port: u16) -> Pending {
-        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        Pending(s)
-    }
-}
-
 impl Pending {
-    fn finish_post(mut self, path: &str, body: &Value) -> (u16, String) {
-        let body = body.to_string();
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        self.0.write_all(head.as_bytes()).unwrap();
-        self.0.write_all(body.as_bytes()).unwrap();
-        let mut reader = BufReader::new(self.0);
-        let (status, head) = read_head(&mut reader);
-        let mut out = Vec::new();
-        if head.contains("transfer-encoding: chunked") {
-            Chunked::new(reader).read_to_end(&mut out).unwrap();
-        } else {
-            reader.read_to_end(&mut out).unwrap();
-        }
-        (status, String::from_utf8(out).unwrap())
+    fn finish_post(mut self, path: &str, body: &Value) -> Response {
+        write_request(&mut self.0, "POST", path, &[], &body.to_string());
+        read_response(self.0)
     }
 }
 
