@@ -6,7 +6,8 @@
 # from. The download is cached.
 #   scripts/fetch-minilm.sh [--torch] [--no-convert]
 # --torch also re-saves it as pytorch_model.bin and model.onnx (with onnxruntime's
-# reference embeddings) through scripts/export_minilm.py, in the Python environment of
+# reference embeddings) through scripts/export_minilm.py, and exports the ONNX variants
+# of scripts/export_onnx_variants.py into onnx-variants/, in the Python environment of
 # scripts/setup-torch-cpu.sh plus transformers, onnx and onnxruntime (pinned below).
 # --no-convert skips the Kiln conversion (scripts/test.sh runs the rest while the test
 # build, which makes `convert`, is still compiling, and converts afterwards).
@@ -61,7 +62,9 @@ else
 fi
 
 if [ "$torch_too" = 1 ]; then
-  if [ -f "$out/model.onnx.reference.json" ] && [ "$out/model.onnx.reference.json" -nt "$out/model.safetensors" ]; then
+  if [ -f "$out/model.onnx.reference.json" ] && [ "$out/model.onnx.reference.json" -nt "$out/model.safetensors" ] \
+    && [ -f "$out/onnx-variants/int8.onnx.reference.json" ] \
+    && [ "$out/onnx-variants/int8.onnx.reference.json" -nt "$root/scripts/export_onnx_variants.py" ]; then
     echo "pytorch_model.bin and model.onnx are in $out"
     exit 0
   fi
@@ -70,4 +73,7 @@ if [ "$torch_too" = 1 ]; then
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --cache-dir "$cache" \
     transformers==4.57.6 onnx==1.19.1 onnxruntime==1.23.2 onnxscript==0.7.2
   HF_HUB_OFFLINE=1 "$venv/bin/python" "$root/scripts/export_minilm.py" "$out"
+  # The ONNX files third-party exporters write (constant folding, opset 14, external
+  # data, FP16, onnxruntime's dynamic int8), with onnxruntime's outputs on each.
+  HF_HUB_OFFLINE=1 "$venv/bin/python" "$root/scripts/export_onnx_variants.py" minilm "$out"
 fi

@@ -6,7 +6,11 @@
 //! cargo run --release -p convert -- --input PATH [--arch gpt2|llama|bert|mlp|cnn]
 //!     [--config config.json|config.toml] --output DIR [--allow-partial]
 //! ```
-//! PATH: a `.safetensors`, `.pt`/`.pth`/`.bin` file, or a Hugging Face directory. The
+//! PATH: a `.safetensors`, `.pt`/`.pth`/`.bin`, `.onnx` or `.gguf` file, or a Hugging Face
+//! directory. An ONNX file's weights are placed by their role in its graph (a BERT
+//! encoder's, renamed and pre-transposed initializers included; FP16, external data and
+//! onnxruntime's dynamic int8 are read), and its config is read off the graph unless a
+//! `config.json` lies beside it. The
 //! architecture comes from the Hugging Face `config.json` (`model_type`, else
 //! `architectures`) unless `--arch` overrides it; a file without one needs `--arch`.
 //!
@@ -137,7 +141,10 @@ fn main() -> Result<()> {
         return quantize(&cli, ty);
     }
     let started = Instant::now();
-    let source = Source::read_with(&cli.input, cli.keep_quantized)?;
+    let source = Source::read_for(&cli.input, cli.keep_quantized, cli.arch.as_deref())?;
+    for note in &source.notes {
+        println!("{note}");
+    }
     // A Hugging Face config: the --arch given, else the one it names.
     let from_json = |json: &serde_json::Value, path: &std::path::Path| match &cli.arch {
         Some(arch) => hf_config::model_config(arch, json, &path.display().to_string()),
@@ -172,6 +179,9 @@ fn main() -> Result<()> {
     }
     if !report.is_complete() {
         print!("{}", report.details());
+    }
+    for name in &report.absent {
+        println!("  not in the source (initial values kept): {name}");
     }
     let (weights, quantization) = if cli.keep_quantized {
         let (packed, plan, q) =

@@ -9,6 +9,7 @@
 pub mod arch;
 pub mod gguf;
 pub mod hf_config;
+pub mod onnx;
 pub mod quantize;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -43,7 +44,7 @@ pub enum ConvertError {
     Write { path: PathBuf, message: String },
 }
 
-fn read_err(path: &Path, message: impl std::fmt::Display) -> ConvertError {
+pub(crate) fn read_err(path: &Path, message: impl std::fmt::Display) -> ConvertError {
     ConvertError::Read {
         path: path.to_path_buf(),
         message: message.to_string(),
@@ -64,6 +65,14 @@ pub struct Source {
     /// A GGUF file read with `keep_quantized` ([`gguf::read_with`]): each quantized
     /// tensor (by Hugging Face name) as its blocks, or why they cannot be kept.
     pub packed: BTreeMap<String, Result<gguf::GgufBlocks, String>>,
+    /// Where a tensor came from, when its name is not the source's own (an ONNX
+    /// initializer placed by its role in the graph).
+    pub origins: BTreeMap<String, String>,
+    /// What reading the source did, for the report (casts, dequantization).
+    pub notes: Vec<String>,
+    /// Prefixes of Kiln parameters the source cannot hold (an ONNX graph whose outputs do
+    /// not use them): they keep their initial values and the report says so.
+    pub absent: Vec<String>,
 }
 
 fn read_store(
@@ -98,7 +107,7 @@ fn read_file(path: &Path, into: &mut BTreeMap<String, PackTensor>) -> Result<(),
             refuse_foreign_calls(path)?;
             read_store(&mut PytorchStore::from_file(path), path, into)
         }
-        "onnx" => read_onnx(path, into),
+        "onnx" => read_onnx_by_name(&onnx::Graph::read(path)?, into),
         _ => Err(read_err(
             path,
             "unknown checkpoint type: expected .safetensors, .pt, .pth, .bin, .onnx, .gguf or a Hugging Face directory",
@@ -106,67 +115,137 @@ fn read_file(path: &Path, into: &mut BTreeMap<String, PackTensor>) -> Result<(),
     }
 }
 
-/// The float initializers of an ONNX model (its weights), parsed with Burn's ONNX crate
-/// (`onnx-ir`'s protobuf types). Integer initializers are graph constants, not weights.
-fn read_onnx(path: &Path, into: &mut BTreeMap<String, PackTensor>) -> Result<(), ConvertError> {
-    use onnx_ir::Message;
-    let bytes = std::fs::read(path).map_err(|e| read_err(path, e))?;
-    let model =
-        onnx_ir::ModelProto::parse_from_bytes(&bytes).map_err(|e| read_err(path, format!("not an ONNX model: {e}")))?;
-    let graph = model
-        .graph
-        .as_ref()
-        .ok_or_else(|| read_err(path, "not an ONNX model: no graph"))?;
-    if graph.node.is_empty() && graph.initializer.is_empty() {
-        return Err(read_err(path, "not an ONNX model: an empty graph"));
-    }
-    for init in &graph.initializer {
-        // TensorProto.DataType: 1 = FLOAT, 10 = FLOAT16, 16 = BFLOAT16, 11 = DOUBLE.
-        let (dtype, width) = match init.data_type {
-            1 => (DType::F32, 4),
-            10 => (DType::F16, 2),
-            16 => (DType::BF16, 2),
-            11 => (DType::F64, 8),
-            _ => continue,
-        };
-        if !init.external_data.is_empty() {
-            return Err(read_err(
-                path,
-                format!("initializer {} uses external data, which is not supported", init.name),
-            ));
+/// The float constants of an ONNX graph by name (for an architecture without a graph
+/// resolver, whose export kept the parameter names), folded through Cast / Transpose /
+/// DequantizeLinear like the resolvers see them.
+fn read_onnx_by_name(graph: &onnx::Graph, into: &mut BTreeMap<String, PackTensor>) -> Result<(), ConvertError> {
+    let mut inits: Vec<&String> = graph.consts.keys().collect();
+    inits.sort();
+    for name in inits {
+        // Graph constants (`Constant` node outputs) are not weights.
+        if graph.producer(name).is_some() {
+            continue;
         }
-        let shape: Vec<usize> = init.dims.iter().map(|&d| d as usize).collect();
-        let count: usize = shape.iter().product();
-        let raw = if !init.raw_data.is_empty() {
-            init.raw_data.to_vec()
-        } else if dtype == DType::F32 {
-            init.float_data.iter().flat_map(|v| v.to_le_bytes()).collect()
-        } else if dtype == DType::F64 {
-            init.double_data.iter().flat_map(|v| v.to_le_bytes()).collect()
-        } else {
-            return Err(read_err(
-                path,
-                format!("initializer {}: half-precision data outside raw_data", init.name),
-            ));
-        };
-        if raw.len() != count * width {
-            return Err(read_err(
-                path,
-                format!("initializer {}: {} bytes for shape {shape:?}", init.name, raw.len()),
-            ));
-        }
-        let tensor = PackTensor::new(
-            init.name.clone(),
-            dtype,
-            shape,
-            None,
-            burn_pack::Bytes::from_bytes_vec(raw),
-        );
-        if into.insert(init.name.clone(), tensor).is_some() {
-            return Err(read_err(path, format!("tensor {} appears twice", init.name)));
+        if let Some(f) = graph.fold(name) {
+            into.insert(name.clone(), f32_tensor(name, &f.shape, &f.values));
         }
     }
     Ok(())
+}
+
+fn f32_tensor(name: &str, shape: &[usize], values: &[f32]) -> PackTensor {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    PackTensor::new(
+        name.to_string(),
+        DType::F32,
+        shape.to_vec(),
+        None,
+        burn_pack::Bytes::from_bytes_vec(bytes),
+    )
+}
+
+/// A file named `name` beside `path` or one directory up (an exporter's `onnx/model.onnx`
+/// inside the model directory).
+fn beside(path: &Path, name: &str) -> Option<PathBuf> {
+    let dir = path.parent()?;
+    [dir.join(name), dir.parent()?.join(name)]
+        .into_iter()
+        .find(|p| p.is_file())
+}
+
+impl Source {
+    /// An ONNX model: its graph checked, then its weights placed by the graph resolver of
+    /// `arch` (or of the first architecture whose resolver fits); an architecture without
+    /// one reads the initializers by name. The config is a `config.json` beside the file,
+    /// else the one the resolver read off the graph.
+    fn read_onnx(path: &Path, arch: Option<&str>) -> Result<Self, ConvertError> {
+        let graph = onnx::Graph::read(path)?;
+        let candidates: Vec<&arch::Conversion> = match arch {
+            Some(a) => vec![arch::for_arch(a)?],
+            None => arch::ALL.iter().copied().filter(|c| c.onnx.is_some()).collect(),
+        };
+        let mut tried = vec![];
+        let mut resolved = None;
+        for c in &candidates {
+            match c.onnx {
+                Some(resolve) => match resolve(&graph) {
+                    Ok(r) => {
+                        resolved = Some(r);
+                        break;
+                    }
+                    Err(why) => tried.push(format!("{}: {why}", c.arch)),
+                },
+                None => tried.push(format!("{}: no graph resolver", c.arch)),
+            }
+        }
+        let config_json = beside(path, "config.json");
+        let mut source = Self {
+            tensors: BTreeMap::new(),
+            hf_config: None,
+            tokenizer: beside(path, "tokenizer.json"),
+            files: vec![path.to_path_buf()],
+            extra_files: vec![],
+            packed: BTreeMap::new(),
+            origins: BTreeMap::new(),
+            notes: vec![],
+            absent: vec![],
+        };
+        if let Some(json) = &config_json {
+            let text = std::fs::read_to_string(json).map_err(|e| read_err(json, e))?;
+            source.hf_config = Some((
+                json.clone(),
+                serde_json::from_str(&text).map_err(|e| read_err(json, e))?,
+            ));
+        }
+        match resolved {
+            Some(r) => {
+                let mut steps: BTreeMap<String, usize> = BTreeMap::new();
+                for (name, from, how) in &r.placed {
+                    for step in how {
+                        *steps.entry(step.clone()).or_default() += 1;
+                    }
+                    let how = if how.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", {}", how.join(", "))
+                    };
+                    source
+                        .origins
+                        .insert(name.clone(), format!("{from} (by its role in the graph{how})"));
+                }
+                source.notes.push(format!(
+                    "{}: {} tensors placed by their role in the graph ({} nodes)",
+                    path.display(),
+                    r.placed.len(),
+                    graph.nodes.len()
+                ));
+                for (step, n) in steps {
+                    source.notes.push(format!("  {n} tensors {step}"));
+                }
+                for (name, (shape, values)) in &r.tensors {
+                    source.tensors.insert(name.clone(), f32_tensor(name, shape, values));
+                }
+                source.absent = r.absent;
+                if source.hf_config.is_none() {
+                    source.hf_config = Some((
+                        PathBuf::from(format!("{} (read off the graph)", path.display())),
+                        r.config,
+                    ));
+                }
+            }
+            None if candidates.iter().all(|c| c.onnx.is_none()) => read_onnx_by_name(&graph, &mut source.tensors)?,
+            None => {
+                return Err(read_err(
+                    path,
+                    format!(
+                        "the graph's weights could not be placed ({}); an architecture without a graph resolver reads initializers by name with --arch",
+                        tried.join("; ")
+                    ),
+                ));
+            }
+        }
+        Ok(source)
+    }
 }
 
 /// Python types a PyTorch checkpoint legitimately holds beside plain data.
@@ -215,6 +294,12 @@ impl Source {
     /// [`Source::read`]; with `keep_quantized` (a `.gguf` input only), also the file's
     /// quantized blocks ([`gguf::read_with`]).
     pub fn read_with(input: &Path, keep_quantized: bool) -> Result<Self, ConvertError> {
+        Self::read_for(input, keep_quantized, None)
+    }
+
+    /// [`Source::read_with`] for the architecture `arch` when the caller knows it (an
+    /// ONNX graph is then resolved as that architecture's).
+    pub fn read_for(input: &Path, keep_quantized: bool, arch: Option<&str>) -> Result<Self, ConvertError> {
         let mut tensors = BTreeMap::new();
         let mut files = Vec::new();
         if !input.exists() {
@@ -222,6 +307,9 @@ impl Source {
         }
         if !input.is_dir() && input.extension().is_some_and(|e| e == "gguf") {
             return gguf::read_with(input, keep_quantized);
+        }
+        if !input.is_dir() && !keep_quantized && input.extension().is_some_and(|e| e == "onnx") {
+            return Self::read_onnx(input, arch);
         }
         if keep_quantized {
             return Err(read_err(
@@ -239,6 +327,9 @@ impl Source {
                 files,
                 extra_files: vec![],
                 packed: BTreeMap::new(),
+                origins: BTreeMap::new(),
+                notes: vec![],
+                absent: vec![],
             });
         }
         let index = input.join("model.safetensors.index.json");
@@ -289,6 +380,9 @@ impl Source {
             files,
             extra_files: vec![],
             packed: BTreeMap::new(),
+            origins: BTreeMap::new(),
+            notes: vec![],
+            absent: vec![],
         })
     }
 }
@@ -304,6 +398,8 @@ pub struct Report {
     /// Source tensors no rule maps onto a Kiln parameter.
     pub unexpected: Vec<String>,
     pub mismatched: Vec<String>,
+    /// Kiln parameters the source cannot hold ([`Source::absent`]), at initial values.
+    pub absent: Vec<String>,
 }
 
 impl Report {
@@ -319,7 +415,14 @@ impl Report {
             self.missing.len(),
             self.unexpected.len(),
             self.mismatched.len()
-        )
+        ) + &if self.absent.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", {} not in the source (its outputs do not use them; initial values kept)",
+                self.absent.len()
+            )
+        }
     }
 
     /// Every problem, one per line.
@@ -361,7 +464,7 @@ fn f32_values(tensor: &PackTensor) -> Result<Vec<f32>, ConvertError> {
 }
 
 /// `[rows, cols]` row-major -> `[cols, rows]`.
-fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+pub(crate) fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0; values.len()];
     for r in 0..rows {
         for c in 0..cols {
@@ -446,12 +549,21 @@ pub fn convert(source: &Source, model: &ModelConfig, allow_partial: bool) -> Res
         } else {
             values
         };
-        report.mapped.push((name.clone(), kiln.clone(), transpose_it));
+        let shown = source
+            .origins
+            .get(name)
+            .map_or_else(|| name.clone(), |o| format!("{name} <- {o}"));
+        report.mapped.push((shown, kiln.clone(), transpose_it));
         out.insert(kiln, (shape_in_kiln, values));
     }
     for t in &initial {
         if !out.contains_key(&t.name) {
-            report.missing.push(format!("{} {:?}", t.name, t.shape.as_slice()));
+            let line = format!("{} {:?}", t.name, t.shape.as_slice());
+            if source.absent.iter().any(|p| t.name.starts_with(p.as_str())) {
+                report.absent.push(line);
+            } else {
+                report.missing.push(line);
+            }
         }
     }
     if !report.is_complete() && !allow_partial {

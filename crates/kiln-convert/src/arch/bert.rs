@@ -4,8 +4,11 @@ use kiln_models::{BertConfig, ModelConfig};
 use serde::Deserialize;
 use serde_json::Value;
 
+use std::collections::HashSet;
+
 use super::{Conversion, Rules, check_model_type, parse};
 use crate::ConvertError;
+use crate::onnx::{Graph, Resolved};
 
 pub const CONVERSION: Conversion = Conversion {
     arch: "bert",
@@ -29,6 +32,7 @@ pub const CONVERSION: Conversion = Conversion {
     from_hf: Some(from_hf),
     to_hf: Some(to_hf),
     gguf: None,
+    onnx: Some(resolve_onnx),
 };
 
 /// The fields of a BERT `config.json` Kiln reads.
@@ -77,4 +81,246 @@ fn to_hf(model: &ModelConfig) -> Option<Value> {
         "vocab_size": c.vocab_size, "type_vocab_size": c.type_vocab_size,
         "layer_norm_eps": c.layer_norm_eps, "hidden_act": "gelu", "position_embedding_type": "absolute",
     }))
+}
+
+/// Place a BERT encoder's weights by their role in an ONNX graph (see [`crate::onnx`]):
+/// the embedding tables by what indexes them (the token ids input, a `0, 1, 2, ...`
+/// position range, a zeros token-type buffer or input), then layer by layer from the
+/// embedding LayerNorm's output: the three projections reading the hidden state (query
+/// and key by their slots in the scores `MatMul`, value by the context `MatMul`), the
+/// attention output projection reading the context, the residual LayerNorm, the
+/// intermediate projection, the output projection after the activation, and the second
+/// LayerNorm, whose output is the next layer's input. An optional pooler is the
+/// projection followed by `Tanh`. The config (sizes, heads from the attention `Reshape`,
+/// LayerNorm epsilon) is read off the same graph.
+pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
+    let linears = g.linears();
+    let norms = g.norms();
+    let embeds = g.embeddings();
+    if embeds.is_empty() || norms.is_empty() || linears.is_empty() {
+        return Err(format!(
+            "not a BERT graph: {} embedding Gathers, {} layer norms, {} linear layers found",
+            embeds.len(),
+            norms.len(),
+            linears.len()
+        ));
+    }
+    let name = |i: usize| format!("{} ({})", g.nodes[i].name, g.nodes[i].op);
+    let mut out = Resolved::default();
+    let mut used_linears = HashSet::new();
+    let mut used_norms = HashSet::new();
+
+    // Embeddings, by what their indices are computed from.
+    let (mut word, mut position, mut types) = (None, None, None);
+    for e in &embeds {
+        let role = match g.as_input(&e.indices) {
+            Some("token_type_ids") => &mut types,
+            Some(input) if input == "input_ids" || g.inputs.first().is_some_and(|f| f == input) => &mut word,
+            Some(_) => &mut types,
+            None => {
+                let up = g.upstream(&e.indices);
+                if up.has_arange() {
+                    &mut position
+                } else if up.has_zeros() {
+                    &mut types
+                } else {
+                    return Err(format!(
+                        "embedding {} ({:?}, {}): its indices are neither an input, a position range nor token types",
+                        name(e.node),
+                        e.table.shape,
+                        e.table.source
+                    ));
+                }
+            }
+        };
+        if let Some(other) = role.replace(e) {
+            return Err(format!(
+                "two embedding tables play the same role: {} and {}",
+                other.table.source, e.table.source
+            ));
+        }
+    }
+    let (Some(word), Some(position), Some(types)) = (word, position, types) else {
+        return Err(format!(
+            "expected word, position and token-type embeddings; found {}{}{}",
+            if word.is_some() { "word " } else { "" },
+            if position.is_some() { "position " } else { "" },
+            if types.is_some() { "token-type" } else { "" },
+        ));
+    };
+    let hidden = word.table.shape[1];
+    out.place("embeddings.word_embeddings.weight".into(), &word.table, false);
+    out.place("embeddings.position_embeddings.weight".into(), &position.table, false);
+    out.place("embeddings.token_type_embeddings.weight".into(), &types.table, false);
+    // The embeddings' LayerNorm: the first norm reached from the word lookup through Adds.
+    let norm_nodes: HashSet<usize> = norms.iter().map(|n| n.node).collect();
+    let norm_at = |node: usize| norms.iter().find(|n| n.node == node);
+    let reached = g.reach(&word.y, &norm_nodes, 6);
+    let emb_norm = reached
+        .iter()
+        .next()
+        .and_then(|&i| norm_at(i))
+        .ok_or("no LayerNorm after the embeddings")?;
+    used_norms.insert(emb_norm.node);
+    let place_norm = |out: &mut Resolved, prefix: &str, n: &crate::onnx::Norm| {
+        out.place(format!("{prefix}.LayerNorm.weight"), &n.gamma, false);
+        out.place(format!("{prefix}.LayerNorm.bias"), &n.beta, false);
+    };
+    place_norm(&mut out, "embeddings", emb_norm);
+    let place_linear = |out: &mut Resolved, prefix: &str, l: &crate::onnx::Linear| -> Result<(), String> {
+        out.place(format!("{prefix}.weight"), &l.weight, true);
+        let bias = l
+            .bias
+            .as_ref()
+            .ok_or_else(|| format!("{prefix}: {} has no bias", name(l.node)))?;
+        out.place(format!("{prefix}.bias"), bias, false);
+        Ok(())
+    };
+    // The norm whose input is the residual sum `a + b` (in either order).
+    let residual_norm = |y: &str, residual: &str| -> Option<&crate::onnx::Norm> {
+        g.consumers(y).iter().find_map(|&(i, _)| {
+            let add = &g.nodes[i];
+            (add.op == "Add" && add.inputs.iter().any(|s| s == residual))
+                .then(|| norms.iter().find(|n| n.x == add.outputs[0]))
+                .flatten()
+        })
+    };
+    let linear_at = |node: usize| linears.iter().find(|l| l.reader == node);
+
+    let mut h = emb_norm.y.clone();
+    let (mut n_layer, mut n_head, mut intermediate) = (0usize, None, None);
+    loop {
+        let reading: Vec<&crate::onnx::Linear> = linears.iter().filter(|l| l.x == h).collect();
+        if reading.is_empty() {
+            break;
+        }
+        let layer = n_layer;
+        let p = format!("encoder.layer.{layer}");
+        let [a, b, c] = reading[..] else {
+            return Err(format!(
+                "layer {layer}: {} linear layers read the hidden state {h} (expected query, key and value)",
+                reading.len()
+            ));
+        };
+        // Where each projection goes: (node, slot) of the first MatMul of two computed inputs.
+        let matmul_of = |l: &crate::onnx::Linear| {
+            g.through_reshapes(&l.y)
+                .0
+                .into_iter()
+                .find(|&(i, _)| g.nodes[i].op == "MatMul" && linear_at(i).is_none())
+        };
+        let targets = [a, b, c].map(|l| (l, matmul_of(l)));
+        let q = targets.iter().find(|(_, t)| t.is_some_and(|(_, s)| s == 0));
+        let (Some((q, Some((scores, _)))), true) = (q, true) else {
+            return Err(format!(
+                "layer {layer}: no projection feeds a scores MatMul as its left side"
+            ));
+        };
+        let k = targets
+            .iter()
+            .find(|(_, t)| *t == Some((*scores, 1)))
+            .ok_or_else(|| format!("layer {layer}: no key projection beside {}", name(*scores)))?
+            .0;
+        let v = targets
+            .iter()
+            .find(|(_, t)| t.is_some_and(|(i, s)| i != *scores && s == 1))
+            .ok_or_else(|| format!("layer {layer}: no value projection"))?;
+        let (v, context) = (v.0, v.1.expect("found by its target").0);
+        place_linear(&mut out, &format!("{p}.attention.self.query"), q)?;
+        place_linear(&mut out, &format!("{p}.attention.self.key"), k)?;
+        place_linear(&mut out, &format!("{p}.attention.self.value"), v)?;
+        if n_head.is_none() {
+            // The heads: the query's Reshape to [.., heads, head_dim].
+            n_head = g.through_reshapes(&q.y).1.iter().find_map(|&r| {
+                let t = g.reshape_target(r)?;
+                match t[..] {
+                    [.., Some(heads), Some(dim)] if heads > 0 && dim > 0 && (heads * dim) as usize == hidden => {
+                        Some(heads as usize)
+                    }
+                    _ => None,
+                }
+            });
+        }
+        let linear_nodes: HashSet<usize> = linears.iter().map(|l| l.reader).collect();
+        let attn_out = g
+            .through_reshapes(&g.nodes[context].outputs[0])
+            .0
+            .into_iter()
+            .find_map(|(i, _)| linear_at(i))
+            .ok_or_else(|| {
+                format!(
+                    "layer {layer}: no projection reads the attention context of {}",
+                    name(context)
+                )
+            })?;
+        place_linear(&mut out, &format!("{p}.attention.output.dense"), attn_out)?;
+        let norm1 = residual_norm(&attn_out.y, &h)
+            .ok_or_else(|| format!("layer {layer}: no LayerNorm of the attention output plus the residual"))?;
+        place_norm(&mut out, &format!("{p}.attention.output"), norm1);
+        let inter: Vec<_> = linears.iter().filter(|l| l.x == norm1.y).collect();
+        let [inter] = inter[..] else {
+            return Err(format!(
+                "layer {layer}: {} projections read the attention block's output",
+                inter.len()
+            ));
+        };
+        place_linear(&mut out, &format!("{p}.intermediate.dense"), inter)?;
+        let after = g.reach(&inter.y, &linear_nodes, 12);
+        let [down] = after.iter().collect::<Vec<_>>()[..] else {
+            return Err(format!(
+                "layer {layer}: {} projections follow the intermediate one's activation",
+                after.len()
+            ));
+        };
+        let down = linear_at(*down).expect("a linear node");
+        place_linear(&mut out, &format!("{p}.output.dense"), down)?;
+        let norm2 = residual_norm(&down.y, &norm1.y)
+            .ok_or_else(|| format!("layer {layer}: no LayerNorm of the feed-forward output plus the residual"))?;
+        place_norm(&mut out, &format!("{p}.output"), norm2);
+        intermediate = Some(inter.weight.shape[1]);
+        for l in [q, k, v, attn_out, inter, down] {
+            used_linears.insert(l.node);
+        }
+        used_norms.extend([norm1.node, norm2.node]);
+        h = norm2.y.clone();
+        n_layer += 1;
+    }
+    if n_layer == 0 {
+        return Err(format!("no encoder layer reads the embeddings' LayerNorm output {h}"));
+    }
+    // The pooler, when the graph computes it: the remaining projection followed by Tanh.
+    let pooler = linears
+        .iter()
+        .filter(|l| !used_linears.contains(&l.node))
+        .find(|l| g.consumers(&l.y).iter().any(|&(i, _)| g.nodes[i].op == "Tanh"));
+    match pooler {
+        Some(l) => {
+            place_linear(&mut out, "pooler.dense", l)?;
+            used_linears.insert(l.node);
+        }
+        None => out.absent.push("pooler.".into()),
+    }
+    let left: Vec<String> = linears
+        .iter()
+        .filter(|l| !used_linears.contains(&l.node))
+        .map(|l| format!("linear {} ({}, {:?})", name(l.node), l.weight.source, l.weight.shape))
+        .chain(
+            norms
+                .iter()
+                .filter(|n| !used_norms.contains(&n.node))
+                .map(|n| format!("layer norm {} ({})", name(n.node), n.gamma.source)),
+        )
+        .collect();
+    if !left.is_empty() {
+        return Err(format!("could not place: {}", left.join("; ")));
+    }
+    let n_head = n_head.ok_or("could not read the number of attention heads off the query's Reshape; pass --config")?;
+    out.config = serde_json::json!({
+        "model_type": "bert", "architectures": ["BertModel"],
+        "num_hidden_layers": n_layer, "num_attention_heads": n_head, "hidden_size": hidden,
+        "intermediate_size": intermediate, "max_position_embeddings": position.table.shape[0],
+        "vocab_size": word.table.shape[0], "type_vocab_size": types.table.shape[0],
+        "layer_norm_eps": emb_norm.eps,
+    });
+    Ok(out)
 }

@@ -15,4 +15,5 @@ pub const CONVERSION: Conversion = Conversion {
     from_hf: None,
     to_hf: None,
     gguf: None,
+    onnx: None,
 };

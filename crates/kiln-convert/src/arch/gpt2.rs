@@ -31,6 +31,7 @@ pub const CONVERSION: Conversion = Conversion {
     from_hf: Some(from_hf),
     to_hf: Some(to_hf),
     gguf: None,
+    onnx: None,
 };
 
 /// The fields of a GPT-2 `config.json` Kiln reads.

@@ -26,6 +26,7 @@ pub const CONVERSION: Conversion = Conversion {
     from_hf: Some(from_hf),
     to_hf: Some(to_hf),
     gguf: Some(&GGUF),
+    onnx: None,
 };
 
 /// llama.cpp's names (`llama-arch.cpp`) -> Hugging Face's.

@@ -58,6 +58,10 @@ pub struct Conversion {
     pub from_hf: Option<FromHf>,
     pub to_hf: Option<ToHf>,
     pub gguf: Option<&'static GgufRules>,
+    /// Places an ONNX graph's weights by their role ([`crate::onnx`]); without one, an
+    /// ONNX file of this architecture converts only when its initializers keep their
+    /// parameter names.
+    pub onnx: Option<crate::onnx::Resolver>,
 }
 
 /// Every architecture that converts.
