@@ -452,3 +452,40 @@ fn sharded_hugging_face_directory_converts_like_a_single_file() {
     let (y, _) = convert(&sharded, &model, false).unwrap();
     common::assert_same_tensors(&x, &y);
 }
+
+/// The same MiniLM weights under the names wrappers give them (sentence-transformers'
+/// `0.auto_model.`, DDP's `module.`, torch.compile's `_orig_mod.`) convert to the same
+/// Kiln tensors, and the report names the prefixes it stripped.
+#[test]
+fn wrapped_checkpoints_convert_like_the_bare_model() {
+    let dir = minilm();
+    let (path, json) = Source::read(&dir).unwrap().hf_config.unwrap();
+    let model = kiln_convert::hf_config::model_config("bert", &json, &path.display().to_string()).unwrap();
+    let (reference, _) = convert(&Source::read(&dir).unwrap(), &model, false).unwrap();
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for prefix in [
+        "0.auto_model.",
+        "model.0.auto_model.",
+        "module._orig_mod.",
+        "_orig_mod.module.",
+    ] {
+        let renamed: Vec<(String, safetensors::tensor::TensorView)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| (format!("{prefix}{n}"), v))
+            .collect();
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("model.safetensors");
+        std::fs::write(&file, safetensors::serialize(renamed, None).unwrap()).unwrap();
+        let (weights, report) = convert(&Source::read(&file).unwrap(), &model, false).unwrap();
+        assert!(report.is_complete(), "{prefix}: {}", report.details());
+        assert_eq!(
+            report.wrappers.concat().len(),
+            prefix.len(),
+            "{prefix}: {:?}",
+            report.wrappers
+        );
+        common::assert_same_tensors(&reference, &weights);
+    }
+}

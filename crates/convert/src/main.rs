@@ -180,6 +180,9 @@ fn main() -> Result<()> {
     if !report.is_complete() {
         print!("{}", report.details());
     }
+    if !report.wrappers.is_empty() {
+        println!("  wrapper prefixes stripped: {}", report.wrappers.join(", "));
+    }
     for name in &report.absent {
         println!("  not in the source (initial values kept): {name}");
     }

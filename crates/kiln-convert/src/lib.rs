@@ -400,6 +400,8 @@ pub struct Report {
     pub mismatched: Vec<String>,
     /// Kiln parameters the source cannot hold ([`Source::absent`]), at initial values.
     pub absent: Vec<String>,
+    /// Wrapper prefixes stripped from the source's names ([`arch::WRAPPER_PREFIXES`]).
+    pub wrappers: Vec<String>,
 }
 
 impl Report {
@@ -513,19 +515,25 @@ pub fn convert(source: &Source, model: &ModelConfig, allow_partial: bool) -> Res
 
     let mut report = Report::default();
     let mut out: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
-    for (name, tensor) in &source.tensors {
+    let mut wrappers = BTreeSet::new();
+    for (full_name, tensor) in &source.tensors {
+        let (name, removed) = arch::strip_wrappers(full_name);
+        wrappers.extend(removed);
+        let name = &name.to_string();
         if ignore.iter().any(|r| r.is_match(name)) {
-            report.ignored.push(name.clone());
+            report.ignored.push(full_name.clone());
             continue;
         }
         let kiln = rename(name, &renames);
         if !expected.contains_key(&kiln) && tied.iter().any(|r| r.is_match(&kiln)) {
             // The configured model ties this parameter: the checkpoint's copy is a duplicate.
-            report.ignored.push(name.clone());
+            report.ignored.push(full_name.clone());
             continue;
         }
         let Some(want) = expected.get(&kiln) else {
-            report.unexpected.push(format!("{name} {:?}", tensor.shape.as_slice()));
+            report
+                .unexpected
+                .push(format!("{full_name} {:?}", tensor.shape.as_slice()));
             continue;
         };
         let shape = tensor.shape.as_slice().to_vec();
@@ -551,8 +559,8 @@ pub fn convert(source: &Source, model: &ModelConfig, allow_partial: bool) -> Res
         };
         let shown = source
             .origins
-            .get(name)
-            .map_or_else(|| name.clone(), |o| format!("{name} <- {o}"));
+            .get(full_name)
+            .map_or_else(|| full_name.clone(), |o| format!("{full_name} <- {o}"));
         report.mapped.push((shown, kiln.clone(), transpose_it));
         out.insert(kiln, (shape_in_kiln, values));
     }
@@ -566,6 +574,7 @@ pub fn convert(source: &Source, model: &ModelConfig, allow_partial: bool) -> Res
             }
         }
     }
+    report.wrappers = wrappers.into_iter().map(str::to_string).collect();
     if !report.is_complete() && !allow_partial {
         return Err(ConvertError::Refused {
             arch: model.arch().to_string(),

@@ -64,6 +64,30 @@ pub struct Conversion {
     pub onnx: Option<crate::onnx::Resolver>,
 }
 
+/// Prefixes that wrappers put before every parameter name, whatever the architecture:
+/// torch.compile (`_orig_mod.`), DistributedDataParallel / DataParallel (`module.`),
+/// sentence-transformers (`0.auto_model.`, `model.0.auto_model.` when the
+/// SentenceTransformer is itself wrapped, `auto_model.` of its Transformer module).
+/// Stripped, repeatedly and in any order, before the architecture's own renames.
+pub const WRAPPER_PREFIXES: &[&str] = &[
+    "_orig_mod.",
+    "module.",
+    "model.0.auto_model.",
+    "0.auto_model.",
+    "auto_model.",
+];
+
+/// `name` without its wrapper prefixes, and the prefixes removed.
+pub fn strip_wrappers(name: &str) -> (&str, Vec<&'static str>) {
+    let mut rest = name;
+    let mut removed = vec![];
+    while let Some(p) = WRAPPER_PREFIXES.iter().find(|p| rest.starts_with(**p)) {
+        rest = &rest[p.len()..];
+        removed.push(*p);
+    }
+    (rest, removed)
+}
+
 /// Every architecture that converts.
 pub const ALL: &[&Conversion] = &[
     &gpt2::CONVERSION,
@@ -162,6 +186,26 @@ mod tests {
         );
         let err = detect(r#"{"architectures": ["Foo"]}"#).unwrap_err().to_string();
         assert!(err.contains("--arch"), "{err}");
+    }
+
+    #[test]
+    fn wrapper_prefixes_are_stripped_in_any_order() {
+        assert_eq!(
+            strip_wrappers("module._orig_mod.encoder.layer.0.x").0,
+            "encoder.layer.0.x"
+        );
+        assert_eq!(strip_wrappers("_orig_mod.module.h.0.attn").0, "h.0.attn");
+        let (rest, removed) = strip_wrappers("model.0.auto_model.embeddings.word_embeddings.weight");
+        assert_eq!(
+            (rest, removed),
+            ("embeddings.word_embeddings.weight", vec!["model.0.auto_model."])
+        );
+        assert_eq!(strip_wrappers("0.auto_model.pooler.dense.bias").0, "pooler.dense.bias");
+        // A Llama's own `model.` is not a wrapper.
+        assert_eq!(
+            strip_wrappers("model.layers.0.mlp.up_proj.weight").0,
+            "model.layers.0.mlp.up_proj.weight"
+        );
     }
 
     #[test]
