@@ -489,3 +489,87 @@ fn wrapped_checkpoints_convert_like_the_bare_model() {
         common::assert_same_tensors(&reference, &weights);
     }
 }
+
+/// Sentence-transformers' pooling is read from `modules.json` and `1_Pooling/config.json`:
+/// MiniLM's own is mean + Normalize; a copy configured for CLS pooling without Normalize
+/// embeds as the first token's raw state, one with max pooling as the masked maximum,
+/// and a module Kiln does not compute is refused by name.
+#[test]
+fn sentence_transformers_pooling_is_respected() {
+    use kiln_models::{ModelConfig, SentencePooling};
+    let dir = minilm();
+    let config = |dir: &Path| {
+        let (path, json) = Source::read(dir).unwrap().hf_config.unwrap();
+        kiln_convert::hf_config::model_config("bert", &json, &path.display().to_string()).unwrap()
+    };
+    let mut model = config(&dir);
+    let line = kiln_convert::apply_sentence_pooling(&dir, &mut model).unwrap().unwrap();
+    let ModelConfig::Bert(c) = &model else { unreachable!() };
+    assert_eq!(
+        (c.sentence_pooling, c.normalize),
+        (SentencePooling::Mean, true),
+        "{line}"
+    );
+
+    let copy = |pooling: &str, modules: &str| {
+        let tmp = tempfile::tempdir().unwrap();
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            std::os::unix::fs::symlink(dir.join(f), tmp.path().join(f)).unwrap();
+        }
+        std::fs::create_dir(tmp.path().join("1_Pooling")).unwrap();
+        std::fs::write(tmp.path().join("1_Pooling/config.json"), pooling).unwrap();
+        std::fs::write(tmp.path().join("modules.json"), modules).unwrap();
+        tmp
+    };
+    let two_modules = r#"[{"idx":0,"name":"0","path":"","type":"sentence_transformers.models.Transformer"},
+        {"idx":1,"name":"1","path":"1_Pooling","type":"sentence_transformers.models.Pooling"}]"#;
+    let device = Device::flex();
+    let ids = Tensor::<2, Int>::from_data(
+        TensorData::new(vec![101i64, 2023, 2003, 1037, 3231, 102, 0, 0], [1, 8]),
+        &device,
+    );
+    let mask = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 1, 1, 1, 1, 1, 0, 0], [1, 8]), &device);
+    for (mode, key) in [
+        (SentencePooling::Cls, "pooling_mode_cls_token"),
+        (SentencePooling::Max, "pooling_mode_max_tokens"),
+    ] {
+        let tmp = copy(
+            &format!(r#"{{"word_embedding_dimension": 384, "{key}": true, "pooling_mode_mean_tokens": false}}"#),
+            two_modules,
+        );
+        let mut model = config(tmp.path());
+        kiln_convert::apply_sentence_pooling(tmp.path(), &mut model)
+            .unwrap()
+            .unwrap();
+        let ModelConfig::Bert(c) = &model else { unreachable!() };
+        assert_eq!((c.sentence_pooling, c.normalize), (mode, false));
+        let (weights, _) = convert(&Source::read(tmp.path()).unwrap(), &model, false).unwrap();
+        let st = tmp.path().join("kiln.safetensors");
+        std::fs::write(&st, weights).unwrap();
+        let bert = kiln_core::weights::load_weights(c.init(&device), &st).unwrap();
+        let hidden = bert.forward(ids.clone(), mask.clone());
+        let want = match mode {
+            SentencePooling::Cls => hidden.slice(burn::tensor::s![.., 0..1, ..]).reshape([1, 384]),
+            _ => hidden
+                .slice(burn::tensor::s![.., 0..6, ..])
+                .max_dim(1)
+                .reshape([1, 384]),
+        };
+        let got = bert.embed(ids.clone(), mask.clone());
+        let diff: f32 = (got - want).abs().max().into_scalar();
+        assert!(diff <= 1e-6, "{mode:?}: {diff}");
+    }
+    let tmp = copy(
+        r#"{"pooling_mode_mean_tokens": true}"#,
+        r#"[{"path":"","type":"sentence_transformers.models.Transformer"},{"path":"2_Dense","type":"sentence_transformers.models.Dense"}]"#,
+    );
+    let err = kiln_convert::apply_sentence_pooling(tmp.path(), &mut config(tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("modules.json") && err.contains("Dense"), "{err}");
+    let tmp = copy(r#"{"pooling_mode_mean_sqrt_len_tokens": true}"#, two_modules);
+    let err = kiln_convert::apply_sentence_pooling(tmp.path(), &mut config(tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("pooling_mode_mean_sqrt_len_tokens"), "{err}");
+}

@@ -219,6 +219,8 @@ fn every_architecture_computes_the_same_on_every_backend() {
         vocab_size: v,
         type_vocab_size: 2,
         layer_norm_eps: 1e-12,
+        sentence_pooling: Default::default(),
+        normalize: true,
     };
     check_arch(
         "bert",

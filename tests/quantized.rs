@@ -265,6 +265,8 @@ fn quantized_bert_embeds_like_f32() {
         vocab_size: VOCAB,
         type_vocab_size: 2,
         layer_norm_eps: 1e-12,
+        sentence_pooling: Default::default(),
+        normalize: true,
     };
     let flex = Device::flex();
     let dir = f32_dir(&root, "bert", ModelConfig::Bert(cfg.clone()), &cfg.init(&flex));

@@ -170,6 +170,10 @@ fn main() -> Result<()> {
     {
         bail!("--config describes a {} model, not --arch {arch}", model.arch());
     }
+    let mut model = model;
+    if let Some(line) = kiln_convert::apply_sentence_pooling(&cli.input, &mut model)? {
+        println!("{line}");
+    }
     let (weights, report) = convert(&source, &model, cli.allow_partial)?;
     for (from, to, transposed) in &report.mapped {
         println!("  {from} -> {to}{}", if *transposed { " (transposed)" } else { "" });

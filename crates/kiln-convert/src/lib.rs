@@ -387,6 +387,45 @@ impl Source {
     }
 }
 
+/// Sentence-transformers' pooling found beside the source (`modules.json` in the input
+/// directory, or beside / one up from an ONNX file) set on a BERT `model`; the line the
+/// report prints, when there was one.
+pub fn apply_sentence_pooling(input: &Path, model: &mut ModelConfig) -> Result<Option<String>, ConvertError> {
+    let dirs: Vec<&Path> = if input.is_dir() {
+        vec![input]
+    } else {
+        input
+            .parent()
+            .into_iter()
+            .chain(input.parent().and_then(Path::parent))
+            .collect()
+    };
+    let Some(dir) = dirs.into_iter().find(|d| d.join("modules.json").is_file()) else {
+        return Ok(None);
+    };
+    let Some((pooling, normalize)) = arch::sentence_pooling(dir)? else {
+        return Ok(None);
+    };
+    let ModelConfig::Bert(c) = model else {
+        return Err(ConvertError::Config(format!(
+            "{}: sentence-transformers pooling for a {} model (only bert computes sentence embeddings)",
+            dir.join("modules.json").display(),
+            model.arch()
+        )));
+    };
+    c.sentence_pooling = pooling;
+    c.normalize = normalize;
+    Ok(Some(format!(
+        "sentence embeddings: {pooling:?} pooling{} (from {})",
+        if normalize {
+            ", L2-normalised"
+        } else {
+            ", not normalised"
+        },
+        dir.join("modules.json").display()
+    )))
+}
+
 /// What happened to every tensor.
 #[derive(Debug, Default, Clone)]
 pub struct Report {

@@ -42,6 +42,40 @@ pub struct BertConfig {
     pub type_vocab_size: usize,
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
+    /// How [`BertModel::embed`] pools token states into a sentence embedding
+    /// (sentence-transformers' `1_Pooling/config.json`); default mean.
+    #[serde(default, skip_serializing_if = "SentencePooling::is_mean")]
+    pub sentence_pooling: SentencePooling,
+    /// Whether sentence embeddings are L2-normalised (a `Normalize` module in
+    /// sentence-transformers' `modules.json`); default true.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub normalize: bool,
+}
+
+/// Sentence-transformers' pooling modes that Kiln computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SentencePooling {
+    /// Masked mean of the token states.
+    #[default]
+    Mean,
+    /// The first token's state (`[CLS]`).
+    Cls,
+    /// Masked element-wise maximum of the token states.
+    Max,
+}
+
+impl SentencePooling {
+    fn is_mean(&self) -> bool {
+        *self == Self::Mean
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl BertConfig {
@@ -108,6 +142,9 @@ impl BertConfig {
                     .collect(),
             },
             pooler: BertPooler { dense: linear(c, c) },
+            cls_pooling: self.sentence_pooling == SentencePooling::Cls,
+            max_pooling: self.sentence_pooling == SentencePooling::Max,
+            normalize: self.normalize,
         }
     }
 }
@@ -117,6 +154,12 @@ pub struct BertModel {
     pub embeddings: BertEmbeddings,
     pub encoder: BertEncoder,
     pub pooler: BertPooler,
+    /// Sentence embeddings from the first token's state ([`SentencePooling::Cls`]).
+    pub cls_pooling: bool,
+    /// Sentence embeddings by masked max ([`SentencePooling::Max`]).
+    pub max_pooling: bool,
+    /// L2-normalised sentence embeddings.
+    pub normalize: bool,
 }
 
 #[derive(Module, Debug)]
@@ -276,11 +319,26 @@ impl BertModel {
         summed / counts
     }
 
-    /// Sentence embeddings: mean of the token states over the mask, L2-normalised, `[B, C]`.
+    /// Sentence embeddings `[B, C]`: the token states pooled as configured (mean over
+    /// the mask by default, the first token's, or the masked maximum), L2-normalised
+    /// unless the config says not.
     pub fn embed(&self, ids: Tensor<2, Int>, mask: Tensor<2, Int>) -> Tensor<2> {
-        let mean = Self::mean_pooled(self.forward(ids, mask.clone()), mask);
-        let norm = mean.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
-        mean / norm
+        let hidden = self.forward(ids, mask.clone());
+        let [b, t, c] = hidden.dims();
+        let pooled = if self.cls_pooling {
+            hidden.slice(s![.., 0..1, ..]).reshape([b, c])
+        } else if self.max_pooling {
+            // Padded positions get -1e9 so they never win the maximum.
+            let pad = mask.equal_elem(0).float().mul_scalar(-1e9).reshape([b, t, 1]);
+            (hidden + pad).max_dim(1).reshape([b, c])
+        } else {
+            Self::mean_pooled(hidden, mask)
+        };
+        if !self.normalize {
+            return pooled;
+        }
+        let norm = pooled.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
+        pooled / norm
     }
 }
 

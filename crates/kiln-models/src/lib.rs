@@ -23,7 +23,7 @@ pub mod quant;
 pub mod registry;
 pub mod rope;
 
-pub use bert::{BertConfig, BertForSequenceClassification, BertModel, ClassifierHead, Pooling};
+pub use bert::{BertConfig, BertForSequenceClassification, BertModel, ClassifierHead, Pooling, SentencePooling};
 pub use cnn::{Cnn, CnnConfig};
 pub use gemma3::{Gemma3Config, Gemma3ForCausalLM};
 pub use gpt2::{Gpt2Config, Gpt2LMHeadModel};

@@ -1,6 +1,8 @@
 //! BERT: Hugging Face `BertModel` (and task wrappers with a `bert.` prefix).
 
-use kiln_models::{BertConfig, ModelConfig};
+use std::path::Path;
+
+use kiln_models::{BertConfig, ModelConfig, SentencePooling};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -69,6 +71,8 @@ fn from_hf(json: &Value, path: &str) -> Result<ModelConfig, ConvertError> {
         vocab_size: hf.vocab_size,
         type_vocab_size: hf.type_vocab_size,
         layer_norm_eps: hf.layer_norm_eps,
+        sentence_pooling: Default::default(),
+        normalize: true,
     }))
 }
 
@@ -323,4 +327,67 @@ pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
         "layer_norm_eps": emb_norm.eps,
     });
     Ok(out)
+}
+
+/// Sentence-transformers' pooling of a model directory (`modules.json` and its Pooling
+/// module's `config.json`): `None` without a `modules.json`. Modules Kiln does not
+/// compute (`Dense`, ...) and pooling modes other than one of mean / CLS / max are
+/// refused by name, never silently replaced by mean pooling.
+pub fn sentence_pooling(dir: &Path) -> Result<Option<(SentencePooling, bool)>, ConvertError> {
+    let modules = dir.join("modules.json");
+    if !modules.is_file() {
+        return Ok(None);
+    }
+    let err = |path: &Path, m: String| ConvertError::Config(format!("{}: {m}", path.display()));
+    let read = |path: &Path| -> Result<Value, ConvertError> {
+        let text = std::fs::read_to_string(path).map_err(|e| err(path, e.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| err(path, e.to_string()))
+    };
+    let list = read(&modules)?;
+    let list = list
+        .as_array()
+        .ok_or_else(|| err(&modules, "not a list of modules".into()))?;
+    let (mut pooling, mut normalize) = (SentencePooling::Mean, false);
+    for m in list {
+        let ty = m.get("type").and_then(Value::as_str).unwrap_or("");
+        let path = m.get("path").and_then(Value::as_str).unwrap_or("");
+        match ty.rsplit('.').next().unwrap_or("") {
+            "Transformer" => {}
+            "Normalize" => normalize = true,
+            "Pooling" => {
+                let file = dir.join(path).join("config.json");
+                let config = read(&file)?;
+                let on = |k: &str| config.get(k).and_then(Value::as_bool).unwrap_or(false);
+                let modes: Vec<&str> = config
+                    .as_object()
+                    .map(|o| {
+                        o.keys()
+                            .filter(|k| k.starts_with("pooling_mode_") && on(k))
+                            .map(String::as_str)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                pooling = match modes[..] {
+                    ["pooling_mode_mean_tokens"] => SentencePooling::Mean,
+                    ["pooling_mode_cls_token"] => SentencePooling::Cls,
+                    ["pooling_mode_max_tokens"] => SentencePooling::Max,
+                    _ => {
+                        return Err(err(
+                            &file,
+                            format!(
+                                "pooling {modes:?}: Kiln pools by exactly one of pooling_mode_mean_tokens, pooling_mode_cls_token, pooling_mode_max_tokens"
+                            ),
+                        ));
+                    }
+                };
+            }
+            _ => {
+                return Err(err(
+                    &modules,
+                    format!("module {ty} ({path}) is not one Kiln computes (Transformer, Pooling, Normalize)"),
+                ));
+            }
+        }
+    }
+    Ok(Some((pooling, normalize)))
 }

@@ -8,6 +8,7 @@ use serde_json::Value;
 use crate::ConvertError;
 
 mod bert;
+pub use bert::sentence_pooling;
 mod cnn;
 mod gemma3;
 mod gpt2;
