@@ -18,6 +18,8 @@ pooled, L2-normalised sentence embedding. The variants:
   runs it on CPU, else FP16 initializers each followed by a Cast to float);
 - int8.onnx: onnxruntime's dynamic int8 quantization of default.onnx (MatMulInteger,
   DynamicQuantizeLinear, per-tensor scales and zero points);
+- MiniLM only: optimum/model.onnx, Optimum's exporter (optimum-onnx) with its
+  config.json beside;
 - tiny only: token-types.onnx (a third input token_type_ids) and the malformed graphs
   cycle.onnx, missing-initializer.onnx, wrong-arity.onnx.
 
@@ -136,6 +138,29 @@ def variants(model, out_dir, feeds, tiny):
         malformed(p)
 
 
+def optimum(model_dir, out, feeds):
+    """Optimum's exporter (`optimum-cli export onnx --task feature-extraction`): its own
+    graph (inputs input_ids, attention_mask, token_type_ids; output last_hidden_state) and
+    config.json beside it. The sentence embedding of the reference is onnxruntime's last
+    hidden state mean-pooled and normalised in numpy, as sentence-transformers pools it."""
+    from optimum.exporters.onnx import main_export
+    main_export(model_dir, output=out, task="feature-extraction", library_name="transformers")
+    path = os.path.join(out, "model.onnx")
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    run = {k: v for k, v in dict(feeds, token_type_ids=np.zeros_like(feeds["input_ids"])).items() if k in names}
+    hidden = session.run(["last_hidden_state"], run)[0]
+    m = feeds["attention_mask"][:, :, None].astype(np.float32)
+    mean = (hidden * m).sum(1) / np.clip(m.sum(1), 1e-9, None)
+    emb = mean / np.linalg.norm(mean, axis=1, keepdims=True)
+    import optimum.version
+    json.dump({"onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+               "form": f"Optimum {optimum.version.__version__} export, inputs {names}",
+               "input_ids": feeds["input_ids"].tolist(), "attention_mask": feeds["attention_mask"].tolist(),
+               "last_hidden_state": hidden.tolist(), "sentence_embedding": emb.tolist()},
+              open(path + ".reference.json", "w"))
+
+
 def malformed(p):
     base = onnx.load(p("default.onnx"))
     # A cycle: the first LayerNormalization reads the output of the last node.
@@ -173,6 +198,7 @@ def main(kind, out):
         feeds = {"input_ids": np.array([e.ids for e in enc], dtype=np.int64),
                  "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64)}
         variants(model, os.path.join(out, "onnx-variants"), feeds, tiny=False)
+        optimum(out, os.path.join(out, "onnx-variants", "optimum"), feeds)
     else:
         config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=37, max_position_embeddings=64, type_vocab_size=2,

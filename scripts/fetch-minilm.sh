@@ -63,8 +63,8 @@ fi
 
 if [ "$torch_too" = 1 ]; then
   if [ -f "$out/model.onnx.reference.json" ] && [ "$out/model.onnx.reference.json" -nt "$out/model.safetensors" ] \
-    && [ -f "$out/onnx-variants/int8.onnx.reference.json" ] \
-    && [ "$out/onnx-variants/int8.onnx.reference.json" -nt "$root/scripts/export_onnx_variants.py" ]; then
+    && [ -f "$out/onnx-variants/optimum/model.onnx.reference.json" ] \
+    && [ "$out/onnx-variants/optimum/model.onnx.reference.json" -nt "$root/scripts/export_onnx_variants.py" ]; then
     echo "pytorch_model.bin and model.onnx are in $out"
     exit 0
   fi
@@ -72,6 +72,10 @@ if [ "$torch_too" = 1 ]; then
   "$root/scripts/setup-torch-cpu.sh" ${KILN_TORCH_SETUP_FLAGS:-}
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --cache-dir "$cache" \
     transformers==4.57.6 onnx==1.19.1 onnxruntime==1.23.2 onnxscript==0.7.2
+  # Optimum's ONNX exporter; --no-deps: its requirements are the packages above (with
+  # them it would pull torch's CUDA wheels over the CPU-only stubs).
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --cache-dir "$cache" --no-deps \
+    optimum==2.1.0 optimum-onnx==0.1.0
   HF_HUB_OFFLINE=1 "$venv/bin/python" "$root/scripts/export_minilm.py" "$out"
   # The ONNX files third-party exporters write (constant folding, opset 14, external
   # data, FP16, onnxruntime's dynamic int8), with onnxruntime's outputs on each.

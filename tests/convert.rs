@@ -573,3 +573,123 @@ fn sentence_transformers_pooling_is_respected() {
         .to_string();
     assert!(err.contains("pooling_mode_mean_sqrt_len_tokens"), "{err}");
 }
+
+/// Half-precision checkpoints are read as what they are: MiniLM's weights saved in f16
+/// convert to exactly their f32 values (the report counts the casts), `--dtype f16`
+/// keeps them f16 at half the size and loads to the same model, and `--dtype bf16`
+/// stores an f32 checkpoint in bf16 (cast counted, embeddings within 1e-2).
+#[test]
+fn half_precision_checkpoints_keep_their_values_and_dtype() {
+    use kiln_convert::{StoreDtype, convert_as};
+    use kiln_models::ModelConfig;
+    let dir = minilm();
+    let (path, json) = Source::read(&dir).unwrap().hf_config.unwrap();
+    let model = kiln_convert::hf_config::model_config("bert", &json, &path.display().to_string()).unwrap();
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let halves: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
+        .map(|(n, v)| {
+            let data: Vec<u8> = v
+                .data()
+                .chunks_exact(4)
+                .flat_map(|b| half::f16::from_f32(f32::from_le_bytes(b.try_into().unwrap())).to_le_bytes())
+                .collect();
+            (n, v.shape().to_vec(), data)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = halves
+        .iter()
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F16, s.clone(), d).unwrap(),
+            )
+        })
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let f16_file = tmp.path().join("model.safetensors");
+    std::fs::write(&f16_file, safetensors::serialize(views, None).unwrap()).unwrap();
+    let source = Source::read(&f16_file).unwrap();
+    let n = halves.len();
+
+    let (as_f32, report) = convert(&source, &model, false).unwrap();
+    assert_eq!(report.casts.get("F16 -> F32"), Some(&n), "{:?}", report.casts);
+    // Every value is the f16 value, exactly.
+    let (reference, _) = convert(&Source::read(&dir).unwrap(), &model, false).unwrap();
+    let (a, b) = (
+        safetensors::SafeTensors::deserialize(&as_f32).unwrap(),
+        safetensors::SafeTensors::deserialize(&reference).unwrap(),
+    );
+    for (name, view) in a.tensors() {
+        let want = b.tensor(&name).unwrap();
+        for (x, y) in view.data().chunks_exact(4).zip(want.data().chunks_exact(4)) {
+            let (x, y) = (
+                f32::from_le_bytes(x.try_into().unwrap()),
+                f32::from_le_bytes(y.try_into().unwrap()),
+            );
+            assert_eq!(x, half::f16::from_f32(y).to_f32(), "{name}");
+        }
+    }
+
+    let (as_f16, report) = convert_as(&source, &model, false, StoreDtype::F16).unwrap();
+    assert!(!report.casts.keys().any(|k| k.contains("stored")), "{:?}", report.casts);
+    let kept = safetensors::SafeTensors::deserialize(&as_f16).unwrap();
+    assert!(kept.tensors().iter().all(|(_, v)| v.dtype() == safetensors::Dtype::F16));
+    assert!(
+        as_f16.len() * 10 < as_f32.len() * 6,
+        "{} vs {} bytes",
+        as_f16.len(),
+        as_f32.len()
+    );
+    let ModelConfig::Bert(c) = &model else { unreachable!() };
+    let device = Device::flex();
+    let load = |bytes: &[u8], name: &str| {
+        let file = tmp.path().join(name);
+        std::fs::write(&file, bytes).unwrap();
+        kiln_core::weights::load_weights(c.init(&device), &file).unwrap()
+    };
+    let ids = Tensor::<2, Int>::from_data(
+        TensorData::new(vec![101i64, 2023, 2003, 1037, 3231, 102], [1, 6]),
+        &device,
+    );
+    let mask = Tensor::<2, Int>::ones([1, 6], &device);
+    let embed = |bytes: &[u8], name: &str| {
+        load(bytes, name)
+            .embed(ids.clone(), mask.clone())
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
+    let e32 = embed(&as_f32, "f32.safetensors");
+    assert_eq!(
+        embed(&as_f16, "f16.safetensors"),
+        e32,
+        "f16 storage loads to the same model"
+    );
+    // A model directory stored in f16 is what `infer` and `serve` open.
+    let f16_dir = tmp.path().join("minilm-f16");
+    write_model_dir(&f16_dir, &model, &as_f16, None, Some(&dir.join("tokenizer.json"))).unwrap();
+    let run = LoadedModel::open(&f16_dir, WhichWeights::Best, &device).unwrap();
+    let Model::Encoder(bert) = &run.model else {
+        unreachable!()
+    };
+    let texts = ["This is a test"];
+    let opened =
+        kiln_infer::embed::embed_texts(bert.as_ref(), run.tokenizer.as_ref().unwrap(), &texts, 1, &device).unwrap();
+    let diff = opened[0]
+        .iter()
+        .zip(&e32)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(diff <= 1e-6, "the f16 directory embeds differently: {diff}");
+
+    let (as_bf16, report) = convert_as(&Source::read(&dir).unwrap(), &model, false, StoreDtype::BF16).unwrap();
+    assert_eq!(report.casts.get("F32 -> BF16 (stored)"), Some(&n), "{:?}", report.casts);
+    let ebf = embed(&as_bf16, "bf16.safetensors");
+    let diff = ebf.iter().zip(&e32).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    eprintln!("MiniLM stored in bf16: max |embedding - f32| {diff:.2e}");
+    assert!(diff <= 1e-2, "{diff}");
+}

@@ -2,7 +2,7 @@
 //! (scripts/export_onnx_variants.py): `torch.onnx.export` at its defaults (constant
 //! folding: weight matrices renamed `onnx::MatMul_NNN` and pre-transposed, a
 //! sentence-transformers wrapper prefix on the rest), opset 14's decomposed LayerNorm,
-//! external data, FP16 and onnxruntime's dynamic int8. The weights are placed by the
+//! external data, FP16, onnxruntime's dynamic int8 and Optimum's exporter. The weights are placed by the
 //! graph, the config is read off it, and the converted model's last hidden state and
 //! sentence embedding are checked against onnxruntime on the same file. Malformed graphs
 //! are errors naming the node.
@@ -170,6 +170,8 @@ fn minilm_exports_convert_through_the_graph_and_match_onnxruntime() {
     }
     check(&dir, "fp16.onnx", 1e-2, 1e-2, 0.999);
     check(&dir, "int8.onnx", 0.2, 0.1, 0.98);
+    // Optimum's exporter, its config.json beside the file.
+    check(&dir.join("optimum"), "model.onnx", 1e-5, 1e-5, 0.99999);
 }
 
 #[test]

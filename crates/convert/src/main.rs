@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use kiln_convert::{Source, convert, hf_config, write_model_dir_with};
+use kiln_convert::{Source, StoreDtype, convert_as, hf_config, write_model_dir_with};
 use kiln_core::ModelFile;
 use kiln_core::layout::{CONFIG, HF_CONFIG, MODEL_WEIGHTS, TOKENIZER, WhichWeights, weights_file};
 use kiln_models::ModelConfig;
@@ -68,6 +68,11 @@ struct Cli {
     /// types are dequantized (each listed with its reason).
     #[arg(long, conflicts_with_all = ["quantize", "to"])]
     keep_quantized: bool,
+    /// The float type of the converted weights: f32 (what Kiln computes in), or f16 /
+    /// bf16 to keep a half-precision checkpoint at half the size (loaded as f32). Every
+    /// cast is counted in the report.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+    dtype: String,
 }
 
 fn quantize(cli: &Cli, ty: &str) -> Result<()> {
@@ -174,7 +179,17 @@ fn main() -> Result<()> {
     if let Some(line) = kiln_convert::apply_sentence_pooling(&cli.input, &mut model)? {
         println!("{line}");
     }
-    let (weights, report) = convert(&source, &model, cli.allow_partial)?;
+    let dtype = StoreDtype::from_name(&cli.dtype).expect("clap checked the name");
+    if dtype != StoreDtype::F32 && cli.keep_quantized {
+        bail!(
+            "--dtype {} with --keep-quantized: packed weights are stored f32 beside their blocks",
+            cli.dtype
+        );
+    }
+    let (weights, report) = convert_as(&source, &model, cli.allow_partial, dtype)?;
+    for (cast, n) in &report.casts {
+        println!("  cast {cast}: {n} tensors");
+    }
     for (from, to, transposed) in &report.mapped {
         println!("  {from} -> {to}{}", if *transposed { " (transposed)" } else { "" });
     }

@@ -441,6 +441,8 @@ pub struct Report {
     pub absent: Vec<String>,
     /// Wrapper prefixes stripped from the source's names ([`arch::WRAPPER_PREFIXES`]).
     pub wrappers: Vec<String>,
+    /// Casts done, by kind (`F16 -> F32`, `F32 -> BF16 (stored)`), and how many tensors each.
+    pub casts: BTreeMap<String, usize>,
 }
 
 impl Report {
@@ -540,6 +542,46 @@ fn rename(name: &str, renames: &[(Regex, &str)]) -> String {
 /// Refuses (listing every tensor) on missing, unexpected or mis-shaped tensors unless
 /// `allow_partial`, in which case missing parameters keep their initial values.
 pub fn convert(source: &Source, model: &ModelConfig, allow_partial: bool) -> Result<(Vec<u8>, Report), ConvertError> {
+    convert_as(source, model, allow_partial, StoreDtype::F32)
+}
+
+/// The float type a converted model directory stores its weights in (`convert --dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StoreDtype {
+    /// What Kiln computes in (the default).
+    #[default]
+    F32,
+    /// Half the size on disk; loaded as f32 (exactly: every f16 value is an f32 value).
+    F16,
+    BF16,
+}
+
+impl StoreDtype {
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "f32" => Some(Self::F32),
+            "f16" => Some(Self::F16),
+            "bf16" => Some(Self::BF16),
+            _ => None,
+        }
+    }
+    fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::BF16 => DType::BF16,
+        }
+    }
+}
+
+/// [`convert`], storing the weights as `dtype`; the report counts every cast
+/// ([`Report::casts`]): a half-precision source read into f32, an f32 one stored in half.
+pub fn convert_as(
+    source: &Source,
+    model: &ModelConfig,
+    allow_partial: bool,
+    dtype: StoreDtype,
+) -> Result<(Vec<u8>, Report), ConvertError> {
     let rules = &arch::for_arch(model.arch())?.rules;
     let renames = compile_renames(rules.renames);
     let ignore = compile(rules.ignore);
@@ -590,6 +632,15 @@ pub fn convert(source: &Source, model: &ModelConfig, allow_partial: bool) -> Res
             ));
             continue;
         }
+        if tensor.dtype != DType::F32 {
+            *report.casts.entry(format!("{:?} -> F32", tensor.dtype)).or_default() += 1;
+        }
+        if tensor.dtype != dtype.dtype() && dtype != StoreDtype::F32 {
+            *report
+                .casts
+                .entry(format!("F32 -> {:?} (stored)", dtype.dtype()))
+                .or_default() += 1;
+        }
         let values = f32_values(tensor)?;
         let values = if transpose_it {
             transpose(&values, shape[0], shape[1])
@@ -628,11 +679,33 @@ pub fn convert(source: &Source, model: &ModelConfig, allow_partial: bool) -> Res
             out.insert(t.name.clone(), (t.shape.as_slice().to_vec(), values));
         }
     }
-    let bytes = serialize(&out).map_err(|message| ConvertError::Write {
+    let bytes = serialize_as(&out, dtype).map_err(|message| ConvertError::Write {
         path: "model.safetensors".into(),
         message,
     })?;
     Ok((bytes, report))
+}
+
+/// `tensors` as safetensors of `dtype` (rounded to nearest from f32 for half precision).
+fn serialize_as(tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, dtype: StoreDtype) -> Result<Vec<u8>, String> {
+    let (st, convert): (safetensors::Dtype, fn(f32) -> [u8; 2]) = match dtype {
+        StoreDtype::F32 => return serialize(tensors),
+        StoreDtype::F16 => (safetensors::Dtype::F16, |v| half::f16::from_f32(v).to_le_bytes()),
+        StoreDtype::BF16 => (safetensors::Dtype::BF16, |v| half::bf16::from_f32(v).to_le_bytes()),
+    };
+    let raw: Vec<(&String, &Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, (shape, values))| (name, shape, values.iter().flat_map(|&v| convert(v)).collect()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = raw
+        .iter()
+        .map(|(name, shape, bytes)| {
+            safetensors::tensor::TensorView::new(st, shape.to_vec(), bytes)
+                .map(|v| ((*name).clone(), v))
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    safetensors::serialize(views, None).map_err(|e| e.to_string())
 }
 
 fn serialize(tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Result<Vec<u8>, String> {
@@ -730,18 +803,28 @@ pub fn export_hf(weights: &[u8], model: &ModelConfig) -> Result<Vec<u8>, Convert
     })?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
-        if view.dtype() != safetensors::Dtype::F32 {
-            return Err(read_err(
-                Path::new(&name),
-                format!("{:?}: Kiln weights are F32", view.dtype()),
-            ));
-        }
         let shape = view.shape().to_vec();
-        let values: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
+        let data = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            safetensors::Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            safetensors::Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            safetensors::Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(read_err(
+                    Path::new(&name),
+                    format!("{other:?}: Kiln weights are F32, F16 or BF16"),
+                ));
+            }
+        };
         let (shape, values) = if transposed.iter().any(|r| r.is_match(&name)) && shape.len() == 2 {
             (vec![shape[1], shape[0]], transpose(&values, shape[0], shape[1]))
         } else {

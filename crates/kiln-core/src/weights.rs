@@ -127,7 +127,12 @@ pub fn check_weights(bytes: &[u8], path: &Path, expected: &BTreeMap<String, Expe
             Some((s, _)) if s != shape => {
                 problems.push(format!("tensor {name} has shape {s:?}, the model expects {shape:?}"))
             }
-            Some((_, dtype)) if *dtype != want.dtype => {
+            // Half-precision weights load into f32 parameters (`convert --dtype f16`).
+            Some((_, dtype))
+                if *dtype != want.dtype
+                    && !(want.dtype == safetensors::Dtype::F32
+                        && matches!(dtype, safetensors::Dtype::F16 | safetensors::Dtype::BF16)) =>
+            {
                 problems.push(format!("tensor {name} is {dtype:?}, expected {:?}", want.dtype))
             }
             _ => {}
@@ -237,19 +242,34 @@ pub fn load_weights<M: Module>(mut model: M, path: &Path) -> Result<M, StoreErro
             end - begin,
             info.dtype == safetensors::Dtype::F32,
         );
+        // f16 / bf16 weights become f32 (exactly) as they are read.
+        let widen: Option<fn([u8; 2]) -> f32> = match info.dtype {
+            safetensors::Dtype::F16 => Some(|b| half::f16::from_le_bytes(b).to_f32()),
+            safetensors::Dtype::BF16 => Some(|b| half::bf16::from_le_bytes(b).to_f32()),
+            _ => None,
+        };
+        let (dtype, loaded_len) = match widen {
+            Some(_) => (burn::tensor::DType::F32, len * 2),
+            None => (dtype, len),
+        };
         let what = format!("{}: tensor {name}", path.display());
         tensors.push(PackTensor::deferred(
             name,
             dtype,
             info.shape.clone(),
             None,
-            len,
+            loaded_len,
             move || {
                 let read = |buf: &mut [u8]| {
                     file.read_exact_at(buf, at)
                         .map_err(|e| PackError::IoError(format!("{what}: {e}")))
                 };
-                if is_f32 {
+                if let Some(widen) = widen {
+                    let mut bytes = vec![0u8; len];
+                    read(&mut bytes)?;
+                    let values: Vec<f32> = bytes.chunks_exact(2).map(|b| widen([b[0], b[1]])).collect();
+                    Ok(Bytes::from_elems(values))
+                } else if is_f32 {
                     // Read as f32 elements, so the buffer has f32 alignment and the tensor
                     // takes it as is.
                     let mut values = vec![0f32; len / 4];
