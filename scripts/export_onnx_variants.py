@@ -18,7 +18,8 @@ pooled, L2-normalised sentence embedding. The variants:
   runs it on CPU, else FP16 initializers each followed by a Cast to float);
 - int8.onnx: onnxruntime's dynamic int8 quantization of default.onnx (MatMulInteger,
   DynamicQuantizeLinear, per-tensor scales and zero points);
-- MiniLM only: optimum/model.onnx, Optimum's exporter (optimum-onnx) with its
+- MiniLM only: pytorch_model.f16.bin and pytorch_model.bf16.bin (half-precision state
+  dicts, for `convert`'s dtype handling); optimum/model.onnx, Optimum's exporter (optimum-onnx) with its
   config.json beside;
 - tiny only: token-types.onnx (a third input token_type_ids) and the malformed graphs
   cycle.onnx, missing-initializer.onnx, wrong-arity.onnx.
@@ -197,6 +198,11 @@ def main(kind, out):
         enc = tok.encode_batch(sentences)
         feeds = {"input_ids": np.array([e.ids for e in enc], dtype=np.int64),
                  "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64)}
+        os.makedirs(os.path.join(out, "onnx-variants"), exist_ok=True)
+        # Half-precision PyTorch checkpoints (`model.half()` / `.bfloat16()` state dicts).
+        for name, dtype in [("pytorch_model.f16.bin", torch.float16), ("pytorch_model.bf16.bin", torch.bfloat16)]:
+            half = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+            torch.save(half, os.path.join(out, "onnx-variants", name))
         variants(model, os.path.join(out, "onnx-variants"), feeds, tiny=False)
         optimum(out, os.path.join(out, "onnx-variants", "optimum"), feeds)
     else:

@@ -693,3 +693,51 @@ fn half_precision_checkpoints_keep_their_values_and_dtype() {
     eprintln!("MiniLM stored in bf16: max |embedding - f32| {diff:.2e}");
     assert!(diff <= 1e-2, "{diff}");
 }
+
+/// Half-precision PyTorch pickles (scripts/export_onnx_variants.py saves MiniLM's state
+/// dict in f16 and in bf16) are read as what they are: every value the f32 conversion's
+/// rounded to that type, and the report counts the casts.
+#[test]
+fn half_precision_pickles_are_read_as_what_they_are() {
+    let dir = minilm();
+    let variants = dir.join("onnx-variants");
+    let (path, json) = Source::read(&dir).unwrap().hf_config.unwrap();
+    let model = kiln_convert::hf_config::model_config("bert", &json, &path.display().to_string()).unwrap();
+    let (reference, _) = convert(&Source::read(&dir).unwrap(), &model, false).unwrap();
+    let reference = safetensors::SafeTensors::deserialize(&reference).unwrap();
+    type Round = fn(f32) -> f32;
+    let cases: [(&str, &str, Round); 2] = [
+        ("pytorch_model.f16.bin", "F16 -> F32", |v| {
+            half::f16::from_f32(v).to_f32()
+        }),
+        ("pytorch_model.bf16.bin", "BF16 -> F32", |v| {
+            half::bf16::from_f32(v).to_f32()
+        }),
+    ];
+    for (file, cast, round) in cases {
+        let path = variants.join(file);
+        assert!(
+            path.is_file(),
+            "{} is missing: run scripts/fetch-minilm.sh --torch",
+            path.display()
+        );
+        let (weights, report) = convert(&Source::read(&path).unwrap(), &model, false).unwrap();
+        assert!(report.is_complete(), "{file}: {}", report.details());
+        assert!(
+            report.casts.get(cast).is_some_and(|&n| n > 100),
+            "{file}: {:?}",
+            report.casts
+        );
+        let got = safetensors::SafeTensors::deserialize(&weights).unwrap();
+        for (name, view) in got.tensors() {
+            let want = reference.tensor(&name).unwrap();
+            for (x, y) in view.data().chunks_exact(4).zip(want.data().chunks_exact(4)) {
+                let (x, y) = (
+                    f32::from_le_bytes(x.try_into().unwrap()),
+                    f32::from_le_bytes(y.try_into().unwrap()),
+                );
+                assert_eq!(x, round(y), "{file}: {name}");
+            }
+        }
+    }
+}
