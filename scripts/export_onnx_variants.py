@@ -21,7 +21,7 @@ pooled, L2-normalised sentence embedding. The variants:
 - MiniLM only: pytorch_model.f16.bin and pytorch_model.bf16.bin (half-precision state
   dicts, for `convert`'s dtype handling); optimum/model.onnx, Optimum's exporter (optimum-onnx) with its
   config.json beside;
-- tiny only: token-types.onnx (a third input token_type_ids) and the malformed graphs
+- tiny only: dynamo.onnx (torch's dynamo exporter), token-types.onnx (a third input token_type_ids) and the malformed graphs
   cycle.onnx, missing-initializer.onnx, wrong-arity.onnx.
 
 Each NAME.onnx gets NAME.onnx.reference.json: onnxruntime's last_hidden_state and
@@ -131,6 +131,13 @@ def variants(model, out_dir, feeds, tiny):
     reference(p("int8.onnx"), feeds, "onnxruntime quantize_dynamic, QInt8 weights")
 
     if tiny:
+        # torch's dynamo exporter (torch.export + onnxscript), the default of newer torch.
+        # (Example inputs of batch 2: torch.export specializes a dimension of size 1.)
+        two = (torch.tensor(feeds["input_ids"][:2]), torch.tensor(feeds["attention_mask"][:2]))
+        torch.onnx.export(wrapped, two, p("dynamo.onnx"), input_names=["input_ids", "attention_mask"],
+                          output_names=["last_hidden_state", "sentence_embedding"],
+                          dynamic_shapes=({0: "batch", 1: "sequence"}, {0: "batch", 1: "sequence"}), dynamo=True)
+        reference(p("dynamo.onnx"), feeds, "torch.onnx.export(dynamo=True)")
         typed = SentenceModel(model, token_types=True).eval()
         types = torch.zeros_like(ids)
         export(typed, p("token-types.onnx"), 17, (ids, mask, types), token_types=True)

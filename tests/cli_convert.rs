@@ -245,3 +245,32 @@ fn refuses_bad_gguf_files_by_name() {
         &["not a GGUF file", "offset 0"],
     );
 }
+
+/// An ONNX file without a config.json: the binary converts it with the config read off
+/// the graph, writes that config.json into the model directory, and reports the pooler
+/// the export's outputs do not use.
+#[test]
+fn converts_an_onnx_file_with_the_config_read_off_its_graph() {
+    let convert = env!("CARGO_BIN_EXE_convert");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tiny");
+    let onnx = common::repo_root().join("tests/fixtures/onnx/default.onnx");
+    let o = run(
+        convert,
+        &["--input", onnx.to_str().unwrap(), "--output", out.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let stdout = text(&o.stdout);
+    assert!(
+        stdout.contains("placed by their role in the graph") && stdout.contains("pooler.dense.weight"),
+        "{stdout}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(json["num_attention_heads"], 4, "{json}");
+    let toml = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        toml.contains("arch = \"bert\"") && toml.contains("n_head = 4"),
+        "{toml}"
+    );
+}

@@ -155,7 +155,13 @@ fn check(dir: &Path, name: &str, hidden_tol: f32, emb_tol: f32, min_cosine: f32)
 #[test]
 fn tiny_bert_exports_convert_through_the_graph_and_match_onnxruntime() {
     let dir = tiny_dir();
-    for name in ["default.onnx", "opset14.onnx", "external.onnx", "token-types.onnx"] {
+    for name in [
+        "default.onnx",
+        "opset14.onnx",
+        "external.onnx",
+        "token-types.onnx",
+        "dynamo.onnx",
+    ] {
         check(&dir, name, 1e-5, 1e-5, 0.99999);
     }
     check(&dir, "fp16.onnx", 1e-2, 1e-2, 0.999);

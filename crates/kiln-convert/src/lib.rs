@@ -227,6 +227,9 @@ impl Source {
                 }
                 source.absent = r.absent;
                 if source.hf_config.is_none() {
+                    // Written into the model directory as its config.json (there is no file to copy).
+                    let json = serde_json::to_vec_pretty(&r.config).expect("a JSON value serializes");
+                    source.extra_files.push((HF_CONFIG.to_string(), json));
                     source.hf_config = Some((
                         PathBuf::from(format!("{} (read off the graph)", path.display())),
                         r.config,
