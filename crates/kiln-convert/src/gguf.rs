@@ -200,9 +200,7 @@ pub fn read_with(path: &Path, keep_quantized: bool) -> Result<Source, ConvertErr
         files: vec![path.to_path_buf()],
         extra_files,
         packed,
-        origins: BTreeMap::new(),
-        notes: vec![],
-        absent: vec![],
+        ..Source::default()
     })
 }
 

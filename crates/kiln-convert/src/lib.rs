@@ -52,6 +52,7 @@ pub(crate) fn read_err(path: &Path, message: impl std::fmt::Display) -> ConvertE
 }
 
 /// What a checkpoint holds: its tensors, and the config and tokenizer found beside them.
+#[derive(Default)]
 pub struct Source {
     pub tensors: BTreeMap<String, PackTensor>,
     /// A Hugging Face `config.json`, when the input had one.
@@ -73,6 +74,12 @@ pub struct Source {
     /// Prefixes of Kiln parameters the source cannot hold (an ONNX graph whose outputs do
     /// not use them): they keep their initial values and the report says so.
     pub absent: Vec<String>,
+}
+
+/// A JSON file, errors naming it.
+pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value, ConvertError> {
+    let text = std::fs::read_to_string(path).map_err(|e| read_err(path, e))?;
+    serde_json::from_str(&text).map_err(|e| read_err(path, e))
 }
 
 fn read_store(
@@ -144,13 +151,19 @@ fn f32_tensor(name: &str, shape: &[usize], values: &[f32]) -> PackTensor {
     )
 }
 
-/// A file named `name` beside `path` or one directory up (an exporter's `onnx/model.onnx`
-/// inside the model directory).
-fn beside(path: &Path, name: &str) -> Option<PathBuf> {
-    let dir = path.parent()?;
-    [dir.join(name), dir.parent()?.join(name)]
-        .into_iter()
-        .find(|p| p.is_file())
+/// A file named `name` in `input` (a directory), or beside the file `input` or one
+/// directory up (an exporter's `onnx/model.onnx` inside the model directory).
+fn beside(input: &Path, name: &str) -> Option<PathBuf> {
+    let dirs: Vec<&Path> = if input.is_dir() {
+        vec![input]
+    } else {
+        input
+            .parent()
+            .into_iter()
+            .chain(input.parent().and_then(Path::parent))
+            .collect()
+    };
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
 impl Source {
@@ -184,18 +197,10 @@ impl Source {
             hf_config: None,
             tokenizer: beside(path, "tokenizer.json"),
             files: vec![path.to_path_buf()],
-            extra_files: vec![],
-            packed: BTreeMap::new(),
-            origins: BTreeMap::new(),
-            notes: vec![],
-            absent: vec![],
+            ..Self::default()
         };
-        if let Some(json) = &config_json {
-            let text = std::fs::read_to_string(json).map_err(|e| read_err(json, e))?;
-            source.hf_config = Some((
-                json.clone(),
-                serde_json::from_str(&text).map_err(|e| read_err(json, e))?,
-            ));
+        if let Some(json) = config_json {
+            source.hf_config = Some((json.clone(), read_json(&json)?));
         }
         match resolved {
             Some(r) => {
@@ -328,17 +333,12 @@ impl Source {
                 hf_config: None,
                 tokenizer: None,
                 files,
-                extra_files: vec![],
-                packed: BTreeMap::new(),
-                origins: BTreeMap::new(),
-                notes: vec![],
-                absent: vec![],
+                ..Self::default()
             });
         }
         let index = input.join("model.safetensors.index.json");
         if index.is_file() {
-            let text = std::fs::read_to_string(&index).map_err(|e| read_err(&index, e))?;
-            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| read_err(&index, e))?;
+            let json = read_json(&index)?;
             let shards: BTreeSet<&str> = json
                 .get("weight_map")
                 .and_then(|m| m.as_object())
@@ -367,11 +367,7 @@ impl Source {
         }
         let config = input.join("config.json");
         let hf_config = if config.is_file() {
-            let text = std::fs::read_to_string(&config).map_err(|e| read_err(&config, e))?;
-            Some((
-                config.clone(),
-                serde_json::from_str(&text).map_err(|e| read_err(&config, e))?,
-            ))
+            Some((config.clone(), read_json(&config)?))
         } else {
             None
         };
@@ -381,11 +377,7 @@ impl Source {
             hf_config,
             tokenizer,
             files,
-            extra_files: vec![],
-            packed: BTreeMap::new(),
-            origins: BTreeMap::new(),
-            notes: vec![],
-            absent: vec![],
+            ..Self::default()
         })
     }
 }
@@ -394,25 +386,17 @@ impl Source {
 /// directory, or beside / one up from an ONNX file) set on a BERT `model`; the line the
 /// report prints, when there was one.
 pub fn apply_sentence_pooling(input: &Path, model: &mut ModelConfig) -> Result<Option<String>, ConvertError> {
-    let dirs: Vec<&Path> = if input.is_dir() {
-        vec![input]
-    } else {
-        input
-            .parent()
-            .into_iter()
-            .chain(input.parent().and_then(Path::parent))
-            .collect()
-    };
-    let Some(dir) = dirs.into_iter().find(|d| d.join("modules.json").is_file()) else {
+    let Some(modules) = beside(input, "modules.json") else {
         return Ok(None);
     };
+    let dir = modules.parent().expect("a file in a directory");
     let Some((pooling, normalize)) = arch::sentence_pooling(dir)? else {
         return Ok(None);
     };
     let ModelConfig::Bert(c) = model else {
         return Err(ConvertError::Config(format!(
             "{}: sentence-transformers pooling for a {} model (only bert computes sentence embeddings)",
-            dir.join("modules.json").display(),
+            modules.display(),
             model.arch()
         )));
     };
@@ -425,7 +409,7 @@ pub fn apply_sentence_pooling(input: &Path, model: &mut ModelConfig) -> Result<O
         } else {
             ", not normalised"
         },
-        dir.join("modules.json").display()
+        modules.display()
     )))
 }
 
@@ -691,39 +675,33 @@ pub fn convert_as(
 
 /// `tensors` as safetensors of `dtype` (rounded to nearest from f32 for half precision).
 fn serialize_as(tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, dtype: StoreDtype) -> Result<Vec<u8>, String> {
-    let (st, convert): (safetensors::Dtype, fn(f32) -> [u8; 2]) = match dtype {
-        StoreDtype::F32 => return serialize(tensors),
-        StoreDtype::F16 => (safetensors::Dtype::F16, |v| half::f16::from_f32(v).to_le_bytes()),
-        StoreDtype::BF16 => (safetensors::Dtype::BF16, |v| half::bf16::from_f32(v).to_le_bytes()),
+    use std::borrow::Cow;
+    let half = |bits: fn(f32) -> [u8; 2], values: &[f32]| -> Cow<'static, [u8]> {
+        Cow::Owned(values.iter().flat_map(|&v| bits(v)).collect())
     };
-    let raw: Vec<(&String, &Vec<usize>, Vec<u8>)> = tensors
+    let raw: Vec<(&String, &Vec<usize>, Cow<[u8]>)> = tensors
         .iter()
-        .map(|(name, (shape, values))| (name, shape, values.iter().flat_map(|&v| convert(v)).collect()))
+        .map(|(name, (shape, values))| {
+            let bytes = match dtype {
+                // f32 -> little-endian bytes without copying (x86-64/aarch64 are little-endian).
+                StoreDtype::F32 => {
+                    Cow::Borrowed(unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, values.len() * 4) })
+                }
+                StoreDtype::F16 => half(|v| half::f16::from_f32(v).to_le_bytes(), values),
+                StoreDtype::BF16 => half(|v| half::bf16::from_f32(v).to_le_bytes(), values),
+            };
+            (name, shape, bytes)
+        })
         .collect();
+    let st = match dtype {
+        StoreDtype::F32 => safetensors::Dtype::F32,
+        StoreDtype::F16 => safetensors::Dtype::F16,
+        StoreDtype::BF16 => safetensors::Dtype::BF16,
+    };
     let views: Vec<(String, safetensors::tensor::TensorView)> = raw
         .iter()
         .map(|(name, shape, bytes)| {
             safetensors::tensor::TensorView::new(st, shape.to_vec(), bytes)
-                .map(|v| ((*name).clone(), v))
-                .map_err(|e| e.to_string())
-        })
-        .collect::<Result<_, _>>()?;
-    safetensors::serialize(views, None).map_err(|e| e.to_string())
-}
-
-fn serialize(tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Result<Vec<u8>, String> {
-    let raw: Vec<(&String, &Vec<usize>, &[u8])> = tensors
-        .iter()
-        .map(|(name, (shape, values))| {
-            // f32 -> little-endian bytes without copying (x86-64/aarch64 are little-endian).
-            let bytes = unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u8, values.len() * 4) };
-            (name, shape, bytes)
-        })
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = raw
-        .iter()
-        .map(|(name, shape, bytes)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), bytes)
                 .map(|v| ((*name).clone(), v))
                 .map_err(|e| e.to_string())
         })
@@ -835,7 +813,7 @@ pub fn export_hf(weights: &[u8], model: &ModelConfig) -> Result<Vec<u8>, Convert
         };
         out.insert(rename(&name, &renames), (shape, values));
     }
-    serialize(&out).map_err(|message| ConvertError::Write {
+    serialize_as(&out, StoreDtype::F32).map_err(|message| ConvertError::Write {
         path: "model.safetensors".into(),
         message,
     })

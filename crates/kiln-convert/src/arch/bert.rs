@@ -339,11 +339,7 @@ pub fn sentence_pooling(dir: &Path) -> Result<Option<(SentencePooling, bool)>, C
         return Ok(None);
     }
     let err = |path: &Path, m: String| ConvertError::Config(format!("{}: {m}", path.display()));
-    let read = |path: &Path| -> Result<Value, ConvertError> {
-        let text = std::fs::read_to_string(path).map_err(|e| err(path, e.to_string()))?;
-        serde_json::from_str(&text).map_err(|e| err(path, e.to_string()))
-    };
-    let list = read(&modules)?;
+    let list = crate::read_json(&modules)?;
     let list = list
         .as_array()
         .ok_or_else(|| err(&modules, "not a list of modules".into()))?;
@@ -356,7 +352,7 @@ pub fn sentence_pooling(dir: &Path) -> Result<Option<(SentencePooling, bool)>, C
             "Normalize" => normalize = true,
             "Pooling" => {
                 let file = dir.join(path).join("config.json");
-                let config = read(&file)?;
+                let config = crate::read_json(&file)?;
                 let on = |k: &str| config.get(k).and_then(Value::as_bool).unwrap_or(false);
                 let modes: Vec<&str> = config
                     .as_object()
