@@ -619,20 +619,12 @@ fn half_precision_checkpoints_keep_their_values_and_dtype() {
     assert_eq!(report.casts.get("F16 -> F32"), Some(&n), "{:?}", report.casts);
     // Every value is the f16 value, exactly.
     let (reference, _) = convert(&Source::read(&dir).unwrap(), &model, false).unwrap();
-    let (a, b) = (
-        safetensors::SafeTensors::deserialize(&as_f32).unwrap(),
-        safetensors::SafeTensors::deserialize(&reference).unwrap(),
+    assert_rounded(
+        &as_f32,
+        &reference,
+        |v| half::f16::from_f32(v).to_f32(),
+        "f16 safetensors",
     );
-    for (name, view) in a.tensors() {
-        let want = b.tensor(&name).unwrap();
-        for (x, y) in view.data().chunks_exact(4).zip(want.data().chunks_exact(4)) {
-            let (x, y) = (
-                f32::from_le_bytes(x.try_into().unwrap()),
-                f32::from_le_bytes(y.try_into().unwrap()),
-            );
-            assert_eq!(x, half::f16::from_f32(y).to_f32(), "{name}");
-        }
-    }
 
     let (as_f16, report) = convert_as(&source, &model, false, StoreDtype::F16).unwrap();
     assert!(!report.casts.keys().any(|k| k.contains("stored")), "{:?}", report.casts);
@@ -704,7 +696,6 @@ fn half_precision_pickles_are_read_as_what_they_are() {
     let (path, json) = Source::read(&dir).unwrap().hf_config.unwrap();
     let model = kiln_convert::hf_config::model_config("bert", &json, &path.display().to_string()).unwrap();
     let (reference, _) = convert(&Source::read(&dir).unwrap(), &model, false).unwrap();
-    let reference = safetensors::SafeTensors::deserialize(&reference).unwrap();
     type Round = fn(f32) -> f32;
     let cases: [(&str, &str, Round); 2] = [
         ("pytorch_model.f16.bin", "F16 -> F32", |v| {
@@ -728,16 +719,24 @@ fn half_precision_pickles_are_read_as_what_they_are() {
             "{file}: {:?}",
             report.casts
         );
-        let got = safetensors::SafeTensors::deserialize(&weights).unwrap();
-        for (name, view) in got.tensors() {
-            let want = reference.tensor(&name).unwrap();
-            for (x, y) in view.data().chunks_exact(4).zip(want.data().chunks_exact(4)) {
-                let (x, y) = (
-                    f32::from_le_bytes(x.try_into().unwrap()),
-                    f32::from_le_bytes(y.try_into().unwrap()),
-                );
-                assert_eq!(x, round(y), "{file}: {name}");
-            }
+        assert_rounded(&weights, &reference, round, file);
+    }
+}
+
+/// Every f32 value of the safetensors `got` is `round` of the same value of `reference`.
+fn assert_rounded(got: &[u8], reference: &[u8], round: fn(f32) -> f32, what: &str) {
+    let (got, reference) = (
+        safetensors::SafeTensors::deserialize(got).unwrap(),
+        safetensors::SafeTensors::deserialize(reference).unwrap(),
+    );
+    for (name, view) in got.tensors() {
+        let want = reference.tensor(&name).unwrap();
+        for (x, y) in view.data().chunks_exact(4).zip(want.data().chunks_exact(4)) {
+            let (x, y) = (
+                f32::from_le_bytes(x.try_into().unwrap()),
+                f32::from_le_bytes(y.try_into().unwrap()),
+            );
+            assert_eq!(x, round(y), "{what}: {name}");
         }
     }
 }
