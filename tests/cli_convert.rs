@@ -262,7 +262,7 @@ fn converts_an_onnx_file_with_the_config_read_off_its_graph() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     let stdout = text(&o.stdout);
     assert!(
-        stdout.contains("placed by their role in the graph") && stdout.contains("pooler.dense.weight"),
+        stdout.contains("placed by their role in a bert graph") && stdout.contains("pooler.dense.weight"),
         "{stdout}"
     );
     let json: serde_json::Value =

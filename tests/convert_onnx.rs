@@ -260,3 +260,104 @@ fn malformed_graphs_are_errors_naming_the_node() {
         .to_string();
     assert!(e.contains("past the end"), "{e}");
 }
+
+#[derive(serde::Deserialize)]
+struct LogitsReference {
+    tokens: Vec<Vec<i64>>,
+    logits: Vec<Vec<Vec<f32>>>,
+}
+
+/// GPT-2 and Llama as Optimum exports them (scripts/export_onnx_decoders.py), with and
+/// without the KV-cache inputs model hubs ship: the architecture is detected from the
+/// graph (no --arch, no config.json), the config read off it matches the Hugging Face
+/// one, the weights are those of the safetensors the export was made from, bit for bit,
+/// and the converted model's logits match onnxruntime's on the same file.
+#[test]
+fn gpt2_and_llama_exports_are_detected_from_the_graph_and_match_onnxruntime() {
+    use kiln_models::CausalLm;
+    let fixtures = common::repo_root().join("tests/fixtures");
+    for (arch, form) in [
+        ("gpt2", "optimum"),
+        ("gpt2", "with-past"),
+        ("llama", "optimum"),
+        ("llama", "with-past"),
+    ] {
+        let file = tiny_dir().join(format!("{arch}-{form}.onnx"));
+        let reference: LogitsReference =
+            serde_json::from_str(&std::fs::read_to_string(file.with_extension("onnx.reference.json")).unwrap())
+                .unwrap();
+        let source = Source::read(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        assert!(
+            source.notes[0].contains(&format!("a {arch} graph")),
+            "{}: {:?}",
+            file.display(),
+            source.notes
+        );
+        let (path, json) = source.hf_config.clone().expect("a config from the graph");
+        let model = hf_config::detect_model_config(&json, &path.display().to_string()).unwrap();
+        // The config read off the graph is the Hugging Face one (Llama's context length
+        // is not in the graph: assumed, and the report says so).
+        let hf_dir = fixtures.join(format!("hf-tiny-{arch}"));
+        let hf_json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(hf_dir.join("config.json")).unwrap()).unwrap();
+        let mut expected = hf_config::model_config(arch, &hf_json, "config.json").unwrap();
+        if let (ModelConfig::Llama(e), ModelConfig::Llama(m)) = (&mut expected, &model) {
+            assert!(
+                source.notes.iter().any(|n| n.contains("max_position_embeddings")),
+                "{:?}",
+                source.notes
+            );
+            e.block_size = m.block_size;
+        }
+        assert_eq!(model, expected, "{}", file.display());
+        let (weights, report) = convert(&source, &model, false).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        assert!(report.is_complete(), "{}", report.details());
+        let hf_source = Source::read(&hf_dir.join("model.safetensors")).unwrap();
+        let (hf_weights, _) = convert(&hf_source, &model, false).unwrap();
+        assert!(
+            weights == hf_weights,
+            "{}: weights differ from the safetensors'",
+            file.display()
+        );
+
+        let out = tempfile::tempdir().unwrap();
+        let st = out.path().join("model.safetensors");
+        std::fs::write(&st, &weights).unwrap();
+        let device = Device::flex();
+        let (b, t) = (reference.tokens.len(), reference.tokens[0].len());
+        let input = Tensor::<2, Int>::from_data(TensorData::new(reference.tokens.concat(), [b, t]), &device);
+        let logits = match &model {
+            ModelConfig::Gpt2(c) => kiln_core::weights::load_weights(c.init(&device), &st)
+                .unwrap()
+                .forward(input),
+            ModelConfig::Llama(c) => kiln_core::weights::load_weights(c.init(&device), &st)
+                .unwrap()
+                .forward(input),
+            other => panic!("detected {}", other.arch()),
+        };
+        let ours = logits.into_data().try_to_vec::<f32>().unwrap();
+        let ort: Vec<f32> = reference.logits.iter().flatten().flatten().copied().collect();
+        let max_diff = ours.iter().zip(&ort).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        eprintln!("{arch} {form}: max |kiln - onnxruntime| logit difference {max_diff:.2e}");
+        assert!(max_diff <= 1e-4, "{}: {max_diff}", file.display());
+    }
+}
+
+/// What the graph cannot say is refused with the reason, per architecture tried: a
+/// scaled rope's frequencies (its config.json is needed), a decoder read as an encoder.
+#[test]
+fn decoder_graphs_that_do_not_fit_are_refused_with_the_reason() {
+    let Err(err) = Source::read(&tiny_dir().join("llama-scaled-rope.onnx")) else {
+        panic!("a scaled rope converted without its config");
+    };
+    let err = err.to_string();
+    assert!(
+        err.contains("llama: rotary frequency") && err.contains("--config") && err.contains("bert:"),
+        "{err}"
+    );
+    let Err(err) = Source::read_for(&tiny_dir().join("gpt2-optimum.onnx"), false, Some("bert")) else {
+        panic!("a GPT-2 graph placed as BERT");
+    };
+    let err = err.to_string();
+    assert!(err.contains("bert: ") && !err.contains("gpt2:"), "{err}");
+}

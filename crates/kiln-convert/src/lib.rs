@@ -177,20 +177,29 @@ impl Source {
             Some(a) => vec![arch::for_arch(a)?],
             None => arch::ALL.iter().copied().filter(|c| c.onnx.is_some()).collect(),
         };
+        // Every resolver is tried: the architecture is the one whose structure the graph
+        // has, and a graph two of them could place is refused rather than guessed.
         let mut tried = vec![];
-        let mut resolved = None;
+        let mut fits = vec![];
         for c in &candidates {
             match c.onnx {
                 Some(resolve) => match resolve(&graph) {
-                    Ok(r) => {
-                        resolved = Some(r);
-                        break;
-                    }
+                    Ok(r) => fits.push((c.arch, r)),
                     Err(why) => tried.push(format!("{}: {why}", c.arch)),
                 },
                 None => tried.push(format!("{}: no graph resolver", c.arch)),
             }
         }
+        if fits.len() > 1 {
+            return Err(read_err(
+                path,
+                format!(
+                    "the graph fits more than one architecture ({}); pass --arch",
+                    fits.iter().map(|(a, _)| *a).collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+        let resolved = fits.pop();
         let config_json = beside(path, "config.json");
         let mut source = Self {
             tensors: BTreeMap::new(),
@@ -203,7 +212,7 @@ impl Source {
             source.hf_config = Some((json.clone(), read_json(&json)?));
         }
         match resolved {
-            Some(r) => {
+            Some((arch, r)) => {
                 let mut steps: BTreeMap<String, usize> = BTreeMap::new();
                 for (name, from, how) in &r.placed {
                     for step in how {
@@ -219,11 +228,12 @@ impl Source {
                         .insert(name.clone(), format!("{from} (by its role in the graph{how})"));
                 }
                 source.notes.push(format!(
-                    "{}: {} tensors placed by their role in the graph ({} nodes)",
+                    "{}: {} tensors placed by their role in a {arch} graph ({} nodes)",
                     path.display(),
                     r.placed.len(),
                     graph.nodes.len()
                 ));
+                source.notes.extend(r.notes.iter().map(|n| format!("  {n}")));
                 for (step, n) in steps {
                     source.notes.push(format!("  {n} tensors {step}"));
                 }

@@ -68,7 +68,8 @@ impl Node {
             .find(|a| a.name == name)
             .map(|a| a.ints.clone())
     }
-    fn input(&self, slot: usize) -> Option<&str> {
+    /// Input `slot`, unless absent or empty (an optional input left out).
+    pub fn input(&self, slot: usize) -> Option<&str> {
         self.inputs.get(slot).map(String::as_str).filter(|s| !s.is_empty())
     }
 }
@@ -87,14 +88,15 @@ pub struct Linear {
     pub bias: Option<Folded>,
 }
 
-/// A layer norm (a `LayerNormalization` node or its decomposed form).
+/// A layer norm (a `LayerNormalization` node or its decomposed form), or an RMS norm
+/// (no `beta`: `x / sqrt(mean(x^2) + eps) * gamma`).
 #[derive(Debug, Clone)]
 pub struct Norm {
     pub node: usize,
     pub x: String,
     pub y: String,
     pub gamma: Folded,
-    pub beta: Folded,
+    pub beta: Option<Folded>,
     pub eps: f64,
 }
 
@@ -105,6 +107,33 @@ pub struct Embedding {
     pub indices: String,
     pub y: String,
     pub table: Folded,
+}
+
+/// An f32 epsilon as the decimal it was written as (`1e-5`, not `9.99999974e-6`).
+fn eps64(eps: f32) -> f64 {
+    eps.to_string().parse().unwrap_or(eps as f64)
+}
+
+/// One pre-norm decoder block found by [`Graph::decoder`].
+#[derive(Debug)]
+pub struct DecoderLayer<'a> {
+    pub attn_norm: &'a Norm,
+    /// The projections reading the normed stream (q, k and v, or one fused `c_attn`).
+    pub attn_in: Vec<&'a Linear>,
+    pub attn_out: &'a Linear,
+    pub mlp_norm: &'a Norm,
+    /// The projections reading the second norm (`c_fc`, or gate and up).
+    pub mlp_in: Vec<&'a Linear>,
+    pub mlp_out: &'a Linear,
+}
+
+/// A pre-norm decoder found by [`Graph::decoder`].
+#[derive(Debug)]
+pub struct Decoder<'a> {
+    pub layers: Vec<DecoderLayer<'a>>,
+    pub final_norm: &'a Norm,
+    /// The projection reading the final norm (the language-model head), if any.
+    pub head: Option<&'a Linear>,
 }
 
 /// A checked ONNX graph.
@@ -140,6 +169,10 @@ const ARITY: &[(&str, usize, usize)] = &[
     ("Identity", 1, 1),
     ("Softmax", 1, 1),
     ("Tanh", 1, 1),
+    ("Sigmoid", 1, 1),
+    ("Reciprocal", 1, 1),
+    ("Neg", 1, 1),
+    ("Split", 1, 2),
     ("Erf", 1, 1),
     ("Sqrt", 1, 1),
     ("ReduceMean", 1, 2),
@@ -715,8 +748,8 @@ impl Graph {
                     x: node.inputs[0].clone(),
                     y: node.outputs[0].clone(),
                     gamma,
-                    beta,
-                    eps: node.attr_float("epsilon").unwrap_or(1e-5) as f64,
+                    beta: Some(beta),
+                    eps: eps64(node.attr_float("epsilon").unwrap_or(1e-5)),
                 });
             } else if node.op == "Div"
                 && let Some(found) = self.decomposed_norm(i)
@@ -763,9 +796,204 @@ impl Graph {
             x: centered.inputs[0].clone(),
             y,
             gamma,
-            beta,
-            eps: eps as f64,
+            beta: Some(beta),
+            eps: eps64(eps),
         })
+    }
+
+    /// Every RMS norm `x / sqrt(mean(x^2) + eps) * gamma`: as exporters decompose it
+    /// (`Pow -> ReduceMean -> Add -> Sqrt`, then `Div(x, s)`, `x * Div(1, s)` or
+    /// `x * Reciprocal(s)`, casts between, and the `Mul` by gamma), and the fused
+    /// `RMSNormalization` (opset 23) / onnxruntime's `SimplifiedLayerNormalization`.
+    pub fn rms_norms(&self) -> Vec<Norm> {
+        let mut out = vec![];
+        for (i, node) in self.nodes.iter().enumerate() {
+            let found = match node.op.as_str() {
+                "RMSNormalization" | "SimplifiedLayerNormalization" => (|| {
+                    if node.attr_int("axis").unwrap_or(-1) != -1 {
+                        return None;
+                    }
+                    Some(Norm {
+                        node: i,
+                        x: node.input(0)?.to_string(),
+                        y: node.outputs.first()?.clone(),
+                        gamma: self.fold(node.input(1)?)?,
+                        beta: None,
+                        eps: eps64(node.attr_float("epsilon").unwrap_or(1e-5)),
+                    })
+                })(),
+                "Pow" => self.decomposed_rms(i),
+                _ => None,
+            };
+            out.extend(found);
+        }
+        out
+    }
+
+    fn decomposed_rms(&self, pow: usize) -> Option<Norm> {
+        let node = &self.nodes[pow];
+        let x = node.input(0)?;
+        // A layer norm squares the centered input: not an RMS norm.
+        if self.fold(node.input(1)?)?.values != [2.0] || self.producer(x).is_some_and(|p| p.op == "Sub") {
+            return None;
+        }
+        let next = |v: &str, op: &str| -> Option<(&Node, usize)> {
+            let (i, slot) = self.only_consumer(v)?;
+            (self.nodes[i].op == op).then(|| (&self.nodes[i], slot))
+        };
+        let (mean, _) = next(&node.outputs[0], "ReduceMean")?;
+        let (add, slot) = next(&mean.outputs[0], "Add")?;
+        let eps = self.fold(add.input(1 - slot)?)?;
+        if eps.values.len() != 1 {
+            return None;
+        }
+        let (sqrt, _) = next(&add.outputs[0], "Sqrt")?;
+        let (i, slot) = self.only_consumer(&sqrt.outputs[0])?;
+        let inv = &self.nodes[i];
+        let normed = match inv.op.as_str() {
+            "Div" if slot == 1 && inv.input(0)? == x => inv.outputs[0].clone(),
+            "Div" | "Reciprocal" => {
+                if inv.op == "Div" && (slot != 1 || self.fold(inv.input(0)?)?.values != [1.0]) {
+                    return None;
+                }
+                let (mul, slot) = next(&inv.outputs[0], "Mul")?;
+                if mul.input(1 - slot)? != x {
+                    return None;
+                }
+                mul.outputs[0].clone()
+            }
+            _ => return None,
+        };
+        // Casts back to the model's dtype, then the scale.
+        let mut v = normed;
+        loop {
+            let (i, slot) = self.only_consumer(&v)?;
+            let n = &self.nodes[i];
+            match n.op.as_str() {
+                "Cast" | "Identity" => v = n.outputs[0].clone(),
+                "Mul" => {
+                    let gamma = self.fold(n.input(1 - slot)?)?;
+                    return (gamma.shape.len() == 1).then(|| Norm {
+                        node: pow,
+                        x: x.to_string(),
+                        y: n.outputs[0].clone(),
+                        gamma,
+                        beta: None,
+                        eps: eps64(eps.values[0]),
+                    });
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// Walk a pre-norm decoder (GPT-2, Llama) from the residual stream `h` (the embedding
+    /// output): per block, the norm reading the stream, the projections reading the norm
+    /// that lead to a `Softmax` (attention), the one projection they all reach (its
+    /// output), the residual `Add`, the second norm, the projections reading it and the
+    /// one they reach (the MLP's output), and the second residual `Add`. The first norm
+    /// whose readers lead to no `Softmax` is the final one; the projection reading it is
+    /// the language-model head.
+    pub fn decoder<'a>(&self, h: &str, norms: &'a [Norm], linears: &'a [Linear]) -> Result<Decoder<'a>, String> {
+        let name = |i: usize| format!("{} ({})", self.nodes[i].name, self.nodes[i].op);
+        let reader_nodes: HashSet<usize> = linears.iter().map(|l| l.reader).collect();
+        let softmax: HashSet<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].op == "Softmax")
+            .collect();
+        let attention_stops: HashSet<usize> = reader_nodes.union(&softmax).copied().collect();
+        let norm_of = |v: &str| norms.iter().find(|n| self.uncast(&n.x) == v);
+        let linear_at = |node: usize| linears.iter().find(|l| l.reader == node).expect("a linear's reader");
+        // The residual `Add` of a block's output (through reshapes) and the stream `h`.
+        let residual = |out: &str, h: &str| -> Option<String> {
+            self.through_reshapes(out).0.into_iter().find_map(|(i, slot)| {
+                let n = &self.nodes[i];
+                (n.op == "Add" && n.inputs.len() == 2 && self.uncast(&n.inputs[1 - slot]) == h)
+                    .then(|| n.outputs[0].clone())
+            })
+        };
+        // The one projection every reader reaches.
+        let joined = |readers: &[&Linear], what: &str| -> Result<&'a Linear, String> {
+            let after: BTreeSet<usize> = readers
+                .iter()
+                .flat_map(|l| self.reach(&l.y, &reader_nodes, 64))
+                .collect();
+            match after.iter().collect::<Vec<_>>()[..] {
+                [one] => Ok(linear_at(*one)),
+                _ => Err(format!(
+                    "the {what} leads to {} projections, not one: {}",
+                    after.len(),
+                    after.iter().map(|&i| name(i)).collect::<Vec<_>>().join(", ")
+                )),
+            }
+        };
+        let mut layers = vec![];
+        let mut h = h.to_string();
+        loop {
+            let layer = layers.len();
+            let attn_norm =
+                norm_of(&h).ok_or_else(|| format!("no norm reads the residual stream {h} (after {layer} blocks)"))?;
+            let attn_in = self.readers(&attn_norm.y, linears);
+            let attention = attn_in.iter().any(|l| {
+                self.reach(&l.y, &attention_stops, 64)
+                    .iter()
+                    .any(|i| softmax.contains(i))
+            });
+            if !attention {
+                let head = match attn_in[..] {
+                    [] => None,
+                    [one] => Some(one),
+                    _ => {
+                        return Err(format!(
+                            "{} projections read the final norm {}",
+                            attn_in.len(),
+                            name(attn_norm.node)
+                        ));
+                    }
+                };
+                if layer == 0 {
+                    return Err(format!(
+                        "no attention block after the first norm {}",
+                        name(attn_norm.node)
+                    ));
+                }
+                return Ok(Decoder {
+                    layers,
+                    final_norm: attn_norm,
+                    head,
+                });
+            }
+            let attn_out = joined(&attn_in, &format!("block {layer}'s attention"))?;
+            let h1 = residual(&attn_out.y, &h).ok_or_else(|| {
+                format!(
+                    "block {layer}: no residual Add of the attention output {} and the stream",
+                    name(attn_out.node)
+                )
+            })?;
+            let mlp_norm =
+                norm_of(&h1).ok_or_else(|| format!("block {layer}: no norm after the attention's residual {h1}"))?;
+            let mlp_in = self.readers(&mlp_norm.y, linears);
+            if mlp_in.is_empty() {
+                return Err(format!(
+                    "block {layer}: no projection reads the norm {}",
+                    name(mlp_norm.node)
+                ));
+            }
+            let mlp_out = joined(&mlp_in, &format!("block {layer}'s MLP"))?;
+            h = residual(&mlp_out.y, &h1).ok_or_else(|| {
+                format!(
+                    "block {layer}: no residual Add of the MLP output {} and the stream",
+                    name(mlp_out.node)
+                )
+            })?;
+            layers.push(DecoderLayer {
+                attn_norm,
+                attn_in,
+                attn_out,
+                mlp_norm,
+                mlp_in,
+                mlp_out,
+            });
+        }
     }
 
     /// Every `Gather` (axis 0) of rows of a constant float matrix.
@@ -858,23 +1086,103 @@ impl Graph {
     }
 
     /// Nodes reached from `value` through any operator except those in `stop_at` (which
-    /// are collected, not passed).
+    /// are collected, not passed) and `Shape` (which reads no values).
     pub fn reach(&self, value: &str, stop_at: &HashSet<usize>, limit: usize) -> BTreeSet<usize> {
+        self.walk(value, stop_at, limit).0
+    }
+
+    /// The operators [`Graph::reach`] passes on its way from `value` to `stop_at`.
+    pub fn ops_on_the_way(&self, value: &str, stop_at: &HashSet<usize>, limit: usize) -> BTreeSet<String> {
+        self.walk(value, stop_at, limit)
+            .1
+            .into_iter()
+            .map(|i| self.nodes[i].op.clone())
+            .collect()
+    }
+
+    /// `(stops found, nodes passed)` of the walk from `value`, breadth first.
+    fn walk(&self, value: &str, stop_at: &HashSet<usize>, limit: usize) -> (BTreeSet<usize>, Vec<usize>) {
         let mut found = BTreeSet::new();
+        let mut passed = vec![];
         let mut queue: VecDeque<(String, usize)> = VecDeque::from([(value.to_string(), 0)]);
         let mut seen = HashSet::new();
         while let Some((v, depth)) = queue.pop_front() {
             for &(i, _) in self.consumers(&v) {
                 if stop_at.contains(&i) {
                     found.insert(i);
-                } else if depth < limit && seen.insert(i) {
+                } else if self.nodes[i].op != "Shape" && depth < limit && seen.insert(i) {
+                    passed.push(i);
                     for o in &self.nodes[i].outputs {
                         queue.push_back((o.clone(), depth + 1));
                     }
                 }
             }
         }
-        found
+        (found, passed)
+    }
+
+    /// Whether `value` is computed from `from` (at most `limit` nodes upstream).
+    pub fn depends_on(&self, value: &str, from: &str, limit: usize) -> bool {
+        let mut queue: VecDeque<(&str, usize)> = VecDeque::from([(value, 0)]);
+        let mut seen = HashSet::new();
+        while let Some((v, depth)) = queue.pop_front() {
+            if v == from {
+                return true;
+            }
+            if depth >= limit || !seen.insert(v) {
+                continue;
+            }
+            if let Some(node) = self.producer(v) {
+                queue.extend(
+                    node.inputs
+                        .iter()
+                        .filter(|s| !s.is_empty())
+                        .map(|s| (s.as_str(), depth + 1)),
+                );
+            }
+        }
+        false
+    }
+
+    /// `value` before any `Cast` / `Identity`: the value it is a copy of.
+    pub fn uncast<'a>(&'a self, value: &'a str) -> &'a str {
+        match self.producer(value) {
+            Some(n) if matches!(n.op.as_str(), "Cast" | "Identity") => n.input(0).map_or(value, |v| self.uncast(v)),
+            _ => value,
+        }
+    }
+
+    /// The linear layers among `linears` that read `value` (through reshapes, casts and
+    /// scalar scales, [`Graph::through_reshapes`]).
+    pub fn readers<'l>(&self, value: &str, linears: &'l [Linear]) -> Vec<&'l Linear> {
+        let stops = self.through_reshapes(value).0;
+        linears
+            .iter()
+            .filter(|l| stops.iter().any(|&(i, slot)| i == l.reader && slot == 0))
+            .collect()
+    }
+
+    /// The attention heads of a projection `value` of `width` columns: the first `Reshape`
+    /// after it to `[.., heads, head_dim]` (heads written out, or `-1`).
+    pub fn heads(&self, value: &str, width: usize) -> Option<usize> {
+        let (_, passed) = self.walk(value, &HashSet::new(), 8);
+        passed
+            .into_iter()
+            .filter(|&i| self.nodes[i].op == "Reshape")
+            .find_map(|r| {
+                let target = self.reshape_target(r)?;
+                let [.., heads, Some(dim)] = target[..] else {
+                    return None;
+                };
+                let dim = usize::try_from(dim)
+                    .ok()
+                    .filter(|&d| d > 0 && d < width && width % d == 0)?;
+                match heads {
+                    None | Some(-1) => Some(width / dim),
+                    Some(h) if h as usize * dim == width => Some(width / dim),
+                    Some(_) => None,
+                }
+            })
     }
 
     /// What `value` is computed from: the graph inputs, operators and integer constants
@@ -890,8 +1198,10 @@ impl Graph {
             if self.inputs.contains(&v) {
                 up.inputs.insert(v.clone());
             }
-            if let Some(ints) = self.ints(&v) {
-                up.int_consts.push(ints.to_vec());
+            match self.consts.get(&v).map(|c| &c.values) {
+                Some(ConstValues::Int(ints)) => up.int_consts.push(ints.to_vec()),
+                Some(ConstValues::Float(f)) => up.float_consts.push(f.clone()),
+                None => {}
             }
             if let Some(node) = self.producer(&v) {
                 up.ops.insert(node.op.clone());
@@ -901,15 +1211,15 @@ impl Graph {
         up
     }
 
-    /// `value` with `Cast` / `Identity` / `Unsqueeze` / `Squeeze` stripped: the graph
-    /// input it is a copy of, if any.
+    /// `value` with `Cast` / `Identity` / `Unsqueeze` / `Squeeze` / `Reshape` / `Flatten`
+    /// stripped: the graph input it is a copy of, if any.
     pub fn as_input(&self, value: &str) -> Option<&str> {
         if let Some(input) = self.inputs.iter().find(|i| *i == value) {
             return Some(input);
         }
         let node = self.producer(value)?;
         match node.op.as_str() {
-            "Cast" | "Identity" | "Unsqueeze" | "Squeeze" => self.as_input(node.input(0)?),
+            "Cast" | "Identity" | "Unsqueeze" | "Squeeze" | "Reshape" | "Flatten" => self.as_input(node.input(0)?),
             _ => None,
         }
     }
@@ -949,6 +1259,7 @@ pub struct Upstream {
     pub inputs: BTreeSet<String>,
     pub ops: BTreeSet<String>,
     pub int_consts: Vec<Vec<i64>>,
+    pub float_consts: Vec<Vec<f32>>,
 }
 
 impl Upstream {
@@ -978,6 +1289,8 @@ pub struct Resolved {
     /// Prefixes of parameters the graph does not compute (its outputs do not use them,
     /// so the exporter left them out): converted at their initial values, and said so.
     pub absent: Vec<String>,
+    /// What the resolver could not read off the graph and assumed, for the report.
+    pub notes: Vec<String>,
 }
 
 impl Resolved {

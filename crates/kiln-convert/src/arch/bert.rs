@@ -168,7 +168,9 @@ pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
     used_norms.insert(emb_norm.node);
     let place_norm = |out: &mut Resolved, prefix: &str, n: &crate::onnx::Norm| {
         out.place(format!("{prefix}.LayerNorm.weight"), &n.gamma, false);
-        out.place(format!("{prefix}.LayerNorm.bias"), &n.beta, false);
+        if let Some(beta) = &n.beta {
+            out.place(format!("{prefix}.LayerNorm.bias"), beta, false);
+        }
     };
     place_norm(&mut out, "embeddings", emb_norm);
     let place_linear = |out: &mut Resolved, prefix: &str, l: &crate::onnx::Linear| -> Result<(), String> {

@@ -5,8 +5,11 @@ use kiln_models::{Gpt2Config, ModelConfig};
 use serde::Deserialize;
 use serde_json::Value;
 
+use std::collections::HashSet;
+
 use super::{Conversion, Rules, check_model_type, parse};
 use crate::ConvertError;
+use crate::onnx::{Graph, Linear, Norm, Resolved};
 
 pub const CONVERSION: Conversion = Conversion {
     arch: "gpt2",
@@ -31,7 +34,7 @@ pub const CONVERSION: Conversion = Conversion {
     from_hf: Some(from_hf),
     to_hf: Some(to_hf),
     gguf: None,
-    onnx: None,
+    onnx: Some(resolve_onnx),
 };
 
 /// The fields of a GPT-2 `config.json` Kiln reads.
@@ -90,4 +93,145 @@ fn to_hf(model: &ModelConfig) -> Option<Value> {
         },
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": true,
     }))
+}
+
+/// Place a GPT-2's weights by their role in an ONNX graph (see [`crate::onnx`]): the
+/// token table (indexed by the ids input) and the position table (indexed by
+/// `position_ids` or a `0, 1, 2, ...` range), their sum as the residual stream, then
+/// [`Graph::decoder`]'s blocks: `ln_1`, the one fused `c_attn` projection (`[C, 3C]`,
+/// Conv1D's own `[in, out]` layout), `c_proj`, `ln_2`, `c_fc`, the MLP's `c_proj`, and
+/// `ln_f`. The head must be the token table transposed (GPT-2 ties them). The config
+/// (sizes, heads from the query's `Reshape`, epsilon, gelu or tanh-gelu) is read off the
+/// graph.
+pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
+    let (linears, norms, embeds) = (g.linears(), g.norms(), g.embeddings());
+    let ids = g
+        .inputs
+        .iter()
+        .find(|i| *i == "input_ids")
+        .or(g.inputs.first())
+        .ok_or("the graph has no inputs")?;
+    let (mut word, mut position) = (None, None);
+    for e in &embeds {
+        let role = if g.as_input(&e.indices) == Some(ids.as_str()) {
+            &mut word
+        } else if g.as_input(&e.indices) == Some("position_ids") || g.upstream(&e.indices).has_arange() {
+            &mut position
+        } else {
+            return Err(format!(
+                "embedding {} {:?}: its indices are neither the token ids nor positions",
+                e.table.source, e.table.shape
+            ));
+        };
+        if let Some(other) = role.replace(e) {
+            return Err(format!(
+                "two embedding tables play the same role: {} and {}",
+                other.table.source, e.table.source
+            ));
+        }
+    }
+    let (Some(word), Some(position)) = (word, position) else {
+        return Err(format!(
+            "expected token and position embeddings; found {} embedding tables",
+            embeds.len()
+        ));
+    };
+    let c = word.table.shape[1];
+    // The residual stream starts at the sum of the two lookups.
+    let h0 = g
+        .consumers(&word.y)
+        .iter()
+        .find_map(|&(i, slot)| {
+            let n = &g.nodes[i];
+            (n.op == "Add" && n.input(1 - slot).is_some_and(|o| g.uncast(o) == position.y))
+                .then(|| n.outputs[0].clone())
+        })
+        .ok_or("no Add of the token and position embeddings")?;
+    let dec = g.decoder(&h0, &norms, &linears)?;
+    let mut out = Resolved::default();
+    out.place("transformer.wte.weight".into(), &word.table, false);
+    out.place("transformer.wpe.weight".into(), &position.table, false);
+    let place_norm = |out: &mut Resolved, prefix: &str, n: &Norm| -> Result<(), String> {
+        let beta = n
+            .beta
+            .as_ref()
+            .ok_or_else(|| format!("{prefix}: an RMS norm (GPT-2's have a bias)"))?;
+        out.place(format!("{prefix}.weight"), &n.gamma, false);
+        out.place(format!("{prefix}.bias"), beta, false);
+        Ok(())
+    };
+    let place_linear = |out: &mut Resolved, prefix: &str, l: &Linear, shape: [usize; 2]| -> Result<(), String> {
+        if l.weight.shape != shape {
+            return Err(format!(
+                "{prefix}: {} is {:?}, GPT-2's is {shape:?}",
+                l.weight.source, l.weight.shape
+            ));
+        }
+        let bias = l
+            .bias
+            .as_ref()
+            .ok_or_else(|| format!("{prefix}: {} has no bias", l.weight.source))?;
+        // Conv1D stores [in, out], as the graph multiplies: no transpose.
+        out.place(format!("{prefix}.weight"), &l.weight, false);
+        out.place(format!("{prefix}.bias"), bias, false);
+        Ok(())
+    };
+    let mut n_head = None;
+    let mut activation = None;
+    for (i, layer) in dec.layers.iter().enumerate() {
+        let p = format!("transformer.h.{i}");
+        let ([c_attn], [c_fc]) = (&layer.attn_in[..], &layer.mlp_in[..]) else {
+            return Err(format!(
+                "block {i}: {} projections read ln_1 and {} read ln_2 (GPT-2 has one each: c_attn, c_fc)",
+                layer.attn_in.len(),
+                layer.mlp_in.len()
+            ));
+        };
+        place_norm(&mut out, &format!("{p}.ln_1"), layer.attn_norm)?;
+        place_linear(&mut out, &format!("{p}.attn.c_attn"), c_attn, [c, 3 * c])?;
+        place_linear(&mut out, &format!("{p}.attn.c_proj"), layer.attn_out, [c, c])?;
+        place_norm(&mut out, &format!("{p}.ln_2"), layer.mlp_norm)?;
+        place_linear(&mut out, &format!("{p}.mlp.c_fc"), c_fc, [c, 4 * c])?;
+        place_linear(&mut out, &format!("{p}.mlp.c_proj"), layer.mlp_out, [4 * c, c])?;
+        n_head = n_head.or_else(|| g.heads(&c_attn.y, c));
+        let ops = g.ops_on_the_way(&c_fc.y, &HashSet::from([layer.mlp_out.reader]), 16);
+        let act = if ops.contains("Tanh") {
+            "gelu_new"
+        } else if ops.contains("Erf") {
+            "gelu"
+        } else {
+            return Err(format!(
+                "block {i}: the MLP's activation is neither gelu nor tanh-gelu ({ops:?})"
+            ));
+        };
+        if activation.replace(act).is_some_and(|a| a != act) {
+            return Err("the blocks' activations differ".into());
+        }
+    }
+    place_norm(&mut out, "transformer.ln_f", dec.final_norm)?;
+    if let Some(head) = dec.head {
+        // GPT-2's head is the token table: the graph multiplies by its transpose.
+        let tied = head.weight.shape == [c, word.table.shape[0]]
+            && head.bias.is_none()
+            && crate::transpose(&head.weight.values, c, word.table.shape[0]) == word.table.values;
+        if !tied {
+            return Err(format!(
+                "the output projection {} {:?} is not the token embedding (GPT-2 ties them)",
+                head.weight.source, head.weight.shape
+            ));
+        }
+        out.notes.push(format!(
+            "{}: the output projection, the token embedding transposed (tied)",
+            head.weight.source
+        ));
+    }
+    let n_head = n_head.ok_or("could not read the number of attention heads off the query's Reshape; pass --config")?;
+    out.config = serde_json::json!({
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+        "n_layer": dec.layers.len(), "n_head": n_head, "n_embd": c,
+        "n_positions": position.table.shape[0], "n_ctx": position.table.shape[0],
+        "vocab_size": word.table.shape[0], "layer_norm_epsilon": dec.final_norm.eps,
+        "activation_function": activation,
+    });
+    Ok(out)
 }

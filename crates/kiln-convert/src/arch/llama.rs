@@ -6,9 +6,12 @@ use kiln_models::{LlamaConfig, ModelConfig, RopeScaling};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use std::collections::HashSet;
+
 use super::{Conversion, GgufRules, Rules, check_model_type, parse};
 use crate::ConvertError;
 use crate::gguf::meta_u64;
+use crate::onnx::{Graph, Linear, Resolved};
 
 pub const CONVERSION: Conversion = Conversion {
     arch: "llama",
@@ -26,7 +29,7 @@ pub const CONVERSION: Conversion = Conversion {
     from_hf: Some(from_hf),
     to_hf: Some(to_hf),
     gguf: Some(&GGUF),
-    onnx: None,
+    onnx: Some(resolve_onnx),
 };
 
 /// llama.cpp's names (`llama-arch.cpp`) -> Hugging Face's.
@@ -405,4 +408,183 @@ mod tests {
         unpermute_qk("model.layers.0.self_attn.q_proj.weight", &[8, 1], &mut gguf, &config).unwrap();
         assert_eq!(gguf, hf);
     }
+}
+
+/// Place a Llama's (or Qwen2's) weights by their role in an ONNX graph (see
+/// [`crate::onnx`]): the token table (indexed by the ids input), then
+/// [`Graph::decoder`]'s blocks over RMS norms: `input_layernorm`; q, k and v by where
+/// they go (query and key to the two sides of the scores `MatMul`, value to the context
+/// `MatMul`); `o_proj`; `post_attention_layernorm`; gate (the one through the `Sigmoid`
+/// of SiLU) and up; `down_proj`; the final `norm`; `lm_head` unless it is the token
+/// table transposed (tied). The config is read off the graph: sizes, heads and key-value
+/// heads from the projections' `Reshape`s, the RMS epsilon, and `rope_theta` from the
+/// rotary frequencies (`theta^(-2i/d)`; a scaled rope is refused, it needs the
+/// `config.json`). The context length is not in a graph that computes rotary tables per
+/// position: 2048 is assumed and the report says so.
+pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
+    let (linears, norms, embeds) = (g.linears(), g.rms_norms(), g.embeddings());
+    let ids = g
+        .inputs
+        .iter()
+        .find(|i| *i == "input_ids")
+        .or(g.inputs.first())
+        .ok_or("the graph has no inputs")?;
+    let [word] = embeds.iter().collect::<Vec<_>>()[..] else {
+        return Err(format!(
+            "{} embedding tables (a Llama has one, the token embedding)",
+            embeds.len()
+        ));
+    };
+    if g.as_input(&word.indices) != Some(ids.as_str()) {
+        return Err(format!("the embedding {} is not indexed by {ids}", word.table.source));
+    }
+    let (vocab, c) = (word.table.shape[0], word.table.shape[1]);
+    let dec = g.decoder(&word.y, &norms, &linears)?;
+    let linear_nodes: HashSet<usize> = linears.iter().map(|l| l.node).collect();
+    let matmuls: HashSet<usize> = (0..g.nodes.len())
+        .filter(|i| g.nodes[*i].op == "MatMul" && !linear_nodes.contains(i))
+        .collect();
+    let mut out = Resolved::default();
+    out.place("model.embed_tokens.weight".into(), &word.table, false);
+    let place_linear = |out: &mut Resolved, prefix: &str, l: &Linear| {
+        out.place(format!("{prefix}.weight"), &l.weight, true);
+        if let Some(b) = &l.bias {
+            out.place(format!("{prefix}.bias"), b, false);
+        }
+    };
+    let (mut heads, mut kv_heads, mut intermediate) = (None, None, None);
+    let (mut qkv_bias, mut o_bias, mut mlp_bias) = (false, false, false);
+    for (i, layer) in dec.layers.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        let [a, b, v3] = layer.attn_in[..] else {
+            return Err(format!(
+                "block {i}: {} projections read input_layernorm (expected q, k and v)",
+                layer.attn_in.len()
+            ));
+        };
+        // The first MatMul of two computed operands each projection reaches.
+        let first = |l: &Linear| g.reach(&l.y, &matmuls, 64).into_iter().next();
+        let [fa, fb, fc] = [a, b, v3].map(first);
+        let (scores, [x, y], v) = match (fa, fb, fc) {
+            (Some(s), Some(t), Some(u)) if s == t && t != u => (s, [a, b], v3),
+            (Some(s), Some(t), Some(u)) if s == u && s != t => (s, [a, v3], b),
+            (Some(s), Some(t), Some(u)) if t == u && s != t => (t, [b, v3], a),
+            _ => {
+                return Err(format!(
+                    "block {i}: could not tell query, key and value apart by the MatMuls they reach"
+                ));
+            }
+        };
+        let side = |l: &Linear| (0..2).find(|&s| g.depends_on(&g.nodes[scores].inputs[s], &l.y, 64));
+        let (q, k) = match (side(x), side(y)) {
+            (Some(0), Some(1)) => (x, y),
+            (Some(1), Some(0)) => (y, x),
+            _ => {
+                return Err(format!(
+                    "block {i}: no query and key on the two sides of the scores MatMul"
+                ));
+            }
+        };
+        let (q_width, kv_width) = (q.weight.shape[1], k.weight.shape[1]);
+        if v.weight.shape[1] != kv_width || q.weight.shape[0] != c {
+            return Err(format!(
+                "block {i}: q {:?}, k {:?}, v {:?} do not fit a hidden size of {c}",
+                q.weight.shape, k.weight.shape, v.weight.shape
+            ));
+        }
+        heads = heads.or_else(|| g.heads(&q.y, q_width));
+        kv_heads = kv_heads.or_else(|| g.heads(&k.y, kv_width));
+        qkv_bias |= q.bias.is_some();
+        o_bias |= layer.attn_out.bias.is_some();
+        out.place(format!("{p}.input_layernorm.weight"), &layer.attn_norm.gamma, false);
+        place_linear(&mut out, &format!("{p}.self_attn.q_proj"), q);
+        place_linear(&mut out, &format!("{p}.self_attn.k_proj"), k);
+        place_linear(&mut out, &format!("{p}.self_attn.v_proj"), v);
+        place_linear(&mut out, &format!("{p}.self_attn.o_proj"), layer.attn_out);
+        out.place(
+            format!("{p}.post_attention_layernorm.weight"),
+            &layer.mlp_norm.gamma,
+            false,
+        );
+        let [m, n] = layer.mlp_in[..] else {
+            return Err(format!(
+                "block {i}: {} projections read post_attention_layernorm (expected gate and up)",
+                layer.mlp_in.len()
+            ));
+        };
+        let down = HashSet::from([layer.mlp_out.reader]);
+        let silu = |l: &Linear| g.ops_on_the_way(&l.y, &down, 8).contains("Sigmoid");
+        let (gate, up) = match (silu(m), silu(n)) {
+            (true, false) => (m, n),
+            (false, true) => (n, m),
+            _ => return Err(format!("block {i}: no single gate projection through a SiLU (Sigmoid)")),
+        };
+        intermediate = Some(gate.weight.shape[1]);
+        mlp_bias |= gate.bias.is_some();
+        place_linear(&mut out, &format!("{p}.mlp.gate_proj"), gate);
+        place_linear(&mut out, &format!("{p}.mlp.up_proj"), up);
+        place_linear(&mut out, &format!("{p}.mlp.down_proj"), layer.mlp_out);
+    }
+    out.place("model.norm.weight".into(), &dec.final_norm.gamma, false);
+    let head = dec.head.ok_or("no output projection after the final norm")?;
+    let tied = head.weight.shape == [c, vocab]
+        && head.bias.is_none()
+        && crate::transpose(&head.weight.values, c, vocab) == word.table.values;
+    if tied {
+        out.notes.push(format!(
+            "{}: the output projection, the token embedding transposed (tied)",
+            head.weight.source
+        ));
+    } else {
+        out.place("lm_head.weight".into(), &head.weight, true);
+    }
+    let heads = heads.ok_or("could not read the attention heads off the query's Reshape; pass --config")?;
+    let kv_heads = kv_heads.ok_or("could not read the key-value heads off the key's Reshape; pass --config")?;
+    let q_width = out.tensors["model.layers.0.self_attn.q_proj.weight"].0[0];
+    let head_dim = q_width / heads;
+    let theta = rope_theta_of(g, head_dim)?;
+    out.notes.push(
+        "max_position_embeddings is not in the graph (rotary tables are computed per position): 2048 assumed; \
+         a config.json beside the file or --config sets it"
+            .into(),
+    );
+    let model_type = if qkv_bias && !o_bias { "qwen2" } else { "llama" };
+    out.config = json!({
+        "model_type": model_type,
+        "num_hidden_layers": dec.layers.len(), "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "hidden_size": c, "head_dim": head_dim,
+        "intermediate_size": intermediate, "max_position_embeddings": 2048,
+        "vocab_size": vocab, "rope_theta": theta, "rms_norm_eps": dec.final_norm.eps,
+        "hidden_act": "silu", "tie_word_embeddings": tied,
+        "attention_bias": o_bias, "mlp_bias": mlp_bias,
+    });
+    Ok(out)
+}
+
+/// The rotary base of a graph: its frequencies `theta^(-2i/d)` (`d/2` decreasing values
+/// upstream of a `Cos`), checked value by value (the first must be 1).
+fn rope_theta_of(g: &Graph, head_dim: usize) -> Result<f64, String> {
+    let n = head_dim / 2;
+    let freqs = (0..g.nodes.len())
+        .filter(|&i| g.nodes[i].op == "Cos")
+        .flat_map(|i| g.upstream(&g.nodes[i].inputs[0]).float_consts)
+        .find(|f| f.len() == n && n > 1 && f[0] > 0.0 && f.windows(2).all(|w| w[1] < w[0]))
+        .ok_or_else(|| format!("no rotary frequencies ({n} decreasing values) upstream of a Cos"))?;
+    let d = head_dim as f64;
+    // From the last (smallest) frequency: theta = f[n-1]^(-d / (2 (n-1))).
+    let theta = (freqs[n - 1] as f64).powf(-d / (2.0 * (n - 1) as f64));
+    let theta = if (theta.round() - theta).abs() <= 1e-4 * theta {
+        theta.round()
+    } else {
+        theta
+    };
+    for (i, &f) in freqs.iter().enumerate() {
+        let want = theta.powf(-2.0 * i as f64 / d);
+        if ((f as f64) - want).abs() > 1e-4 * want {
+            return Err(format!(
+                "rotary frequency {i} is {f}, not {theta}^(-2*{i}/{head_dim}) = {want} (a scaled rope?): pass --config with the model's config.json"
+            ));
+        }
+    }
+    Ok(theta)
 }

@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Decoder-only language models exported to ONNX as Optimum writes them, with
+onnxruntime's logits on each, for `convert`'s graph resolution of GPT-2 and Llama
+(tests/convert_onnx.rs). The inputs are the committed tiny random models
+tests/fixtures/hf-tiny-gpt2 and hf-tiny-llama (scripts/make_hf_fixtures.py):
+
+    python scripts/export_onnx_decoders.py tests/fixtures/onnx    # committed output
+
+For each ARCH in gpt2, llama, with Optimum's exporter (optimum-onnx, `main_export`, the
+TorchScript exporter with constant folding, so Llama's projections become initializers
+renamed `onnx::MatMul_NNN`, pre-transposed `[in, out]`, and GPT-2's tied head a
+transposed copy of the token table):
+
+- ARCH-optimum.onnx: task text-generation (inputs input_ids, attention_mask,
+  position_ids; output logits);
+- ARCH-with-past.onnx: task text-generation-with-past, the form model hubs ship
+  (past_key_values.N.key/value inputs, present.N.* outputs).
+
+and llama-scaled-rope.onnx: the tiny Llama with a llama3 `rope_scaling`, whose rotary
+frequencies are not `theta^(-2i/d)` (refused without its config.json).
+
+The config.json Optimum writes beside the file is not kept: `convert` reads the config
+off the graph. Each NAME.onnx gets NAME.onnx.reference.json: onnxruntime's logits on the
+token rows of tests/fixtures/hf_tiny_logits.json (an empty past for with-past).
+"""
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+import onnxruntime
+from optimum.exporters.onnx import main_export
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def reference(path, tokens, config):
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ids = np.array(tokens, dtype=np.int64)
+    b, t = ids.shape
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+             "position_ids": np.tile(np.arange(t, dtype=np.int64), (b, 1))}
+    for inp in session.get_inputs():
+        if inp.name.startswith("past_key_values."):
+            heads = config.get("num_key_value_heads", config.get("n_head", config.get("num_attention_heads")))
+            hidden = config.get("n_embd", config.get("hidden_size"))
+            dim = config.get("head_dim") or hidden // config.get("n_head", config.get("num_attention_heads"))
+            feeds[inp.name] = np.zeros((b, heads, 0, dim), dtype=np.float32)
+    feeds = {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}}
+    logits = session.run(["logits"], feeds)[0]
+    json.dump({"tokens": tokens, "logits": logits.tolist(), "onnxruntime": onnxruntime.__version__,
+               "note": "Optimum " + os.path.basename(path)},
+              open(path + ".reference.json", "w"))
+    return logits
+
+
+def main(out):
+    os.makedirs(out, exist_ok=True)
+    fixtures = os.path.join(ROOT, "tests", "fixtures")
+    tokens = json.load(open(os.path.join(fixtures, "hf_tiny_logits.json")))["tokens"]
+    for arch in ["gpt2", "llama"]:
+        src = os.path.join(fixtures, f"hf-tiny-{arch}")
+        config = json.load(open(os.path.join(src, "config.json")))
+        for task, name in [("text-generation", "optimum"), ("text-generation-with-past", "with-past")]:
+            with tempfile.TemporaryDirectory() as tmp:
+                main_export(src, output=tmp, task=task, do_validation=False)
+                path = os.path.join(out, f"{arch}-{name}.onnx")
+                shutil.copy(os.path.join(tmp, "model.onnx"), path)
+            logits = reference(path, tokens, config)
+            print(f"{path}: logits {list(logits.shape)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = os.path.join(tmp, "scaled")
+        shutil.copytree(os.path.join(fixtures, "hf-tiny-llama"), model)
+        config = json.load(open(os.path.join(model, "config.json")))
+        config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+        json.dump(config, open(os.path.join(model, "config.json"), "w"))
+        main_export(model, output=os.path.join(tmp, "out"), task="text-generation", do_validation=False)
+        shutil.copy(os.path.join(tmp, "out", "model.onnx"), os.path.join(out, "llama-scaled-rope.onnx"))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    main(sys.argv[1])
