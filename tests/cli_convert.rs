@@ -274,3 +274,58 @@ fn converts_an_onnx_file_with_the_config_read_off_its_graph() {
         "{toml}"
     );
 }
+
+/// A Hugging Face sequence classifier converts with its head (`[head]` labels from
+/// `id2label`) and `--to hf` writes it back as `BertForSequenceClassification`; a GPT-2
+/// exported by Optimum converts with its architecture detected from the graph.
+#[test]
+fn converts_a_classifier_with_its_head_and_back() {
+    let convert = env!("CARGO_BIN_EXE_convert");
+    let dir = tempfile::tempdir().unwrap();
+    let (kiln, hf) = (dir.path().join("kiln"), dir.path().join("hf"));
+    let input = common::repo_root().join("tests/fixtures/hf-tiny-bert-classifier");
+    let o = run(
+        convert,
+        &["--input", input.to_str().unwrap(), "--output", kiln.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let stdout = text(&o.stdout);
+    assert!(
+        stdout.contains("classifier head: 3 labels (negative, neutral, positive), Cls pooling")
+            && stdout.contains("classifier.weight -> classifier.weight (transposed)"),
+        "{stdout}"
+    );
+    let toml = std::fs::read_to_string(kiln.join("config.toml")).unwrap();
+    assert!(toml.contains("[head]") && toml.contains("\"neutral\""), "{toml}");
+    let o = run(
+        convert,
+        &[
+            "--to",
+            "hf",
+            "--input",
+            kiln.to_str().unwrap(),
+            "--output",
+            hf.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!(json["architectures"][0], "BertForSequenceClassification", "{json}");
+    assert_eq!(json["id2label"]["2"], "positive", "{json}");
+
+    let out = dir.path().join("gpt2");
+    let onnx = common::repo_root().join("tests/fixtures/onnx/gpt2-with-past.onnx");
+    let o = run(
+        convert,
+        &["--input", onnx.to_str().unwrap(), "--output", out.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let stdout = text(&o.stdout);
+    assert!(
+        stdout.contains("placed by their role in a gpt2 graph") && stdout.contains("(tied)"),
+        "{stdout}"
+    );
+    let toml = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(toml.contains("arch = \"gpt2\""), "{toml}");
+}

@@ -321,7 +321,7 @@ fn export_to_hugging_face_round_trips_exactly() {
         let (path, json) = source.hf_config.clone().unwrap();
         let model = kiln_convert::hf_config::model_config(arch, &json, &path.display().to_string()).unwrap();
         let (kiln, report) = convert(&source, &model, false).unwrap();
-        let hf = kiln_convert::export_hf(&kiln, &model).unwrap();
+        let hf = kiln_convert::export_hf(&kiln, &model, None).unwrap();
         let exported = safetensors::SafeTensors::deserialize(&hf).unwrap();
         let original_bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
         let original = safetensors::SafeTensors::deserialize(&original_bytes).unwrap();
@@ -626,7 +626,7 @@ fn half_precision_checkpoints_keep_their_values_and_dtype() {
         "f16 safetensors",
     );
 
-    let (as_f16, report) = convert_as(&source, &model, false, StoreDtype::F16).unwrap();
+    let (as_f16, report) = convert_as(&source, &model, None, false, StoreDtype::F16).unwrap();
     assert!(!report.casts.keys().any(|k| k.contains("stored")), "{:?}", report.casts);
     let kept = safetensors::SafeTensors::deserialize(&as_f16).unwrap();
     assert!(kept.tensors().iter().all(|(_, v)| v.dtype() == safetensors::Dtype::F16));
@@ -678,7 +678,7 @@ fn half_precision_checkpoints_keep_their_values_and_dtype() {
         .fold(0.0, f32::max);
     assert!(diff <= 1e-6, "the f16 directory embeds differently: {diff}");
 
-    let (as_bf16, report) = convert_as(&Source::read(&dir).unwrap(), &model, false, StoreDtype::BF16).unwrap();
+    let (as_bf16, report) = convert_as(&Source::read(&dir).unwrap(), &model, None, false, StoreDtype::BF16).unwrap();
     assert_eq!(report.casts.get("F32 -> BF16 (stored)"), Some(&n), "{:?}", report.casts);
     let ebf = embed(&as_bf16, "bf16.safetensors");
     let diff = ebf.iter().zip(&e32).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
@@ -739,4 +739,129 @@ fn assert_rounded(got: &[u8], reference: &[u8], round: fn(f32) -> f32, what: &st
             assert_eq!(x, round(y), "{what}: {name}");
         }
     }
+}
+
+#[derive(serde::Deserialize)]
+struct ClassifierLogits {
+    input_ids: Vec<Vec<i64>>,
+    attention_mask: Vec<Vec<i64>>,
+    logits: Vec<Vec<f32>>,
+}
+
+/// A Hugging Face `BertForSequenceClassification` (scripts/make_classifier_fixture.py)
+/// converts into a Kiln classifier directory: `[head]` from `id2label` with CLS pooling,
+/// the encoder under `bert.` and the classifier beside it; its logits match
+/// transformers', and `--to hf` gives back every original tensor bit for bit and a
+/// config that reads back as the same head. Without the head, `classifier.*` is refused.
+#[test]
+fn a_sequence_classifier_converts_with_its_head_and_round_trips() {
+    use kiln_convert::{StoreDtype, convert_as, hf_config};
+    use kiln_core::ModelFile;
+    let dir = common::repo_root().join("tests/fixtures/hf-tiny-bert-classifier");
+    let source = Source::read(&dir).unwrap();
+    let (path, json) = source.hf_config.clone().unwrap();
+    let p = path.display().to_string();
+    let model = hf_config::detect_model_config(&json, &p).unwrap();
+    let head = hf_config::head(&json, &model, &p)
+        .unwrap()
+        .expect("a classifier's config");
+    assert_eq!(head.labels, ["negative", "neutral", "positive"]);
+    assert_eq!((head.pooling, head.dropout), (kiln_models::Pooling::Cls, 0.2));
+    let err = convert(&source, &model, false).unwrap_err().to_string();
+    assert!(err.contains("unexpected: classifier.weight [3, 32]"), "{err}");
+
+    let (weights, report) = convert_as(&source, &model, Some(&head), false, StoreDtype::F32).unwrap();
+    assert!(report.is_complete(), "{}", report.details());
+    assert!(
+        report
+            .mapped
+            .iter()
+            .any(|(from, to, t)| from == "classifier.weight" && to == "classifier.weight" && *t),
+        "{:?}",
+        report.mapped
+    );
+    let out = tempfile::tempdir().unwrap();
+    let kiln_dir = out.path().join("classifier");
+    let file = ModelFile {
+        model: model.clone(),
+        head: Some(head.clone()),
+        quantization: None,
+    };
+    kiln_convert::write_model_dir_with(&kiln_dir, &file, &weights, Some(&path), None, &[]).unwrap();
+    let written = ModelFile::load(&kiln_dir.join("config.toml")).unwrap();
+    assert_eq!(written.head.as_ref(), Some(&head));
+
+    let reference: ClassifierLogits =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("logits.json")).unwrap()).unwrap();
+    let kiln_models::ModelConfig::Bert(c) = &model else {
+        panic!("{}", model.arch())
+    };
+    let device = Device::flex();
+    let classifier =
+        kiln_core::weights::load_weights(head.init(c.init(&device), &device), &kiln_dir.join("model.safetensors"))
+            .unwrap();
+    let (b, t) = (reference.input_ids.len(), reference.input_ids[0].len());
+    let int = |rows: &[Vec<i64>]| Tensor::<2, Int>::from_data(TensorData::new(rows.concat(), [b, t]), &device);
+    let logits = classifier
+        .forward(int(&reference.input_ids), int(&reference.attention_mask))
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let want: Vec<f32> = reference.logits.concat();
+    let max_diff = logits.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    eprintln!("BertForSequenceClassification: max |kiln - transformers| logit difference {max_diff:.2e}");
+    assert!(max_diff <= 1e-5, "{max_diff}: {logits:?} vs {want:?}");
+
+    // Back to Hugging Face: the same tensors, and a config with the same head.
+    let hf = kiln_convert::export_hf(&weights, &model, Some(&head)).unwrap();
+    let exported = safetensors::SafeTensors::deserialize(&hf).unwrap();
+    let original_bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let original = safetensors::SafeTensors::deserialize(&original_bytes).unwrap();
+    let (mut names, mut got) = (original.names(), exported.names());
+    names.sort();
+    got.sort();
+    assert_eq!(got, names);
+    for name in names {
+        let (a, b) = (original.tensor(name).unwrap(), exported.tensor(name).unwrap());
+        assert!(
+            a.shape() == b.shape() && a.data() == b.data(),
+            "{name} differs after the round trip"
+        );
+    }
+    let hf_json = hf_config::to_hf_json_with(&model, Some(&head)).unwrap();
+    assert_eq!(hf_json["architectures"][0], "BertForSequenceClassification");
+    assert_eq!(
+        hf_config::head(&hf_json, &model, "exported").unwrap().as_ref(),
+        Some(&head)
+    );
+}
+
+/// Task heads Kiln does not compute are refused naming the key.
+#[test]
+fn unsupported_classifier_configs_are_refused_by_key() {
+    use kiln_convert::hf_config;
+    let dir = common::repo_root().join("tests/fixtures/hf-tiny-bert-classifier");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let model = hf_config::detect_model_config(&json, "config.json").unwrap();
+    let mut multi = json.clone();
+    multi["problem_type"] = "multi_label_classification".into();
+    let err = hf_config::head(&multi, &model, "config.json").unwrap_err().to_string();
+    assert!(
+        err.contains("config.json: problem_type") && err.contains("single-label"),
+        "{err}"
+    );
+    let mut regression = json.clone();
+    regression["num_labels"] = 1.into();
+    let err = hf_config::head(&regression, &model, "config.json")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("regression"), "{err}");
+    let mut holes = json.clone();
+    holes["num_labels"] = 4.into();
+    let err = hf_config::head(&holes, &model, "config.json").unwrap_err().to_string();
+    assert!(err.contains("id2label.3"), "{err}");
+    let mut bare = json;
+    bare["architectures"] = serde_json::json!(["BertModel"]);
+    assert!(hf_config::head(&bare, &model, "config.json").unwrap().is_none());
 }

@@ -115,7 +115,15 @@ fn kiln_dir(case: &'static Case, cell: &'static OnceLock<PathBuf>) -> &'static P
     cell.get_or_init(|| {
         let (source, model, weights, _) = converted(case, false);
         let dir = common::scratch_dir(&format!("pretrained-{}", case.dir)).join("model");
-        write_model_dir_with(&dir, &model, &weights, None, None, &source.extra_files, None).unwrap();
+        write_model_dir_with(
+            &dir,
+            &model_file(&model, None),
+            &weights,
+            None,
+            None,
+            &source.extra_files,
+        )
+        .unwrap();
         dir
     })
 }
@@ -423,7 +431,7 @@ fn both_export_to_hugging_face_and_convert_back_unchanged() {
         let dir = kiln_dir(case, cell);
         let model = kiln_core::ModelFile::load(&dir.join("config.toml")).unwrap().model;
         let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
-        let hf = kiln_convert::export_hf(&weights, &model).unwrap();
+        let hf = kiln_convert::export_hf(&weights, &model, None).unwrap();
         let config = hf_config::to_hf_json(&model).unwrap();
         let out = tempfile::tempdir().unwrap();
         std::fs::write(out.path().join("model.safetensors"), &hf).unwrap();
@@ -576,7 +584,15 @@ fn gguf_blocks_are_kept_packed_byte_for_byte() {
 
     // Packed on flex against the dequantized model.
     let dir = common::scratch_dir("pretrained-smollm2-gguf-blocks").join("model");
-    write_model_dir_with(&dir, &model, &packed, None, None, &source.extra_files, Some(&plan)).unwrap();
+    write_model_dir_with(
+        &dir,
+        &model_file(&model, Some(&plan)),
+        &packed,
+        None,
+        None,
+        &source.extra_files,
+    )
+    .unwrap();
     let device = Device::flex();
     let quantized = LoadedModel::open(&dir, WhichWeights::Best, &device).unwrap();
     let dense = LoadedModel::open(kiln_dir(&SMOLLM2, &SMOLLM2_DIR), WhichWeights::Best, &device).unwrap();
@@ -618,4 +634,16 @@ fn gguf_blocks_are_kept_packed_byte_for_byte() {
         .unwrap();
     assert!(why.contains("Q4_K"), "{module}: {why}");
     assert_eq!(q.kept.len(), 18 * 7 - 9, "{:?}", q.kept);
+}
+
+/// The `config.toml` of a converted LM directory (packed by `plan` when given).
+fn model_file(
+    model: &kiln_models::ModelConfig,
+    plan: Option<&kiln_models::quant::Quantization>,
+) -> kiln_core::ModelFile {
+    kiln_core::ModelFile {
+        model: model.clone(),
+        head: None,
+        quantization: plan.cloned(),
+    }
 }

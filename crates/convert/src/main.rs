@@ -116,11 +116,11 @@ fn to_hf(cli: &Cli) -> Result<()> {
             cli.input.join(CONFIG).display()
         );
     }
-    let model = file.model;
+    let (model, head) = (file.model, file.head);
     let weights = weights_file(&cli.input, WhichWeights::Best);
     let bytes = std::fs::read(&weights).with_context(|| format!("reading {}", weights.display()))?;
-    let hf = kiln_convert::export_hf(&bytes, &model)?;
-    let config = serde_json::to_vec_pretty(&hf_config::to_hf_json(&model)?)?;
+    let hf = kiln_convert::export_hf(&bytes, &model, head.as_ref())?;
+    let config = serde_json::to_vec_pretty(&hf_config::to_hf_json_with(&model, head.as_ref())?)?;
     let tokenizer = std::fs::read(cli.input.join(TOKENIZER)).ok();
     let mut files: Vec<(&str, &[u8])> = vec![(MODEL_WEIGHTS, &hf), (HF_CONFIG, &config)];
     if let Some(t) = &tokenizer {
@@ -155,21 +155,38 @@ fn main() -> Result<()> {
         Some(arch) => hf_config::model_config(arch, json, &path.display().to_string()),
         None => hf_config::detect_model_config(json, &path.display().to_string()),
     };
-    let model = match &cli.config {
-        Some(path) if path.extension().is_some_and(|e| e == "toml") => ModelFile::load_strict(path)?.model,
+    // The model and, for a task model (`BertForSequenceClassification`), its head.
+    let with_head = |json: &serde_json::Value, path: &std::path::Path| -> Result<_> {
+        let model = from_json(json, path)?;
+        let head = hf_config::head(json, &model, &path.display().to_string())?;
+        Ok((model, head, path.display().to_string()))
+    };
+    let (model, head, config_path) = match &cli.config {
+        Some(path) if path.extension().is_some_and(|e| e == "toml") => {
+            let file = ModelFile::load_strict(path)?;
+            (file.model, file.head, path.display().to_string())
+        }
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             let json = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
-            from_json(&json, path)?
+            with_head(&json, path)?
         }
         None => match &source.hf_config {
-            Some((path, json)) => from_json(json, path)?,
+            Some((path, json)) => with_head(json, path)?,
             None => bail!(
                 "{}: no config.json beside the weights; pass --config (and --arch)",
                 cli.input.display()
             ),
         },
     };
+    if let Some(h) = &head {
+        println!(
+            "classifier head: {} labels ({}), {:?} pooling (from {config_path})",
+            h.labels.len(),
+            h.labels.join(", "),
+            h.pooling
+        );
+    }
     if let Some(arch) = &cli.arch
         && model.arch() != arch
     {
@@ -186,7 +203,7 @@ fn main() -> Result<()> {
             cli.dtype
         );
     }
-    let (weights, report) = convert_as(&source, &model, cli.allow_partial, dtype)?;
+    let (weights, report) = convert_as(&source, &model, head.as_ref(), cli.allow_partial, dtype)?;
     for (cast, n) in &report.casts {
         println!("  cast {cast}: {n} tensors");
     }
@@ -229,15 +246,12 @@ fn main() -> Result<()> {
     let hf_json = source.hf_config.as_ref().map(|(p, _)| p.as_path());
     // A GGUF's config.json and tokenizer files are made from its metadata.
     let hf_json = hf_json.filter(|_| source.extra_files.is_empty());
-    write_model_dir_with(
-        &cli.output,
-        &model,
-        &weights,
-        hf_json,
-        tokenizer,
-        &source.extra_files,
-        quantization.as_ref(),
-    )?;
+    let file = ModelFile {
+        model: model.clone(),
+        head,
+        quantization,
+    };
+    write_model_dir_with(&cli.output, &file, &weights, hf_json, tokenizer, &source.extra_files)?;
     println!(
         "converted {} ({}) -> {} | {} arch | {} | {:.2} s",
         cli.input.display(),

@@ -1,7 +1,7 @@
 //! Hugging Face `config.json` <-> Kiln model config, through the architecture's entry
 //! in [`crate::arch`].
 
-use kiln_models::ModelConfig;
+use kiln_models::{ClassifierHead, ModelConfig};
 use serde_json::Value;
 
 use crate::ConvertError;
@@ -41,4 +41,24 @@ pub fn to_hf_json(model: &ModelConfig) -> Result<Value, ConvertError> {
         .to_hf
         .and_then(|to_hf| to_hf(model))
         .ok_or_else(|| ConvertError::Config(format!("--to hf: {} has no Hugging Face counterpart", model.arch())))
+}
+
+/// [`to_hf_json`] of a task model: the encoder's config with the head's keys
+/// (`BertForSequenceClassification`, `id2label`, ...).
+pub fn to_hf_json_with(model: &ModelConfig, head: Option<&ClassifierHead>) -> Result<Value, ConvertError> {
+    let json = to_hf_json(model)?;
+    let Some(head) = head else { return Ok(json) };
+    let rules = arch::for_arch(model.arch())?
+        .head
+        .ok_or_else(|| ConvertError::Config(format!("{} has no sequence-classification head", model.arch())))?;
+    (rules.to_hf)(json, head)
+}
+
+/// The classification head a Hugging Face `config.json` describes for `model`
+/// (`BertForSequenceClassification`: its labels, CLS pooling); `None` for a bare model.
+pub fn head(json: &Value, model: &ModelConfig, path: &str) -> Result<Option<ClassifierHead>, ConvertError> {
+    match arch::for_arch(model.arch())?.head {
+        Some(rules) => (rules.from_hf)(json, path),
+        None => Ok(None),
+    }
 }

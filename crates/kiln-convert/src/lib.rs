@@ -20,7 +20,7 @@ use burn::tensor::{DType, Device, TensorData};
 use burn_pack::Tensor as PackTensor;
 use kiln_core::config::ModelFile;
 use kiln_core::layout::{CONFIG, GENERATION_CONFIG, HF_CONFIG, MODEL_WEIGHTS, TOKENIZER, TOKENIZER_CONFIG};
-use kiln_models::{ArchVisitor, Architecture, ModelConfig};
+use kiln_models::{ArchVisitor, Architecture, ClassifierHead, EncoderArchitecture, FamilyVisitor, ModelConfig};
 use regex::Regex;
 
 pub use arch::{Conversion, Rules};
@@ -482,8 +482,12 @@ impl Report {
 }
 
 /// Initial parameters of the configured model (names, shapes, values), built through
-/// the architecture registry.
-fn initial_tensors(model: &ModelConfig, device: &Device) -> Vec<PackTensor> {
+/// the architecture registry: with `head`, the encoder's classifier.
+fn initial_tensors(
+    model: &ModelConfig,
+    head: Option<&ClassifierHead>,
+    device: &Device,
+) -> Result<Vec<PackTensor>, ConvertError> {
     struct Collect<'a>(&'a Device);
     impl ArchVisitor for Collect<'_> {
         type Output = Vec<PackTensor>;
@@ -491,7 +495,28 @@ fn initial_tensors(model: &ModelConfig, device: &Device) -> Vec<PackTensor> {
             config.init(self.0).collect(None, None, false)
         }
     }
-    model.visit(Collect(device))
+    struct Classifier<'a>(&'a Device, &'a ClassifierHead);
+    impl FamilyVisitor for Classifier<'_> {
+        type Output = Option<Vec<PackTensor>>;
+        fn causal_lm<A: kiln_models::LanguageArchitecture>(self, _: &A) -> Self::Output {
+            None
+        }
+        fn image_classifier<A: kiln_models::ImageArchitecture>(self, _: &A) -> Self::Output {
+            None
+        }
+        fn encoder<A: EncoderArchitecture>(self, config: &A) -> Self::Output {
+            Some(config.init_classifier(self.1, self.0).collect(None, None, false))
+        }
+    }
+    match head {
+        None => Ok(model.visit(Collect(device))),
+        Some(head) => model.visit_family(Classifier(device, head)).ok_or_else(|| {
+            ConvertError::Config(format!(
+                "a [head] on a {} model: only encoders have a sequence-classification head",
+                model.arch()
+            ))
+        }),
+    }
 }
 
 /// A tensor's values as f32 (converted from f16/bf16/f64), in its stored layout.
@@ -539,7 +564,7 @@ fn rename(name: &str, renames: &[(Regex, &str)]) -> String {
 /// Refuses (listing every tensor) on missing, unexpected or mis-shaped tensors unless
 /// `allow_partial`, in which case missing parameters keep their initial values.
 pub fn convert(source: &Source, model: &ModelConfig, allow_partial: bool) -> Result<(Vec<u8>, Report), ConvertError> {
-    convert_as(source, model, allow_partial, StoreDtype::F32)
+    convert_as(source, model, None, allow_partial, StoreDtype::F32)
 }
 
 /// The float type a converted model directory stores its weights in (`convert --dtype`).
@@ -571,21 +596,35 @@ impl StoreDtype {
     }
 }
 
-/// [`convert`], storing the weights as `dtype`; the report counts every cast
-/// ([`Report::casts`]): a half-precision source read into f32, an f32 one stored in half.
+/// [`convert`], with a classification `head` on the encoder (the task model's tensors:
+/// the encoder's under [`arch::HeadRules::encoder`], the head's beside), storing the
+/// weights as `dtype`; the report counts every cast ([`Report::casts`]): a
+/// half-precision source read into f32, an f32 one stored in half.
 pub fn convert_as(
     source: &Source,
     model: &ModelConfig,
+    head: Option<&ClassifierHead>,
     allow_partial: bool,
     dtype: StoreDtype,
 ) -> Result<(Vec<u8>, Report), ConvertError> {
-    let rules = &arch::for_arch(model.arch())?.rules;
+    let conversion = arch::for_arch(model.arch())?;
+    let rules = &conversion.rules;
+    let head_rules =
+        match head {
+            None => None,
+            Some(_) => Some(conversion.head.ok_or_else(|| {
+                ConvertError::Config(format!("{} has no sequence-classification head", model.arch()))
+            })?),
+        };
+    let head_tensors = compile(head_rules.map_or(&[][..], |h| h.tensors));
+    let head_transposed = compile(head_rules.map_or(&[][..], |h| h.transpose));
+    let prefix = head_rules.map_or("", |h| h.encoder);
     let renames = compile_renames(rules.renames);
     let ignore = compile(rules.ignore);
     let transposed = compile(rules.transpose);
     let tied = compile(rules.tied);
     let device = Device::flex();
-    let initial = initial_tensors(model, &device);
+    let initial = initial_tensors(model, head, &device)?;
     let expected: BTreeMap<String, Vec<usize>> = initial
         .iter()
         .map(|t| (t.name.clone(), t.shape.as_slice().to_vec()))
@@ -598,11 +637,17 @@ pub fn convert_as(
         let (name, removed) = arch::strip_wrappers(full_name);
         wrappers.extend(removed);
         let name = &name.to_string();
-        if ignore.iter().any(|r| r.is_match(name)) {
+        let is_head = head_tensors.iter().any(|r| r.is_match(name));
+        if !is_head && ignore.iter().any(|r| r.is_match(name)) {
             report.ignored.push(full_name.clone());
             continue;
         }
-        let kiln = rename(name, &renames);
+        // A task model's encoder tensors keep its prefix (`bert.`); the head's are its own.
+        let kiln = if is_head {
+            name.clone()
+        } else {
+            format!("{prefix}{}", rename(name, &renames))
+        };
         if !expected.contains_key(&kiln) && tied.iter().any(|r| r.is_match(&kiln)) {
             // The configured model ties this parameter: the checkpoint's copy is a duplicate.
             report.ignored.push(full_name.clone());
@@ -615,7 +660,11 @@ pub fn convert_as(
             continue;
         };
         let shape = tensor.shape.as_slice().to_vec();
-        let transpose_it = transposed.iter().any(|r| r.is_match(&kiln));
+        let transpose_it = if is_head {
+            head_transposed.iter().any(|r| r.is_match(&kiln))
+        } else {
+            transposed.iter().any(|r| r.is_match(&kiln[prefix.len()..]))
+        };
         let shape_in_kiln = if transpose_it && shape.len() == 2 {
             vec![shape[1], shape[0]]
         } else {
@@ -737,26 +786,26 @@ pub fn write_model_dir(
     hf_config: Option<&Path>,
     tokenizer: Option<&Path>,
 ) -> Result<(), ConvertError> {
-    write_model_dir_with(out, model, weights, hf_config, tokenizer, &[], None)
+    let file = ModelFile {
+        model: model.clone(),
+        head: None,
+        quantization: None,
+    };
+    write_model_dir_with(out, &file, weights, hf_config, tokenizer, &[])
 }
 
-/// [`write_model_dir`] plus `extra` files (name, bytes), which replace copies of the same
-/// name, and the `[quantization]` of packed `weights`.
+/// [`write_model_dir`] of a whole `config.toml` (a classifier's `[head]`, the
+/// `[quantization]` of packed `weights`), plus `extra` files (name, bytes), which replace
+/// copies of the same name.
 pub fn write_model_dir_with(
     out: &Path,
-    model: &ModelConfig,
+    file: &ModelFile,
     weights: &[u8],
     hf_config: Option<&Path>,
     tokenizer: Option<&Path>,
     extra: &[(String, Vec<u8>)],
-    quantization: Option<&kiln_models::quant::Quantization>,
 ) -> Result<(), ConvertError> {
-    let toml = ModelFile {
-        model: model.clone(),
-        head: None,
-        quantization: quantization.cloned(),
-    }
-    .to_toml();
+    let toml = file.to_toml();
     let mut files: Vec<(&str, Vec<u8>)> = vec![(MODEL_WEIGHTS, weights.to_vec()), (CONFIG, toml.into_bytes())];
     // A generation_config.json beside the config.json carries the end-of-sequence tokens.
     let beside = |name: &str| hf_config.map(|p| p.with_file_name(name)).filter(|p| p.is_file());
@@ -780,10 +829,16 @@ pub fn write_model_dir_with(
     write_dir_atomically(out, &refs)
 }
 
-/// Kiln safetensors `weights` of `model` -> Hugging Face names and layouts (the
-/// reverse of [`convert`]), as safetensors bytes.
-pub fn export_hf(weights: &[u8], model: &ModelConfig) -> Result<Vec<u8>, ConvertError> {
-    let rules = &arch::for_arch(model.arch())?.rules;
+/// Kiln safetensors `weights` of `model` (with a classification `head`: the task
+/// model's) -> Hugging Face names and layouts (the reverse of [`convert_as`]), as
+/// safetensors bytes.
+pub fn export_hf(weights: &[u8], model: &ModelConfig, head: Option<&ClassifierHead>) -> Result<Vec<u8>, ConvertError> {
+    let conversion = arch::for_arch(model.arch())?;
+    let rules = &conversion.rules;
+    let head_rules = conversion.head.filter(|_| head.is_some());
+    let head_tensors = compile(head_rules.map_or(&[][..], |h| h.tensors));
+    let head_transposed = compile(head_rules.map_or(&[][..], |h| h.transpose));
+    let prefix = head_rules.map_or("", |h| h.encoder);
     let renames = compile_renames(rules.export);
     let transposed = compile(rules.transpose);
     let st = safetensors::SafeTensors::deserialize(weights).map_err(|e| {
@@ -816,12 +871,21 @@ pub fn export_hf(weights: &[u8], model: &ModelConfig) -> Result<Vec<u8>, Convert
                 ));
             }
         };
-        let (shape, values) = if transposed.iter().any(|r| r.is_match(&name)) && shape.len() == 2 {
+        let (hf, transpose_it) = if head_tensors.iter().any(|r| r.is_match(&name)) {
+            (name.clone(), head_transposed.iter().any(|r| r.is_match(&name)))
+        } else {
+            let bare = name.strip_prefix(prefix).unwrap_or(&name);
+            (
+                format!("{prefix}{}", rename(bare, &renames)),
+                transposed.iter().any(|r| r.is_match(bare)),
+            )
+        };
+        let (shape, values) = if transpose_it && shape.len() == 2 {
             (vec![shape[1], shape[0]], transpose(&values, shape[0], shape[1]))
         } else {
             (shape, values)
         };
-        out.insert(rename(&name, &renames), (shape, values));
+        out.insert(hf, (shape, values));
     }
     serialize_as(&out, StoreDtype::F32).map_err(|message| ConvertError::Write {
         path: "model.safetensors".into(),

@@ -2,13 +2,14 @@
 
 use std::path::Path;
 
-use kiln_models::{BertConfig, ModelConfig, SentencePooling};
+use kiln_models::bert::Pooling;
+use kiln_models::{BertConfig, ClassifierHead, ModelConfig, SentencePooling};
 use serde::Deserialize;
 use serde_json::Value;
 
 use std::collections::HashSet;
 
-use super::{Conversion, Rules, check_model_type, parse};
+use super::{Conversion, HeadRules, Rules, check_model_type, parse};
 use crate::ConvertError;
 use crate::onnx::{Graph, Resolved};
 
@@ -35,7 +36,100 @@ pub const CONVERSION: Conversion = Conversion {
     to_hf: Some(to_hf),
     gguf: None,
     onnx: Some(resolve_onnx),
+    head: Some(&HEAD),
 };
+
+/// `BertForSequenceClassification`: `bert.*` and `classifier` on the pooler's output.
+const HEAD: HeadRules = HeadRules {
+    encoder: "bert.",
+    tensors: &[r"^classifier\.(weight|bias)$"],
+    transpose: &[r"^classifier\.weight$"],
+    from_hf: head_from_hf,
+    to_hf: head_to_hf,
+};
+
+/// The classifier of a Hugging Face config whose `architectures` name a
+/// `...ForSequenceClassification`: labels from `id2label` (transformers' `LABEL_i` when
+/// it has none), CLS pooling through the pooler (what `BertForSequenceClassification`
+/// computes), dropout `classifier_dropout`, else `hidden_dropout_prob`.
+fn head_from_hf(json: &Value, path: &str) -> Result<Option<ClassifierHead>, ConvertError> {
+    let classifier = json.get("architectures").and_then(Value::as_array).is_some_and(|a| {
+        a.iter()
+            .filter_map(Value::as_str)
+            .any(|a| a.ends_with("ForSequenceClassification"))
+    });
+    if !classifier {
+        return Ok(None);
+    }
+    let err = |m: String| ConvertError::Config(format!("{path}: {m}"));
+    match json.get("problem_type").and_then(Value::as_str) {
+        None | Some("single_label_classification") => {}
+        Some(other) => {
+            return Err(err(format!(
+                "problem_type = {other:?}: Kiln's classifier is single-label (a softmax over the labels)"
+            )));
+        }
+    }
+    let id2label = json.get("id2label").and_then(Value::as_object);
+    let n = json
+        .get("num_labels")
+        .and_then(Value::as_u64)
+        .map(|n| n as usize)
+        .or(id2label.map(|m| m.len()))
+        .unwrap_or(2);
+    if n < 2 {
+        return Err(err(format!(
+            "{n} label (a regression head): Kiln's classifier needs at least 2 labels"
+        )));
+    }
+    let labels = (0..n)
+        .map(|i| match id2label {
+            None => Ok(format!("LABEL_{i}")),
+            Some(m) => m
+                .get(&i.to_string())
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| err(format!("id2label.{i}: missing (the head has {n} labels)"))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let dropout = ["classifier_dropout", "hidden_dropout_prob"]
+        .iter()
+        .find_map(|k| json.get(*k).and_then(Value::as_f64))
+        .unwrap_or(0.1);
+    Ok(Some(ClassifierHead {
+        labels,
+        pooling: Pooling::Cls,
+        dropout,
+        max_length: None,
+    }))
+}
+
+fn head_to_hf(mut json: Value, head: &ClassifierHead) -> Result<Value, ConvertError> {
+    if head.pooling != Pooling::Cls {
+        return Err(ConvertError::Config(format!(
+            "[head] pooling = {:?}: Hugging Face's BertForSequenceClassification classifies the CLS pooler's output; a mean-pooling head has no Hugging Face class",
+            head.pooling
+        )));
+    }
+    let id2label: serde_json::Map<String, Value> = head
+        .labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i.to_string(), Value::from(l.as_str())))
+        .collect();
+    let label2id: serde_json::Map<String, Value> = head
+        .labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.clone(), Value::from(i)))
+        .collect();
+    json["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
+    json["id2label"] = Value::Object(id2label);
+    json["label2id"] = Value::Object(label2id);
+    json["classifier_dropout"] = Value::from(head.dropout);
+    json["problem_type"] = Value::from("single_label_classification");
+    Ok(json)
+}
 
 /// The fields of a BERT `config.json` Kiln reads.
 #[derive(Deserialize)]

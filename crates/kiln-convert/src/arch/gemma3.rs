@@ -27,6 +27,7 @@ pub const CONVERSION: Conversion = Conversion {
     to_hf: Some(to_hf),
     gguf: Some(&GGUF),
     onnx: None,
+    head: None,
 };
 
 const GGUF: GgufRules = GgufRules {

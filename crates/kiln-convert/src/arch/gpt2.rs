@@ -35,6 +35,7 @@ pub const CONVERSION: Conversion = Conversion {
     to_hf: Some(to_hf),
     gguf: None,
     onnx: Some(resolve_onnx),
+    head: None,
 };
 
 /// The fields of a GPT-2 `config.json` Kiln reads.

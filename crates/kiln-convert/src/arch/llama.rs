@@ -30,6 +30,7 @@ pub const CONVERSION: Conversion = Conversion {
     to_hf: Some(to_hf),
     gguf: Some(&GGUF),
     onnx: Some(resolve_onnx),
+    head: None,
 };
 
 /// llama.cpp's names (`llama-arch.cpp`) -> Hugging Face's.

@@ -16,4 +16,5 @@ pub const CONVERSION: Conversion = Conversion {
     to_hf: None,
     gguf: None,
     onnx: None,
+    head: None,
 };

@@ -2,7 +2,7 @@
 //! `config.json` mapping (a serde struct each way). [`ALL`] lists them; an architecture
 //! of the model registry without an entry here cannot be converted (and says so).
 
-use kiln_models::ModelConfig;
+use kiln_models::{ClassifierHead, ModelConfig};
 use serde_json::Value;
 
 use crate::ConvertError;
@@ -63,6 +63,28 @@ pub struct Conversion {
     /// ONNX file of this architecture converts only when its initializers keep their
     /// parameter names.
     pub onnx: Option<crate::onnx::Resolver>,
+    /// How a task model's sequence-classification head converts; `None`: the
+    /// architecture has no classifier.
+    pub head: Option<&'static HeadRules>,
+}
+
+/// A sequence-classification head on an encoder (`BertForSequenceClassification`): Kiln
+/// keeps the encoder's parameters under the same prefix as Hugging Face and the head
+/// beside it, with the labels and pooling in `[head]`.
+pub struct HeadRules {
+    /// The encoder's prefix in the task model's names, Hugging Face's and Kiln's alike (`bert.`).
+    pub encoder: &'static str,
+    /// The head's tensors (regex over names after wrapper prefixes), named alike in
+    /// Hugging Face and Kiln.
+    pub tensors: &'static [&'static str],
+    /// Those of them stored `[out, in]` (transposed both ways).
+    pub transpose: &'static [&'static str],
+    /// The head a Hugging Face `config.json` describes; `None` when it is not a
+    /// classifier's. An unsupported task (regression, multi-label) is an error naming the key.
+    pub from_hf: fn(&Value, &str) -> Result<Option<ClassifierHead>, ConvertError>,
+    /// The `config.json` of the task model (`--to hf`): the encoder's with the head's
+    /// keys; an error when Hugging Face has no such head.
+    pub to_hf: fn(Value, &ClassifierHead) -> Result<Value, ConvertError>,
 }
 
 /// Prefixes that wrappers put before every parameter name, whatever the architecture:
