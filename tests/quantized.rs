@@ -438,3 +438,70 @@ fn kl_divergence_matches_a_direct_computation() {
     assert_eq!(itself.top1_agreement, 1.0);
     assert_eq!(itself.model.perplexity, itself.reference.perplexity);
 }
+
+/// A half-precision model directory (`convert --dtype f16`) quantizes like an f32 one:
+/// its weights are widened exactly before packing, the tensors left unpacked stay F16,
+/// and the packed model's logits are those of the f32 weights' packing up to the f16
+/// rounding of the weights.
+#[test]
+fn a_half_precision_directory_quantizes() {
+    let root = common::scratch_dir("quantized-f16");
+    let flex = Device::flex();
+    let cfg = llama();
+    let dir = f32_dir(&root, "f32", ModelConfig::Llama(cfg.clone()), &cfg.init(&flex));
+    // The same directory with every weight stored as f16.
+    let half_dir = root.join("f16");
+    std::fs::create_dir_all(&half_dir).unwrap();
+    for name in [CONFIG, TOKENIZER] {
+        std::fs::copy(dir.join(name), half_dir.join(name)).unwrap();
+    }
+    let bytes = std::fs::read(dir.join(MODEL_WEIGHTS)).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let halves: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = kiln_core::weights::f32_values(view.dtype(), view.data()).unwrap();
+            let bytes = values
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                .collect();
+            (name, view.shape().to_vec(), bytes)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = halves
+        .iter()
+        .map(|(n, shape, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F16, shape.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        half_dir.join(MODEL_WEIGHTS),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+
+    let q8_f32 = root.join("q8-from-f32");
+    let q8_f16 = root.join("q8-from-f16");
+    let mut from_f32 = quantize_dir(&dir, &q8_f32, QuantType::Q8_0, &[]).unwrap();
+    let mut from_f16 = quantize_dir(&half_dir, &q8_f16, QuantType::Q8_0, &[]).unwrap();
+    from_f32.packed.sort_by(|a, b| a.0.cmp(&b.0));
+    from_f16.packed.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(from_f16.packed, from_f32.packed);
+    let packed = std::fs::read(q8_f16.join(MODEL_WEIGHTS)).unwrap();
+    let packed = safetensors::SafeTensors::deserialize(&packed).unwrap();
+    let norm = packed.tensor("model.norm.gamma").unwrap();
+    assert_eq!(
+        norm.dtype(),
+        safetensors::Dtype::F16,
+        "unpacked tensors keep their dtype"
+    );
+
+    let [half, q8_half, q8_full] = [&half_dir, &q8_f16, &q8_f32].map(|d| logits(lm(&open(d, &flex)), &flex));
+    let (to_own, to_f32s) = (rel_l2(&q8_half, &half), rel_l2(&q8_half, &q8_full));
+    eprintln!("f16 -> Q8_0: rel L2 {to_own:.2e} to the f16 model, {to_f32s:.2e} to the f32 model's Q8_0");
+    assert!(to_own < 0.05 && to_f32s < 0.02, "{to_own} {to_f32s}");
+}

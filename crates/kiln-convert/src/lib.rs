@@ -851,26 +851,12 @@ pub fn export_hf(weights: &[u8], model: &ModelConfig, head: Option<&ClassifierHe
     for (name, view) in st.tensors() {
         let shape = view.shape().to_vec();
         let data = view.data();
-        let values: Vec<f32> = match view.dtype() {
-            safetensors::Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect(),
-            safetensors::Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            safetensors::Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(read_err(
-                    Path::new(&name),
-                    format!("{other:?}: Kiln weights are F32, F16 or BF16"),
-                ));
-            }
-        };
+        let values = kiln_core::weights::f32_values(view.dtype(), data).ok_or_else(|| {
+            read_err(
+                Path::new(&name),
+                format!("{:?}: Kiln weights are F32, F16 or BF16", view.dtype()),
+            )
+        })?;
         let (hf, transpose_it) = if head_tensors.iter().any(|r| r.is_match(&name)) {
             (name.clone(), head_transposed.iter().any(|r| r.is_match(&name)))
         } else {

@@ -84,7 +84,8 @@ pub fn plan(weights: &[Quantizable], ty: QuantType, keep: &[Regex]) -> (Quantiza
     (plan, kept)
 }
 
-/// Quantize the model directory `input` (f32 weights) into a new directory `output`.
+/// Quantize the model directory `input` (f32 weights, or f16 / bf16 ones) into a new
+/// directory `output`; the tensors left unpacked keep their dtype.
 pub fn quantize_dir(
     input: &Path,
     output: &Path,
@@ -116,18 +117,16 @@ pub fn quantize_dir(
         ..Default::default()
     };
     let bytes = write_packed(&map, path, &weights, &plan, &mut report, |name, w, view| {
-        if view.dtype() != safetensors::Dtype::F32 || view.shape().len() != 2 {
-            return Err(format!(
-                "{name}: {:?} {:?}, expected a 2-D F32 weight",
-                view.dtype(),
-                view.shape()
-            ));
-        }
-        let values: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        // A half-precision directory (`convert --dtype f16|bf16`) is widened exactly first.
+        let values = kiln_core::weights::f32_values(view.dtype(), view.data())
+            .filter(|_| view.shape().len() == 2)
+            .ok_or_else(|| {
+                format!(
+                    "{name}: {:?} {:?}, expected a 2-D F32, F16 or BF16 weight",
+                    view.dtype(),
+                    view.shape()
+                )
+            })?;
         // Rows as GGUF packs them: a linear weight is stored [in, out], its rows are the
         // outputs; an embedding's rows are its tokens.
         let rows = match w.kind {

@@ -208,6 +208,24 @@ pub fn expected_tensors_lazy<M: Module>(model: &M) -> BTreeMap<String, ExpectedT
     shapes.out
 }
 
+/// The values of a safetensors tensor's little-endian bytes as f32: F32 as is, F16 and
+/// BF16 widened exactly (every half-precision value is an f32 value); `None` for any other
+/// dtype.
+pub fn f32_values(dtype: safetensors::Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    let half = |widen: fn([u8; 2]) -> f32| Some(bytes.chunks_exact(2).map(|b| widen([b[0], b[1]])).collect());
+    match dtype {
+        safetensors::Dtype::F32 => Some(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        ),
+        safetensors::Dtype::F16 => half(|b| half::f16::from_le_bytes(b).to_f32()),
+        safetensors::Dtype::BF16 => half(|b| half::bf16::from_le_bytes(b).to_f32()),
+        _ => None,
+    }
+}
+
 /// Load safetensors weights from `path` into `model`, after checking every name and shape.
 /// The model's own initial values are never computed (see [`expected_tensors_lazy`]).
 /// The header is read from a memory map (only its pages are touched); each tensor is
@@ -243,14 +261,12 @@ pub fn load_weights<M: Module>(mut model: M, path: &Path) -> Result<M, StoreErro
             info.dtype == safetensors::Dtype::F32,
         );
         // f16 / bf16 weights become f32 (exactly) as they are read.
-        let widen: Option<fn([u8; 2]) -> f32> = match info.dtype {
-            safetensors::Dtype::F16 => Some(|b| half::f16::from_le_bytes(b).to_f32()),
-            safetensors::Dtype::BF16 => Some(|b| half::bf16::from_le_bytes(b).to_f32()),
-            _ => None,
-        };
-        let (dtype, loaded_len) = match widen {
-            Some(_) => (burn::tensor::DType::F32, len * 2),
-            None => (dtype, len),
+        let st_dtype = info.dtype;
+        let widen = matches!(st_dtype, safetensors::Dtype::F16 | safetensors::Dtype::BF16);
+        let (dtype, loaded_len) = if widen {
+            (burn::tensor::DType::F32, len * 2)
+        } else {
+            (dtype, len)
         };
         let what = format!("{}: tensor {name}", path.display());
         tensors.push(PackTensor::deferred(
@@ -264,10 +280,10 @@ pub fn load_weights<M: Module>(mut model: M, path: &Path) -> Result<M, StoreErro
                     file.read_exact_at(buf, at)
                         .map_err(|e| PackError::IoError(format!("{what}: {e}")))
                 };
-                if let Some(widen) = widen {
+                if widen {
                     let mut bytes = vec![0u8; len];
                     read(&mut bytes)?;
-                    let values: Vec<f32> = bytes.chunks_exact(2).map(|b| widen([b[0], b[1]])).collect();
+                    let values = f32_values(st_dtype, &bytes).expect("a half-precision dtype");
                     Ok(Bytes::from_elems(values))
                 } else if is_f32 {
                     // Read as f32 elements, so the buffer has f32 alignment and the tensor
