@@ -748,92 +748,170 @@ struct ClassifierLogits {
     logits: Vec<Vec<f32>>,
 }
 
-/// A Hugging Face `BertForSequenceClassification` (scripts/make_classifier_fixture.py)
-/// converts into a Kiln classifier directory: `[head]` from `id2label` with CLS pooling,
-/// the encoder under `bert.` and the classifier beside it; its logits match
-/// transformers', and `--to hf` gives back every original tensor bit for bit and a
-/// config that reads back as the same head. Without the head, `classifier.*` is refused.
+/// Hugging Face sequence classifiers (scripts/make_classifier_fixture.py):
+/// `BertForSequenceClassification` and `RobertaForSequenceClassification` convert into a
+/// Kiln classifier directory: `[head]` from `id2label` with CLS pooling, the encoder under
+/// `bert.` and the classifier beside it (RoBERTa's `classifier.dense` as the pooler,
+/// `classifier.out_proj` as the classifier); their logits match transformers', and
+/// `--to hf` gives back every original tensor bit for bit and a config that reads back
+/// as the same head. Without the head, the classifier's tensors are refused.
 #[test]
-fn a_sequence_classifier_converts_with_its_head_and_round_trips() {
+fn sequence_classifiers_convert_with_their_head_and_round_trip() {
     use kiln_convert::{StoreDtype, convert_as, hf_config};
     use kiln_core::ModelFile;
-    let dir = common::repo_root().join("tests/fixtures/hf-tiny-bert-classifier");
-    let source = Source::read(&dir).unwrap();
-    let (path, json) = source.hf_config.clone().unwrap();
-    let p = path.display().to_string();
-    let model = hf_config::detect_model_config(&json, &p).unwrap();
-    let head = hf_config::head(&json, &model, &p)
-        .unwrap()
-        .expect("a classifier's config");
-    assert_eq!(head.labels, ["negative", "neutral", "positive"]);
-    assert_eq!((head.pooling, head.dropout), (kiln_models::Pooling::Cls, 0.2));
-    let err = convert(&source, &model, false).unwrap_err().to_string();
-    assert!(err.contains("unexpected: classifier.weight [3, 32]"), "{err}");
+    for (fixture, class, head_tensor) in [
+        (
+            "hf-tiny-bert-classifier",
+            "BertForSequenceClassification",
+            "classifier.weight [3, 32]",
+        ),
+        (
+            "hf-tiny-roberta-classifier",
+            "RobertaForSequenceClassification",
+            "classifier.out_proj.weight [3, 32]",
+        ),
+    ] {
+        let dir = common::repo_root().join("tests/fixtures").join(fixture);
+        let source = Source::read(&dir).unwrap();
+        let (path, json) = source.hf_config.clone().unwrap();
+        let p = path.display().to_string();
+        let model = hf_config::detect_model_config(&json, &p).unwrap();
+        let head = hf_config::head(&json, &model, &p)
+            .unwrap()
+            .expect("a classifier's config");
+        assert_eq!(head.labels, ["negative", "neutral", "positive"]);
+        assert_eq!(head.pooling, kiln_models::Pooling::Cls);
+        let err = convert(&source, &model, false).unwrap_err().to_string();
+        assert!(err.contains(&format!("unexpected: {head_tensor}")), "{fixture}: {err}");
 
-    let (weights, report) = convert_as(&source, &model, Some(&head), false, StoreDtype::F32).unwrap();
-    assert!(report.is_complete(), "{}", report.details());
-    assert!(
-        report
-            .mapped
-            .iter()
-            .any(|(from, to, t)| from == "classifier.weight" && to == "classifier.weight" && *t),
-        "{:?}",
-        report.mapped
-    );
-    let out = tempfile::tempdir().unwrap();
-    let kiln_dir = out.path().join("classifier");
-    let file = ModelFile {
-        model: model.clone(),
-        head: Some(head.clone()),
-        quantization: None,
-    };
-    kiln_convert::write_model_dir_with(&kiln_dir, &file, &weights, Some(&path), None, &[]).unwrap();
-    let written = ModelFile::load(&kiln_dir.join("config.toml")).unwrap();
-    assert_eq!(written.head.as_ref(), Some(&head));
+        let (weights, report) = convert_as(&source, &model, Some(&head), false, StoreDtype::F32).unwrap();
+        assert!(report.is_complete(), "{fixture}: {}", report.details());
+        let out = tempfile::tempdir().unwrap();
+        let kiln_dir = out.path().join("classifier");
+        let file = ModelFile {
+            model: model.clone(),
+            head: Some(head.clone()),
+            quantization: None,
+        };
+        kiln_convert::write_model_dir_with(&kiln_dir, &file, &weights, Some(&path), None, &[]).unwrap();
+        let written = ModelFile::load(&kiln_dir.join("config.toml")).unwrap();
+        assert_eq!(written.head.as_ref(), Some(&head));
 
-    let reference: ClassifierLogits =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("logits.json")).unwrap()).unwrap();
-    let kiln_models::ModelConfig::Bert(c) = &model else {
-        panic!("{}", model.arch())
-    };
-    let device = Device::flex();
-    let classifier =
-        kiln_core::weights::load_weights(head.init(c.init(&device), &device), &kiln_dir.join("model.safetensors"))
+        let reference: ClassifierLogits =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        let (kiln_models::ModelConfig::Bert(c) | kiln_models::ModelConfig::Roberta(c)) = &model else {
+            panic!("{}", model.arch())
+        };
+        let device = Device::flex();
+        let classifier =
+            kiln_core::weights::load_weights(head.init(c.init(&device), &device), &kiln_dir.join("model.safetensors"))
+                .unwrap();
+        let (b, t) = (reference.input_ids.len(), reference.input_ids[0].len());
+        let int = |rows: &[Vec<i64>]| Tensor::<2, Int>::from_data(TensorData::new(rows.concat(), [b, t]), &device);
+        let logits = classifier
+            .forward(int(&reference.input_ids), int(&reference.attention_mask))
+            .into_data()
+            .try_to_vec::<f32>()
             .unwrap();
-    let (b, t) = (reference.input_ids.len(), reference.input_ids[0].len());
-    let int = |rows: &[Vec<i64>]| Tensor::<2, Int>::from_data(TensorData::new(rows.concat(), [b, t]), &device);
-    let logits = classifier
-        .forward(int(&reference.input_ids), int(&reference.attention_mask))
-        .into_data()
-        .try_to_vec::<f32>()
-        .unwrap();
-    let want: Vec<f32> = reference.logits.concat();
-    let max_diff = logits.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-    eprintln!("BertForSequenceClassification: max |kiln - transformers| logit difference {max_diff:.2e}");
-    assert!(max_diff <= 1e-5, "{max_diff}: {logits:?} vs {want:?}");
+        let want: Vec<f32> = reference.logits.concat();
+        let max_diff = logits.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        eprintln!("{class}: max |kiln - transformers| logit difference {max_diff:.2e}");
+        assert!(max_diff <= 1e-5, "{fixture}: {max_diff}: {logits:?} vs {want:?}");
 
-    // Back to Hugging Face: the same tensors, and a config with the same head.
-    let hf = kiln_convert::export_hf(&weights, &model, Some(&head)).unwrap();
-    let exported = safetensors::SafeTensors::deserialize(&hf).unwrap();
-    let original_bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+        // Back to Hugging Face: the same tensors, and a config with the same head.
+        let hf = kiln_convert::export_hf(&weights, &model, Some(&head)).unwrap();
+        assert_round_trip(&hf, &dir.join("model.safetensors"), fixture);
+        let hf_json = hf_config::to_hf_json_with(&model, Some(&head)).unwrap();
+        assert_eq!(hf_json["architectures"][0], class);
+        assert_eq!(
+            hf_config::head(&hf_json, &model, "exported").unwrap().as_ref(),
+            Some(&head)
+        );
+        assert_eq!(
+            hf_config::detect_model_config(&hf_json, "exported").unwrap(),
+            model,
+            "{fixture}: config round trip"
+        );
+    }
+}
+
+/// The exported safetensors `hf` hold exactly the tensors of `original`, bit for bit.
+fn assert_round_trip(hf: &[u8], original: &Path, what: &str) {
+    let exported = safetensors::SafeTensors::deserialize(hf).unwrap();
+    let original_bytes = std::fs::read(original).unwrap();
     let original = safetensors::SafeTensors::deserialize(&original_bytes).unwrap();
     let (mut names, mut got) = (original.names(), exported.names());
     names.sort();
     got.sort();
-    assert_eq!(got, names);
+    assert_eq!(got, names, "{what}");
     for name in names {
         let (a, b) = (original.tensor(name).unwrap(), exported.tensor(name).unwrap());
         assert!(
             a.shape() == b.shape() && a.data() == b.data(),
-            "{name} differs after the round trip"
+            "{what}: {name} differs after the round trip"
         );
     }
-    let hf_json = hf_config::to_hf_json_with(&model, Some(&head)).unwrap();
-    assert_eq!(hf_json["architectures"][0], "BertForSequenceClassification");
+}
+
+#[derive(serde::Deserialize)]
+struct EncoderReference {
+    input_ids: Vec<Vec<i64>>,
+    attention_mask: Vec<Vec<i64>>,
+    last_hidden_state: Vec<Vec<Vec<f32>>>,
+    pooler_output: Vec<Vec<f32>>,
+}
+
+/// A Hugging Face `RobertaModel` converts to Kiln's `roberta` (BERT's layers, positions
+/// after the padding index): its last hidden states (real tokens) and pooler output
+/// match transformers', and `--to hf` round-trips bit for bit.
+#[test]
+fn roberta_matches_transformers_and_round_trips() {
+    use kiln_convert::hf_config;
+    let dir = common::repo_root().join("tests/fixtures/hf-tiny-roberta");
+    let source = Source::read(&dir).unwrap();
+    let (path, json) = source.hf_config.clone().unwrap();
+    let model = hf_config::detect_model_config(&json, &path.display().to_string()).unwrap();
+    let kiln_models::ModelConfig::Roberta(c) = &model else {
+        panic!("detected {}", model.arch())
+    };
+    assert_eq!(c.position_offset, 2);
+    let (weights, report) = convert(&source, &model, false).unwrap();
+    assert!(report.is_complete(), "{}", report.details());
+    let out = tempfile::tempdir().unwrap();
+    let st = out.path().join("model.safetensors");
+    std::fs::write(&st, &weights).unwrap();
+    let device = Device::flex();
+    let roberta = kiln_core::weights::load_weights(c.init(&device), &st).unwrap();
     assert_eq!(
-        hf_config::head(&hf_json, &model, "exported").unwrap().as_ref(),
-        Some(&head)
+        roberta.max_positions(),
+        16,
+        "18 position rows, the first 2 before the offset"
     );
+    let reference: EncoderReference =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let (b, t) = (reference.input_ids.len(), reference.input_ids[0].len());
+    let int = |rows: &[Vec<i64>]| Tensor::<2, Int>::from_data(TensorData::new(rows.concat(), [b, t]), &device);
+    let hidden = roberta.forward(int(&reference.input_ids), int(&reference.attention_mask));
+    let pooled = roberta.pooled(hidden.clone()).into_data().try_to_vec::<f32>().unwrap();
+    let hidden = hidden.into_data().try_to_vec::<f32>().unwrap();
+    let c = reference.pooler_output[0].len();
+    let mut max_hidden = 0f32;
+    for (i, mask) in reference.attention_mask.concat().iter().enumerate() {
+        if *mask == 1 {
+            let want = &reference.last_hidden_state[i / t][i % t];
+            for (a, b) in hidden[i * c..(i + 1) * c].iter().zip(want) {
+                max_hidden = max_hidden.max((a - b).abs());
+            }
+        }
+    }
+    let want: Vec<f32> = reference.pooler_output.concat();
+    let max_pooled = pooled.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    eprintln!("RobertaModel: max |kiln - transformers| hidden {max_hidden:.2e}, pooler {max_pooled:.2e}");
+    assert!(max_hidden <= 1e-5 && max_pooled <= 1e-5, "{max_hidden} {max_pooled}");
+    let hf = kiln_convert::export_hf(&weights, &model, None).unwrap();
+    assert_round_trip(&hf, &dir.join("model.safetensors"), "roberta");
+    let hf_json = hf_config::to_hf_json(&model).unwrap();
+    assert_eq!(hf_config::detect_model_config(&hf_json, "exported").unwrap(), model);
 }
 
 /// Task heads Kiln does not compute are refused naming the key.

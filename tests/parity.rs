@@ -221,6 +221,7 @@ fn every_architecture_computes_the_same_on_every_backend() {
         layer_norm_eps: 1e-12,
         sentence_pooling: Default::default(),
         normalize: true,
+        position_offset: 0,
     };
     check_arch(
         "bert",

@@ -267,6 +267,7 @@ fn quantized_bert_embeds_like_f32() {
         layer_norm_eps: 1e-12,
         sentence_pooling: Default::default(),
         normalize: true,
+        position_offset: 0,
     };
     let flex = Device::flex();
     let dir = f32_dir(&root, "bert", ModelConfig::Bert(cfg.clone()), &cfg.init(&flex));

@@ -3,7 +3,7 @@
 //! `infer` and `finetune` take as is.
 //!
 //! ```text
-//! cargo run --release -p convert -- --input PATH [--arch gpt2|llama|bert|mlp|cnn]
+//! cargo run --release -p convert -- --input PATH [--arch gpt2|llama|gemma3|bert|roberta|mlp|cnn]
 //!     [--config config.json|config.toml] --output DIR [--allow-partial]
 //! ```
 //! PATH: a `.safetensors`, `.pt`/`.pth`/`.bin`, `.onnx` or `.gguf` file, or a Hugging Face

@@ -51,14 +51,14 @@ pub fn to_hf_json_with(model: &ModelConfig, head: Option<&ClassifierHead>) -> Re
     let rules = arch::for_arch(model.arch())?
         .head
         .ok_or_else(|| ConvertError::Config(format!("{} has no sequence-classification head", model.arch())))?;
-    (rules.to_hf)(json, head)
+    arch::bert::head_to_hf(json, head, rules.class)
 }
 
 /// The classification head a Hugging Face `config.json` describes for `model`
 /// (`BertForSequenceClassification`: its labels, CLS pooling); `None` for a bare model.
 pub fn head(json: &Value, model: &ModelConfig, path: &str) -> Result<Option<ClassifierHead>, ConvertError> {
     match arch::for_arch(model.arch())?.head {
-        Some(rules) => (rules.from_hf)(json, path),
+        Some(_) => arch::bert::head_from_hf(json, path),
         None => Ok(None),
     }
 }

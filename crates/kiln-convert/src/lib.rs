@@ -403,9 +403,9 @@ pub fn apply_sentence_pooling(input: &Path, model: &mut ModelConfig) -> Result<O
     let Some((pooling, normalize)) = arch::sentence_pooling(dir)? else {
         return Ok(None);
     };
-    let ModelConfig::Bert(c) = model else {
+    let (ModelConfig::Bert(c) | ModelConfig::Roberta(c)) = model else {
         return Err(ConvertError::Config(format!(
-            "{}: sentence-transformers pooling for a {} model (only bert computes sentence embeddings)",
+            "{}: sentence-transformers pooling for a {} model (only bert and roberta compute sentence embeddings)",
             modules.display(),
             model.arch()
         )));
@@ -616,9 +616,13 @@ pub fn convert_as(
                 ConvertError::Config(format!("{} has no sequence-classification head", model.arch()))
             })?),
         };
-    let head_tensors = compile(head_rules.map_or(&[][..], |h| h.tensors));
+    let head_renames = compile_renames(head_rules.map_or(&[][..], |h| h.tensors));
     let head_transposed = compile(head_rules.map_or(&[][..], |h| h.transpose));
-    let prefix = head_rules.map_or("", |h| h.encoder);
+    let prefix = if head_rules.is_some() {
+        arch::CLASSIFIER_ENCODER
+    } else {
+        ""
+    };
     let renames = compile_renames(rules.renames);
     let ignore = compile(rules.ignore);
     let transposed = compile(rules.transpose);
@@ -637,16 +641,16 @@ pub fn convert_as(
         let (name, removed) = arch::strip_wrappers(full_name);
         wrappers.extend(removed);
         let name = &name.to_string();
-        let is_head = head_tensors.iter().any(|r| r.is_match(name));
+        let head_rule = head_renames.iter().find(|(r, _)| r.is_match(name));
+        let is_head = head_rule.is_some();
         if !is_head && ignore.iter().any(|r| r.is_match(name)) {
             report.ignored.push(full_name.clone());
             continue;
         }
-        // A task model's encoder tensors keep its prefix (`bert.`); the head's are its own.
-        let kiln = if is_head {
-            name.clone()
-        } else {
-            format!("{prefix}{}", rename(name, &renames))
+        // A classifier's encoder goes under `bert.`; the head's tensors by its own rules.
+        let kiln = match head_rule {
+            Some((r, to)) => r.replace(name, *to).into_owned(),
+            None => format!("{prefix}{}", rename(name, &renames)),
         };
         if !expected.contains_key(&kiln) && tied.iter().any(|r| r.is_match(&kiln)) {
             // The configured model ties this parameter: the checkpoint's copy is a duplicate.
@@ -836,9 +840,12 @@ pub fn export_hf(weights: &[u8], model: &ModelConfig, head: Option<&ClassifierHe
     let conversion = arch::for_arch(model.arch())?;
     let rules = &conversion.rules;
     let head_rules = conversion.head.filter(|_| head.is_some());
-    let head_tensors = compile(head_rules.map_or(&[][..], |h| h.tensors));
+    let head_export = compile_renames(head_rules.map_or(&[][..], |h| h.export));
     let head_transposed = compile(head_rules.map_or(&[][..], |h| h.transpose));
-    let prefix = head_rules.map_or("", |h| h.encoder);
+    let (prefix, hf_prefix) = match head_rules {
+        Some(h) => (arch::CLASSIFIER_ENCODER, h.hf_encoder),
+        None => ("", ""),
+    };
     let renames = compile_renames(rules.export);
     let transposed = compile(rules.transpose);
     let st = safetensors::SafeTensors::deserialize(weights).map_err(|e| {
@@ -857,14 +864,18 @@ pub fn export_hf(weights: &[u8], model: &ModelConfig, head: Option<&ClassifierHe
                 format!("{:?}: Kiln weights are F32, F16 or BF16", view.dtype()),
             )
         })?;
-        let (hf, transpose_it) = if head_tensors.iter().any(|r| r.is_match(&name)) {
-            (name.clone(), head_transposed.iter().any(|r| r.is_match(&name)))
-        } else {
-            let bare = name.strip_prefix(prefix).unwrap_or(&name);
-            (
-                format!("{prefix}{}", rename(bare, &renames)),
-                transposed.iter().any(|r| r.is_match(bare)),
-            )
+        let (hf, transpose_it) = match head_export.iter().find(|(r, _)| r.is_match(&name)) {
+            Some((r, to)) => (
+                r.replace(&name, *to).into_owned(),
+                head_transposed.iter().any(|r| r.is_match(&name)),
+            ),
+            None => {
+                let bare = name.strip_prefix(prefix).unwrap_or(&name);
+                (
+                    format!("{hf_prefix}{}", rename(bare, &renames)),
+                    transposed.iter().any(|r| r.is_match(bare)),
+                )
+            }
         };
         let (shape, values) = if transpose_it && shape.len() == 2 {
             (vec![shape[1], shape[0]], transpose(&values, shape[0], shape[1]))

@@ -50,6 +50,15 @@ pub struct BertConfig {
     /// sentence-transformers' `modules.json`); default true.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub normalize: bool,
+    /// The position row of the first token: 0 for BERT; RoBERTa's positions start after
+    /// its padding index (`pad_token_id + 1` = 2), so `max_positions - position_offset`
+    /// tokens fit.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub position_offset: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Sentence-transformers' pooling modes that Kiln computes.
@@ -89,6 +98,14 @@ impl BertConfig {
         )?;
         ensure(self.intermediate_size > 0, "intermediate_size", "must be at least 1")?;
         ensure(self.max_positions > 0, "max_positions", "must be at least 1")?;
+        ensure(
+            self.position_offset < self.max_positions,
+            "position_offset",
+            format!(
+                "{} leaves no position of max_positions = {}",
+                self.position_offset, self.max_positions
+            ),
+        )?;
         ensure(self.vocab_size > 0, "vocab_size", "must be at least 1")?;
         ensure(self.type_vocab_size > 0, "type_vocab_size", "must be at least 1")?;
         ensure(self.layer_norm_eps > 0.0, "layer_norm_eps", "must be positive")
@@ -115,6 +132,7 @@ impl BertConfig {
                 position_embeddings: embedding(self.max_positions),
                 token_type_embeddings: embedding(self.type_vocab_size),
                 layer_norm: layer_norm(),
+                position_offset: self.position_offset,
             },
             encoder: BertEncoder {
                 layer: (0..self.n_layer)
@@ -171,6 +189,8 @@ pub struct BertEmbeddings {
     /// `[type_vocab, C]`
     pub token_type_embeddings: Embedding,
     pub layer_norm: LayerNorm,
+    /// Row of the first position ([`BertConfig::position_offset`]).
+    pub position_offset: usize,
 }
 
 #[derive(Module, Debug)]
@@ -267,8 +287,9 @@ impl BertLayer {
 }
 
 impl BertModel {
+    /// The longest input: the position rows after the offset.
     pub fn max_positions(&self) -> usize {
-        self.embeddings.position_embeddings.weight.dims()[0]
+        self.embeddings.position_embeddings.weight.dims()[0] - self.embeddings.position_offset
     }
 
     /// Token ids and attention mask (1 = token, 0 = padding), both `[B, T]` ->
@@ -277,7 +298,11 @@ impl BertModel {
         let [b, t] = ids.dims();
         let device = ids.device();
         let e = &self.embeddings;
-        let positions = Tensor::<1, Int>::arange(0..t as i64, &device).reshape([1, t]);
+        // RoBERTa counts positions from its offset; a right-padded sequence's real
+        // tokens get exactly the rows transformers gives them (padded ones differ, and
+        // are masked out).
+        let offset = e.position_offset as i64;
+        let positions = Tensor::<1, Int>::arange(offset..offset + t as i64, &device).reshape([1, t]);
         let types = Tensor::<2, Int>::zeros([b, t], &device);
         let x = e.word_embeddings.forward(ids)
             + e.position_embeddings.forward(positions)

@@ -179,6 +179,8 @@ architectures! {
     "mlp" => Mlp(MlpConfig), image_classifier;
     "cnn" => Cnn(CnnConfig), image_classifier;
     "bert" => Bert(BertConfig), encoder;
+    // RoBERTa / XLM-R: BERT's layers with positions after the padding index.
+    "roberta" => Roberta(BertConfig), encoder;
 }
 
 struct Validate;
@@ -270,7 +272,7 @@ mod tests {
         }
         assert_eq!(
             ModelConfig::ARCHITECTURES,
-            ["gpt2", "llama", "gemma3", "mlp", "cnn", "bert"]
+            ["gpt2", "llama", "gemma3", "mlp", "cnn", "bert", "roberta"]
         );
     }
 

@@ -405,11 +405,11 @@ pub fn run_finetune(
     match cfg.task {
         FinetuneTask::Classify => {
             // The classification head is BERT's (`BertForSequenceClassification`).
-            let ModelConfig::Bert(bert_cfg) = &base_model else {
+            let (ModelConfig::Bert(bert_cfg) | ModelConfig::Roberta(bert_cfg)) = &base_model else {
                 return Err(wrong_arch(
                     &cfg.init_from,
                     &base_model,
-                    "task = \"classify\" needs an encoder (bert)",
+                    "task = \"classify\" needs an encoder (bert, roberta)",
                 ));
             };
             let tokenizer = tokenizer.ok_or_else(|| RunError::RunDir {

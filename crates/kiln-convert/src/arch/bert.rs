@@ -41,18 +41,18 @@ pub const CONVERSION: Conversion = Conversion {
 
 /// `BertForSequenceClassification`: `bert.*` and `classifier` on the pooler's output.
 const HEAD: HeadRules = HeadRules {
-    encoder: "bert.",
-    tensors: &[r"^classifier\.(weight|bias)$"],
+    class: "BertForSequenceClassification",
+    hf_encoder: "bert.",
+    tensors: &[(r"^classifier\.(weight|bias)$", "classifier.$1")],
+    export: &[(r"^classifier\.(weight|bias)$", "classifier.$1")],
     transpose: &[r"^classifier\.weight$"],
-    from_hf: head_from_hf,
-    to_hf: head_to_hf,
 };
 
 /// The classifier of a Hugging Face config whose `architectures` name a
 /// `...ForSequenceClassification`: labels from `id2label` (transformers' `LABEL_i` when
 /// it has none), CLS pooling through the pooler (what `BertForSequenceClassification`
 /// computes), dropout `classifier_dropout`, else `hidden_dropout_prob`.
-fn head_from_hf(json: &Value, path: &str) -> Result<Option<ClassifierHead>, ConvertError> {
+pub(crate) fn head_from_hf(json: &Value, path: &str) -> Result<Option<ClassifierHead>, ConvertError> {
     let classifier = json.get("architectures").and_then(Value::as_array).is_some_and(|a| {
         a.iter()
             .filter_map(Value::as_str)
@@ -104,10 +104,12 @@ fn head_from_hf(json: &Value, path: &str) -> Result<Option<ClassifierHead>, Conv
     }))
 }
 
-fn head_to_hf(mut json: Value, head: &ClassifierHead) -> Result<Value, ConvertError> {
+/// The `config.json` of the task model `class`: the encoder's `json` with the head's
+/// labels; a mean-pooling head (Kiln's fine-tuning default) has no Hugging Face class.
+pub(crate) fn head_to_hf(mut json: Value, head: &ClassifierHead, class: &str) -> Result<Value, ConvertError> {
     if head.pooling != Pooling::Cls {
         return Err(ConvertError::Config(format!(
-            "[head] pooling = {:?}: Hugging Face's BertForSequenceClassification classifies the CLS pooler's output; a mean-pooling head has no Hugging Face class",
+            "[head] pooling = {:?}: Hugging Face's {class} classifies the CLS token's pooled state; a mean-pooling head has no Hugging Face class",
             head.pooling
         )));
     }
@@ -123,7 +125,7 @@ fn head_to_hf(mut json: Value, head: &ClassifierHead) -> Result<Value, ConvertEr
         .enumerate()
         .map(|(i, l)| (l.clone(), Value::from(i)))
         .collect();
-    json["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
+    json["architectures"] = serde_json::json!([class]);
     json["id2label"] = Value::Object(id2label);
     json["label2id"] = Value::Object(label2id);
     json["classifier_dropout"] = Value::from(head.dropout);
@@ -131,9 +133,9 @@ fn head_to_hf(mut json: Value, head: &ClassifierHead) -> Result<Value, ConvertEr
     Ok(json)
 }
 
-/// The fields of a BERT `config.json` Kiln reads.
+/// The fields of a BERT (or RoBERTa) `config.json` Kiln reads.
 #[derive(Deserialize)]
-struct HfBert {
+pub(super) struct HfBert {
     num_hidden_layers: usize,
     num_attention_heads: usize,
     hidden_size: usize,
@@ -144,6 +146,42 @@ struct HfBert {
     type_vocab_size: usize,
     #[serde(default = "default_eps")]
     layer_norm_eps: f64,
+    #[serde(default)]
+    pub(super) pad_token_id: Option<usize>,
+    #[serde(default)]
+    hidden_act: Option<String>,
+    #[serde(default)]
+    position_embedding_type: Option<String>,
+}
+
+impl HfBert {
+    /// The Kiln config, positions starting at row `position_offset`; an activation or
+    /// position embedding Kiln does not compute is an error naming the key.
+    pub(super) fn config(&self, position_offset: usize, path: &str) -> Result<BertConfig, ConvertError> {
+        if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "gelu") {
+            return Err(ConvertError::Config(format!(
+                "{path}: hidden_act = {act:?} is not supported (Kiln's encoder uses gelu)"
+            )));
+        }
+        if let Some(p) = self.position_embedding_type.as_deref().filter(|p| *p != "absolute") {
+            return Err(ConvertError::Config(format!(
+                "{path}: position_embedding_type = {p:?} is not supported (absolute)"
+            )));
+        }
+        Ok(BertConfig {
+            n_layer: self.num_hidden_layers,
+            n_head: self.num_attention_heads,
+            n_embd: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            max_positions: self.max_position_embeddings,
+            vocab_size: self.vocab_size,
+            type_vocab_size: self.type_vocab_size,
+            layer_norm_eps: self.layer_norm_eps,
+            sentence_pooling: Default::default(),
+            normalize: true,
+            position_offset,
+        })
+    }
 }
 
 fn default_type_vocab() -> usize {
@@ -156,22 +194,15 @@ fn default_eps() -> f64 {
 fn from_hf(json: &Value, path: &str) -> Result<ModelConfig, ConvertError> {
     let hf: HfBert = parse(json, path)?;
     check_model_type(json, CONVERSION.model_types, "bert", path)?;
-    Ok(ModelConfig::Bert(BertConfig {
-        n_layer: hf.num_hidden_layers,
-        n_head: hf.num_attention_heads,
-        n_embd: hf.hidden_size,
-        intermediate_size: hf.intermediate_size,
-        max_positions: hf.max_position_embeddings,
-        vocab_size: hf.vocab_size,
-        type_vocab_size: hf.type_vocab_size,
-        layer_norm_eps: hf.layer_norm_eps,
-        sentence_pooling: Default::default(),
-        normalize: true,
-    }))
+    Ok(ModelConfig::Bert(hf.config(0, path)?))
 }
 
 fn to_hf(model: &ModelConfig) -> Option<Value> {
+    // A BERT whose positions start past row 0 is not a Hugging Face `BertModel`.
     let ModelConfig::Bert(c) = model else { return None };
+    if c.position_offset != 0 {
+        return None;
+    }
     Some(serde_json::json!({
         "model_type": "bert", "architectures": ["BertModel"],
         "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "hidden_size": c.n_embd,

@@ -2,18 +2,19 @@
 //! `config.json` mapping (a serde struct each way). [`ALL`] lists them; an architecture
 //! of the model registry without an entry here cannot be converted (and says so).
 
-use kiln_models::{ClassifierHead, ModelConfig};
+use kiln_models::ModelConfig;
 use serde_json::Value;
 
 use crate::ConvertError;
 
-mod bert;
+pub(crate) mod bert;
 pub use bert::sentence_pooling;
 mod cnn;
 mod gemma3;
 mod gpt2;
 mod llama;
 mod mlp;
+mod roberta;
 
 /// The conversion table of one architecture.
 pub struct Rules {
@@ -68,24 +69,27 @@ pub struct Conversion {
     pub head: Option<&'static HeadRules>,
 }
 
-/// A sequence-classification head on an encoder (`BertForSequenceClassification`): Kiln
-/// keeps the encoder's parameters under the same prefix as Hugging Face and the head
-/// beside it, with the labels and pooling in `[head]`.
+/// A sequence-classification head on an encoder (`BertForSequenceClassification`,
+/// `RobertaForSequenceClassification`): Kiln keeps the encoder's parameters under
+/// [`CLASSIFIER_ENCODER`] and the head beside them, with the labels and pooling in
+/// `[head]` (read from the config by [`bert::head_from_hf`]).
 pub struct HeadRules {
-    /// The encoder's prefix in the task model's names, Hugging Face's and Kiln's alike (`bert.`).
-    pub encoder: &'static str,
-    /// The head's tensors (regex over names after wrapper prefixes), named alike in
-    /// Hugging Face and Kiln.
-    pub tensors: &'static [&'static str],
-    /// Those of them stored `[out, in]` (transposed both ways).
+    /// The Hugging Face class `--to hf` writes.
+    pub class: &'static str,
+    /// The encoder's prefix in the Hugging Face task model's names (`bert.`, `roberta.`).
+    pub hf_encoder: &'static str,
+    /// `(regex, replacement)`: the head's Hugging Face names (after wrapper prefixes) ->
+    /// Kiln's.
+    pub tensors: &'static [(&'static str, &'static str)],
+    /// `(regex, replacement)`: Kiln names of the head's tensors -> Hugging Face's.
+    pub export: &'static [(&'static str, &'static str)],
+    /// Kiln names (regex) of head weights stored `[out, in]` (transposed both ways).
     pub transpose: &'static [&'static str],
-    /// The head a Hugging Face `config.json` describes; `None` when it is not a
-    /// classifier's. An unsupported task (regression, multi-label) is an error naming the key.
-    pub from_hf: fn(&Value, &str) -> Result<Option<ClassifierHead>, ConvertError>,
-    /// The `config.json` of the task model (`--to hf`): the encoder's with the head's
-    /// keys; an error when Hugging Face has no such head.
-    pub to_hf: fn(Value, &ClassifierHead) -> Result<Value, ConvertError>,
 }
+
+/// Where a Kiln classifier keeps its encoder (`BertForSequenceClassification::bert`),
+/// whatever the architecture.
+pub const CLASSIFIER_ENCODER: &str = "bert.";
 
 /// Prefixes that wrappers put before every parameter name, whatever the architecture:
 /// torch.compile (`_orig_mod.`), DistributedDataParallel / DataParallel (`module.`),
@@ -117,6 +121,7 @@ pub const ALL: &[&Conversion] = &[
     &llama::CONVERSION,
     &gemma3::CONVERSION,
     &bert::CONVERSION,
+    &roberta::CONVERSION,
     &mlp::CONVERSION,
     &cnn::CONVERSION,
 ];
