@@ -15,6 +15,13 @@ fn run(bin: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `convert ARGS`, which must succeed: its standard output.
+fn convert_ok(args: &[&str]) -> String {
+    let o = run(env!("CARGO_BIN_EXE_convert"), args);
+    assert!(o.status.success(), "convert {args:?}: {}", text(&o.stderr));
+    text(&o.stdout)
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -251,16 +258,10 @@ fn refuses_bad_gguf_files_by_name() {
 /// the export's outputs do not use.
 #[test]
 fn converts_an_onnx_file_with_the_config_read_off_its_graph() {
-    let convert = env!("CARGO_BIN_EXE_convert");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tiny");
     let onnx = common::repo_root().join("tests/fixtures/onnx/default.onnx");
-    let o = run(
-        convert,
-        &["--input", onnx.to_str().unwrap(), "--output", out.to_str().unwrap()],
-    );
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let stdout = text(&o.stdout);
+    let stdout = convert_ok(&["--input", onnx.to_str().unwrap(), "--output", out.to_str().unwrap()]);
     assert!(
         stdout.contains("placed by their role in a bert graph") && stdout.contains("pooler.dense.weight"),
         "{stdout}"
@@ -280,16 +281,10 @@ fn converts_an_onnx_file_with_the_config_read_off_its_graph() {
 /// exported by Optimum converts with its architecture detected from the graph.
 #[test]
 fn converts_a_classifier_with_its_head_and_back() {
-    let convert = env!("CARGO_BIN_EXE_convert");
     let dir = tempfile::tempdir().unwrap();
     let (kiln, hf) = (dir.path().join("kiln"), dir.path().join("hf"));
     let input = common::repo_root().join("tests/fixtures/hf-tiny-bert-classifier");
-    let o = run(
-        convert,
-        &["--input", input.to_str().unwrap(), "--output", kiln.to_str().unwrap()],
-    );
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let stdout = text(&o.stdout);
+    let stdout = convert_ok(&["--input", input.to_str().unwrap(), "--output", kiln.to_str().unwrap()]);
     assert!(
         stdout.contains("classifier head: 3 labels (negative, neutral, positive), Cls pooling")
             && stdout.contains("classifier.weight -> classifier.weight (transposed)"),
@@ -297,18 +292,14 @@ fn converts_a_classifier_with_its_head_and_back() {
     );
     let toml = std::fs::read_to_string(kiln.join("config.toml")).unwrap();
     assert!(toml.contains("[head]") && toml.contains("\"neutral\""), "{toml}");
-    let o = run(
-        convert,
-        &[
-            "--to",
-            "hf",
-            "--input",
-            kiln.to_str().unwrap(),
-            "--output",
-            hf.to_str().unwrap(),
-        ],
-    );
-    assert!(o.status.success(), "{}", text(&o.stderr));
+    convert_ok(&[
+        "--to",
+        "hf",
+        "--input",
+        kiln.to_str().unwrap(),
+        "--output",
+        hf.to_str().unwrap(),
+    ]);
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
     assert_eq!(json["architectures"][0], "BertForSequenceClassification", "{json}");
@@ -316,12 +307,7 @@ fn converts_a_classifier_with_its_head_and_back() {
 
     let out = dir.path().join("gpt2");
     let onnx = common::repo_root().join("tests/fixtures/onnx/gpt2-with-past.onnx");
-    let o = run(
-        convert,
-        &["--input", onnx.to_str().unwrap(), "--output", out.to_str().unwrap()],
-    );
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let stdout = text(&o.stdout);
+    let stdout = convert_ok(&["--input", onnx.to_str().unwrap(), "--output", out.to_str().unwrap()]);
     assert!(
         stdout.contains("placed by their role in a gpt2 graph") && stdout.contains("(tied)"),
         "{stdout}"

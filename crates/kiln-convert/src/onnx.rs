@@ -530,6 +530,16 @@ impl Graph {
         self.consumers.get(value).map_or(&[], Vec::as_slice)
     }
 
+    /// The token-ids input: `input_ids`, else the first graph input.
+    pub fn ids_input(&self) -> Result<&str, String> {
+        self.inputs
+            .iter()
+            .find(|i| *i == "input_ids")
+            .or(self.inputs.first())
+            .map(String::as_str)
+            .ok_or_else(|| "the graph has no inputs".to_string())
+    }
+
     /// An integer constant's values.
     pub fn ints(&self, value: &str) -> Option<&[i64]> {
         match &self.consts.get(value)?.values {

@@ -203,13 +203,18 @@ fn to_hf(model: &ModelConfig) -> Option<Value> {
     if c.position_offset != 0 {
         return None;
     }
-    Some(serde_json::json!({
-        "model_type": "bert", "architectures": ["BertModel"],
+    Some(hf_json(c, "bert", "BertModel"))
+}
+
+/// The `config.json` of an encoder of Kiln's BERT layers (`BertModel`, `RobertaModel`).
+pub(super) fn hf_json(c: &BertConfig, model_type: &str, class: &str) -> Value {
+    serde_json::json!({
+        "model_type": model_type, "architectures": [class],
         "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "hidden_size": c.n_embd,
         "intermediate_size": c.intermediate_size, "max_position_embeddings": c.max_positions,
         "vocab_size": c.vocab_size, "type_vocab_size": c.type_vocab_size,
         "layer_norm_eps": c.layer_norm_eps, "hidden_act": "gelu", "position_embedding_type": "absolute",
-    }))
+    })
 }
 
 /// Place a BERT encoder's weights by their role in an ONNX graph (see [`crate::onnx`]):

@@ -106,15 +106,10 @@ fn to_hf(model: &ModelConfig) -> Option<Value> {
 /// graph.
 pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
     let (linears, norms, embeds) = (g.linears(), g.norms(), g.embeddings());
-    let ids = g
-        .inputs
-        .iter()
-        .find(|i| *i == "input_ids")
-        .or(g.inputs.first())
-        .ok_or("the graph has no inputs")?;
+    let ids = g.ids_input()?;
     let (mut word, mut position) = (None, None);
     for e in &embeds {
-        let role = if g.as_input(&e.indices) == Some(ids.as_str()) {
+        let role = if g.as_input(&e.indices) == Some(ids) {
             &mut word
         } else if g.as_input(&e.indices) == Some("position_ids") || g.upstream(&e.indices).has_arange() {
             &mut position

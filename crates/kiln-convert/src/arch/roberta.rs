@@ -61,12 +61,7 @@ fn from_hf(json: &Value, path: &str) -> Result<ModelConfig, ConvertError> {
 
 fn to_hf(model: &ModelConfig) -> Option<Value> {
     let ModelConfig::Roberta(c) = model else { return None };
-    Some(serde_json::json!({
-        "model_type": "roberta", "architectures": ["RobertaModel"],
-        "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "hidden_size": c.n_embd,
-        "intermediate_size": c.intermediate_size, "max_position_embeddings": c.max_positions,
-        "vocab_size": c.vocab_size, "type_vocab_size": c.type_vocab_size,
-        "layer_norm_eps": c.layer_norm_eps, "hidden_act": "gelu", "position_embedding_type": "absolute",
-        "pad_token_id": c.position_offset.saturating_sub(1),
-    }))
+    let mut json = bert::hf_json(c, "roberta", "RobertaModel");
+    json["pad_token_id"] = Value::from(c.position_offset.saturating_sub(1));
+    Some(json)
 }
