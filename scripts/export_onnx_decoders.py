@@ -17,7 +17,10 @@ transposed copy of the token table):
   (past_key_values.N.key/value inputs, present.N.* outputs).
 
 and llama-scaled-rope.onnx: the tiny Llama with a llama3 `rope_scaling`, whose rotary
-frequencies are not `theta^(-2i/d)` (refused without its config.json).
+frequencies are not `theta^(-2i/d)` (refused without its config.json); and
+gemma3-optimum/: a tiny random Gemma 3 (a sliding and a global layer, non-trivial norm
+weights) made here, exported with its config.json kept beside (Gemma's sliding window,
+rope bases and query scale are read from it, not off the graph).
 
 The config.json Optimum writes beside the file is not kept: `convert` reads the config
 off the graph. Each NAME.onnx gets NAME.onnx.reference.json: onnxruntime's logits on the
@@ -31,7 +34,9 @@ import tempfile
 
 import numpy as np
 import onnxruntime
+import torch
 from optimum.exporters.onnx import main_export
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -79,6 +84,30 @@ def main(out):
         json.dump(config, open(os.path.join(model, "config.json"), "w"))
         main_export(model, output=os.path.join(tmp, "out"), task="text-generation", do_validation=False)
         shutil.copy(os.path.join(tmp, "out", "model.onnx"), os.path.join(out, "llama-scaled-rope.onnx"))
+    gemma3(out, tokens)
+
+
+def gemma3(out, tokens):
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=32,
+                              sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                              query_pre_attn_scalar=8, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0)
+    model = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:  # the norms' weights: Gemma scales by (1 + w), HF initialises w = 0
+                p.add_(torch.randn_like(p) * 0.1)
+    dest = os.path.join(out, "gemma3-optimum")
+    os.makedirs(dest, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(os.path.join(tmp, "hf"), safe_serialization=True)
+        main_export(os.path.join(tmp, "hf"), output=os.path.join(tmp, "out"), task="text-generation",
+                    do_validation=False)
+        for name in ["model.onnx", "config.json"]:
+            shutil.copy(os.path.join(tmp, "out", name), os.path.join(dest, name))
+    logits = reference(os.path.join(dest, "model.onnx"), tokens, model.config.to_dict())
+    print(f"{dest}: logits {list(logits.shape)}")
 
 
 if __name__ == "__main__":

@@ -361,3 +361,45 @@ fn decoder_graphs_that_do_not_fit_are_refused_with_the_reason() {
     let err = err.to_string();
     assert!(err.contains("bert: ") && !err.contains("gpt2:"), "{err}");
 }
+
+/// Gemma 3 as Optimum exports it, with the config.json it writes beside the file: the
+/// graph is told from Llama's by its sandwich norms and scaled embedding, the norms'
+/// folded `1 + w` is taken back to `w`, and the converted model's logits (a sliding and a
+/// global layer) match onnxruntime's.
+#[test]
+fn a_gemma3_export_converts_through_the_graph_and_matches_onnxruntime() {
+    use kiln_models::CausalLm;
+    let file = tiny_dir().join("gemma3-optimum/model.onnx");
+    let reference: LogitsReference =
+        serde_json::from_str(&std::fs::read_to_string(file.with_extension("onnx.reference.json")).unwrap()).unwrap();
+    let source = Source::read(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    assert!(source.notes[0].contains("a gemma3 graph"), "{:?}", source.notes);
+    assert!(
+        source.notes.iter().any(|n| n.contains("1 + w of Gemma's norm")),
+        "{:?}",
+        source.notes
+    );
+    let (path, json) = source.hf_config.clone().expect("the config.json beside the file");
+    assert!(path.ends_with("gemma3-optimum/config.json"), "{}", path.display());
+    let model = hf_config::detect_model_config(&json, &path.display().to_string()).unwrap();
+    let (weights, report) = convert(&source, &model, false).unwrap_or_else(|e| panic!("{e}"));
+    assert!(report.is_complete(), "{}", report.details());
+    let ModelConfig::Gemma3(c) = &model else {
+        panic!("detected {}", model.arch())
+    };
+    assert!(c.is_sliding(0) && !c.is_sliding(1), "{c:?}");
+    let out = tempfile::tempdir().unwrap();
+    let st = out.path().join("model.safetensors");
+    std::fs::write(&st, &weights).unwrap();
+    let device = Device::flex();
+    let (b, t) = (reference.tokens.len(), reference.tokens[0].len());
+    let input = Tensor::<2, Int>::from_data(TensorData::new(reference.tokens.concat(), [b, t]), &device);
+    let logits = kiln_core::weights::load_weights(c.init(&device), &st)
+        .unwrap()
+        .forward(input);
+    let ours = logits.into_data().try_to_vec::<f32>().unwrap();
+    let ort: Vec<f32> = reference.logits.iter().flatten().flatten().copied().collect();
+    let max_diff = ours.iter().zip(&ort).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    eprintln!("gemma3 optimum: max |kiln - onnxruntime| logit difference {max_diff:.2e}");
+    assert!(max_diff <= 1e-4, "{max_diff}");
+}

@@ -241,7 +241,7 @@ impl Source {
                     source.tensors.insert(name.clone(), f32_tensor(name, shape, values));
                 }
                 source.absent = r.absent;
-                if source.hf_config.is_none() {
+                if source.hf_config.is_none() && !r.config.is_null() {
                     // Written into the model directory as its config.json (there is no file to copy).
                     let json = serde_json::to_vec_pretty(&r.config).expect("a JSON value serializes");
                     source.extra_files.push((HF_CONFIG.to_string(), json));

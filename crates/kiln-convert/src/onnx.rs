@@ -88,6 +88,17 @@ pub struct Linear {
     pub bias: Option<Folded>,
 }
 
+impl Linear {
+    /// Whether this projection multiplies by `table` (an embedding `[V, C]`) transposed
+    /// and adds nothing: a head tied to the token embedding.
+    pub fn is_tied_to(&self, table: &Folded) -> bool {
+        let [v, c] = table.shape[..] else { return false };
+        self.weight.shape == [c, v]
+            && self.bias.is_none()
+            && crate::transpose(&self.weight.values, c, v) == table.values
+    }
+}
+
 /// A layer norm (a `LayerNormalization` node or its decomposed form), or an RMS norm
 /// (no `beta`: `x / sqrt(mean(x^2) + eps) * gamma`).
 #[derive(Debug, Clone)]
@@ -121,10 +132,25 @@ pub struct DecoderLayer<'a> {
     /// The projections reading the normed stream (q, k and v, or one fused `c_attn`).
     pub attn_in: Vec<&'a Linear>,
     pub attn_out: &'a Linear,
+    /// A norm of the attention output before the residual Add (Gemma's sandwich).
+    pub attn_post_norm: Option<&'a Norm>,
     pub mlp_norm: &'a Norm,
     /// The projections reading the second norm (`c_fc`, or gate and up).
     pub mlp_in: Vec<&'a Linear>,
     pub mlp_out: &'a Linear,
+    pub mlp_post_norm: Option<&'a Norm>,
+}
+
+impl DecoderLayer<'_> {
+    /// Refuse sandwich norms (an architecture without them reading a Gemma graph).
+    pub fn without_post_norms(&self, block: usize) -> Result<(), String> {
+        match (self.attn_post_norm, self.mlp_post_norm) {
+            (None, None) => Ok(()),
+            _ => Err(format!(
+                "block {block}: norms between the projections and the residual Adds (a Gemma-style sandwich)"
+            )),
+        }
+    }
 }
 
 /// A pre-norm decoder found by [`Graph::decoder`].
@@ -897,11 +923,12 @@ impl Graph {
         }
     }
 
-    /// Walk a pre-norm decoder (GPT-2, Llama) from the residual stream `h` (the embedding
-    /// output): per block, the norm reading the stream, the projections reading the norm
-    /// that lead to a `Softmax` (attention), the one projection they all reach (its
-    /// output), the residual `Add`, the second norm, the projections reading it and the
-    /// one they reach (the MLP's output), and the second residual `Add`. The first norm
+    /// Walk a pre-norm decoder (GPT-2, Llama, Gemma) from the residual stream `h` (the
+    /// embedding output): per block, the norm reading the stream, the projections reading
+    /// the norm that lead to a `Softmax` (attention), the one projection they all reach
+    /// (its output), a norm of that output if there is one (Gemma's sandwich), the
+    /// residual `Add`, the second norm, the projections reading it and the one they reach
+    /// (the MLP's output), its norm if any, and the second residual `Add`. The first norm
     /// whose readers lead to no `Softmax` is the final one; the projection reading it is
     /// the language-model head.
     pub fn decoder<'a>(&self, h: &str, norms: &'a [Norm], linears: &'a [Linear]) -> Result<Decoder<'a>, String> {
@@ -973,7 +1000,9 @@ impl Graph {
                 });
             }
             let attn_out = joined(&attn_in, &format!("block {layer}'s attention"))?;
-            let h1 = residual(&attn_out.y, &h).ok_or_else(|| {
+            let attn_post_norm = norm_of(&attn_out.y);
+            let attn_y = attn_post_norm.map_or(&attn_out.y, |n| &n.y);
+            let h1 = residual(attn_y, &h).ok_or_else(|| {
                 format!(
                     "block {layer}: no residual Add of the attention output {} and the stream",
                     name(attn_out.node)
@@ -989,7 +1018,9 @@ impl Graph {
                 ));
             }
             let mlp_out = joined(&mlp_in, &format!("block {layer}'s MLP"))?;
-            h = residual(&mlp_out.y, &h1).ok_or_else(|| {
+            let mlp_post_norm = norm_of(&mlp_out.y);
+            let mlp_y = mlp_post_norm.map_or(&mlp_out.y, |n| &n.y);
+            h = residual(mlp_y, &h1).ok_or_else(|| {
                 format!(
                     "block {layer}: no residual Add of the MLP output {} and the stream",
                     name(mlp_out.node)
@@ -999,9 +1030,11 @@ impl Graph {
                 attn_norm,
                 attn_in,
                 attn_out,
+                attn_post_norm,
                 mlp_norm,
                 mlp_in,
                 mlp_out,
+                mlp_post_norm,
             });
         }
     }

@@ -11,6 +11,7 @@ use super::llama::{rope_of, rope_scaling_json};
 use super::{Conversion, GgufRules, Rules, check_model_type, parse};
 use crate::ConvertError;
 use crate::gguf::meta_u64;
+use crate::onnx::{Graph, Linear, Norm, Resolved};
 
 pub const CONVERSION: Conversion = Conversion {
     arch: "gemma3",
@@ -26,7 +27,7 @@ pub const CONVERSION: Conversion = Conversion {
     from_hf: Some(from_hf),
     to_hf: Some(to_hf),
     gguf: Some(&GGUF),
-    onnx: None,
+    onnx: Some(resolve_onnx),
     head: None,
 };
 
@@ -259,4 +260,115 @@ fn unfold_norms(name: &str, _shape: &[usize], values: &mut [f32], _config: &Valu
         values.iter_mut().for_each(|v| *v -= 1.0);
     }
     Ok(())
+}
+
+/// Place a Gemma 3's weights by their role in an ONNX graph (see [`crate::onnx`]): the
+/// token table (indexed by the ids input), the stream starting at its product with
+/// `sqrt(hidden)`, then [`Graph::decoder`]'s sandwich blocks: `input_layernorm`; q, k,
+/// v (as Llama's, [`super::llama::query_key_value`]) with `q_norm` / `k_norm`, the RMS
+/// norms their heads pass; `o_proj`; `post_attention_layernorm` (before the residual
+/// Add); `pre_feedforward_layernorm`; gate (through tanh-GELU's `Tanh`) and up;
+/// `down_proj`; `post_feedforward_layernorm`; the final `norm`; the head must be the
+/// token table transposed (Gemma 3 ties them). Gemma's norms scale by `1 + w` and an
+/// export folds that sum into one constant: `w` is taken back out (within one f32
+/// rounding of 1). The hyper-parameters a graph does not state (the sliding window and
+/// which layers use it, the two rope bases, the query scale, softcapping) come from the
+/// `config.json` that Optimum writes beside the file, or `--config`.
+pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
+    let (linears, norms, embeds) = (g.linears(), g.rms_norms(), g.embeddings());
+    let ids = g.ids_input()?;
+    let [word] = embeds.iter().collect::<Vec<_>>()[..] else {
+        return Err(format!(
+            "{} embedding tables (Gemma has one, the token embedding)",
+            embeds.len()
+        ));
+    };
+    if g.as_input(&word.indices) != Some(ids) {
+        return Err(format!("the embedding {} is not indexed by {ids}", word.table.source));
+    }
+    let c = word.table.shape[1];
+    // Gemma multiplies the embedding by sqrt(hidden) (as a constant, in the model's dtype).
+    let h0 = g
+        .consumers(&word.y)
+        .iter()
+        .find_map(|&(i, slot)| {
+            let n = &g.nodes[i];
+            let scale = n.input(1 - slot).and_then(|s| g.fold(s))?;
+            let sqrt_c = (c as f32).sqrt();
+            (n.op == "Mul" && scale.values.len() == 1 && (scale.values[0] - sqrt_c).abs() <= 1e-2 * sqrt_c)
+                .then(|| n.outputs[0].clone())
+        })
+        .ok_or("the token embedding is not scaled by sqrt(hidden size) (not a Gemma graph)")?;
+    let dec = g.decoder(&h0, &norms, &linears)?;
+    let matmuls = super::llama::attention_matmuls(g, &linears);
+    let mut out = Resolved::default();
+    out.place("model.embed_tokens.weight".into(), &word.table, false);
+    // `1 + w` folded into one constant: w.
+    let place_norm = |out: &mut Resolved, name: String, n: &Norm| {
+        let mut w = n.gamma.clone();
+        w.values.iter_mut().for_each(|v| *v -= 1.0);
+        w.steps.push("1 + w of Gemma's norm taken back to w".into());
+        out.place(name, &w, false);
+    };
+    for (i, layer) in dec.layers.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        let (Some(post_attn), Some(post_mlp)) = (layer.attn_post_norm, layer.mlp_post_norm) else {
+            return Err(format!(
+                "block {i}: no norms between the projections and the residual Adds (Gemma's sandwich)"
+            ));
+        };
+        let [q, k, v] = super::llama::query_key_value(g, layer, &matmuls, i)?;
+        // The per-head norm a projection's output passes (through its reshape to heads).
+        let head_norm = |l: &Linear, what: &str| {
+            let stops = g.through_reshapes(&l.y).0;
+            norms
+                .iter()
+                .find(|n| stops.contains(&(n.node, 0)))
+                .ok_or_else(|| format!("block {i}: no {what} after {}", l.weight.source))
+        };
+        let (q_norm, k_norm) = (head_norm(q, "q_norm")?, head_norm(k, "k_norm")?);
+        let [gate, up] = super::llama::gate_up(g, layer, "Tanh", i)?;
+        place_norm(&mut out, format!("{p}.input_layernorm.weight"), layer.attn_norm);
+        for (name, l) in [("q_proj", q), ("k_proj", k), ("v_proj", v), ("o_proj", layer.attn_out)] {
+            out.place(format!("{p}.self_attn.{name}.weight"), &l.weight, true);
+        }
+        place_norm(&mut out, format!("{p}.self_attn.q_norm.weight"), q_norm);
+        place_norm(&mut out, format!("{p}.self_attn.k_norm.weight"), k_norm);
+        place_norm(&mut out, format!("{p}.post_attention_layernorm.weight"), post_attn);
+        place_norm(
+            &mut out,
+            format!("{p}.pre_feedforward_layernorm.weight"),
+            layer.mlp_norm,
+        );
+        for (name, l) in [("gate_proj", gate), ("up_proj", up), ("down_proj", layer.mlp_out)] {
+            out.place(format!("{p}.mlp.{name}.weight"), &l.weight, true);
+        }
+        place_norm(&mut out, format!("{p}.post_feedforward_layernorm.weight"), post_mlp);
+        if let Some(l) = [q, k, v, layer.attn_out, gate, up, layer.mlp_out]
+            .iter()
+            .find(|l| l.bias.is_some())
+        {
+            return Err(format!(
+                "block {i}: {} has a bias (Gemma's projections have none)",
+                l.weight.source
+            ));
+        }
+    }
+    place_norm(&mut out, "model.norm.weight".into(), dec.final_norm);
+    let head = dec.head.ok_or("no output projection after the final norm")?;
+    if !head.is_tied_to(&word.table) {
+        return Err(format!(
+            "the output projection {} is not the token embedding (Gemma 3 ties them)",
+            head.weight.source
+        ));
+    }
+    out.notes.push(format!(
+        "{}: the output projection, the token embedding transposed (tied)",
+        head.weight.source
+    ));
+    out.notes
+        .push("the sliding window, rope bases and query scale of a Gemma 3 graph come from its config.json".into());
+    // No config off the graph: the caller takes the config.json beside the file.
+    out.config = Value::Null;
+    Ok(out)
 }

@@ -175,6 +175,7 @@ pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
     let mut n_head = None;
     let mut activation = None;
     for (i, layer) in dec.layers.iter().enumerate() {
+        layer.without_post_norms(i)?;
         let p = format!("transformer.h.{i}");
         let ([c_attn], [c_fc]) = (&layer.attn_in[..], &layer.mlp_in[..]) else {
             return Err(format!(
@@ -207,10 +208,7 @@ pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
     place_norm(&mut out, "transformer.ln_f", dec.final_norm)?;
     if let Some(head) = dec.head {
         // GPT-2's head is the token table: the graph multiplies by its transpose.
-        let tied = head.weight.shape == [c, word.table.shape[0]]
-            && head.bias.is_none()
-            && crate::transpose(&head.weight.values, c, word.table.shape[0]) == word.table.values;
-        if !tied {
+        if !head.is_tied_to(&word.table) {
             return Err(format!(
                 "the output projection {} {:?} is not the token embedding (GPT-2 ties them)",
                 head.weight.source, head.weight.shape

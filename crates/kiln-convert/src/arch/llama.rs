@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use super::{Conversion, GgufRules, Rules, check_model_type, parse};
 use crate::ConvertError;
 use crate::gguf::meta_u64;
-use crate::onnx::{Graph, Linear, Resolved};
+use crate::onnx::{DecoderLayer, Graph, Linear, Resolved};
 
 pub const CONVERSION: Conversion = Conversion {
     arch: "llama",
@@ -436,10 +436,7 @@ pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
     }
     let (vocab, c) = (word.table.shape[0], word.table.shape[1]);
     let dec = g.decoder(&word.y, &norms, &linears)?;
-    let linear_nodes: HashSet<usize> = linears.iter().map(|l| l.node).collect();
-    let matmuls: HashSet<usize> = (0..g.nodes.len())
-        .filter(|i| g.nodes[*i].op == "MatMul" && !linear_nodes.contains(i))
-        .collect();
+    let matmuls = attention_matmuls(g, &linears);
     let mut out = Resolved::default();
     out.place("model.embed_tokens.weight".into(), &word.table, false);
     let place_linear = |out: &mut Resolved, prefix: &str, l: &Linear| {
@@ -451,36 +448,9 @@ pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
     let (mut heads, mut kv_heads, mut intermediate) = (None, None, None);
     let (mut qkv_bias, mut o_bias, mut mlp_bias) = (false, false, false);
     for (i, layer) in dec.layers.iter().enumerate() {
+        layer.without_post_norms(i)?;
         let p = format!("model.layers.{i}");
-        let [a, b, v3] = layer.attn_in[..] else {
-            return Err(format!(
-                "block {i}: {} projections read input_layernorm (expected q, k and v)",
-                layer.attn_in.len()
-            ));
-        };
-        // The first MatMul of two computed operands each projection reaches.
-        let first = |l: &Linear| g.reach(&l.y, &matmuls, 64).into_iter().next();
-        let [fa, fb, fc] = [a, b, v3].map(first);
-        let (scores, [x, y], v) = match (fa, fb, fc) {
-            (Some(s), Some(t), Some(u)) if s == t && t != u => (s, [a, b], v3),
-            (Some(s), Some(t), Some(u)) if s == u && s != t => (s, [a, v3], b),
-            (Some(s), Some(t), Some(u)) if t == u && s != t => (t, [b, v3], a),
-            _ => {
-                return Err(format!(
-                    "block {i}: could not tell query, key and value apart by the MatMuls they reach"
-                ));
-            }
-        };
-        let side = |l: &Linear| (0..2).find(|&s| g.depends_on(&g.nodes[scores].inputs[s], &l.y, 64));
-        let (q, k) = match (side(x), side(y)) {
-            (Some(0), Some(1)) => (x, y),
-            (Some(1), Some(0)) => (y, x),
-            _ => {
-                return Err(format!(
-                    "block {i}: no query and key on the two sides of the scores MatMul"
-                ));
-            }
-        };
+        let [q, k, v] = query_key_value(g, layer, &matmuls, i)?;
         let (q_width, kv_width) = (q.weight.shape[1], k.weight.shape[1]);
         if v.weight.shape[1] != kv_width || q.weight.shape[0] != c {
             return Err(format!(
@@ -502,19 +472,7 @@ pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
             &layer.mlp_norm.gamma,
             false,
         );
-        let [m, n] = layer.mlp_in[..] else {
-            return Err(format!(
-                "block {i}: {} projections read post_attention_layernorm (expected gate and up)",
-                layer.mlp_in.len()
-            ));
-        };
-        let down = HashSet::from([layer.mlp_out.reader]);
-        let silu = |l: &Linear| g.ops_on_the_way(&l.y, &down, 8).contains("Sigmoid");
-        let (gate, up) = match (silu(m), silu(n)) {
-            (true, false) => (m, n),
-            (false, true) => (n, m),
-            _ => return Err(format!("block {i}: no single gate projection through a SiLU (Sigmoid)")),
-        };
+        let [gate, up] = gate_up(g, layer, "Sigmoid", i)?;
         intermediate = Some(gate.weight.shape[1]);
         mlp_bias |= gate.bias.is_some();
         place_linear(&mut out, &format!("{p}.mlp.gate_proj"), gate);
@@ -523,9 +481,7 @@ pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
     }
     out.place("model.norm.weight".into(), &dec.final_norm.gamma, false);
     let head = dec.head.ok_or("no output projection after the final norm")?;
-    let tied = head.weight.shape == [c, vocab]
-        && head.bias.is_none()
-        && crate::transpose(&head.weight.values, c, vocab) == word.table.values;
+    let tied = head.is_tied_to(&word.table);
     if tied {
         out.notes.push(format!(
             "{}: the output projection, the token embedding transposed (tied)",
@@ -557,9 +513,71 @@ pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
     Ok(out)
 }
 
+/// The `MatMul` nodes of two computed operands (attention's scores and context).
+pub(super) fn attention_matmuls(g: &Graph, linears: &[Linear]) -> HashSet<usize> {
+    let linear_nodes: HashSet<usize> = linears.iter().map(|l| l.node).collect();
+    (0..g.nodes.len())
+        .filter(|i| g.nodes[*i].op == "MatMul" && !linear_nodes.contains(i))
+        .collect()
+}
+
+/// A block's query, key and value projections, told apart by where they go: query and
+/// key to the left and right of the scores `MatMul` (the first of `matmuls` each
+/// reaches), value to the context `MatMul`.
+pub(super) fn query_key_value<'a>(
+    g: &Graph,
+    layer: &DecoderLayer<'a>,
+    matmuls: &HashSet<usize>,
+    i: usize,
+) -> Result<[&'a Linear; 3], String> {
+    let [a, b, c] = layer.attn_in[..] else {
+        return Err(format!(
+            "block {i}: {} projections read the attention norm (expected q, k and v)",
+            layer.attn_in.len()
+        ));
+    };
+    let first = |l: &Linear| g.reach(&l.y, matmuls, 64).into_iter().next();
+    let (scores, [x, y], v) = match [a, b, c].map(first) {
+        [Some(s), Some(t), Some(u)] if s == t && t != u => (s, [a, b], c),
+        [Some(s), Some(t), Some(u)] if s == u && s != t => (s, [a, c], b),
+        [Some(s), Some(t), Some(u)] if t == u && s != t => (t, [b, c], a),
+        _ => {
+            return Err(format!(
+                "block {i}: could not tell query, key and value apart by the MatMuls they reach"
+            ));
+        }
+    };
+    let side = |l: &Linear| (0..2).find(|&s| g.depends_on(&g.nodes[scores].inputs[s], &l.y, 64));
+    match (side(x), side(y)) {
+        (Some(0), Some(1)) => Ok([x, y, v]),
+        (Some(1), Some(0)) => Ok([y, x, v]),
+        _ => Err(format!(
+            "block {i}: no query and key on the two sides of the scores MatMul"
+        )),
+    }
+}
+
+/// A gated MLP's gate and up projections: the gate is the one whose way to the down
+/// projection passes the activation's `act` node (SiLU's `Sigmoid`, tanh-GELU's `Tanh`).
+pub(super) fn gate_up<'a>(g: &Graph, layer: &DecoderLayer<'a>, act: &str, i: usize) -> Result<[&'a Linear; 2], String> {
+    let [m, n] = layer.mlp_in[..] else {
+        return Err(format!(
+            "block {i}: {} projections read the MLP's norm (expected gate and up)",
+            layer.mlp_in.len()
+        ));
+    };
+    let down = HashSet::from([layer.mlp_out.reader]);
+    let through = |l: &Linear| g.ops_on_the_way(&l.y, &down, 16).contains(act);
+    match (through(m), through(n)) {
+        (true, false) => Ok([m, n]),
+        (false, true) => Ok([n, m]),
+        _ => Err(format!("block {i}: no single gate projection through a {act}")),
+    }
+}
+
 /// The rotary base of a graph: its frequencies `theta^(-2i/d)` (`d/2` decreasing values
 /// upstream of a `Cos`), checked value by value (the first must be 1).
-fn rope_theta_of(g: &Graph, head_dim: usize) -> Result<f64, String> {
+pub(super) fn rope_theta_of(g: &Graph, head_dim: usize) -> Result<f64, String> {
     let n = head_dim / 2;
     let freqs = (0..g.nodes.len())
         .filter(|&i| g.nodes[i].op == "Cos")
