@@ -5,6 +5,7 @@ onnxruntime's logits on each, for `convert`'s graph resolution of GPT-2 and Llam
 tests/fixtures/hf-tiny-gpt2 and hf-tiny-llama (scripts/make_hf_fixtures.py):
 
     python scripts/export_onnx_decoders.py tests/fixtures/onnx    # committed output
+    python scripts/export_onnx_decoders.py --smollm2 OUT_DIR      # the real SmolLM2 (scripts/llm-onnx.sh)
 
 For each ARCH in gpt2, llama, with Optimum's exporter (optimum-onnx, `main_export`, the
 TorchScript exporter with constant folding, so Llama's projections become initializers
@@ -22,7 +23,12 @@ gemma3-optimum/: a tiny random Gemma 3 (a sliding and a global layer, non-trivia
 weights) made here, exported with its config.json kept beside (Gemma's sliding window,
 rope bases and query scale are read from it, not off the graph).
 
-The config.json Optimum writes beside the file is not kept: `convert` reads the config
+With --smollm2: SmolLM2-135M-Instruct as transformers reads the shipped GGUF
+(datasets/pretrained/smollm2-135m-instruct, dequantised to f32 by gguf-py), exported by
+Optimum with the KV cache (OUT_DIR/model.onnx, 539 MB, and the config.json beside it),
+with onnxruntime's logits on a tokenized sentence in OUT_DIR/model.onnx.reference.json.
+
+The config.json Optimum writes beside the tiny files is not kept: `convert` reads the config
 off the graph. Each NAME.onnx gets NAME.onnx.reference.json: onnxruntime's logits on the
 token rows of tests/fixtures/hf_tiny_logits.json (an empty past for with-past).
 """
@@ -110,7 +116,31 @@ def gemma3(out, tokens):
     print(f"{dest}: logits {list(logits.shape)}")
 
 
+def smollm2(out):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    src = os.path.join(ROOT, "datasets", "pretrained", "smollm2-135m-instruct")
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    tokens = [tokenizer("The quick brown fox jumps over the lazy dog, and then").input_ids,
+              tokenizer("Rust is a systems programming language that runs blazingly").input_ids]
+    t = min(len(r) for r in tokens)
+    tokens = [r[:t] for r in tokens]
+    os.makedirs(out, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(os.path.join(tmp, "hf"), safe_serialization=True)
+        main_export(os.path.join(tmp, "hf"), output=os.path.join(tmp, "out"), task="text-generation-with-past",
+                    do_validation=False)
+        for name in ["model.onnx", "config.json"]:
+            shutil.copy(os.path.join(tmp, "out", name), os.path.join(out, name))
+    logits = reference(os.path.join(out, "model.onnx"), tokens, model.config.to_dict())
+    print(f"{out}: logits {list(logits.shape)}")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) == 3 and sys.argv[1] == "--smollm2":
+        smollm2(sys.argv[2])
+    elif len(sys.argv) == 2:
+        main(sys.argv[1])
+    else:
         sys.exit(__doc__)
-    main(sys.argv[1])

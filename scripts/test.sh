@@ -10,7 +10,8 @@
 #    $KILN_VENV (default $KILN_CACHE/venv, outside the clone);
 # 3. the pretrained LLMs SmolLM2-135M-Instruct and Gemma 3 270M as GGUF files
 #    (scripts/fetch-llms.sh) and transformers' reference outputs on them
-#    (scripts/llm-reference.sh, cached by the inputs' hash);
+#    (scripts/llm-reference.sh, cached by the inputs' hash) and SmolLM2's ONNX export
+#    with onnxruntime's logits (scripts/llm-onnx.sh, cached the same way);
 # 4. `cargo test --release --workspace` with the arguments given.
 # The whole test build (`cargo test --no-run`, with $KILN_FEATURES) runs in the
 # background of steps 1-3, and the MiniLM conversion uses the `convert` binary it made:
@@ -54,6 +55,7 @@ scripts/fetch-sentiment.sh
 scripts/fetch-llms.sh
 scripts/fetch-minilm.sh --torch --no-convert
 scripts/llm-reference.sh
+scripts/llm-onnx.sh
 scripts/setup-openai-client.sh
 setup=$(( $(date +%s) - start ))
 echo "== setup took $(fmt "$setup") beside the build; waiting for the build"

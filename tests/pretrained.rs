@@ -647,3 +647,86 @@ fn model_file(
         quantization: plan.cloned(),
     }
 }
+
+#[derive(Deserialize)]
+struct OnnxLogits {
+    tokens: Vec<Vec<i64>>,
+    logits: Vec<Vec<Vec<f32>>>,
+}
+
+/// SmolLM2 as model hubs ship it in ONNX (Optimum's export with the KV cache, of the
+/// model transformers reads from the same GGUF; scripts/llm-onnx.sh): placed by its
+/// graph as a llama, it converts to the GGUF conversion's weights bit for bit (the same
+/// dequantised values, pre-transposed and renamed `onnx::MatMul_NNN` in the file), the
+/// config read off the graph agrees with the config.json beside it, and the logits
+/// match onnxruntime's on the same file.
+#[test]
+fn smollm2_onnx_export_converts_to_the_gguf_weights_and_matches_onnxruntime() {
+    let dir = source_dir(&SMOLLM2).join("onnx");
+    assert!(
+        dir.join("model.onnx.reference.json").is_file(),
+        "{} is missing: run scripts/llm-onnx.sh",
+        dir.display()
+    );
+    let file = dir.join("model.onnx");
+    let source = Source::read(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    assert!(source.notes[0].contains("a llama graph"), "{:?}", source.notes);
+    let (path, json) = source.hf_config.clone().unwrap();
+    let model = hf_config::detect_model_config(&json, &path.display().to_string()).unwrap();
+    let (weights, report) = convert(&source, &model, false).unwrap();
+    assert!(report.is_complete(), "{}", report.details());
+    let (_, gguf_model, gguf_weights, _) = converted(&SMOLLM2, false);
+    assert!(
+        weights == gguf_weights,
+        "the ONNX file's weights differ from the GGUF's"
+    );
+
+    // The config a graph alone gives: the same model but for the context length, which
+    // the graph does not hold (its rotary tables are computed per position).
+    let bare = common::scratch_dir("pretrained-smollm2-onnx-bare");
+    std::fs::copy(&file, bare.join("model.onnx")).unwrap();
+    let bare_source = Source::read(&bare.join("model.onnx")).unwrap();
+    let (path, json) = bare_source.hf_config.clone().unwrap();
+    assert!(
+        path.display().to_string().contains("read off the graph"),
+        "{}",
+        path.display()
+    );
+    let mut from_graph = hf_config::detect_model_config(&json, &path.display().to_string()).unwrap();
+    if let (kiln_models::ModelConfig::Llama(g), kiln_models::ModelConfig::Llama(m)) = (&mut from_graph, &gguf_model) {
+        assert!(
+            (g.rms_norm_eps - m.rms_norm_eps).abs() < 1e-12,
+            "{} {}",
+            g.rms_norm_eps,
+            m.rms_norm_eps
+        );
+        g.block_size = m.block_size;
+        g.rms_norm_eps = m.rms_norm_eps;
+    }
+    assert_eq!(from_graph, gguf_model);
+    drop(bare_source);
+
+    let reference: OnnxLogits =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("model.onnx.reference.json")).unwrap()).unwrap();
+    let out = common::scratch_dir("pretrained-smollm2-onnx");
+    let st = out.join("model.safetensors");
+    std::fs::write(&st, &weights).unwrap();
+    let kiln_models::ModelConfig::Llama(c) = &model else {
+        panic!("{}", model.arch())
+    };
+    let device = Device::flex();
+    let (b, t) = (reference.tokens.len(), reference.tokens[0].len());
+    let input = Tensor::<2, Int>::from_data(TensorData::new(reference.tokens.concat(), [b, t]), &device);
+    let logits = kiln_core::weights::load_weights(c.init(&device), &st)
+        .unwrap()
+        .forward(input);
+    let ours = logits.into_data().try_to_vec::<f32>().unwrap();
+    let ort: Vec<f32> = reference.logits.iter().flatten().flatten().copied().collect();
+    let scale = ort.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let max_diff = ours.iter().zip(&ort).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    eprintln!(
+        "SmolLM2 ONNX ({} x {t} tokens): max |kiln - onnxruntime| logit difference {max_diff:.2e} (largest |logit| {scale:.1})",
+        b
+    );
+    assert!(max_diff <= 1e-4 * scale, "{max_diff} (scale {scale})");
+}
