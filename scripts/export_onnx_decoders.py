@@ -21,7 +21,10 @@ and llama-scaled-rope.onnx: the tiny Llama with a llama3 `rope_scaling`, whose r
 frequencies are not `theta^(-2i/d)` (refused without its config.json); and
 gemma3-optimum/: a tiny random Gemma 3 (a sliding and a global layer, non-trivial norm
 weights) made here, exported with its config.json kept beside (Gemma's sliding window,
-rope bases and query scale are read from it, not off the graph).
+rope bases and query scale are read from it, not off the graph); and roberta-optimum.onnx:
+the committed tiny RobertaModel (tests/fixtures/hf-tiny-roberta, scripts/make_classifier_fixture.py)
+exported for feature-extraction (positions counted from the padding index), with
+onnxruntime's last_hidden_state on the fixture's ids in its reference.json.
 
 With --smollm2: SmolLM2-135M-Instruct as transformers reads the shipped GGUF
 (datasets/pretrained/smollm2-135m-instruct, dequantised to f32 by gguf-py), exported by
@@ -91,6 +94,24 @@ def main(out):
         main_export(model, output=os.path.join(tmp, "out"), task="text-generation", do_validation=False)
         shutil.copy(os.path.join(tmp, "out", "model.onnx"), os.path.join(out, "llama-scaled-rope.onnx"))
     gemma3(out, tokens)
+    roberta(out)
+
+
+def roberta(out):
+    src = os.path.join(ROOT, "tests", "fixtures", "hf-tiny-roberta")
+    ref = json.load(open(os.path.join(src, "reference.json")))
+    path = os.path.join(out, "roberta-optimum.onnx")
+    with tempfile.TemporaryDirectory() as tmp:
+        main_export(src, output=tmp, task="feature-extraction", do_validation=False)
+        shutil.copy(os.path.join(tmp, "model.onnx"), path)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": np.array(ref["input_ids"], dtype=np.int64),
+             "attention_mask": np.array(ref["attention_mask"], dtype=np.int64)}
+    hidden = session.run(["last_hidden_state"], feeds)[0]
+    json.dump({"input_ids": ref["input_ids"], "attention_mask": ref["attention_mask"],
+               "last_hidden_state": hidden.tolist(), "onnxruntime": onnxruntime.__version__},
+              open(path + ".reference.json", "w"))
+    print(f"{path}: last_hidden_state {list(hidden.shape)}")
 
 
 def gemma3(out, tokens):

@@ -403,3 +403,62 @@ fn a_gemma3_export_converts_through_the_graph_and_matches_onnxruntime() {
     eprintln!("gemma3 optimum: max |kiln - onnxruntime| logit difference {max_diff:.2e}");
     assert!(max_diff <= 1e-4, "{max_diff}");
 }
+
+#[derive(serde::Deserialize)]
+struct HiddenReference {
+    input_ids: Vec<Vec<i64>>,
+    attention_mask: Vec<Vec<i64>>,
+    last_hidden_state: Vec<Vec<Vec<f32>>>,
+}
+
+/// A RoBERTa encoder exported by Optimum: told from BERT by its positions (counted from
+/// the padding index, read off the graph as `pad_token_id`), its config read off the
+/// graph equal to the Hugging Face one, and its last hidden states (real tokens) equal
+/// to onnxruntime's.
+#[test]
+fn a_roberta_export_is_told_from_bert_and_matches_onnxruntime() {
+    let file = tiny_dir().join("roberta-optimum.onnx");
+    let source = Source::read(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    assert!(source.notes[0].contains("a roberta graph"), "{:?}", source.notes);
+    let (path, json) = source.hf_config.clone().expect("a config from the graph");
+    let model = hf_config::detect_model_config(&json, &path.display().to_string()).unwrap();
+    let hf_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::repo_root().join("tests/fixtures/hf-tiny-roberta/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        model,
+        hf_config::model_config("roberta", &hf_json, "config.json").unwrap()
+    );
+    let (weights, report) = convert(&source, &model, false).unwrap();
+    assert!(report.is_complete(), "{}", report.details());
+    let ModelConfig::Roberta(c) = &model else {
+        panic!("{}", model.arch())
+    };
+    let out = tempfile::tempdir().unwrap();
+    let st = out.path().join("model.safetensors");
+    std::fs::write(&st, &weights).unwrap();
+    let device = Device::flex();
+    let roberta = kiln_core::weights::load_weights(c.init(&device), &st).unwrap();
+    let reference: HiddenReference =
+        serde_json::from_str(&std::fs::read_to_string(file.with_extension("onnx.reference.json")).unwrap()).unwrap();
+    let (b, t) = (reference.input_ids.len(), reference.input_ids[0].len());
+    let int = |rows: &[Vec<i64>]| Tensor::<2, Int>::from_data(TensorData::new(rows.concat(), [b, t]), &device);
+    let hidden = roberta
+        .forward(int(&reference.input_ids), int(&reference.attention_mask))
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let width = c.n_embd;
+    let mut max_diff = 0f32;
+    for (i, mask) in reference.attention_mask.concat().iter().enumerate() {
+        if *mask == 1 {
+            let want = &reference.last_hidden_state[i / t][i % t];
+            for (a, b) in hidden[i * width..(i + 1) * width].iter().zip(want) {
+                max_diff = max_diff.max((a - b).abs());
+            }
+        }
+    }
+    eprintln!("roberta optimum: max |kiln - onnxruntime| hidden difference {max_diff:.2e}");
+    assert!(max_diff <= 1e-5, "{max_diff}");
+}

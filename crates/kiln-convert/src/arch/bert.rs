@@ -226,8 +226,30 @@ pub(super) fn hf_json(c: &BertConfig, model_type: &str, class: &str) -> Value {
 /// intermediate projection, the output projection after the activation, and the second
 /// LayerNorm, whose output is the next layer's input. An optional pooler is the
 /// projection followed by `Tanh`. The config (sizes, heads from the attention `Reshape`,
-/// LayerNorm epsilon) is read off the same graph.
+/// LayerNorm epsilon) is read off the same graph. A graph whose positions are counted
+/// from the padding index (`cumsum(ids != pad) + pad`) is RoBERTa's, not BERT's.
 pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
+    resolve_encoder(g, false)
+}
+
+/// The positions of a RoBERTa graph: `cumsum(mask) * mask + padding_idx`, the padding
+/// index read off the final `Add`.
+fn counted_positions(g: &Graph, indices: &str) -> Option<i64> {
+    if !g.upstream(indices).ops.contains("CumSum") {
+        return None;
+    }
+    let add = g.producer(g.uncast(indices))?;
+    if add.op != "Add" {
+        return None;
+    }
+    add.inputs
+        .iter()
+        .find_map(|i| g.ints(g.uncast(i)).filter(|v| v.len() == 1).map(|v| v[0]))
+}
+
+/// [`resolve_onnx`] for BERT, or for RoBERTa (`roberta`: positions counted from the
+/// padding index, which the config records as `pad_token_id`).
+pub(super) fn resolve_encoder(g: &Graph, roberta: bool) -> Result<Resolved, String> {
     let linears = g.linears();
     let norms = g.norms();
     let embeds = g.embeddings();
@@ -246,6 +268,7 @@ pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
 
     // Embeddings, by what their indices are computed from.
     let (mut word, mut position, mut types) = (None, None, None);
+    let mut padding_idx = None;
     for e in &embeds {
         let role = match g.as_input(&e.indices) {
             Some("token_type_ids") => &mut types,
@@ -253,7 +276,10 @@ pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
             Some(_) => &mut types,
             None => {
                 let up = g.upstream(&e.indices);
-                if up.has_arange() {
+                if let Some(pad) = counted_positions(g, &e.indices) {
+                    padding_idx = Some(pad);
+                    &mut position
+                } else if up.has_arange() {
                     &mut position
                 } else if up.has_zeros() {
                     &mut types
@@ -282,6 +308,15 @@ pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
             if types.is_some() { "token-type" } else { "" },
         ));
     };
+    match (roberta, padding_idx) {
+        (false, Some(pad)) => {
+            return Err(format!(
+                "positions are counted from padding index {pad} (a RoBERTa graph, not BERT's)"
+            ));
+        }
+        (true, None) => return Err("positions are a 0, 1, 2, ... range (a BERT graph, not RoBERTa's)".into()),
+        _ => {}
+    }
     let hidden = word.table.shape[1];
     out.place("embeddings.word_embeddings.weight".into(), &word.table, false);
     out.place("embeddings.position_embeddings.weight".into(), &position.table, false);
@@ -451,13 +486,21 @@ pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
         return Err(format!("could not place: {}", left.join("; ")));
     }
     let n_head = n_head.ok_or("could not read the number of attention heads off the query's Reshape; pass --config")?;
+    let (model_type, class) = if roberta {
+        ("roberta", "RobertaModel")
+    } else {
+        ("bert", "BertModel")
+    };
     out.config = serde_json::json!({
-        "model_type": "bert", "architectures": ["BertModel"],
+        "model_type": model_type, "architectures": [class],
         "num_hidden_layers": n_layer, "num_attention_heads": n_head, "hidden_size": hidden,
         "intermediate_size": intermediate, "max_position_embeddings": position.table.shape[0],
         "vocab_size": word.table.shape[0], "type_vocab_size": types.table.shape[0],
         "layer_norm_eps": emb_norm.eps,
     });
+    if let Some(pad) = padding_idx {
+        out.config["pad_token_id"] = pad.into();
+    }
     Ok(out)
 }
 

@@ -9,6 +9,7 @@ use serde_json::Value;
 use super::bert::{self, HfBert};
 use super::{Conversion, HeadRules, Rules, check_model_type, parse};
 use crate::ConvertError;
+use crate::onnx::{Graph, Resolved};
 
 pub const CONVERSION: Conversion = Conversion {
     arch: "roberta",
@@ -29,7 +30,7 @@ pub const CONVERSION: Conversion = Conversion {
     from_hf: Some(from_hf),
     to_hf: Some(to_hf),
     gguf: None,
-    onnx: None,
+    onnx: Some(resolve_onnx),
     head: Some(&HEAD),
 };
 
@@ -64,4 +65,10 @@ fn to_hf(model: &ModelConfig) -> Option<Value> {
     let mut json = bert::hf_json(c, "roberta", "RobertaModel");
     json["pad_token_id"] = Value::from(c.position_offset.saturating_sub(1));
     Some(json)
+}
+
+/// A RoBERTa encoder's ONNX graph: BERT's resolver ([`bert::resolve_encoder`]), the
+/// positions counted from the padding index (`cumsum(ids != pad) * mask + pad`).
+fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
+    bert::resolve_encoder(g, true)
 }
