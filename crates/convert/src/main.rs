@@ -204,6 +204,9 @@ fn main() -> Result<()> {
         );
     }
     let (weights, report) = convert_as(&source, &model, head.as_ref(), cli.allow_partial, dtype)?;
+    // The converted weights are all in `weights` now: free the source's copy.
+    let mut source = source;
+    drop(std::mem::take(&mut source.tensors));
     for (cast, n) in &report.casts {
         println!("  cast {cast}: {n} tensors");
     }

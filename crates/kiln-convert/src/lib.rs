@@ -134,20 +134,20 @@ fn read_onnx_by_name(graph: &onnx::Graph, into: &mut BTreeMap<String, PackTensor
             continue;
         }
         if let Some(f) = graph.fold(name) {
-            into.insert(name.clone(), f32_tensor(name, &f.shape, &f.values));
+            into.insert(name.clone(), f32_tensor(name, &f.shape, f.values.to_vec()));
         }
     }
     Ok(())
 }
 
-fn f32_tensor(name: &str, shape: &[usize], values: &[f32]) -> PackTensor {
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+/// An f32 tensor of `values`, which it takes over (no copy).
+fn f32_tensor(name: &str, shape: &[usize], values: Vec<f32>) -> PackTensor {
     PackTensor::new(
         name.to_string(),
         DType::F32,
         shape.to_vec(),
         None,
-        burn_pack::Bytes::from_bytes_vec(bytes),
+        burn_pack::Bytes::from_elems(values),
     )
 }
 
@@ -237,8 +237,11 @@ impl Source {
                 for (step, n) in steps {
                     source.notes.push(format!("  {n} tensors {step}"));
                 }
-                for (name, (shape, values)) in &r.tensors {
-                    source.tensors.insert(name.clone(), f32_tensor(name, shape, values));
+                // The graph's constants are no longer needed: free them before the
+                // placed tensors move into the source (one copy of the weights at a time).
+                drop(graph);
+                for (name, (shape, values)) in r.tensors {
+                    source.tensors.insert(name.clone(), f32_tensor(&name, &shape, values));
                 }
                 source.absent = r.absent;
                 if source.hf_config.is_none() && !r.config.is_null() {
@@ -810,7 +813,7 @@ pub fn write_model_dir_with(
     extra: &[(String, Vec<u8>)],
 ) -> Result<(), ConvertError> {
     let toml = file.to_toml();
-    let mut files: Vec<(&str, Vec<u8>)> = vec![(MODEL_WEIGHTS, weights.to_vec()), (CONFIG, toml.into_bytes())];
+    let mut files: Vec<(&str, Vec<u8>)> = vec![(CONFIG, toml.into_bytes())];
     // A generation_config.json beside the config.json carries the end-of-sequence tokens.
     let beside = |name: &str| hf_config.map(|p| p.with_file_name(name)).filter(|p| p.is_file());
     let (generation, tokenizer_config) = (beside(GENERATION_CONFIG), beside(TOKENIZER_CONFIG));
@@ -826,10 +829,11 @@ pub fn write_model_dir_with(
             files.push((name, std::fs::read(src).map_err(|e| read_err(src, e))?));
         }
     }
-    for (name, bytes) in extra {
-        files.push((name.as_str(), bytes.clone()));
-    }
-    let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+    // The weights and the extra files are written from where they are (no copies).
+    let refs: Vec<(&str, &[u8])> = std::iter::once((MODEL_WEIGHTS, weights))
+        .chain(files.iter().map(|(n, b)| (*n, b.as_slice())))
+        .chain(extra.iter().map(|(n, b)| (n.as_str(), b.as_slice())))
+        .collect();
     write_dir_atomically(out, &refs)
 }
 

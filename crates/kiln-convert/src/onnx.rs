@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use onnx_ir::{Message, ModelProto, NodeProto, TensorProto};
 
@@ -30,7 +31,7 @@ pub struct Const {
 
 #[derive(Debug, Clone)]
 pub enum ConstValues {
-    Float(Vec<f32>),
+    Float(Arc<[f32]>),
     Int(Vec<i64>),
 }
 
@@ -39,7 +40,8 @@ pub enum ConstValues {
 pub struct Folded {
     pub source: String,
     pub shape: Vec<usize>,
-    pub values: Vec<f32>,
+    /// Shared with the constant it was folded from when nothing was undone.
+    pub values: Arc<[f32]>,
     /// What folding undid, in order: `FLOAT16 -> f32`, `transposed`, `dequantized INT8`.
     pub steps: Vec<String>,
 }
@@ -95,7 +97,7 @@ impl Linear {
         let [v, c] = table.shape[..] else { return false };
         self.weight.shape == [c, v]
             && self.bias.is_none()
-            && crate::transpose(&self.weight.values, c, v) == table.values
+            && crate::transpose(&self.weight.values, c, v)[..] == table.values[..]
     }
 }
 
@@ -308,7 +310,7 @@ fn decode(t: &TensorProto, dir: &Path, source: &str) -> Result<Option<Const>, St
         ),
         ("FLOAT", None) => {
             typed_len(t.float_data.len())?;
-            ConstValues::Float(t.float_data.clone())
+            ConstValues::Float(t.float_data.clone().into())
         }
         ("DOUBLE", Some(r)) => ConstValues::Float(
             r.chunks_exact(8)
@@ -375,24 +377,27 @@ impl Graph {
     /// has no cycle. Each failure names the node.
     pub fn read(path: &Path) -> Result<Self, ConvertError> {
         let bytes = std::fs::read(path).map_err(|e| read_err(path, e))?;
-        let model =
+        let mut model =
             ModelProto::parse_from_bytes(&bytes).map_err(|e| read_err(path, format!("not an ONNX model: {e}")))?;
         drop(bytes);
         let graph = model
             .graph
-            .as_ref()
+            .as_mut()
             .ok_or_else(|| read_err(path, "not an ONNX model: no graph"))?;
         if graph.node.is_empty() && graph.initializer.is_empty() {
             return Err(read_err(path, "not an ONNX model: an empty graph"));
         }
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut consts = HashMap::new();
-        for init in &graph.initializer {
+        for init in graph.initializer.iter_mut() {
             if let Some(c) = decode(init, dir, &init.name).map_err(|m| read_err(path, m))? {
                 if consts.insert(init.name.clone(), c).is_some() {
                     return Err(read_err(path, format!("initializer {} appears twice", init.name)));
                 }
             }
+            // Decoded: the protobuf's copy of the bytes goes (one copy of the weights at a time).
+            init.raw_data = Default::default();
+            init.float_data = Default::default();
         }
         let initializer_names: HashSet<&str> = graph.initializer.iter().map(|i| i.name.as_str()).collect();
         let inputs: Vec<String> = graph
@@ -469,13 +474,13 @@ impl Graph {
                         "value_float" => Some(Const {
                             source: out.clone(),
                             shape: vec![],
-                            values: ConstValues::Float(vec![a.f]),
+                            values: ConstValues::Float(vec![a.f].into()),
                             dtype: "FLOAT",
                         }),
                         "value_floats" => Some(Const {
                             source: out.clone(),
                             shape: vec![a.floats.len()],
-                            values: ConstValues::Float(a.floats.clone()),
+                            values: ConstValues::Float(a.floats.clone().into()),
                             dtype: "FLOAT",
                         }),
                         _ => None,
@@ -601,7 +606,7 @@ impl Graph {
                 if f.shape.len() != 2 || perm != [1, 0] {
                     return None;
                 }
-                f.values = crate::transpose(&f.values, f.shape[0], f.shape[1]);
+                f.values = crate::transpose(&f.values, f.shape[0], f.shape[1]).into();
                 f.shape.reverse();
                 f.steps.push("transposed".into());
                 Some(f)
@@ -695,7 +700,7 @@ impl Graph {
                         return None;
                     }
                     if node.attr_int("transB").unwrap_or(0) != 0 {
-                        w.values = crate::transpose(&w.values, w.shape[0], w.shape[1]);
+                        w.values = crate::transpose(&w.values, w.shape[0], w.shape[1]).into();
                         w.shape.reverse();
                         w.steps.push("transposed (Gemm transB)".into());
                     }
@@ -870,7 +875,7 @@ impl Graph {
         let node = &self.nodes[pow];
         let x = node.input(0)?;
         // A layer norm squares the centered input: not an RMS norm.
-        if self.fold(node.input(1)?)?.values != [2.0] || self.producer(x).is_some_and(|p| p.op == "Sub") {
+        if self.fold(node.input(1)?)?.values[..] != [2.0] || self.producer(x).is_some_and(|p| p.op == "Sub") {
             return None;
         }
         let next = |v: &str, op: &str| -> Option<(&Node, usize)> {
@@ -889,7 +894,7 @@ impl Graph {
         let normed = match inv.op.as_str() {
             "Div" if slot == 1 && inv.input(0)? == x => inv.outputs[0].clone(),
             "Div" | "Reciprocal" => {
-                if inv.op == "Div" && (slot != 1 || self.fold(inv.input(0)?)?.values != [1.0]) {
+                if inv.op == "Div" && (slot != 1 || self.fold(inv.input(0)?)?.values[..] != [1.0]) {
                     return None;
                 }
                 let (mul, slot) = next(&inv.outputs[0], "Mul")?;
@@ -1243,7 +1248,9 @@ impl Graph {
             }
             match self.consts.get(&v).map(|c| &c.values) {
                 Some(ConstValues::Int(ints)) => up.int_consts.push(ints.to_vec()),
-                Some(ConstValues::Float(f)) => up.float_consts.push(f.clone()),
+                // Small constants only (frequencies, scales), never a weight matrix.
+                Some(ConstValues::Float(f)) if f.len() <= 4096 => up.float_consts.push(f.to_vec()),
+                Some(ConstValues::Float(_)) => {}
                 None => {}
             }
             if let Some(node) = self.producer(&v) {
@@ -1346,7 +1353,7 @@ impl Resolved {
                 crate::transpose(&f.values, f.shape[0], f.shape[1]),
             )
         } else {
-            (f.shape.clone(), f.values.clone())
+            (f.shape.clone(), f.values.to_vec())
         };
         self.placed.push((name.clone(), f.source.clone(), f.steps.clone()));
         self.tensors.insert(name, (shape, values));

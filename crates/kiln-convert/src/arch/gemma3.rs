@@ -306,7 +306,7 @@ pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
     // `1 + w` folded into one constant: w.
     let place_norm = |out: &mut Resolved, name: String, n: &Norm| {
         let mut w = n.gamma.clone();
-        w.values.iter_mut().for_each(|v| *v -= 1.0);
+        w.values = w.values.iter().map(|v| v - 1.0).collect();
         w.steps.push("1 + w of Gemma's norm taken back to w".into());
         out.place(name, &w, false);
     };
