@@ -542,7 +542,8 @@ fn adamw_matches_burns_adamw_on_every_backend() {
 }
 
 /// Decode steps of two sequences of different lengths (a prefill each, one of 10 rows,
-/// past the kernels' 8, one of 2; then batched `forward_step`s): on flex these run Kiln's
+/// past the kernels' 8, one of 2; then batched `forward_step`s, the last with eight more
+/// sequences, ten rows): on flex these run Kiln's
 /// kernels (matrix-vector products, RMS norm, rotary embedding, attention over the cache
 /// buffers, `kiln-kernels`) op by op with the weights as Burn stores them, and as one
 /// fused pass per step with the inference loader's layout; on every other backend Burn's
@@ -562,6 +563,22 @@ fn decode_steps_on_flex_kernels_match_every_backend() {
             let step = Tensor::<2, Int>::from_data(TensorData::new(next, [2, 1]), device);
             out.extend(values(model.forward_step(step, &mut [&mut a, &mut b])));
         }
+        // Ten sequences in one step: more rows than the kernels take in one pass.
+        let mut more: Vec<kiln_models::KvCache> = (0..8i64)
+            .map(|i| {
+                let mut cache = model.new_cache(1, device);
+                out.extend(values(model.forward_cached(ids(&[i % 11, 3]), &mut cache)));
+                cache
+            })
+            .collect();
+        // (One step: the first sequence then fills the tiny models' 16 positions.)
+        for step in 0..1i64 {
+            let next: Vec<i64> = (0..10).map(|i| (7 * step + i + 1) % 11).collect();
+            let step = Tensor::<2, Int>::from_data(TensorData::new(next, [10, 1]), device);
+            let mut all: Vec<&mut kiln_models::KvCache> = vec![&mut a, &mut b];
+            all.extend(more.iter_mut());
+            out.extend(values(model.forward_step(step, &mut all)));
+        }
         out
     }
     /// Flex with Burn's layout, then with `for_decoding`'s (the fused step), then every
@@ -577,8 +594,8 @@ fn decode_steps_on_flex_kernels_match_every_backend() {
         let fused_before = kiln_models::fused::fused_decode_steps();
         let got = steps(&kiln_models::fused::for_decoding(model.clone()), &flex);
         assert!(
-            kiln_models::fused::fused_decode_steps() >= fused_before + 5,
-            "{name}: the decode layout's steps ran fused"
+            kiln_models::fused::fused_decode_steps() >= fused_before + 6,
+            "{name}: the decode layout's steps ran fused (ten sequences too)"
         );
         assert!(
             rel_diff(&want, &got) < 1e-5,

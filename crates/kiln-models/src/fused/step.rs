@@ -12,7 +12,7 @@
 //!
 //! Same kernels, same order of operations as the per-op path, so the same logits: the
 //! per-op path stays for everything the plan does not cover (another backend or dtype,
-//! Burn's `[in, out]` weight layout, more than [`MAX_ROWS`] sequences), and
+//! Burn's `[in, out]` weight layout), and
 //! `tests/parity.rs` checks both against the other backends.
 
 use std::cell::RefCell;
@@ -22,7 +22,7 @@ use burn::backend::flex::FlexTensor;
 use burn::prelude::*;
 use kiln_kernels::decode::{AttentionRow, attention_steps, gated, rms_norm, rope_rows};
 use kiln_kernels::quant::QuantProduct;
-use kiln_kernels::{MAX_ROWS, NkProduct, linear_nk, linear_nk_many};
+use kiln_kernels::{NkProduct, linear_nk, linear_nk_many};
 
 use super::flex::{
     WeightLayout, cache_view, flex_f32, flex_indices, packed_bytes, weight_layout, wrap, write_cache_position,
@@ -300,14 +300,15 @@ fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 /// The decode step of `caches.len()` independent sequences, `tokens` `[B, 1]`, row `b`
 /// written at position `caches[b].len()` of its cache -> logits `[B, 1, V]`, every cache
 /// advanced by one. `None`, changing nothing, unless the tokens and every cache buffer
-/// are flex tensors this step can read and write, there are at most [`MAX_ROWS`]
-/// sequences, and every cache has room.
+/// are flex tensors this step can read and write, and every cache has room. Any number
+/// of sequences: the products take their rows [`kiln_kernels::MAX_ROWS`] at a time (f32 weights one
+/// product after another beyond that), each row's sums the same whatever the batch.
 pub(crate) fn run(plan: &Plan, tokens: &Tensor<2, Int>, caches: &mut [&mut KvCache]) -> Option<Tensor<3>> {
     let [b, t] = tokens.dims();
     let (h, kv, d) = (plan.heads, plan.kv_heads, plan.head_dim);
     let c = plan.norm.gamma.len;
     let vocab = plan.embed.rows(c);
-    if t != 1 || b == 0 || b > MAX_ROWS || b != caches.len() || c == 0 {
+    if t != 1 || b == 0 || b != caches.len() || c == 0 {
         return None;
     }
     let ids = flex_indices(tokens)?;
