@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use kiln_convert::{Source, StoreDtype, convert_as, hf_config, write_model_dir_with};
+use kiln_convert::{Source, StoreDtype, convert_from, hf_config, write_model_dir_with};
 use kiln_core::ModelFile;
 use kiln_core::layout::{CONFIG, HF_CONFIG, MODEL_WEIGHTS, TOKENIZER, WhichWeights, weights_file};
 use kiln_models::ModelConfig;
@@ -203,10 +203,9 @@ fn main() -> Result<()> {
             cli.dtype
         );
     }
-    let (weights, report) = convert_as(&source, &model, head.as_ref(), cli.allow_partial, dtype)?;
-    // The converted weights are all in `weights` now: free the source's copy.
+    // The source's tensors are taken out as they are mapped (one copy of the weights).
     let mut source = source;
-    drop(std::mem::take(&mut source.tensors));
+    let (weights, report) = convert_from(&mut source, &model, head.as_ref(), cli.allow_partial, dtype)?;
     for (cast, n) in &report.casts {
         println!("  cast {cast}: {n} tensors");
     }

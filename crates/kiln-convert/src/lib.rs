@@ -610,6 +610,39 @@ pub fn convert_as(
     allow_partial: bool,
     dtype: StoreDtype,
 ) -> Result<(Vec<u8>, Report), ConvertError> {
+    let tensors = source
+        .tensors
+        .iter()
+        .map(|(name, t)| (name.clone(), std::borrow::Cow::Borrowed(t)));
+    map_tensors(tensors, source, model, head, allow_partial, dtype)
+}
+
+/// [`convert_as`] taking the source's tensors out of it as it maps them, so that the
+/// source's copy and the converted one do not both hold every weight at once (what
+/// `convert` does; the source keeps its config, tokenizer and notes).
+pub fn convert_from(
+    source: &mut Source,
+    model: &ModelConfig,
+    head: Option<&ClassifierHead>,
+    allow_partial: bool,
+    dtype: StoreDtype,
+) -> Result<(Vec<u8>, Report), ConvertError> {
+    let tensors = std::mem::take(&mut source.tensors)
+        .into_iter()
+        .map(|(name, t)| (name, std::borrow::Cow::Owned(t)));
+    map_tensors(tensors, source, model, head, allow_partial, dtype)
+}
+
+/// The mapping of [`convert_as`] over `tensors` (each dropped once mapped, when owned);
+/// `source` gives the origins and absent parameters the report names.
+fn map_tensors<'a>(
+    tensors: impl Iterator<Item = (String, std::borrow::Cow<'a, PackTensor>)>,
+    source: &Source,
+    model: &ModelConfig,
+    head: Option<&ClassifierHead>,
+    allow_partial: bool,
+    dtype: StoreDtype,
+) -> Result<(Vec<u8>, Report), ConvertError> {
     let conversion = arch::for_arch(model.arch())?;
     let rules = &conversion.rules;
     let head_rules =
@@ -631,16 +664,19 @@ pub fn convert_as(
     let transposed = compile(rules.transpose);
     let tied = compile(rules.tied);
     let device = Device::flex();
-    let initial = initial_tensors(model, head, &device)?;
-    let expected: BTreeMap<String, Vec<usize>> = initial
+    // The model's parameters, in its order: names and shapes only (the initial values
+    // are made again below if a partial conversion needs some).
+    let params: Vec<(String, Vec<usize>)> = initial_tensors(model, head, &device)?
         .iter()
         .map(|t| (t.name.clone(), t.shape.as_slice().to_vec()))
         .collect();
+    let expected: BTreeMap<String, Vec<usize>> = params.iter().cloned().collect();
 
     let mut report = Report::default();
     let mut out: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
     let mut wrappers = BTreeSet::new();
-    for (full_name, tensor) in &source.tensors {
+    for (full_name, tensor) in tensors {
+        let (full_name, tensor) = (&full_name, tensor.as_ref());
         let (name, removed) = arch::strip_wrappers(full_name);
         wrappers.extend(removed);
         let name = &name.to_string();
@@ -707,10 +743,10 @@ pub fn convert_as(
         report.mapped.push((shown, kiln.clone(), transpose_it));
         out.insert(kiln, (shape_in_kiln, values));
     }
-    for t in &initial {
-        if !out.contains_key(&t.name) {
-            let line = format!("{} {:?}", t.name, t.shape.as_slice());
-            if source.absent.iter().any(|p| t.name.starts_with(p.as_str())) {
+    for (name, shape) in &params {
+        if !out.contains_key(name) {
+            let line = format!("{name} {shape:?}");
+            if source.absent.iter().any(|p| name.starts_with(p.as_str())) {
                 report.absent.push(line);
             } else {
                 report.missing.push(line);
@@ -726,10 +762,12 @@ pub fn convert_as(
         });
     }
     // Parameters the checkpoint lacks keep their initial values (--allow-partial).
-    for t in initial {
-        if !out.contains_key(&t.name) {
-            let values = f32_values(&t)?;
-            out.insert(t.name.clone(), (t.shape.as_slice().to_vec(), values));
+    if params.iter().any(|(name, _)| !out.contains_key(name)) {
+        for t in initial_tensors(model, head, &device)? {
+            if !out.contains_key(&t.name) {
+                let values = f32_values(&t)?;
+                out.insert(t.name.clone(), (t.shape.as_slice().to_vec(), values));
+            }
         }
     }
     let bytes = serialize_as(&out, dtype).map_err(|message| ConvertError::Write {
