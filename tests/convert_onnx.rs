@@ -8,6 +8,8 @@
 //! are errors naming the node.
 
 mod common;
+#[path = "support/lm.rs"]
+mod lm;
 
 use std::path::{Path, PathBuf};
 
@@ -274,7 +276,6 @@ struct LogitsReference {
 /// and the converted model's logits match onnxruntime's on the same file.
 #[test]
 fn gpt2_and_llama_exports_are_detected_from_the_graph_and_match_onnxruntime() {
-    use kiln_models::CausalLm;
     let fixtures = common::repo_root().join("tests/fixtures");
     for (arch, form) in [
         ("gpt2", "optimum"),
@@ -320,24 +321,9 @@ fn gpt2_and_llama_exports_are_detected_from_the_graph_and_match_onnxruntime() {
             file.display()
         );
 
-        let out = tempfile::tempdir().unwrap();
-        let st = out.path().join("model.safetensors");
-        std::fs::write(&st, &weights).unwrap();
-        let device = Device::flex();
-        let (b, t) = (reference.tokens.len(), reference.tokens[0].len());
-        let input = Tensor::<2, Int>::from_data(TensorData::new(reference.tokens.concat(), [b, t]), &device);
-        let logits = match &model {
-            ModelConfig::Gpt2(c) => kiln_core::weights::load_weights(c.init(&device), &st)
-                .unwrap()
-                .forward(input),
-            ModelConfig::Llama(c) => kiln_core::weights::load_weights(c.init(&device), &st)
-                .unwrap()
-                .forward(input),
-            other => panic!("detected {}", other.arch()),
-        };
-        let ours = logits.into_data().try_to_vec::<f32>().unwrap();
+        let ours = lm::lm_logits(&model, &weights, &reference.tokens);
         let ort: Vec<f32> = reference.logits.iter().flatten().flatten().copied().collect();
-        let max_diff = ours.iter().zip(&ort).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let max_diff = lm::max_abs_diff(&ours, &ort);
         eprintln!("{arch} {form}: max |kiln - onnxruntime| logit difference {max_diff:.2e}");
         assert!(max_diff <= 1e-4, "{}: {max_diff}", file.display());
     }
@@ -368,7 +354,6 @@ fn decoder_graphs_that_do_not_fit_are_refused_with_the_reason() {
 /// global layer) match onnxruntime's.
 #[test]
 fn a_gemma3_export_converts_through_the_graph_and_matches_onnxruntime() {
-    use kiln_models::CausalLm;
     let file = tiny_dir().join("gemma3-optimum/model.onnx");
     let reference: LogitsReference =
         serde_json::from_str(&std::fs::read_to_string(file.with_extension("onnx.reference.json")).unwrap()).unwrap();
@@ -388,18 +373,9 @@ fn a_gemma3_export_converts_through_the_graph_and_matches_onnxruntime() {
         panic!("detected {}", model.arch())
     };
     assert!(c.is_sliding(0) && !c.is_sliding(1), "{c:?}");
-    let out = tempfile::tempdir().unwrap();
-    let st = out.path().join("model.safetensors");
-    std::fs::write(&st, &weights).unwrap();
-    let device = Device::flex();
-    let (b, t) = (reference.tokens.len(), reference.tokens[0].len());
-    let input = Tensor::<2, Int>::from_data(TensorData::new(reference.tokens.concat(), [b, t]), &device);
-    let logits = kiln_core::weights::load_weights(c.init(&device), &st)
-        .unwrap()
-        .forward(input);
-    let ours = logits.into_data().try_to_vec::<f32>().unwrap();
+    let ours = lm::lm_logits(&model, &weights, &reference.tokens);
     let ort: Vec<f32> = reference.logits.iter().flatten().flatten().copied().collect();
-    let max_diff = ours.iter().zip(&ort).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    let max_diff = lm::max_abs_diff(&ours, &ort);
     eprintln!("gemma3 optimum: max |kiln - onnxruntime| logit difference {max_diff:.2e}");
     assert!(max_diff <= 1e-4, "{max_diff}");
 }

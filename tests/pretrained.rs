@@ -10,6 +10,8 @@
 //!   corpus.
 
 mod common;
+#[path = "support/lm.rs"]
+mod lm;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -708,22 +710,11 @@ fn smollm2_onnx_export_converts_to_the_gguf_weights_and_matches_onnxruntime() {
 
     let reference: OnnxLogits =
         serde_json::from_str(&std::fs::read_to_string(dir.join("model.onnx.reference.json")).unwrap()).unwrap();
-    let out = common::scratch_dir("pretrained-smollm2-onnx");
-    let st = out.join("model.safetensors");
-    std::fs::write(&st, &weights).unwrap();
-    let kiln_models::ModelConfig::Llama(c) = &model else {
-        panic!("{}", model.arch())
-    };
-    let device = Device::flex();
-    let (b, t) = (reference.tokens.len(), reference.tokens[0].len());
-    let input = Tensor::<2, Int>::from_data(TensorData::new(reference.tokens.concat(), [b, t]), &device);
-    let logits = kiln_core::weights::load_weights(c.init(&device), &st)
-        .unwrap()
-        .forward(input);
-    let ours = logits.into_data().try_to_vec::<f32>().unwrap();
+    let ours = lm::lm_logits(&model, &weights, &reference.tokens);
     let ort: Vec<f32> = reference.logits.iter().flatten().flatten().copied().collect();
     let scale = ort.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let max_diff = ours.iter().zip(&ort).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    let max_diff = lm::max_abs_diff(&ours, &ort);
+    let (b, t) = (reference.tokens.len(), reference.tokens[0].len());
     eprintln!(
         "SmolLM2 ONNX ({} x {t} tokens): max |kiln - onnxruntime| logit difference {max_diff:.2e} (largest |logit| {scale:.1})",
         b

@@ -571,6 +571,30 @@ impl Graph {
             .ok_or_else(|| "the graph has no inputs".to_string())
     }
 
+    /// The one embedding of a decoder without a position table (`arch` names it in the
+    /// error), indexed by the ids input.
+    pub fn token_embedding<'e>(&self, embeds: &'e [Embedding], arch: &str) -> Result<&'e Embedding, String> {
+        let ids = self.ids_input()?;
+        let [word] = embeds else {
+            return Err(format!(
+                "{} embedding tables ({arch} has one, the token embedding)",
+                embeds.len()
+            ));
+        };
+        if self.as_input(&word.indices) != Some(ids) {
+            return Err(format!("the embedding {} is not indexed by {ids}", word.table.source));
+        }
+        Ok(word)
+    }
+
+    /// The output of the `op` node that reads `value` with an other operand `other` accepts.
+    pub fn binary_with(&self, value: &str, op: &str, other: impl Fn(&str) -> bool) -> Option<String> {
+        self.consumers(value).iter().find_map(|&(i, slot)| {
+            let n = &self.nodes[i];
+            (n.op == op && n.inputs.len() == 2 && n.input(1 - slot).is_some_and(&other)).then(|| n.outputs[0].clone())
+        })
+    }
+
     /// An integer constant's values.
     pub fn ints(&self, value: &str) -> Option<&[i64]> {
         match &self.consts.get(value)?.values {

@@ -276,27 +276,14 @@ fn unfold_norms(name: &str, _shape: &[usize], values: &mut [f32], _config: &Valu
 /// `config.json` that Optimum writes beside the file, or `--config`.
 pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
     let (linears, norms, embeds) = (g.linears(), g.rms_norms(), g.embeddings());
-    let ids = g.ids_input()?;
-    let [word] = embeds.iter().collect::<Vec<_>>()[..] else {
-        return Err(format!(
-            "{} embedding tables (Gemma has one, the token embedding)",
-            embeds.len()
-        ));
-    };
-    if g.as_input(&word.indices) != Some(ids) {
-        return Err(format!("the embedding {} is not indexed by {ids}", word.table.source));
-    }
+    let word = g.token_embedding(&embeds, "Gemma")?;
     let c = word.table.shape[1];
     // Gemma multiplies the embedding by sqrt(hidden) (as a constant, in the model's dtype).
+    let sqrt_c = (c as f32).sqrt();
     let h0 = g
-        .consumers(&word.y)
-        .iter()
-        .find_map(|&(i, slot)| {
-            let n = &g.nodes[i];
-            let scale = n.input(1 - slot).and_then(|s| g.fold(s))?;
-            let sqrt_c = (c as f32).sqrt();
-            (n.op == "Mul" && scale.values.len() == 1 && (scale.values[0] - sqrt_c).abs() <= 1e-2 * sqrt_c)
-                .then(|| n.outputs[0].clone())
+        .binary_with(&word.y, "Mul", |s| {
+            g.fold(s)
+                .is_some_and(|f| f.values.len() == 1 && (f.values[0] - sqrt_c).abs() <= 1e-2 * sqrt_c)
         })
         .ok_or("the token embedding is not scaled by sqrt(hidden size) (not a Gemma graph)")?;
     let dec = g.decoder(&h0, &norms, &linears)?;

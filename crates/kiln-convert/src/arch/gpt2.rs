@@ -135,13 +135,7 @@ pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
     let c = word.table.shape[1];
     // The residual stream starts at the sum of the two lookups.
     let h0 = g
-        .consumers(&word.y)
-        .iter()
-        .find_map(|&(i, slot)| {
-            let n = &g.nodes[i];
-            (n.op == "Add" && n.input(1 - slot).is_some_and(|o| g.uncast(o) == position.y))
-                .then(|| n.outputs[0].clone())
-        })
+        .binary_with(&word.y, "Add", |o| g.uncast(o) == position.y)
         .ok_or("no Add of the token and position embeddings")?;
     let dec = g.decoder(&h0, &norms, &linears)?;
     let mut out = Resolved::default();

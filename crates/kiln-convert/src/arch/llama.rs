@@ -424,16 +424,7 @@ mod tests {
 /// position: 2048 is assumed and the report says so.
 pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
     let (linears, norms, embeds) = (g.linears(), g.rms_norms(), g.embeddings());
-    let ids = g.ids_input()?;
-    let [word] = embeds.iter().collect::<Vec<_>>()[..] else {
-        return Err(format!(
-            "{} embedding tables (a Llama has one, the token embedding)",
-            embeds.len()
-        ));
-    };
-    if g.as_input(&word.indices) != Some(ids) {
-        return Err(format!("the embedding {} is not indexed by {ids}", word.table.source));
-    }
+    let word = g.token_embedding(&embeds, "a Llama")?;
     let (vocab, c) = (word.table.shape[0], word.table.shape[1]);
     let dec = g.decoder(&word.y, &norms, &linears)?;
     let matmuls = attention_matmuls(g, &linears);
