@@ -125,12 +125,16 @@ def gemma3(out, tokens):
         for p in model.parameters():
             if p.dim() == 1:  # the norms' weights: Gemma scales by (1 + w), HF initialises w = 0
                 p.add_(torch.randn_like(p) * 0.1)
-    dest = os.path.join(out, "gemma3-optimum")
+    export_model(model, os.path.join(out, "gemma3-optimum"), "text-generation", tokens)
+
+
+def export_model(model, dest, task, tokens):
+    """`model` saved and exported by Optimum for `task` into `dest` (model.onnx and its
+    config.json), with onnxruntime's logits on `tokens`."""
     os.makedirs(dest, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(os.path.join(tmp, "hf"), safe_serialization=True)
-        main_export(os.path.join(tmp, "hf"), output=os.path.join(tmp, "out"), task="text-generation",
-                    do_validation=False)
+        main_export(os.path.join(tmp, "hf"), output=os.path.join(tmp, "out"), task=task, do_validation=False)
         for name in ["model.onnx", "config.json"]:
             shutil.copy(os.path.join(tmp, "out", name), os.path.join(dest, name))
     logits = reference(os.path.join(dest, "model.onnx"), tokens, model.config.to_dict())
@@ -147,15 +151,7 @@ def smollm2(out):
               tokenizer("Rust is a systems programming language that runs blazingly").input_ids]
     t = min(len(r) for r in tokens)
     tokens = [r[:t] for r in tokens]
-    os.makedirs(out, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(os.path.join(tmp, "hf"), safe_serialization=True)
-        main_export(os.path.join(tmp, "hf"), output=os.path.join(tmp, "out"), task="text-generation-with-past",
-                    do_validation=False)
-        for name in ["model.onnx", "config.json"]:
-            shutil.copy(os.path.join(tmp, "out", name), os.path.join(out, name))
-    logits = reference(os.path.join(out, "model.onnx"), tokens, model.config.to_dict())
-    print(f"{out}: logits {list(logits.shape)}")
+    export_model(model, out, "text-generation-with-past", tokens)
 
 
 if __name__ == "__main__":
