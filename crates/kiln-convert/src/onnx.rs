@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use onnx_ir::{Message, ModelProto, NodeProto, TensorProto};
+use onnx_ir::{AttributeProto, Message, ModelProto, TensorProto};
 
 use crate::{ConvertError, read_err};
 
@@ -53,22 +53,23 @@ pub struct Node {
     pub op: String,
     pub inputs: Vec<String>,
     pub outputs: Vec<String>,
-    proto: NodeProto,
+    /// Its attributes, moved out of the protobuf (a `Constant`'s value is in
+    /// [`Graph::consts`] instead).
+    attributes: Vec<AttributeProto>,
 }
 
 impl Node {
+    fn attr(&self, name: &str) -> Option<&AttributeProto> {
+        self.attributes.iter().find(|a| a.name == name)
+    }
     pub fn attr_int(&self, name: &str) -> Option<i64> {
-        self.proto.attribute.iter().find(|a| a.name == name).map(|a| a.i)
+        self.attr(name).map(|a| a.i)
     }
     pub fn attr_float(&self, name: &str) -> Option<f32> {
-        self.proto.attribute.iter().find(|a| a.name == name).map(|a| a.f)
+        self.attr(name).map(|a| a.f)
     }
     pub fn attr_ints(&self, name: &str) -> Option<Vec<i64>> {
-        self.proto
-            .attribute
-            .iter()
-            .find(|a| a.name == name)
-            .map(|a| a.ints.clone())
+        self.attr(name).map(|a| a.ints.clone())
     }
     /// Input `slot`, unless absent or empty (an optional input left out).
     pub fn input(&self, slot: usize) -> Option<&str> {
@@ -95,9 +96,10 @@ impl Linear {
     /// and adds nothing: a head tied to the token embedding.
     pub fn is_tied_to(&self, table: &Folded) -> bool {
         let [v, c] = table.shape[..] else { return false };
+        // weight[i, j] (`[C, V]`) against table[j, i], without a transposed copy.
         self.weight.shape == [c, v]
             && self.bias.is_none()
-            && crate::transpose(&self.weight.values, c, v)[..] == table.values[..]
+            && (0..c).all(|i| (0..v).all(|j| self.weight.values[i * v + j] == table.values[j * c + i]))
     }
 }
 
@@ -174,6 +176,17 @@ pub struct Graph {
     pub consts: HashMap<String, Const>,
     producer: HashMap<String, usize>,
     consumers: HashMap<String, Vec<(usize, usize)>>,
+    /// The building blocks, found once however many resolvers look at the graph.
+    blocks: Blocks,
+}
+
+/// [`Graph`]'s building blocks, each found on first use.
+#[derive(Default)]
+struct Blocks {
+    linears: std::cell::OnceCell<Vec<Linear>>,
+    norms: std::cell::OnceCell<Vec<Norm>>,
+    rms_norms: std::cell::OnceCell<Vec<Norm>>,
+    embeddings: std::cell::OnceCell<Vec<Embedding>>,
 }
 
 /// `(op, fewest inputs, most inputs)` of the operators the resolvers read; a node of one
@@ -302,12 +315,16 @@ fn decode(t: &TensorProto, dir: &Path, source: &str) -> Result<Option<Const>, St
             Err(format!("{what}: {n} values for shape {shape:?}"))
         }
     };
+    // f32 and half-precision bytes as Kiln's weight loader widens them.
+    let widened = |dtype: safetensors::Dtype, bytes: &[u8]| {
+        ConstValues::Float(
+            kiln_core::weights::f32_values(dtype, bytes)
+                .expect("a float dtype")
+                .into(),
+        )
+    };
     let values = match (dtype, raw) {
-        ("FLOAT", Some(r)) => ConstValues::Float(
-            r.chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect(),
-        ),
+        ("FLOAT", Some(r)) => widened(safetensors::Dtype::F32, &r),
         ("FLOAT", None) => {
             typed_len(t.float_data.len())?;
             ConstValues::Float(t.float_data.clone().into())
@@ -322,18 +339,20 @@ fn decode(t: &TensorProto, dir: &Path, source: &str) -> Result<Option<Const>, St
             ConstValues::Float(t.double_data.iter().map(|&v| v as f32).collect())
         }
         ("FLOAT16", r) | ("BFLOAT16", r) => {
-            let bits: Vec<u16> = match r {
-                Some(r) => r.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect(),
+            // Outside raw_data, each value's 16 bits are one int32_data entry.
+            let bytes = match r {
+                Some(r) => r,
                 None => {
                     typed_len(t.int32_data.len())?;
-                    t.int32_data.iter().map(|&v| v as u16).collect()
+                    t.int32_data.iter().flat_map(|&v| (v as u16).to_le_bytes()).collect()
                 }
             };
-            ConstValues::Float(if dtype == "FLOAT16" {
-                bits.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect()
+            let half = if dtype == "FLOAT16" {
+                safetensors::Dtype::F16
             } else {
-                bits.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect()
-            })
+                safetensors::Dtype::BF16
+            };
+            widened(half, &bytes)
         }
         ("INT64", Some(r)) => ConstValues::Int(
             r.chunks_exact(8)
@@ -408,18 +427,18 @@ impl Graph {
             .collect();
         let mut nodes = Vec::with_capacity(graph.node.len());
         let mut producer = HashMap::new();
-        for (i, n) in graph.node.iter().enumerate() {
+        for (i, n) in graph.node.iter_mut().enumerate() {
             let name = if n.name.is_empty() {
                 format!("#{i} {}", n.op_type)
             } else {
-                n.name.clone()
+                std::mem::take(&mut n.name)
             };
-            let node = Node {
+            let mut node = Node {
                 name,
-                op: n.op_type.clone(),
-                inputs: n.input.clone(),
-                outputs: n.output.clone(),
-                proto: n.clone(),
+                op: std::mem::take(&mut n.op_type),
+                inputs: std::mem::take(&mut n.input),
+                outputs: std::mem::take(&mut n.output),
+                attributes: vec![],
             };
             let arity = node.inputs.iter().rposition(|s| !s.is_empty()).map_or(0, |p| p + 1);
             if let Some((_, lo, hi)) = ARITY.iter().find(|(op, _, _)| *op == node.op)
@@ -489,6 +508,8 @@ impl Graph {
                 if let Some(c) = c {
                     consts.insert(out, c);
                 }
+            } else {
+                node.attributes = std::mem::take(&mut n.attribute);
             }
             nodes.push(node);
         }
@@ -548,6 +569,7 @@ impl Graph {
             consts,
             producer,
             consumers,
+            blocks: Blocks::default(),
         })
     }
 
@@ -706,7 +728,11 @@ impl Graph {
 
     /// Every linear layer: `MatMul` by a constant matrix, `Gemm`, and onnxruntime's
     /// dynamic int8 `MatMulInteger` pattern, each with the bias `Add` that follows it.
-    pub fn linears(&self) -> Vec<Linear> {
+    pub fn linears(&self) -> &[Linear] {
+        self.blocks.linears.get_or_init(|| self.find_linears())
+    }
+
+    fn find_linears(&self) -> Vec<Linear> {
         let mut out = vec![];
         for (i, node) in self.nodes.iter().enumerate() {
             let found = match node.op.as_str() {
@@ -795,7 +821,11 @@ impl Graph {
 
     /// Every layer norm: `LayerNormalization` over the last axis, and the decomposed
     /// `(x - mean) / sqrt(var + eps) * gamma + beta` of exporters before opset 17.
-    pub fn norms(&self) -> Vec<Norm> {
+    pub fn norms(&self) -> &[Norm] {
+        self.blocks.norms.get_or_init(|| self.find_norms())
+    }
+
+    fn find_norms(&self) -> Vec<Norm> {
         let mut out = vec![];
         for (i, node) in self.nodes.iter().enumerate() {
             if node.op == "LayerNormalization" {
@@ -870,7 +900,11 @@ impl Graph {
     /// (`Pow -> ReduceMean -> Add -> Sqrt`, then `Div(x, s)`, `x * Div(1, s)` or
     /// `x * Reciprocal(s)`, casts between, and the `Mul` by gamma), and the fused
     /// `RMSNormalization` (opset 23) / onnxruntime's `SimplifiedLayerNormalization`.
-    pub fn rms_norms(&self) -> Vec<Norm> {
+    pub fn rms_norms(&self) -> &[Norm] {
+        self.blocks.rms_norms.get_or_init(|| self.find_rms_norms())
+    }
+
+    fn find_rms_norms(&self) -> Vec<Norm> {
         let mut out = vec![];
         for (i, node) in self.nodes.iter().enumerate() {
             let found = match node.op.as_str() {
@@ -1069,7 +1103,11 @@ impl Graph {
     }
 
     /// Every `Gather` (axis 0) of rows of a constant float matrix.
-    pub fn embeddings(&self) -> Vec<Embedding> {
+    pub fn embeddings(&self) -> &[Embedding] {
+        self.blocks.embeddings.get_or_init(|| self.find_embeddings())
+    }
+
+    fn find_embeddings(&self) -> Vec<Embedding> {
         let mut out = vec![];
         for (i, node) in self.nodes.iter().enumerate() {
             if node.op != "Gather" || node.attr_int("axis").unwrap_or(0) != 0 {

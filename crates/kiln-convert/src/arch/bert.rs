@@ -269,7 +269,7 @@ pub(super) fn resolve_encoder(g: &Graph, roberta: bool) -> Result<Resolved, Stri
     // Embeddings, by what their indices are computed from.
     let (mut word, mut position, mut types) = (None, None, None);
     let mut padding_idx = None;
-    for e in &embeds {
+    for e in embeds {
         let role = match g.as_input(&e.indices) {
             Some("token_type_ids") => &mut types,
             Some(input) if input == "input_ids" || g.inputs.first().is_some_and(|f| f == input) => &mut word,

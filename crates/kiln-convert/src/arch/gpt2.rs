@@ -108,7 +108,7 @@ pub(crate) fn resolve_onnx(g: &Graph) -> Result<Resolved, String> {
     let (linears, norms, embeds) = (g.linears(), g.norms(), g.embeddings());
     let ids = g.ids_input()?;
     let (mut word, mut position) = (None, None);
-    for e in &embeds {
+    for e in embeds {
         let role = if g.as_input(&e.indices) == Some(ids) {
             &mut word
         } else if g.as_input(&e.indices) == Some("position_ids") || g.upstream(&e.indices).has_arange() {
