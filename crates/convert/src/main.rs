@@ -7,10 +7,10 @@
 //!     [--config config.json|config.toml] --output DIR [--allow-partial]
 //! ```
 //! PATH: a `.safetensors`, `.pt`/`.pth`/`.bin`, `.onnx` or `.gguf` file, or a Hugging Face
-//! directory. An ONNX file's weights are placed by their role in its graph (a BERT
-//! encoder's, renamed and pre-transposed initializers included; FP16, external data and
-//! onnxruntime's dynamic int8 are read), and its config is read off the graph unless a
-//! `config.json` lies beside it. The
+//! directory. An ONNX file's weights are placed by their role in its graph (BERT,
+//! RoBERTa, GPT-2, Llama and Gemma 3 graphs, told apart by their structure; renamed and
+//! pre-transposed initializers, FP16, external data and onnxruntime's dynamic int8 are
+//! read), and its config is read off the graph unless a `config.json` lies beside it. The
 //! architecture comes from the Hugging Face `config.json` (`model_type`, else
 //! `architectures`) unless `--arch` overrides it; a file without one needs `--arch`.
 //!
@@ -146,7 +146,7 @@ fn main() -> Result<()> {
         return quantize(&cli, ty);
     }
     let started = Instant::now();
-    let source = Source::read_for(&cli.input, cli.keep_quantized, cli.arch.as_deref())?;
+    let mut source = Source::read_for(&cli.input, cli.keep_quantized, cli.arch.as_deref())?;
     for note in &source.notes {
         println!("{note}");
     }
@@ -161,7 +161,7 @@ fn main() -> Result<()> {
         let head = hf_config::head(json, &model, &path.display().to_string())?;
         Ok((model, head, path.display().to_string()))
     };
-    let (model, head, config_path) = match &cli.config {
+    let (mut model, head, config_path) = match &cli.config {
         Some(path) if path.extension().is_some_and(|e| e == "toml") => {
             let file = ModelFile::load_strict(path)?;
             (file.model, file.head, path.display().to_string())
@@ -192,7 +192,6 @@ fn main() -> Result<()> {
     {
         bail!("--config describes a {} model, not --arch {arch}", model.arch());
     }
-    let mut model = model;
     if let Some(line) = kiln_convert::apply_sentence_pooling(&cli.input, &mut model)? {
         println!("{line}");
     }
@@ -204,7 +203,6 @@ fn main() -> Result<()> {
         );
     }
     // The source's tensors are taken out as they are mapped (one copy of the weights).
-    let mut source = source;
     let (weights, report) = convert_from(&mut source, &model, head.as_ref(), cli.allow_partial, dtype)?;
     for (cast, n) in &report.casts {
         println!("  cast {cast}: {n} tensors");

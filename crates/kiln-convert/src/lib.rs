@@ -114,7 +114,6 @@ fn read_file(path: &Path, into: &mut BTreeMap<String, PackTensor>) -> Result<(),
             refuse_foreign_calls(path)?;
             read_store(&mut PytorchStore::from_file(path), path, into)
         }
-        "onnx" => read_onnx_by_name(&onnx::Graph::read(path)?, into),
         _ => Err(read_err(
             path,
             "unknown checkpoint type: expected .safetensors, .pt, .pth, .bin, .onnx, .gguf or a Hugging Face directory",
@@ -168,9 +167,10 @@ fn beside(input: &Path, name: &str) -> Option<PathBuf> {
 
 impl Source {
     /// An ONNX model: its graph checked, then its weights placed by the graph resolver of
-    /// `arch` (or of the first architecture whose resolver fits); an architecture without
-    /// one reads the initializers by name. The config is a `config.json` beside the file,
-    /// else the one the resolver read off the graph.
+    /// `arch`, or of the one architecture whose resolver fits (none or two fitting is an
+    /// error listing why); an architecture without one reads the initializers by name.
+    /// The config is a `config.json` beside the file, else the one the resolver read off
+    /// the graph.
     fn read_onnx(path: &Path, arch: Option<&str>) -> Result<Self, ConvertError> {
         let graph = onnx::Graph::read(path)?;
         let candidates: Vec<&arch::Conversion> = match arch {
@@ -202,8 +202,6 @@ impl Source {
         let resolved = fits.pop();
         let config_json = beside(path, "config.json");
         let mut source = Self {
-            tensors: BTreeMap::new(),
-            hf_config: None,
             tokenizer: beside(path, "tokenizer.json"),
             files: vec![path.to_path_buf()],
             ..Self::default()
@@ -600,7 +598,7 @@ impl StoreDtype {
 }
 
 /// [`convert`], with a classification `head` on the encoder (the task model's tensors:
-/// the encoder's under [`arch::HeadRules::encoder`], the head's beside), storing the
+/// the encoder's under [`arch::CLASSIFIER_ENCODER`], the head's beside), storing the
 /// weights as `dtype`; the report counts every cast ([`Report::casts`]): a
 /// half-precision source read into f32, an f32 one stored in half.
 pub fn convert_as(
@@ -645,13 +643,13 @@ fn map_tensors<'a>(
 ) -> Result<(Vec<u8>, Report), ConvertError> {
     let conversion = arch::for_arch(model.arch())?;
     let rules = &conversion.rules;
-    let head_rules =
-        match head {
-            None => None,
-            Some(_) => Some(conversion.head.ok_or_else(|| {
-                ConvertError::Config(format!("{} has no sequence-classification head", model.arch()))
-            })?),
-        };
+    let head_rules = head
+        .map(|_| {
+            conversion
+                .head
+                .ok_or_else(|| ConvertError::Config(format!("{} has no sequence-classification head", model.arch())))
+        })
+        .transpose()?;
     let head_renames = compile_renames(head_rules.map_or(&[][..], |h| h.tensors));
     let head_transposed = compile(head_rules.map_or(&[][..], |h| h.transpose));
     let prefix = if head_rules.is_some() {
