@@ -15,6 +15,8 @@
 //! 8-bit step: under 1e-2 (a wrong row or bias is of order 1).
 
 mod common;
+#[path = "support/half.rs"]
+mod half_copy;
 
 use std::path::{Path, PathBuf};
 
@@ -457,33 +459,7 @@ fn a_half_precision_directory_quantizes() {
         std::fs::copy(dir.join(name), half_dir.join(name)).unwrap();
     }
     let bytes = std::fs::read(dir.join(MODEL_WEIGHTS)).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let halves: Vec<(String, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            let values = kiln_core::weights::f32_values(view.dtype(), view.data()).unwrap();
-            let bytes = values
-                .iter()
-                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-                .collect();
-            (name, view.shape().to_vec(), bytes)
-        })
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = halves
-        .iter()
-        .map(|(n, shape, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F16, shape.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    std::fs::write(
-        half_dir.join(MODEL_WEIGHTS),
-        safetensors::serialize(views, None).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(half_dir.join(MODEL_WEIGHTS), half_copy::f16_copy(&bytes)).unwrap();
 
     let q8_f32 = root.join("q8-from-f32");
     let q8_f16 = root.join("q8-from-f16");
