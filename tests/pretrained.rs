@@ -517,7 +517,7 @@ fn lora_fine_tuning_of_pretrained_smollm2_lowers_the_loss() {
 #[test]
 fn gguf_blocks_are_kept_packed_byte_for_byte() {
     use kiln_convert::quantize::keep_gguf_blocks;
-    use kiln_models::quant::{PackedShape, QuantType, dequantize_rows};
+    use kiln_models::quant::{Layout, PackedShape, QuantType, dequantize_rows};
     let gguf = source_dir(&SMOLLM2).join(SMOLLM2.gguf);
     let (source, model, weights, report) = converted(&SMOLLM2, true);
     let (packed, plan, q) = keep_gguf_blocks(&weights, &gguf, &model, &source.packed, &report.mapped).unwrap();
@@ -564,6 +564,7 @@ fn gguf_blocks_are_kept_packed_byte_for_byte() {
             ty: QuantType::Q4_1,
             rows,
             cols: nb * 32,
+            layout: Layout::Rows,
         };
         let mut rows_f32 = vec![0f32; rows * shape.cols];
         dequantize_rows(shape, blocks.data(), &mut rows_f32);

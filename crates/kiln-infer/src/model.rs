@@ -125,8 +125,9 @@ struct Build<'a> {
 
 impl Build<'_> {
     /// `init(device)` loaded from the weights file. With packed weights: built and
-    /// loaded on flex with its packed layout, every block checked, and on another
-    /// backend dequantized and moved there (only flex has Kiln's quantized kernels).
+    /// loaded on flex with its packed layout, every block checked, then on flex
+    /// interleaved eight rows at a time for Kiln's quantized kernels
+    /// ([`quant::interleaved`]), and on another backend dequantized and moved there.
     fn load<M: burn::module::Module>(&self, init: impl Fn(&Device) -> M) -> Result<M, LoadError> {
         let Some(q) = self.quantization else {
             return Ok(load_weights(init(self.device), self.weights)?);
@@ -140,7 +141,7 @@ impl Build<'_> {
         let model = load_weights(model, self.weights)?;
         quant::check_packed(&model).map_err(|e| bad(self.weights, e))?;
         if *self.device == flex {
-            Ok(model)
+            Ok(quant::interleaved(model))
         } else {
             Ok(quant::unpacked(model).to_device(self.device))
         }

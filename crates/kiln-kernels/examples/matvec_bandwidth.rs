@@ -7,7 +7,7 @@
 //! Q4_1 blocks (`quant::matvec`, the bytes read counted as packed). The first row is the
 //! roofline: the same f32 bytes only summed, over the same thread pool, no product.
 //!   RAYON_NUM_THREADS=2 cargo run --release -p kiln-kernels --example matvec_bandwidth
-use kiln_kernels::quant::{QuantType, matvec_with, quantize};
+use kiln_kernels::quant::{Layout, QuantType, matvec_with, quantize, x8};
 use kiln_kernels::{Isa, linear_kn_with, linear_nk_with};
 use std::time::Instant;
 
@@ -107,17 +107,24 @@ fn main() {
             .collect();
         let qhead = pack(c, v, &head);
         let qbytes = qweights.iter().flatten().map(|(_, _, q)| q.len()).sum::<usize>() + qhead.len();
+        let xweights: Vec<Vec<(usize, usize, Vec<u8>)>> = qweights
+            .iter()
+            .map(|l| l.iter().map(|(k, n, q)| (*k, *n, x8::interleave(ty, q, *n, *k))).collect())
+            .collect();
+        let xhead = x8::interleave(ty, &qhead, v, c);
         for isa in Isa::available() {
-            for m in [1, 8] {
-                let best = best_step(&qweights, &qhead, (m, c, v), |w, x, y, k, n, _| {
-                    matvec_with(isa, ty, w, x, None, y, m, k, n)
-                });
-                println!(
-                    "| [out, in] {} | {isa:?} | {m} | {:.2} | {:.1} |",
-                    ty.name(),
-                    best * 1e3,
-                    qbytes as f64 / best / 1e9
-                );
+            for (layout, ws, head) in [(Layout::Rows, &qweights, &qhead), (Layout::X8, &xweights, &xhead)] {
+                for m in [1, 8] {
+                    let best = best_step(ws, head, (m, c, v), |w, x, y, k, n, _| {
+                        matvec_with(isa, ty, layout, w, x, None, y, m, k, n)
+                    });
+                    println!(
+                        "| [out, in] {} {layout:?} | {isa:?} | {m} | {:.2} | {:.1} |",
+                        ty.name(),
+                        best * 1e3,
+                        qbytes as f64 / best / 1e9
+                    );
+                }
             }
         }
     }

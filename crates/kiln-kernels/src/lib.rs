@@ -27,9 +27,10 @@ pub enum Isa {
     Portable,
     /// x86-64 AVX2 with FMA and F16C (every AVX2 CPU has them).
     Avx2Fma,
-    /// [`Isa::Avx2Fma`] plus AVX-512 VNNI on 256-bit vectors (AVX512-VL): the quantized
-    /// products' u8 x i8 dot products in one instruction (`vpdpbusd`, as llama.cpp uses
-    /// it) instead of two; every other kernel runs its AVX2 code here.
+    /// [`Isa::Avx2Fma`] plus AVX-512 VNNI (with VL and BW): the quantized products' u8 x
+    /// i8 dot products in one instruction (`vpdpbusd`, as llama.cpp uses it) instead of
+    /// two, on 256-bit vectors, and on 512-bit ones for interleaved weights
+    /// ([`quant::x8`]); every other kernel runs its AVX2 code here.
     Avx512Vnni,
 }
 
@@ -41,7 +42,10 @@ impl Isa {
             && std::arch::is_x86_feature_detected!("fma")
             && std::arch::is_x86_feature_detected!("f16c")
         {
-            if std::arch::is_x86_feature_detected!("avx512vnni") && std::arch::is_x86_feature_detected!("avx512vl") {
+            if std::arch::is_x86_feature_detected!("avx512vnni")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+            {
                 return Isa::Avx512Vnni;
             }
             return Isa::Avx2Fma;
@@ -101,9 +105,9 @@ pub(crate) struct Split {
 }
 
 impl Split {
-    /// `rows[i]` output rows of `cols` inputs for product `i`. Panics on more than
-    /// [`MAX_PRODUCTS`] products.
-    pub(crate) fn new(rows: impl ExactSizeIterator<Item = usize>, cols: usize) -> Split {
+    /// `rows[i]` output rows of `cols` inputs for product `i`, at least `min_rows` rows
+    /// per task. Panics on more than [`MAX_PRODUCTS`] products.
+    pub(crate) fn new(rows: impl ExactSizeIterator<Item = usize>, cols: usize, min_rows: usize) -> Split {
         assert!(
             rows.len() <= MAX_PRODUCTS,
             "at most {MAX_PRODUCTS} products in one call"
@@ -115,7 +119,7 @@ impl Split {
         };
         let mut total = 0;
         for (i, n) in rows.enumerate() {
-            total += matvec::row_tasks(n, cols, 8);
+            total += matvec::row_tasks(n, cols, min_rows);
             split.ends[i] = total;
             split.rows[i] = n;
             split.len = i + 1;

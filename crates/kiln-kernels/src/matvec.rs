@@ -210,7 +210,7 @@ pub fn linear_nk_many(x: &[f32], m: usize, k: usize, products: &mut [NkProduct<'
     for p in products.iter() {
         check(x, p.w, p.bias, p.y, m, k, p.n);
     }
-    let split = Split::new(products.iter().map(|p| p.n), k);
+    let split = Split::new(products.iter().map(|p| p.n), k, 8);
     // The weights and the outputs' addresses; the outputs are written only through these.
     let mut each = products.iter_mut();
     let jobs: [Option<(&[f32], Option<&[f32]>, usize, SharedMut)>; MAX_PRODUCTS] =

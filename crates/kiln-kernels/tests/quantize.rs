@@ -7,7 +7,7 @@
 
 use kiln_gguf::GgmlType;
 use kiln_kernels::Isa;
-use kiln_kernels::quant::{QuantType, matvec_with, quantize};
+use kiln_kernels::quant::{Layout, QuantType, matvec_with, quantize, x8};
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -72,9 +72,14 @@ fn products_read_the_blocks_as_the_gguf_reader_decodes_them() {
             }
             // the quantized 1.0: 127 * f16(1 / 127)
             let one = 127.0 * half_round(1.0 / 127.0);
-            for isa in Isa::available() {
+            let interleaved = x8::interleave(ty, &w, n, k);
+            for (isa, layout) in Isa::available()
+                .into_iter()
+                .flat_map(|isa| [(isa, Layout::Rows), (isa, Layout::X8)])
+            {
+                let bytes = if layout == Layout::X8 { &interleaved } else { &w };
                 let mut y = vec![f32::NAN; m * n];
-                matvec_with(isa, ty, &w, &x, None, &mut y, m, k, n);
+                matvec_with(isa, ty, layout, bytes, &x, None, &mut y, m, k, n);
                 for r in 0..m {
                     for j in 0..n {
                         let want = dequant[j * k + start + r] * one;
@@ -88,7 +93,7 @@ fn products_read_the_blocks_as_the_gguf_reader_decodes_them() {
                         };
                         assert!(
                             (got - want).abs() <= 1e-6 * (want.abs() + 2.0 * m).max(1e-30),
-                            "{} {isa:?}: w[{j}, {}] read as {got}, the reader decodes {want}",
+                            "{} {isa:?} {layout:?}: w[{j}, {}] read as {got}, the reader decodes {want}",
                             ty.name(),
                             start + r
                         );

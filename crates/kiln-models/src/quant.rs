@@ -33,7 +33,8 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use kiln_gguf::quants::{GgmlType, dequantize};
 use kiln_kernels::quant::BLOCK;
-pub use kiln_kernels::quant::QuantType;
+pub use kiln_kernels::quant::{Layout, QuantType};
+use kiln_kernels::quant::x8;
 use serde::{Deserialize, Serialize};
 
 use crate::registry::FieldError;
@@ -112,12 +113,19 @@ pub struct PackedShape {
     pub rows: usize,
     /// Values per row: input features (linear) or the embedding width.
     pub cols: usize,
+    /// GGUF's row order (as loaded), or eight rows interleaved ([`interleaved`], made at
+    /// load on flex), told apart by the U8 tensor's shape.
+    pub layout: Layout,
 }
 
 impl PackedShape {
-    /// The U8 tensor's shape.
+    /// The U8 tensor's shape: `[rows, cols / 32, block bytes]`, or `[rows / 8, cols /
+    /// 32, 8 x block bytes]` interleaved.
     pub fn dims(&self) -> [usize; 3] {
-        [self.rows, self.cols / BLOCK, self.ty.block_bytes()]
+        match self.layout {
+            Layout::Rows => [self.rows, self.cols / BLOCK, self.ty.block_bytes()],
+            Layout::X8 => [self.rows / x8::ROWS, self.cols / BLOCK, x8::ROWS * self.ty.block_bytes()],
+        }
     }
 
     /// Bytes of one row.
@@ -127,11 +135,20 @@ impl PackedShape {
 
     fn of(packed: &Param<Tensor<3, Int>>) -> PackedShape {
         let [rows, blocks, bytes] = packed.lazy_shape().dims();
-        let ty = QuantType::from_block_bytes(bytes).expect("a packed weight's last dimension is a block size");
+        let (ty, layout, rows) = match QuantType::from_block_bytes(bytes) {
+            Some(ty) => (ty, Layout::Rows, rows),
+            None => {
+                let ty = QuantType::from_block_bytes(bytes / x8::ROWS)
+                    .filter(|_| bytes.is_multiple_of(x8::ROWS))
+                    .expect("a packed weight's last dimension is a block size, or eight");
+                (ty, Layout::X8, rows * x8::ROWS)
+            }
+        };
         PackedShape {
             ty,
             rows,
             cols: blocks * BLOCK,
+            layout,
         }
     }
 }
@@ -142,9 +159,34 @@ fn packed_bytes(packed: &Param<Tensor<3, Int>>) -> Vec<u8> {
     data.as_bytes().to_vec()
 }
 
-/// Dequantize whole rows of `shape` from `bytes` into `out` (`rows * cols` values).
+/// Dequantize all rows of `shape` from `bytes` into `out` (`rows * cols` values).
 pub fn dequantize_rows(shape: PackedShape, bytes: &[u8], out: &mut [f32]) {
-    dequantize(ggml_type(shape.ty), bytes, out)
+    match shape.layout {
+        Layout::Rows => dequantize(ggml_type(shape.ty), bytes, out),
+        Layout::X8 => dequantize(
+            ggml_type(shape.ty),
+            &x8::deinterleave(shape.ty, bytes, shape.rows, shape.cols),
+            out,
+        ),
+    }
+}
+
+thread_local! {
+    /// One row's blocks in GGUF's order, reused by [`dequantize_row`].
+    static ROW: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Dequantize row `i` of `shape` (all of its `bytes`) into `out` (`cols` values).
+pub fn dequantize_row(shape: PackedShape, bytes: &[u8], i: usize, out: &mut [f32]) {
+    let rb = shape.row_bytes();
+    match shape.layout {
+        Layout::Rows => dequantize(ggml_type(shape.ty), &bytes[i * rb..(i + 1) * rb], out),
+        Layout::X8 => ROW.with_borrow_mut(|row| {
+            row.resize(rb, 0);
+            x8::row_blocks(shape.ty, bytes, shape.cols, i, row);
+            dequantize(ggml_type(shape.ty), row, out)
+        }),
+    }
 }
 
 /// The rows of a packed weight, `[rows, cols]` f32 on `device`.
@@ -376,15 +418,13 @@ impl Embedding {
         let device = tokens.device();
         let ids: Vec<i64> = tokens.into_data().convert::<i64>().try_to_vec().expect("i64 token ids");
         let mut out = vec![0f32; b * t * shape.cols];
-        let rb = shape.row_bytes();
         let mut gather = |bytes: &[u8]| {
             for (row, &id) in out.chunks_exact_mut(shape.cols).zip(&ids) {
                 let id = usize::try_from(id)
                     .ok()
                     .filter(|&i| i < shape.rows)
                     .unwrap_or_else(|| panic!("token id {id} outside the vocabulary of {}", shape.rows));
-                let one = PackedShape { rows: 1, ..shape };
-                dequantize_rows(one, &bytes[id * rb..(id + 1) * rb], row);
+                dequantize_row(shape, bytes, id, row);
             }
         };
         match crate::fused::flex::packed_bytes(p) {
@@ -589,7 +629,15 @@ pub fn packed_layout<M: Module>(model: M, plan: &Quantization) -> Result<M, Layo
                 ));
                 return param;
             }
-            self.pending.insert(module, PackedShape { ty, rows, cols });
+            self.pending.insert(
+                module,
+                PackedShape {
+                    ty,
+                    rows,
+                    cols,
+                    layout: kiln_kernels::quant::Layout::Rows,
+                },
+            );
             let device = param.lazy_device();
             let mut shape = [0usize; D];
             shape[D - 1] = kept;
@@ -644,6 +692,59 @@ pub fn unpacked<M: Module>(model: M) -> M {
     with_flag(&UNPACK, || model.map(&mut Identity))
 }
 
+/// `model` with every packed weight of whole groups of eight rows in [`Layout::X8`], the
+/// layout Kiln's products read fastest (made once at load, for flex; the bytes stay as
+/// many), on a CPU whose kernels prefer it ([`x8::preferred`]; else `model` as it is).
+/// The other backends dequantize ([`unpacked`]) and never see it.
+pub fn interleaved<M: Module>(model: M) -> M {
+    if !x8::preferred() {
+        return model;
+    }
+    interleave_all(model)
+}
+
+/// [`interleaved`] whatever the CPU.
+fn interleave_all<M: Module>(model: M) -> M {
+    struct Interleave {
+        path: Path,
+    }
+    impl ModuleMapper for Interleave {
+        fn enter_module(&mut self, name: &str, container: &str) {
+            self.path.enter(name, container);
+        }
+        fn exit_module(&mut self, _name: &str, container: &str) {
+            self.path.exit(container);
+        }
+        fn map_int<const D: usize>(&mut self, param: Param<Tensor<D, Int>>) -> Param<Tensor<D, Int>> {
+            if D != 3 || self.path.weight_of("packed").is_none() {
+                return param;
+            }
+            let [rows, blocks, bytes] = {
+                let d = param.lazy_shape().dims::<D>();
+                [d[0], d[1], d[2]]
+            };
+            let Some(ty) = QuantType::from_block_bytes(bytes) else {
+                return param;
+            };
+            if !x8::fits(rows) {
+                return param;
+            }
+            let (id, device) = (param.id, param.lazy_device());
+            // The loaded tensor's own bytes, rearranged where they are (flex hands them
+            // over without a copy when nothing else holds them).
+            let mut data = param.into_value().into_data();
+            let Ok(w) = data.as_mut_slice::<u8>() else {
+                unreachable!("a packed weight is U8")
+            };
+            x8::interleave_in_place(ty, w, rows, blocks * BLOCK);
+            let dims = [rows / x8::ROWS, blocks, bytes * x8::ROWS];
+            let data = TensorData::from_bytes(data.into_bytes(), dims[..D].to_vec(), DType::U8);
+            Param::initialized(id, Tensor::from_data(data, (&device, DType::U8)))
+        }
+    }
+    model.map(&mut Interleave { path: Path::default() })
+}
+
 /// Whether `model` holds any packed weight.
 pub fn has_packed<M: Module>(model: &M) -> bool {
     struct Any {
@@ -696,6 +797,7 @@ pub fn check_packed<M: Module>(model: &M) -> Result<(), String> {
                 self.error = Some(format!("{module}.packed: {bytes}-byte blocks are no known format"));
                 return;
             };
+            // (before `interleaved`: the blocks as loaded, in GGUF's order)
             let data = param.val().into_data();
             if let Err(e) = kiln_kernels::quant::check_blocks(ty, data.as_bytes(), rows, blocks * BLOCK) {
                 self.error = Some(format!("{module}.packed ({}): {e}", ty.name()));
@@ -771,6 +873,7 @@ mod tests {
             ty: QuantType::Q8_0,
             rows: 32,
             cols: 64,
+            layout: Layout::Rows,
         };
         assert_eq!(down.packed_shape(), Some(shape));
         assert_eq!(down.weight.val().dims(), [0, 32], "a packed layer keeps no f32 weight");
@@ -827,5 +930,59 @@ mod tests {
         let worst = p.iter().zip(&e).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         // The packed product quantizes the activations to 8 bits: about 1 % of the scale.
         assert!(worst < 0.02 * scale, "worst {worst}, scale {scale}");
+    }
+
+    /// Interleaving at load moves bytes, not values: the same dense weight, the same
+    /// embedding rows, the same products; a weight of rows not a multiple of 8 stays.
+    #[test]
+    fn interleaving_keeps_every_value_and_product() {
+        let model = packed_layout(
+            tiny(),
+            &plan(&[("model.layers.0.mlp.up_proj", "Q4_1"), ("model.embed_tokens", "Q8_0")]),
+        )
+        .unwrap();
+        let device = Device::flex();
+        let fill = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n).map(|i| (((i + seed) * 37 % 101) as f32 - 50.0) / 40.0).collect()
+        };
+        let pack = |ty: QuantType, rows: usize, cols: usize, seed: usize| {
+            let mut bytes = vec![0u8; ty.bytes_for(rows * cols).unwrap()];
+            kiln_kernels::quant::quantize(ty, &fill(rows * cols, seed), &mut bytes);
+            let dims = [rows, cols / BLOCK, ty.block_bytes()];
+            let t = Tensor::from_data(TensorData::from_bytes_vec(bytes, dims.to_vec(), DType::U8), (&device, DType::U8));
+            Some(Param::initialized(ParamId::new(), t))
+        };
+        let mut model = model;
+        model.model.layers[0].mlp.up_proj.packed = pack(QuantType::Q4_1, 64, 32, 1);
+        // 10 tokens: not whole groups of 8, kept in rows.
+        model.model.embed_tokens.packed = pack(QuantType::Q8_0, 10, 32, 2);
+        let before = model.clone();
+        let after = interleave_all(model);
+        let (up0, up1) = (&before.model.layers[0].mlp.up_proj, &after.model.layers[0].mlp.up_proj);
+        assert_eq!(up1.packed_shape().unwrap().layout, Layout::X8);
+        assert_eq!(up1.packed.as_ref().unwrap().val().dims(), [8, 1, 160]);
+        assert_eq!((up1.d_input(), up1.d_output()), (32, 64));
+        let dense = |l: &Linear| -> Vec<f32> { l.dense_weight().into_data().try_to_vec().unwrap() };
+        assert_eq!(dense(up0), dense(up1));
+        let x = Tensor::<2>::from_data(TensorData::new(fill(5 * 32, 3), [5, 32]), &device);
+        let y = |l: &Linear| -> Vec<f32> { l.forward(x.clone()).into_data().try_to_vec().unwrap() };
+        let (y0, y1) = (y(up0), y(up1));
+        let scale = y0.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = y0.iter().zip(&y1).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        // Both quantize the activations the same way; the sums differ only in rounding.
+        assert!(worst <= 1e-5 * scale, "worst {worst}, scale {scale}");
+        let e1 = &after.model.embed_tokens;
+        assert_eq!(e1.packed_shape().unwrap().layout, Layout::Rows);
+        // An interleaved embedding gives back the rows it was given.
+        let mut emb = before.model.embed_tokens.clone();
+        emb.packed = pack(QuantType::Q8_0, 16, 32, 4);
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![0i64, 7, 8, 15, 3], [1, 5]), &device);
+        let rows_before: Vec<f32> = emb.forward(ids.clone()).into_data().try_to_vec().unwrap();
+        let mut holder = before.clone();
+        holder.model.embed_tokens = emb;
+        let emb = interleave_all(holder).model.embed_tokens;
+        assert_eq!(emb.packed_shape().unwrap().layout, Layout::X8);
+        let rows_after: Vec<f32> = emb.forward(ids).into_data().try_to_vec().unwrap();
+        assert_eq!(rows_before, rows_after);
     }
 }

@@ -131,7 +131,7 @@ pub(crate) fn packed_linear<const D: usize>(
         None => None,
     };
     let mut y = vec![0f32; m * n];
-    kiln_kernels::quant::matvec(shape.ty, wt.as_slice::<u8>()?, xs, bs, &mut y, m, k, n);
+    kiln_kernels::quant::matvec(shape.ty, shape.layout, wt.as_slice::<u8>()?, xs, bs, &mut y, m, k, n);
     let mut out = dims;
     out[D - 1] = n;
     Some(wrap(y, &out))

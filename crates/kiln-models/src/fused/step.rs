@@ -28,7 +28,7 @@ use super::flex::{
     WeightLayout, cache_view, flex_f32, flex_indices, packed_bytes, weight_layout, wrap, write_cache_position,
 };
 use crate::KvCache;
-use crate::quant::{Embedding, Linear, PackedShape, dequantize_rows};
+use crate::quant::{Embedding, Linear, PackedShape, dequantize_row};
 
 /// A run of f32 values in a flex tensor's storage (the tensor is held, so the run lives
 /// as long as the plan).
@@ -123,9 +123,7 @@ impl Matrix {
         match self {
             Matrix::F32(v) => out.copy_from_slice(&v.get()[i * c..(i + 1) * c]),
             Matrix::Packed { tensor, shape } => {
-                let rb = shape.row_bytes();
-                let bytes = &tensor.as_slice::<u8>().expect("checked contiguous")[i * rb..(i + 1) * rb];
-                dequantize_rows(PackedShape { rows: 1, ..*shape }, bytes, out);
+                dequantize_row(*shape, tensor.as_slice::<u8>().expect("checked contiguous"), i, out);
             }
         }
     }
@@ -136,7 +134,7 @@ impl Matrix {
             Matrix::F32(w) => linear_nk(x, w.get(), bias, y, m, cols, rows),
             Matrix::Packed { tensor, shape } => {
                 let w = tensor.as_slice::<u8>().expect("checked contiguous");
-                kiln_kernels::quant::matvec(shape.ty, w, x, bias, y, m, cols, rows)
+                kiln_kernels::quant::matvec(shape.ty, shape.layout, w, x, bias, y, m, cols, rows)
             }
         }
     }
@@ -193,6 +191,7 @@ fn apply_all<const N: usize>(x: &[f32], m: usize, k: usize, mut projs: [(&Proj, 
         let mut products: [QuantProduct<'_>; N] = projs.each_mut().map(|(p, y)| match &p.w {
             Matrix::Packed { tensor, shape } => QuantProduct {
                 ty: shape.ty,
+                layout: shape.layout,
                 w: tensor.as_slice::<u8>().expect("checked contiguous"),
                 bias: p.bias(),
                 y: &mut y[..],

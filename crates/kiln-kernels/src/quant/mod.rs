@@ -19,6 +19,8 @@ use crate::pool::Pool;
 use crate::{Isa, MAX_PRODUCTS, SharedMut, Split};
 use std::cell::RefCell;
 
+pub mod x8;
+
 /// Values per block, for every type here.
 pub const BLOCK: usize = 32;
 
@@ -73,6 +75,16 @@ impl QuantType {
             .is_multiple_of(BLOCK)
             .then(|| values / BLOCK * self.block_bytes())
     }
+}
+
+/// How a packed weight's blocks are ordered in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Layout {
+    /// GGUF's: each row's blocks one after another (on disk, always).
+    Rows,
+    /// Eight rows interleaved block by block ([`x8`]): what the products read fastest,
+    /// made at load ([`x8::interleave`]) for weights of whole groups of eight rows.
+    X8,
 }
 
 /// Why packed blocks cannot be used ([`check_blocks`]).
@@ -225,6 +237,8 @@ struct ActBlock {
     /// `d * sum(q)`, for the minimum term of Q4_1 (and of Q4_0 on AVX2, as `-8 d`).
     s: f32,
     q: [i8; BLOCK],
+    /// `sum(q)`, for the offsets of Q4_0 and Q8_0 in [`Layout::X8`]'s integer sums.
+    sum: i32,
 }
 
 /// Quantize an activation row into Q8 blocks on `isa`: the same bits on every path.
@@ -257,6 +271,7 @@ fn quantize_act(x: &[f32], out: &mut [ActBlock]) {
         }
         o.d = half::f16::from_f32(d).to_f32();
         o.s = o.d * sum as f32;
+        o.sum = sum;
     }
 }
 
@@ -266,18 +281,12 @@ thread_local! {
 }
 
 /// `y[m, n] = x[m, k] · W[n, k]ᵀ + bias` with `W` the `n` rows of `k` values packed as
-/// `ty` blocks (`w.len() == n * k / 32 * block_bytes`), on the best path of this CPU.
-/// Panics on lengths that disagree (`k` not a multiple of 32, among them).
+/// `ty` blocks in `layout` (`w.len() == n * k / 32 * block_bytes`), on the best path of
+/// this CPU. Panics on lengths that disagree (`k` not a multiple of 32, among them).
 #[allow(clippy::too_many_arguments)]
-pub fn matvec(ty: QuantType, w: &[u8], x: &[f32], bias: Option<&[f32]>, y: &mut [f32], m: usize, k: usize, n: usize) {
-    matvec_with(Isa::best(), ty, w, x, bias, y, m, k, n)
-}
-
-/// [`matvec`] on a given path (one of [`Isa::available`]).
-#[allow(clippy::too_many_arguments)]
-pub fn matvec_with(
-    isa: Isa,
+pub fn matvec(
     ty: QuantType,
+    layout: Layout,
     w: &[u8],
     x: &[f32],
     bias: Option<&[f32]>,
@@ -286,13 +295,38 @@ pub fn matvec_with(
     k: usize,
     n: usize,
 ) {
-    let mut product = [QuantProduct { ty, w, bias, y, n }];
+    matvec_with(Isa::best(), ty, layout, w, x, bias, y, m, k, n)
+}
+
+/// [`matvec`] on a given path (one of [`Isa::available`]).
+#[allow(clippy::too_many_arguments)]
+pub fn matvec_with(
+    isa: Isa,
+    ty: QuantType,
+    layout: Layout,
+    w: &[u8],
+    x: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    let mut product = [QuantProduct {
+        ty,
+        layout,
+        w,
+        bias,
+        y,
+        n,
+    }];
     matvec_many_with(isa, x, m, k, &mut product);
 }
 
 /// One product of [`matvec_many`]: `y[m, n] = x · W[n, k]ᵀ + bias`, `W` packed as `ty`.
 pub struct QuantProduct<'a> {
     pub ty: QuantType,
+    pub layout: Layout,
     pub w: &'a [u8],
     pub bias: Option<&'a [f32]>,
     pub y: &'a mut [f32],
@@ -322,18 +356,29 @@ pub fn matvec_many_with(isa: Isa, x: &[f32], m: usize, k: usize, products: &mut 
             p.ty.name()
         );
         assert_eq!(p.y.len(), m * p.n, "y is [m, n]");
+        assert!(
+            p.layout == Layout::Rows || x8::fits(p.n),
+            "an X8 weight has whole groups of 8 rows"
+        );
         if let Some(b) = p.bias {
             assert_eq!(b.len(), p.n, "bias is [n]");
         }
     }
-    let split = Split::new(products.iter().map(|p| p.n), k);
+    // The tasks split rows (at least 8 per task), or groups of eight rows for X8 (a task
+    // never cuts a group; at least one per task).
+    let split = if products.iter().any(|p| p.layout == Layout::X8) {
+        let unit = |p: &QuantProduct<'_>| if p.layout == Layout::X8 { x8::ROWS } else { 1 };
+        Split::new(products.iter().map(|p| p.n / unit(p)), k * x8::ROWS, 1)
+    } else {
+        Split::new(products.iter().map(|p| p.n), k, 8)
+    };
     // The weights and the outputs' addresses; the outputs are written only through these.
-    type Job<'a> = (QuantType, &'a [u8], Option<&'a [f32]>, usize, usize, SharedMut);
+    type Job<'a> = (QuantType, Layout, &'a [u8], Option<&'a [f32]>, usize, usize, SharedMut);
     let mut each = products.iter_mut();
     let jobs: [Option<Job<'_>>; MAX_PRODUCTS] = std::array::from_fn(|_| {
         each.next().map(|p| {
             let row_bytes = p.ty.bytes_for(k).expect("checked");
-            (p.ty, p.w, p.bias, p.n, row_bytes, SharedMut(p.y.as_mut_ptr()))
+            (p.ty, p.layout, p.w, p.bias, p.n, row_bytes, SharedMut(p.y.as_mut_ptr()))
         })
     });
     let mut acts = ACTS.take();
@@ -346,16 +391,20 @@ pub fn matvec_many_with(isa: Isa, x: &[f32], m: usize, k: usize, products: &mut 
         let a = &acts[r0 * blocks..(r0 + rows) * blocks];
         let (jobs, split) = (&jobs, &split);
         Pool::global().run(split.tasks(), &|t| {
-            let (i, j0, j1) = split.task(t);
-            let (ty, w, bias, n, row_bytes, out) = jobs[i].expect("a product of this call");
-            rows_range(isa, ty, w, row_bytes, a, blocks, rows, j0..j1, |j, sums| {
+            let (i, u0, u1) = split.task(t);
+            let (ty, layout, w, bias, n, row_bytes, out) = jobs[i].expect("a product of this call");
+            let emit = |j: usize, sums: &[f32]| {
                 let b = bias.map_or(0.0, |b| b[j]);
                 for (r, s) in sums.iter().enumerate() {
-                    // SAFETY: task `t` alone writes columns j0..j1 of product i's `y`
-                    // (m rows of n), which outlives the job.
+                    // SAFETY: task `t` alone writes columns of its rows (or groups) of
+                    // product i's `y` (m rows of n), which outlives the job.
                     unsafe { *{ out }.0.add((r0 + r) * n + j) = s + b };
                 }
-            });
+            };
+            match layout {
+                Layout::Rows => rows_range(isa, ty, w, row_bytes, a, blocks, rows, u0..u1, emit),
+                Layout::X8 => groups_range(isa, ty, w, row_bytes, a, blocks, rows, u0..u1, emit),
+            }
         });
     }
     ACTS.set(acts);
@@ -411,6 +460,49 @@ fn rows_range(
             &mut sums,
         );
         emit(j, &sums[..m]);
+    }
+}
+
+/// Groups `gs` of eight weight rows of `w` ([`Layout::X8`]) · each of the `m` quantized
+/// activation rows: `emit(j, sums)` as [`rows_range`].
+#[allow(clippy::too_many_arguments)]
+fn groups_range(
+    isa: Isa,
+    ty: QuantType,
+    w: &[u8],
+    row_bytes: usize,
+    acts: &[ActBlock],
+    blocks: usize,
+    m: usize,
+    gs: std::ops::Range<usize>,
+    mut emit: impl FnMut(usize, &[f32]),
+) {
+    let mut out = [[[0f32; x8::ROWS]; MAX_ROWS]; 2];
+    let group_bytes = x8::ROWS * row_bytes;
+    let mut g = gs.start;
+    while g < gs.end {
+        // Two groups at once in 512-bit vectors where the CPU has them (the same bits), for
+        // two activation rows or more: at one row the 256-bit kernel was as fast or faster
+        // (AMD EPYC Zen 5 VM, examples/matvec_bandwidth.rs, 3 interleaved runs: Q4_0
+        // medians 3.20 vs 4.61 ms; at 8 rows Q4_1 9.66 vs 6.94 ms, Q4_0 8.74 vs 8.03).
+        let two = cfg!(target_arch = "x86_64") && isa == Isa::Avx512Vnni && g + 1 < gs.end && m >= 2;
+        let gw = &w[g * group_bytes..(g + 1 + two as usize) * group_bytes];
+        if two {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` is available (checked by the caller): AVX-512 VNNI, VL and BW.
+            unsafe {
+                x8::vnni512::pair(ty, gw, acts, blocks, m, &mut out)
+            };
+        } else {
+            x8::group(isa, ty, gw, acts, blocks, m, &mut out[0]);
+        }
+        for (i, out) in out.iter().enumerate().take(1 + two as usize) {
+            for lane in 0..x8::ROWS {
+                let sums: [f32; MAX_ROWS] = std::array::from_fn(|r| out[r][lane]);
+                emit((g + i) * x8::ROWS + lane, &sums[..m]);
+            }
+        }
+        g += 1 + two as usize;
     }
 }
 
@@ -672,6 +764,7 @@ mod avx2 {
             unsafe { _mm256_storeu_si256(o.q.as_mut_ptr() as *mut __m256i, ordered) };
             o.d = half::f16::from_f32(d).to_f32();
             o.s = o.d * total as f32;
+            o.sum = total;
         }
     }
 }
@@ -712,7 +805,7 @@ mod tests {
             for (i, (&n, ty)) in ns.iter().zip(types).enumerate() {
                 let mut y = vec![0f32; m * n];
                 let b = (i == 1).then_some(&bias[..]);
-                matvec(ty, &weights[i], &x, b, &mut y, m, k, n);
+                matvec(ty, Layout::Rows, &weights[i], &x, b, &mut y, m, k, n);
                 alone.push(y);
             }
             let mut outs: Vec<Vec<f32>> = ns.iter().map(|&n| vec![0f32; m * n]).collect();
@@ -721,6 +814,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, y)| QuantProduct {
                     ty: types[i],
+                    layout: Layout::Rows,
                     w: &weights[i],
                     bias: (i == 1).then_some(&bias[..]),
                     y,
@@ -849,19 +943,28 @@ mod tests {
                 (3, 64, 70),
                 (8, 576, 300),
                 (11, 96, 33),
+                (1, 576, 64),
+                (5, 64, 16),
+                (8, 96, 40),
+                (11, 160, 24),
             ] {
                 let (wf, x) = (fill(n * k, 2), fill(m * k, 3));
                 let mut w = vec![0u8; ty.bytes_for(n * k).unwrap()];
                 quantize(ty, &wf, &mut w);
                 let (want, mag) = reference(ty, &w, &x, m, k, n);
-                for isa in Isa::available() {
-                    let mut y = vec![f32::NAN; m * n];
-                    matvec_with(isa, ty, &w, &x, None, &mut y, m, k, n);
-                    for (i, ((g, w), a)) in y.iter().zip(&want).zip(&mag).enumerate() {
-                        assert!(
-                            (*g as f64 - w).abs() <= 1e-5 * a.max(1e-20),
-                            "{ty:?} {isa:?} m={m} k={k} n={n} [{i}]: {g} vs {w}"
-                        );
+                let interleaved = x8::fits(n).then(|| x8::interleave(ty, &w, n, k));
+                let layouts = [(Layout::Rows, Some(&w)), (Layout::X8, interleaved.as_ref())];
+                for (layout, bytes) in layouts {
+                    let Some(bytes) = bytes else { continue };
+                    for isa in Isa::available() {
+                        let mut y = vec![f32::NAN; m * n];
+                        matvec_with(isa, ty, layout, bytes, &x, None, &mut y, m, k, n);
+                        for (i, ((g, w), a)) in y.iter().zip(&want).zip(&mag).enumerate() {
+                            assert!(
+                                (*g as f64 - w).abs() <= 1e-5 * a.max(1e-20),
+                                "{ty:?} {layout:?} {isa:?} m={m} k={k} n={n} [{i}]: {g} vs {w}"
+                            );
+                        }
                     }
                 }
             }
@@ -883,7 +986,7 @@ mod tests {
                 let m = 6;
                 let x = fill(m * k, 22);
                 let mut batch = vec![0f32; m * n];
-                matvec_with(isa, ty, &w, &x, None, &mut batch, m, k, n);
+                matvec_with(isa, ty, Layout::Rows, &w, &x, None, &mut batch, m, k, n);
                 if isa.has_avx2() {
                     // vpdpbusd and vpmaddubsw + vpmaddwd give the same sums.
                     if let Some((first, bits)) = avx2_family.first() {
@@ -893,7 +996,7 @@ mod tests {
                 }
                 for r in 0..m {
                     let mut alone = vec![0f32; n];
-                    matvec_with(isa, ty, &w, &x[r * k..(r + 1) * k], None, &mut alone, 1, k, n);
+                    matvec_with(isa, ty, Layout::Rows, &w, &x[r * k..(r + 1) * k], None, &mut alone, 1, k, n);
                     assert_eq!(alone, batch[r * n..(r + 1) * n], "{ty:?} {isa:?} row {r}");
                     // Rows from 1 on: groups of four start at another row.
                     let mut acts = vec![ActBlock::default(); k / BLOCK];
@@ -906,6 +1009,92 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The interleaved layout: every path (the portable one included) gives a row the same
+    /// bits, alone, in any batch, in any split over groups, and beside other products.
+    #[test]
+    fn x8_rows_get_the_same_bits_on_every_path_batch_and_split() {
+        let (k, n) = (160, 40);
+        for ty in TYPES {
+            let mut rows = vec![0u8; ty.bytes_for(n * k).unwrap()];
+            quantize(ty, &fill(n * k, 41), &mut rows);
+            let w = x8::interleave(ty, &rows, n, k);
+            let row_bytes = ty.bytes_for(k).unwrap();
+            let m = 7;
+            let x = fill(m * k, 42);
+            let mut first: Option<Vec<f32>> = None;
+            for isa in Isa::available() {
+                let mut batch = vec![0f32; m * n];
+                matvec_with(isa, ty, Layout::X8, &w, &x, None, &mut batch, m, k, n);
+                if let Some(bits) = &first {
+                    assert_eq!(bits, &batch, "{ty:?}: {isa:?} vs the portable path");
+                }
+                first.get_or_insert(batch.clone());
+                for r in 0..m {
+                    let mut alone = vec![0f32; n];
+                    matvec_with(isa, ty, Layout::X8, &w, &x[r * k..(r + 1) * k], None, &mut alone, 1, k, n);
+                    assert_eq!(alone, batch[r * n..(r + 1) * n], "{ty:?} {isa:?} row {r}");
+                    let mut acts = vec![ActBlock::default(); k / BLOCK];
+                    quantize_act(&x[r * k..(r + 1) * k], &mut acts);
+                    let mut shifted = vec![f32::NAN; n];
+                    groups_range(isa, ty, &w, row_bytes, &acts, k / BLOCK, 1, 2..n / 8, |j, s| shifted[j] = s[0]);
+                    assert_eq!(shifted[16..], alone[16..], "{ty:?} {isa:?} row {r}, groups from 2");
+                }
+                // Beside a product in GGUF's layout, in one call.
+                let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+                let mut products = [
+                    QuantProduct {
+                        ty,
+                        layout: Layout::X8,
+                        w: &w,
+                        bias: None,
+                        y: &mut a,
+                        n,
+                    },
+                    QuantProduct {
+                        ty,
+                        layout: Layout::Rows,
+                        w: &rows,
+                        bias: None,
+                        y: &mut b,
+                        n,
+                    },
+                ];
+                matvec_many_with(isa, &x, m, k, &mut products);
+                assert_eq!(a, batch, "{ty:?} {isa:?}: X8 beside Rows");
+                let mut alone_rows = vec![0f32; m * n];
+                matvec_with(isa, ty, Layout::Rows, &rows, &x, None, &mut alone_rows, m, k, n);
+                assert_eq!(b, alone_rows, "{ty:?} {isa:?}: Rows beside X8");
+            }
+        }
+    }
+
+    #[test]
+    fn x8_interleaving_round_trips_and_gives_back_each_row() {
+        let (k, n) = (96, 24);
+        for ty in TYPES {
+            let mut rows = vec![0u8; ty.bytes_for(n * k).unwrap()];
+            quantize(ty, &fill(n * k, 51), &mut rows);
+            let w = x8::interleave(ty, &rows, n, k);
+            assert_eq!(w.len(), rows.len());
+            assert_ne!(w, rows, "{ty:?}: the layout moves bytes");
+            assert_eq!(x8::deinterleave(ty, &w, n, k), rows, "{ty:?}");
+            let rb = ty.bytes_for(k).unwrap();
+            let mut one = vec![0u8; rb];
+            for j in [0, 7, 8, 13, 23] {
+                x8::row_blocks(ty, &w, k, j, &mut one);
+                assert_eq!(one, rows[j * rb..(j + 1) * rb], "{ty:?} row {j}");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "whole groups of 8 rows")]
+    fn x8_needs_whole_groups() {
+        let mut y = vec![0f32; 4];
+        let w = vec![0u8; 4 * 34];
+        matvec(QuantType::Q8_0, Layout::X8, &w, &[0.0; 32], None, &mut y, 1, 32, 4);
     }
 
     #[test]
@@ -927,8 +1116,8 @@ mod tests {
             quantize_act_with(isa, &x, &mut got);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(
-                    (g.q, g.d.to_bits(), g.s.to_bits()),
-                    (w.q, w.d.to_bits(), w.s.to_bits()),
+                    (g.q, g.d.to_bits(), g.s.to_bits(), g.sum),
+                    (w.q, w.d.to_bits(), w.s.to_bits(), w.sum),
                     "{isa:?} block {i}"
                 );
             }
@@ -942,8 +1131,8 @@ mod tests {
         let mut w = vec![0u8; QuantType::Q8_0.bytes_for(n * k).unwrap()];
         quantize(QuantType::Q8_0, &wf, &mut w);
         let (mut with, mut without) = (vec![0f32; m * n], vec![0f32; m * n]);
-        matvec(QuantType::Q8_0, &w, &x, Some(&b), &mut with, m, k, n);
-        matvec(QuantType::Q8_0, &w, &x, None, &mut without, m, k, n);
+        matvec(QuantType::Q8_0, Layout::Rows, &w, &x, Some(&b), &mut with, m, k, n);
+        matvec(QuantType::Q8_0, Layout::Rows, &w, &x, None, &mut without, m, k, n);
         for (i, (a, c)) in with.iter().zip(&without).enumerate() {
             assert!((a - c - b[i % n]).abs() < 1e-6, "[{i}]");
         }
@@ -953,7 +1142,7 @@ mod tests {
     #[should_panic(expected = "w holds n rows of k values")]
     fn packed_data_of_the_wrong_length_is_refused() {
         let mut y = vec![0f32; 2];
-        matvec(QuantType::Q4_0, &[0u8; 17], &[0.0; 32], None, &mut y[..1], 1, 32, 1);
+        matvec(QuantType::Q4_0, Layout::Rows, &[0u8; 17], &[0.0; 32], None, &mut y[..1], 1, 32, 1);
     }
 
     #[test]

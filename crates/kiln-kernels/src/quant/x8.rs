@@ -1,0 +1,491 @@
+//! Packed weights interleaved eight rows at a time ([`Layout::X8`]), the layout the
+//! products read fastest (llama.cpp repacks its Q4_0 the same way at load, its
+//! `block_q4_0x8`; this layout is Kiln's own). GGUF stores each row's blocks one after
+//! another, so a product of one weight row with an activation block ends in eight i32
+//! lanes that need a horizontal sum, and every block's f16 scale is a scalar to convert
+//! and broadcast. Here the eight rows' blocks `b` sit together: their eight scales in one
+//! 16-byte load, and their values in 32-byte chunks whose lane `r` holds four values of
+//! row `r`, so one `vpdpbusd` against four broadcast activation values advances all
+//! eight rows, and the block's scales are applied to the eight sums at once.
+//!
+//! One group-block (eight rows, one 32-value block each), `8 x block_bytes` bytes:
+//!
+//! | type | bytes | layout |
+//! |---|---:|---|
+//! | Q8_0 | 272 | 8 f16 `d`; 8 chunks of 32: chunk `c`, byte `4r + t` = row `r`'s `q[4c + t] ^ 0x80` |
+//! | Q4_0 | 144 | 8 f16 `d`; 4 chunks of 32: chunk `c`, byte `4r + t` = row `r`'s packed byte `4c + t` |
+//! | Q4_1 | 160 | 8 f16 `d`; 8 f16 `m`; 4 chunks as Q4_0 |
+//!
+//! (Q8_0's values are stored offset by 128, as unsigned bytes, so `vpdpbusd` takes them
+//! directly: `Σ (q + 128) x - 128 Σ x = Σ q x`, exact in i32.) Groups follow each other,
+//! blocks in order within a group: group `g`'s block `b` starts at `(g * blocks + b) * 8 *
+//! block_bytes`. The bytes are as many as GGUF's; [`interleave`] and [`row_blocks`] turn
+//! one into the other.
+//!
+//! Every path computes a row's sum the same way, so it gets the same bits on any path, in
+//! any batch and any split over threads: per block, the i32 dot product of the values
+//! with the activation block's (exact; Q4_0 and Q8_0 with their offsets `-8` and `-128`
+//! taken out in integers), then `acc = fma(d_w * d_x, dot, acc)`, and for Q4_1 `off =
+//! fma(m_w, d_x Σ x, off)`; the row's value is `acc (+ off)`.
+
+use super::{ActBlock, BLOCK, QuantType};
+use crate::matvec::MAX_ROWS;
+
+/// Rows per group.
+pub const ROWS: usize = 8;
+
+/// Bytes of the scales (and Q4_1's minima) at the start of a group-block.
+const fn head_bytes(ty: QuantType) -> usize {
+    match ty {
+        QuantType::Q4_1 => 32,
+        _ => 16,
+    }
+}
+
+/// Whether a `[n, k]` weight can take the layout (whole groups of eight rows).
+pub fn fits(n: usize) -> bool {
+    n > 0 && n.is_multiple_of(ROWS)
+}
+
+/// Whether this CPU reads the layout faster than GGUF's: with AVX2 (measured by
+/// `examples/matvec_bandwidth.rs`: 2.4-3.6x on SmolLM2's products); the portable loop
+/// over it is slower than over rows, so a CPU without them keeps the rows.
+pub fn preferred() -> bool {
+    crate::Isa::best().has_avx2()
+}
+
+/// Where value byte `i` of a GGUF block (after its scale and minimum) goes in a
+/// group-block's chunks, for row `r`: (chunk, byte within the chunk).
+fn place(i: usize, r: usize) -> usize {
+    (i / 4) * 32 + r * 4 + i % 4
+}
+
+/// `rows` (`n` rows of `k` values packed as `ty`, GGUF's layout) in [`Layout::X8`](super::Layout::X8).
+/// Panics unless `n` is a multiple of eight and the lengths agree.
+pub fn interleave(ty: QuantType, rows: &[u8], n: usize, k: usize) -> Vec<u8> {
+    let mut out = rows.to_vec();
+    interleave_in_place(ty, &mut out, n, k);
+    out
+}
+
+/// [`interleave`] in place (a group's eight rows occupy the same bytes in both
+/// layouts): no second copy of the weight, one group's bytes of scratch.
+pub fn interleave_in_place(ty: QuantType, w: &mut [u8], n: usize, k: usize) {
+    let (bb, blocks) = (ty.block_bytes(), k / BLOCK);
+    let rb = blocks * bb;
+    assert!(fits(n) && k.is_multiple_of(BLOCK), "whole groups of 8 rows and 32-value blocks");
+    assert_eq!(w.len(), n * rb, "{}: n rows of k values", ty.name());
+    let head = head_bytes(ty);
+    let values = bb - head / 8;
+    let flip = if ty == QuantType::Q8_0 { 0x80 } else { 0 };
+    let mut rows = vec![0u8; ROWS * rb];
+    for group in w.chunks_exact_mut(ROWS * rb) {
+        rows.copy_from_slice(group);
+        for (b, dst) in group.chunks_exact_mut(ROWS * bb).enumerate() {
+            for r in 0..ROWS {
+                let src = &rows[r * rb + b * bb..][..bb];
+                dst[2 * r..2 * r + 2].copy_from_slice(&src[..2]);
+                if ty == QuantType::Q4_1 {
+                    dst[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&src[2..4]);
+                }
+                for i in 0..values {
+                    dst[head + place(i, r)] = src[head / 8 + i] ^ flip;
+                }
+            }
+        }
+    }
+}
+
+/// Row `j`'s blocks in GGUF's layout, from `w` in [`Layout::X8`](super::Layout::X8)
+/// (rows of `k` values): `out` is one row's bytes.
+pub fn row_blocks(ty: QuantType, w: &[u8], k: usize, j: usize, out: &mut [u8]) {
+    let (bb, blocks) = (ty.block_bytes(), k / BLOCK);
+    assert_eq!(out.len(), blocks * bb, "one row's bytes");
+    let (g, r) = (j / ROWS, j % ROWS);
+    let head = head_bytes(ty);
+    let values = bb - head / 8;
+    let flip = if ty == QuantType::Q8_0 { 0x80 } else { 0 };
+    for (b, dst) in out.chunks_exact_mut(bb).enumerate() {
+        let src = &w[(g * blocks + b) * ROWS * bb..][..ROWS * bb];
+        dst[..2].copy_from_slice(&src[2 * r..2 * r + 2]);
+        if ty == QuantType::Q4_1 {
+            dst[2..4].copy_from_slice(&src[16 + 2 * r..16 + 2 * r + 2]);
+        }
+        for i in 0..values {
+            dst[head / 8 + i] = src[head + place(i, r)] ^ flip;
+        }
+    }
+}
+
+/// `[n, k]` in GGUF's layout again (the inverse of [`interleave`]).
+pub fn deinterleave(ty: QuantType, w: &[u8], n: usize, k: usize) -> Vec<u8> {
+    let rb = ty.bytes_for(k).expect("k is a multiple of 32");
+    let mut out = vec![0u8; n * rb];
+    for (j, row) in out.chunks_exact_mut(rb).enumerate() {
+        row_blocks(ty, w, k, j, row);
+    }
+    out
+}
+
+/// The sums of one group (`gw`: its `blocks` group-blocks) with each of the `m`
+/// quantized activation rows: `out[r][lane]` for activation row `r` and the group's row
+/// `lane`.
+pub(super) fn group(
+    isa: crate::Isa,
+    ty: QuantType,
+    gw: &[u8],
+    acts: &[ActBlock],
+    blocks: usize,
+    m: usize,
+    out: &mut [[f32; ROWS]; MAX_ROWS],
+) {
+    assert!(gw.len() >= blocks * ROWS * ty.block_bytes() && acts.len() >= m * blocks && m <= MAX_ROWS);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is available (checked by the caller): AVX2, FMA and F16C; the
+        // lengths are checked above.
+        crate::Isa::Avx2Fma => unsafe { avx2::group(ty, gw, acts, blocks, m, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, with AVX-512 VNNI and VL.
+        crate::Isa::Avx512Vnni => unsafe { vnni::group(ty, gw, acts, blocks, m, out) },
+        _ => portable(ty, gw, acts, blocks, m, out),
+    }
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+fn portable(ty: QuantType, gw: &[u8], acts: &[ActBlock], blocks: usize, m: usize, out: &mut [[f32; ROWS]; MAX_ROWS]) {
+    let gb = ROWS * ty.block_bytes();
+    let head = head_bytes(ty);
+    for (r, out) in out.iter_mut().enumerate().take(m) {
+        let (mut acc, mut off) = ([0f32; ROWS], [0f32; ROWS]);
+        for b in 0..blocks {
+            let blk = &gw[b * gb..(b + 1) * gb];
+            let a = &acts[r * blocks + b];
+            for lane in 0..ROWS {
+                let q = |c: usize, t: usize| blk[head + c * 32 + lane * 4 + t];
+                let mut dot = 0i32;
+                match ty {
+                    QuantType::Q8_0 => {
+                        for i in 0..BLOCK {
+                            dot += (q(i / 4, i % 4) ^ 0x80) as i8 as i32 * a.q[i] as i32;
+                        }
+                    }
+                    _ => {
+                        for i in 0..16 {
+                            let byte = q(i / 4, i % 4);
+                            dot += (byte & 0x0f) as i32 * a.q[i] as i32 + (byte >> 4) as i32 * a.q[i + 16] as i32;
+                        }
+                        if ty == QuantType::Q4_0 {
+                            dot -= 8 * a.sum;
+                        }
+                    }
+                }
+                let d = f16_at(blk, 2 * lane);
+                acc[lane] = (d * a.d).mul_add(dot as f32, acc[lane]);
+                if ty == QuantType::Q4_1 {
+                    off[lane] = f16_at(blk, 16 + 2 * lane).mul_add(a.s, off[lane]);
+                }
+            }
+        }
+        for lane in 0..ROWS {
+            out[lane] = if ty == QuantType::Q4_1 { acc[lane] + off[lane] } else { acc[lane] };
+        }
+    }
+}
+
+/// The x86-64 kernels, once per path: `$features`, whether Q8_0's values are taken back
+/// to signed bytes (AVX2's `vpmaddubsw` would saturate on `q + 128`), and `$dot`, the
+/// i32 accumulation of the u8 x i8 products of 32 bytes, four per lane.
+#[cfg(target_arch = "x86_64")]
+macro_rules! x8_kernels {
+    ($features:literal, signed_q8 = $signed:literal, |$acc:ident, $u:ident, $s:ident| $dot:expr) => {
+        use super::{ROWS, head_bytes};
+        use crate::matvec::MAX_ROWS;
+        use crate::quant::{ActBlock, QuantType};
+        use std::arch::x86_64::*;
+
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn dot($acc: __m256i, $u: __m256i, $s: __m256i) -> __m256i {
+            $dot
+        }
+
+        const Q8_0: u8 = 0;
+        const Q4_0: u8 = 1;
+        const Q4_1: u8 = 2;
+
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn group(
+            ty: QuantType,
+            gw: &[u8],
+            acts: &[ActBlock],
+            blocks: usize,
+            m: usize,
+            out: &mut [[f32; ROWS]; MAX_ROWS],
+        ) {
+            macro_rules! by_rows {
+                ($t:expr) => {
+                    unsafe {
+                        match m {
+                            1 => rows::<{ $t }, 1>(gw, acts, blocks, out),
+                            2 => rows::<{ $t }, 2>(gw, acts, blocks, out),
+                            3 => rows::<{ $t }, 3>(gw, acts, blocks, out),
+                            4 => rows::<{ $t }, 4>(gw, acts, blocks, out),
+                            5 => rows::<{ $t }, 5>(gw, acts, blocks, out),
+                            6 => rows::<{ $t }, 6>(gw, acts, blocks, out),
+                            7 => rows::<{ $t }, 7>(gw, acts, blocks, out),
+                            _ => rows::<{ $t }, 8>(gw, acts, blocks, out),
+                        }
+                    }
+                };
+            }
+            match ty {
+                QuantType::Q8_0 => by_rows!(Q8_0),
+                QuantType::Q4_0 => by_rows!(Q4_0),
+                QuantType::Q4_1 => by_rows!(Q4_1),
+            }
+        }
+
+        /// `M` activation rows against one group: the group-block's values loaded (and
+        /// Q4's nibbles split) once for the `M` rows.
+        #[target_feature(enable = $features)]
+        unsafe fn rows<const T: u8, const M: usize>(
+            gw: &[u8],
+            acts: &[ActBlock],
+            blocks: usize,
+            out: &mut [[f32; ROWS]; MAX_ROWS],
+        ) {
+            let ty = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1][T as usize];
+            let gb = ROWS * ty.block_bytes();
+            let head = head_bytes(ty);
+            let mut acc = [_mm256_setzero_ps(); M];
+            let mut off = [_mm256_setzero_ps(); M];
+            let low = _mm256_set1_epi8(0x0f);
+            for b in 0..blocks {
+                // SAFETY: the caller checked that `gw` holds `blocks` group-blocks and
+                // `acts` `M` rows of `blocks` blocks.
+                unsafe {
+                    let p = gw.as_ptr().add(b * gb);
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+                    let mins = if T == Q4_1 {
+                        _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i))
+                    } else {
+                        _mm256_setzero_ps()
+                    };
+                    let q = p.add(head);
+                    // w[i] holds four values of each row, against activation values 4i..4i+4.
+                    let mut w = [_mm256_setzero_si256(); 8];
+                    if T == Q8_0 {
+                        for (c, w) in w.iter_mut().enumerate() {
+                            let raw = _mm256_loadu_si256(q.add(32 * c) as *const __m256i);
+                            *w = if $signed { _mm256_xor_si256(raw, _mm256_set1_epi8(-128)) } else { raw };
+                        }
+                    } else {
+                        for c in 0..4 {
+                            let raw = _mm256_loadu_si256(q.add(32 * c) as *const __m256i);
+                            w[c] = _mm256_and_si256(raw, low);
+                            w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                        }
+                    }
+                    for r in 0..M {
+                        let a = acts.get_unchecked(r * blocks + b);
+                        let x = a.q.as_ptr() as *const i32;
+                        let mut isum = _mm256_setzero_si256();
+                        for (i, &wi) in w.iter().enumerate() {
+                            let xi = _mm256_set1_epi32(x.add(i).read_unaligned());
+                            isum = if T == Q8_0 && $signed {
+                                dot(isum, _mm256_sign_epi8(wi, wi), _mm256_sign_epi8(xi, wi))
+                            } else {
+                                dot(isum, wi, xi)
+                            };
+                        }
+                        if T == Q4_0 {
+                            isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * a.sum));
+                        } else if T == Q8_0 && !$signed {
+                            isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(128 * a.sum));
+                        }
+                        let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.d));
+                        acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), acc[r]);
+                        if T == Q4_1 {
+                            off[r] = _mm256_fmadd_ps(mins, _mm256_set1_ps(a.s), off[r]);
+                        }
+                    }
+                }
+            }
+            for r in 0..M {
+                let v = if T == Q4_1 { _mm256_add_ps(acc[r], off[r]) } else { acc[r] };
+                // SAFETY: `out[r]` is eight f32.
+                unsafe { _mm256_storeu_ps(out[r].as_mut_ptr(), v) };
+            }
+        }
+    };
+}
+
+/// AVX2: `vpmaddubsw` into i16 pairs, `vpmaddwd` by ones into i32.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    x8_kernels!("avx2,fma,f16c", signed_q8 = true, |acc, u, s| _mm256_add_epi32(
+        acc,
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+    ));
+}
+
+/// AVX-512 VNNI on 256-bit vectors: `vpdpbusd` accumulates the four u8 x i8 products of
+/// each lane in one instruction.
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    x8_kernels!(
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        signed_q8 = false,
+        |acc, u, s| _mm256_dpbusd_epi32(acc, u, s)
+    );
+}
+
+/// Two groups side by side in 512-bit vectors (AVX-512 VNNI and BW): lanes 0-7 the
+/// first group's rows, 8-15 the second's, every lane computed as in the 256-bit kernels
+/// (the same bits), one `vpdpbusd` for sixteen rows.
+#[cfg(target_arch = "x86_64")]
+pub(super) mod vnni512 {
+    use super::{ROWS, head_bytes};
+    use crate::matvec::MAX_ROWS;
+    use crate::quant::{ActBlock, QuantType};
+    use std::arch::x86_64::*;
+
+    const Q8_0: u8 = 0;
+    const Q4_0: u8 = 1;
+    const Q4_1: u8 = 2;
+
+    /// Groups `gw[..group_bytes]` and `gw[group_bytes..2 * group_bytes]` against `m`
+    /// activation rows: `out[0]` and `out[1]` as [`super::group`] gives them.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA, F16C and AVX-512 F, BW, VL and VNNI.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(in crate::quant) unsafe fn pair(
+        ty: QuantType,
+        gw: &[u8],
+        acts: &[ActBlock],
+        blocks: usize,
+        m: usize,
+        out: &mut [[[f32; ROWS]; MAX_ROWS]; 2],
+    ) {
+        assert!(gw.len() >= 2 * blocks * ROWS * ty.block_bytes() && acts.len() >= m * blocks && m <= MAX_ROWS);
+        macro_rules! by_rows {
+            ($t:expr) => {
+                unsafe {
+                    match m {
+                        1 => rows::<{ $t }, 1>(gw, acts, blocks, out),
+                        2 => rows::<{ $t }, 2>(gw, acts, blocks, out),
+                        3 => rows::<{ $t }, 3>(gw, acts, blocks, out),
+                        4 => rows::<{ $t }, 4>(gw, acts, blocks, out),
+                        5 => rows::<{ $t }, 5>(gw, acts, blocks, out),
+                        6 => rows::<{ $t }, 6>(gw, acts, blocks, out),
+                        7 => rows::<{ $t }, 7>(gw, acts, blocks, out),
+                        _ => rows::<{ $t }, 8>(gw, acts, blocks, out),
+                    }
+                }
+            };
+        }
+        match ty {
+            QuantType::Q8_0 => by_rows!(Q8_0),
+            QuantType::Q4_0 => by_rows!(Q4_0),
+            QuantType::Q4_1 => by_rows!(Q4_1),
+        }
+    }
+
+    /// Two 16-byte halves (one per group) as one 256-bit vector.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn halves(a: *const u8, b: *const u8) -> __m256i {
+        unsafe {
+            _mm256_inserti128_si256::<1>(
+                _mm256_castsi128_si256(_mm_loadu_si128(a as *const __m128i)),
+                _mm_loadu_si128(b as *const __m128i),
+            )
+        }
+    }
+
+    /// Two 32-byte chunks (one per group) as one 512-bit vector.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn chunks(a: *const u8, b: *const u8) -> __m512i {
+        unsafe {
+            _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(_mm256_loadu_si256(a as *const __m256i)),
+                _mm256_loadu_si256(b as *const __m256i),
+            )
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn rows<const T: u8, const M: usize>(
+        gw: &[u8],
+        acts: &[ActBlock],
+        blocks: usize,
+        out: &mut [[[f32; ROWS]; MAX_ROWS]; 2],
+    ) {
+        let ty = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1][T as usize];
+        let gb = ROWS * ty.block_bytes();
+        let second = blocks * gb;
+        let head = head_bytes(ty);
+        let mut acc = [_mm512_setzero_ps(); M];
+        let mut off = [_mm512_setzero_ps(); M];
+        let low = _mm512_set1_epi8(0x0f);
+        for b in 0..blocks {
+            // SAFETY: the caller checked that `gw` holds two groups of `blocks`
+            // group-blocks and `acts` `M` rows of `blocks` blocks.
+            unsafe {
+                let p = gw.as_ptr().add(b * gb);
+                let p2 = p.add(second);
+                let d = _mm512_cvtph_ps(halves(p, p2));
+                let mins = if T == Q4_1 {
+                    _mm512_cvtph_ps(halves(p.add(16), p2.add(16)))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                let (q, q2) = (p.add(head), p2.add(head));
+                let mut w = [_mm512_setzero_si512(); 8];
+                if T == Q8_0 {
+                    for (c, w) in w.iter_mut().enumerate() {
+                        *w = chunks(q.add(32 * c), q2.add(32 * c));
+                    }
+                } else {
+                    for c in 0..4 {
+                        let raw = chunks(q.add(32 * c), q2.add(32 * c));
+                        w[c] = _mm512_and_si512(raw, low);
+                        w[c + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), low);
+                    }
+                }
+                for r in 0..M {
+                    let a = acts.get_unchecked(r * blocks + b);
+                    let x = a.q.as_ptr() as *const i32;
+                    let mut isum = _mm512_setzero_si512();
+                    for (i, &wi) in w.iter().enumerate() {
+                        isum = _mm512_dpbusd_epi32(isum, wi, _mm512_set1_epi32(x.add(i).read_unaligned()));
+                    }
+                    if T == Q4_0 {
+                        isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(8 * a.sum));
+                    } else if T == Q8_0 {
+                        isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(128 * a.sum));
+                    }
+                    let scale = _mm512_mul_ps(d, _mm512_set1_ps(a.d));
+                    acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(isum), acc[r]);
+                    if T == Q4_1 {
+                        off[r] = _mm512_fmadd_ps(mins, _mm512_set1_ps(a.s), off[r]);
+                    }
+                }
+            }
+        }
+        for r in 0..M {
+            let v = if T == Q4_1 { _mm512_add_ps(acc[r], off[r]) } else { acc[r] };
+            let mut lanes = [0f32; 2 * ROWS];
+            // SAFETY: `lanes` is sixteen f32.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
+            out[0][r].copy_from_slice(&lanes[..ROWS]);
+            out[1][r].copy_from_slice(&lanes[ROWS..]);
+        }
+    }
+}
