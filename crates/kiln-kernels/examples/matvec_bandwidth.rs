@@ -109,7 +109,11 @@ fn main() {
         let qbytes = qweights.iter().flatten().map(|(_, _, q)| q.len()).sum::<usize>() + qhead.len();
         let xweights: Vec<Vec<(usize, usize, Vec<u8>)>> = qweights
             .iter()
-            .map(|l| l.iter().map(|(k, n, q)| (*k, *n, x8::interleave(ty, q, *n, *k))).collect())
+            .map(|l| {
+                l.iter()
+                    .map(|(k, n, q)| (*k, *n, x8::interleave(ty, q, *n, *k)))
+                    .collect()
+            })
             .collect();
         let xhead = x8::interleave(ty, &qhead, v, c);
         for isa in Isa::available() {

@@ -95,8 +95,9 @@ pub struct AttentionRow<'a> {
 /// Every (sequence, head) pair is one task of the kernel pool once the caches are long
 /// enough to pay for the hand-out (on one thread, the attention of a 600-token SmolLM2
 /// decode was 6 % of the step's samples while the other thread waited); each thread
-/// scores into its own reused buffer. The loops are compiled for AVX2 as well, picked at
-/// run time; the arithmetic is the same (no fused multiply-adds), so are the results.
+/// scores into its own reused buffer. The loops are compiled for AVX2 + FMA as well,
+/// picked at run time; the arithmetic is the same (fused multiply-adds written as
+/// `f32::mul_add`, which is exact everywhere, in the same order), so are the results.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_steps(
     rows: &[AttentionRow<'_>],
@@ -167,7 +168,7 @@ pub fn attention_steps_with(
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `isa` is available (asserted above): AVX2.
                 crate::Isa::Avx2Fma | crate::Isa::Avx512Vnni => unsafe { attend_head_avx2(&head, scores, oh) },
-                _ => attend_head(&head, scores, oh),
+                _ => attend_head(&head, scores, oh, dot4),
             }
         });
     };
@@ -196,34 +197,161 @@ struct Head<'a> {
 
 /// [`attend_head`] compiled for AVX2.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn attend_head_avx2(head: &Head, scores: &mut [f32], out: &mut [f32]) {
-    attend_head(head, scores, out)
+    // SAFETY: this function runs only where AVX2 is (its own target feature).
+    attend_head(head, scores, out, |a, b| unsafe { dot4_avx2(a, b) })
 }
 
-/// One head: `out = softmax(s) v` over the `scores.len()` positions.
+/// One head: `out = softmax(s) v` over the `scores.len()` positions. The exponentials
+/// are [`exp_nonpositive`] eight at a time, summed in eight lanes (written as plain
+/// lane-wise Rust, so the AVX2 build vectorises the same operations: the same bits).
 #[inline(always)]
-fn attend_head(head: &Head, scores: &mut [f32], out: &mut [f32]) {
+fn attend_head(head: &Head, scores: &mut [f32], out: &mut [f32], dot4: impl Fn(&[f32], [&[f32]; 4]) -> [f32; 4]) {
     let d = head.q.len();
     let mut max = f32::NEG_INFINITY;
-    for (s, k) in scores.iter_mut().zip(head.keys.chunks_exact(d)) {
-        let mut v = dot(head.q, k) * head.scale;
+    let mut score = |s: &mut f32, dot: f32| {
+        let mut v = dot * head.scale;
         if let Some(cap) = head.softcap {
             v = cap * (v / cap).tanh();
         }
         *s = v;
         max = max.max(v);
+    };
+    // Four positions at a time: four independent sums (one position's sum is a chain of
+    // dependent adds), each in the same order as `dot` alone.
+    let mut keys4 = head.keys.chunks_exact(4 * d);
+    let mut scores4 = scores.chunks_exact_mut(4);
+    for (s, k) in (&mut scores4).zip(&mut keys4) {
+        let dots = dot4(head.q, [&k[..d], &k[d..2 * d], &k[2 * d..3 * d], &k[3 * d..]]);
+        for (s, dot) in s.iter_mut().zip(dots) {
+            score(s, dot);
+        }
     }
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
+    for (s, k) in scores4
+        .into_remainder()
+        .iter_mut()
+        .zip(keys4.remainder().chunks_exact(d))
+    {
+        score(s, dot(head.q, k));
     }
-    out.fill(0.0);
-    for (&p, v) in scores.iter().zip(head.values.chunks_exact(d)) {
-        let p = p / sum;
-        out.iter_mut().zip(v).for_each(|(o, &v)| *o += p * v);
+    let mut lanes = [0f32; 8];
+    let mut chunks = scores.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for (s, l) in c.iter_mut().zip(lanes.iter_mut()) {
+            *s = exp_nonpositive(*s - max);
+            *l += *s;
+        }
     }
+    for (s, l) in chunks.into_remainder().iter_mut().zip(lanes.iter_mut()) {
+        *s = exp_nonpositive(*s - max);
+        *l += *s;
+    }
+    let sum = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+    let inv = 1.0 / sum;
+    // 64 columns of `out` at a time, held in registers over all positions (the same sums,
+    // in the same order, as a pass per position over the whole row).
+    const COLS: usize = 64;
+    for c0 in (0..d).step_by(COLS) {
+        let w = COLS.min(d - c0);
+        let mut acc = [0f32; COLS];
+        if w == COLS {
+            for (&p, v) in scores.iter().zip(head.values.chunks_exact(d)) {
+                let (p, v) = (p * inv, &v[c0..c0 + COLS]);
+                acc.iter_mut().zip(v).for_each(|(o, &v)| *o = p.mul_add(v, *o));
+            }
+        } else {
+            for (&p, v) in scores.iter().zip(head.values.chunks_exact(d)) {
+                let (p, v) = (p * inv, &v[c0..c0 + w]);
+                acc.iter_mut().zip(v).for_each(|(o, &v)| *o = p.mul_add(v, *o));
+            }
+        }
+        out[c0..c0 + w].copy_from_slice(&acc[..w]);
+    }
+}
+
+/// [`dot4`] in AVX2 registers, one accumulator per row (the compiler's own vectorisation
+/// of `dot4` went across the four rows and spilled), the same operations.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot4_avx2(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let n = a.len() / 8 * 8;
+    assert!(b.iter().all(|b| b.len() >= a.len()));
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for i in (0..n).step_by(8) {
+        // SAFETY: i + 8 <= n <= every row's length.
+        unsafe {
+            let x = _mm256_loadu_ps(a.as_ptr().add(i));
+            for (acc, b) in acc.iter_mut().zip(&b) {
+                *acc = _mm256_fmadd_ps(x, _mm256_loadu_ps(b.as_ptr().add(i)), *acc);
+            }
+        }
+    }
+    std::array::from_fn(|r| {
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` is eight f32.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r]) };
+        lanes.iter().sum::<f32>() + tail(&a[n..], &b[r][n..])
+    })
+}
+
+/// [`dot`] of `a` with four rows at once (each sum as `dot` computes it).
+#[inline(always)]
+fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+    let n = a.len() / 8 * 8;
+    let mut acc = [[0f32; 8]; 4];
+    for i in (0..n).step_by(8) {
+        let x = &a[i..i + 8];
+        for (acc, b) in acc.iter_mut().zip(&b) {
+            let y = &b[i..i + 8];
+            for l in 0..8 {
+                acc[l] = x[l].mul_add(y[l], acc[l]);
+            }
+        }
+    }
+    std::array::from_fn(|r| acc[r].iter().sum::<f32>() + tail(&a[n..], &b[r][n..]))
+}
+
+/// `e^x` for the scores of a softmax less their maximum (`x <= 0`; NaN stays NaN): Cephes'
+/// `expf` (`x = n ln 2 + r`, `|r| <= ln 2 / 2`, a degree-7 polynomial in `r`, times `2^n`),
+/// within 2 ulp of `exp` (tested), in plain operations the compiler vectorises: libm's
+/// scalar `expf` per cached position was a quarter of a batch-8 SmolLM2 decode step.
+/// Below -87 it returns `e^-87` instead of a smaller number (8e-39: nothing, beside the
+/// maximum's 1).
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 in two parts: C1 exact in a few bits, so `fx * C1` is exact.
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    const P: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ];
+    let x = if x < -87.0 {
+        -87.0
+    } else if x > 0.0 {
+        0.0
+    } else {
+        x
+    };
+    let fx = (x * LOG2E + 0.5).floor();
+    let r = (x - fx * C1) - fx * C2;
+    let z = r * r;
+    let mut y = P[0];
+    for c in &P[1..] {
+        y = y * r + c;
+    }
+    let y = (y * z + r) + 1.0;
+    // fx is in [-125, 0]: 2^fx is a normal f32 (NaN: fx as i32 is 0, y stays NaN).
+    let n = fx as i32;
+    y * f32::from_bits(((n + 127) as u32) << 23)
 }
 
 /// A dot product with eight independent partial sums (vectorised by the compiler).
@@ -231,13 +359,19 @@ fn attend_head(head: &Head, scores: &mut [f32], out: &mut [f32]) {
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let rest = tail(ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
-            acc[i] += x[i] * y[i];
+            acc[i] = x[i].mul_add(y[i], acc[i]);
         }
     }
-    acc.iter().sum::<f32>() + tail
+    acc.iter().sum::<f32>() + rest
+}
+
+/// The last (fewer than eight) products of a dot product, in order.
+#[inline(always)]
+fn tail(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).fold(0.0, |s, (x, y)| x.mul_add(*y, s))
 }
 
 #[cfg(test)]
@@ -357,51 +491,54 @@ mod tests {
     /// (bit for bit), and every path's bits the same.
     #[test]
     fn attention_steps_of_several_rows_equal_each_row_alone_on_every_path() {
-        let (heads, kv, d, alloc) = (4, 2, 24, 400);
-        let fill = |n: usize, s: f32| (0..n).map(|i| (i as f32 * s).sin()).collect::<Vec<f32>>();
-        let caches: Vec<(Vec<f32>, Vec<f32>)> = (0..3)
-            .map(|r| {
-                (
-                    fill(kv * alloc * d, 0.1 + r as f32 * 0.01),
-                    fill(kv * alloc * d, 0.2 + r as f32 * 0.03),
-                )
-            })
-            .collect();
-        let qs: Vec<Vec<f32>> = (0..3).map(|r| fill(heads * d, 0.3 + r as f32 * 0.07)).collect();
-        fn view(data: &[f32], head_stride: usize) -> CacheView<'_> {
-            CacheView {
-                data,
-                start: 0,
-                head_stride,
-            }
-        }
-        // Short and long caches: one call on one thread, one on the pool.
-        for lens in [[1, 5, 9], [150, 399, 400]] {
-            for (window, cap) in [(None, None), (Some(100), Some(0.7))] {
-                let rows: Vec<AttentionRow> = (0..3)
-                    .map(|r| AttentionRow {
-                        q: &qs[r],
-                        keys: view(&caches[r].0, alloc * d),
-                        values: view(&caches[r].1, alloc * d),
-                        len: lens[r],
-                    })
-                    .collect();
-                let mut outs = Vec::new();
-                for isa in crate::Isa::available() {
-                    let mut all = vec![0f32; 3 * heads * d];
-                    attention_steps_with(isa, &rows, heads, kv, d, window, 0.2, cap, &mut all);
-                    for (r, row) in rows.iter().enumerate() {
-                        let mut one = vec![0f32; heads * d];
-                        attention_steps_with(isa, &[*row], heads, kv, d, window, 0.2, cap, &mut one);
-                        assert_eq!(
-                            one[..],
-                            all[r * heads * d..(r + 1) * heads * d],
-                            "{isa:?} row {r} {lens:?}"
-                        );
-                    }
-                    outs.push(all);
+        // d = 68: a tail after the dot products' 8-value chunks and after 64 columns.
+        for d in [24, 68] {
+            let (heads, kv, alloc) = (4, 2, 400);
+            let fill = |n: usize, s: f32| (0..n).map(|i| (i as f32 * s).sin()).collect::<Vec<f32>>();
+            let caches: Vec<(Vec<f32>, Vec<f32>)> = (0..3)
+                .map(|r| {
+                    (
+                        fill(kv * alloc * d, 0.1 + r as f32 * 0.01),
+                        fill(kv * alloc * d, 0.2 + r as f32 * 0.03),
+                    )
+                })
+                .collect();
+            let qs: Vec<Vec<f32>> = (0..3).map(|r| fill(heads * d, 0.3 + r as f32 * 0.07)).collect();
+            fn view(data: &[f32], head_stride: usize) -> CacheView<'_> {
+                CacheView {
+                    data,
+                    start: 0,
+                    head_stride,
                 }
-                assert!(outs.windows(2).all(|w| w[0] == w[1]), "every path alike, {lens:?}");
+            }
+            // Short and long caches: one call on one thread, one on the pool.
+            for lens in [[1, 5, 9], [150, 399, 400]] {
+                for (window, cap) in [(None, None), (Some(100), Some(0.7))] {
+                    let rows: Vec<AttentionRow> = (0..3)
+                        .map(|r| AttentionRow {
+                            q: &qs[r],
+                            keys: view(&caches[r].0, alloc * d),
+                            values: view(&caches[r].1, alloc * d),
+                            len: lens[r],
+                        })
+                        .collect();
+                    let mut outs = Vec::new();
+                    for isa in crate::Isa::available() {
+                        let mut all = vec![0f32; 3 * heads * d];
+                        attention_steps_with(isa, &rows, heads, kv, d, window, 0.2, cap, &mut all);
+                        for (r, row) in rows.iter().enumerate() {
+                            let mut one = vec![0f32; heads * d];
+                            attention_steps_with(isa, &[*row], heads, kv, d, window, 0.2, cap, &mut one);
+                            assert_eq!(
+                                one[..],
+                                all[r * heads * d..(r + 1) * heads * d],
+                                "{isa:?} row {r} {lens:?}"
+                            );
+                        }
+                        outs.push(all);
+                    }
+                    assert!(outs.windows(2).all(|w| w[0] == w[1]), "every path alike, {lens:?}");
+                }
             }
         }
     }
@@ -465,5 +602,20 @@ mod tests {
             len: 6,
         };
         attention_steps(&[row], 1, 1, 2, None, 1.0, None, &mut [0.0; 2]);
+    }
+
+    #[test]
+    fn exp_nonpositive_is_within_two_ulp_of_exp() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let (got, want) = (exp_nonpositive(x) as f64, (x as f64).exp());
+            worst = worst.max((got - want).abs() / want);
+        }
+        // 2 ulp of f32 is 2.4e-7 relative.
+        assert!(worst < 2.4e-7, "worst relative error {worst}");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert!(exp_nonpositive(f32::NAN).is_nan());
+        assert!(exp_nonpositive(-1e30) < 1e-37);
     }
 }

@@ -33,8 +33,8 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use kiln_gguf::quants::{GgmlType, dequantize};
 use kiln_kernels::quant::BLOCK;
-pub use kiln_kernels::quant::{Layout, QuantType};
 use kiln_kernels::quant::x8;
+pub use kiln_kernels::quant::{Layout, QuantType};
 use serde::{Deserialize, Serialize};
 
 use crate::registry::FieldError;
@@ -124,7 +124,11 @@ impl PackedShape {
     pub fn dims(&self) -> [usize; 3] {
         match self.layout {
             Layout::Rows => [self.rows, self.cols / BLOCK, self.ty.block_bytes()],
-            Layout::X8 => [self.rows / x8::ROWS, self.cols / BLOCK, x8::ROWS * self.ty.block_bytes()],
+            Layout::X8 => [
+                self.rows / x8::ROWS,
+                self.cols / BLOCK,
+                x8::ROWS * self.ty.block_bytes(),
+            ],
         }
     }
 
@@ -949,7 +953,10 @@ mod tests {
             let mut bytes = vec![0u8; ty.bytes_for(rows * cols).unwrap()];
             kiln_kernels::quant::quantize(ty, &fill(rows * cols, seed), &mut bytes);
             let dims = [rows, cols / BLOCK, ty.block_bytes()];
-            let t = Tensor::from_data(TensorData::from_bytes_vec(bytes, dims.to_vec(), DType::U8), (&device, DType::U8));
+            let t = Tensor::from_data(
+                TensorData::from_bytes_vec(bytes, dims.to_vec(), DType::U8),
+                (&device, DType::U8),
+            );
             Some(Param::initialized(ParamId::new(), t))
         };
         let mut model = model;

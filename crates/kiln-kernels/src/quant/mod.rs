@@ -996,7 +996,18 @@ mod tests {
                 }
                 for r in 0..m {
                     let mut alone = vec![0f32; n];
-                    matvec_with(isa, ty, Layout::Rows, &w, &x[r * k..(r + 1) * k], None, &mut alone, 1, k, n);
+                    matvec_with(
+                        isa,
+                        ty,
+                        Layout::Rows,
+                        &w,
+                        &x[r * k..(r + 1) * k],
+                        None,
+                        &mut alone,
+                        1,
+                        k,
+                        n,
+                    );
                     assert_eq!(alone, batch[r * n..(r + 1) * n], "{ty:?} {isa:?} row {r}");
                     // Rows from 1 on: groups of four start at another row.
                     let mut acts = vec![ActBlock::default(); k / BLOCK];
@@ -1033,12 +1044,25 @@ mod tests {
                 first.get_or_insert(batch.clone());
                 for r in 0..m {
                     let mut alone = vec![0f32; n];
-                    matvec_with(isa, ty, Layout::X8, &w, &x[r * k..(r + 1) * k], None, &mut alone, 1, k, n);
+                    matvec_with(
+                        isa,
+                        ty,
+                        Layout::X8,
+                        &w,
+                        &x[r * k..(r + 1) * k],
+                        None,
+                        &mut alone,
+                        1,
+                        k,
+                        n,
+                    );
                     assert_eq!(alone, batch[r * n..(r + 1) * n], "{ty:?} {isa:?} row {r}");
                     let mut acts = vec![ActBlock::default(); k / BLOCK];
                     quantize_act(&x[r * k..(r + 1) * k], &mut acts);
                     let mut shifted = vec![f32::NAN; n];
-                    groups_range(isa, ty, &w, row_bytes, &acts, k / BLOCK, 1, 2..n / 8, |j, s| shifted[j] = s[0]);
+                    groups_range(isa, ty, &w, row_bytes, &acts, k / BLOCK, 1, 2..n / 8, |j, s| {
+                        shifted[j] = s[0]
+                    });
                     assert_eq!(shifted[16..], alone[16..], "{ty:?} {isa:?} row {r}, groups from 2");
                 }
                 // Beside a product in GGUF's layout, in one call.
@@ -1142,7 +1166,17 @@ mod tests {
     #[should_panic(expected = "w holds n rows of k values")]
     fn packed_data_of_the_wrong_length_is_refused() {
         let mut y = vec![0f32; 2];
-        matvec(QuantType::Q4_0, Layout::Rows, &[0u8; 17], &[0.0; 32], None, &mut y[..1], 1, 32, 1);
+        matvec(
+            QuantType::Q4_0,
+            Layout::Rows,
+            &[0u8; 17],
+            &[0.0; 32],
+            None,
+            &mut y[..1],
+            1,
+            32,
+            1,
+        );
     }
 
     #[test]

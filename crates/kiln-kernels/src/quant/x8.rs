@@ -73,7 +73,10 @@ pub fn interleave(ty: QuantType, rows: &[u8], n: usize, k: usize) -> Vec<u8> {
 pub fn interleave_in_place(ty: QuantType, w: &mut [u8], n: usize, k: usize) {
     let (bb, blocks) = (ty.block_bytes(), k / BLOCK);
     let rb = blocks * bb;
-    assert!(fits(n) && k.is_multiple_of(BLOCK), "whole groups of 8 rows and 32-value blocks");
+    assert!(
+        fits(n) && k.is_multiple_of(BLOCK),
+        "whole groups of 8 rows and 32-value blocks"
+    );
     assert_eq!(w.len(), n * rb, "{}: n rows of k values", ty.name());
     let head = head_bytes(ty);
     let values = bb - head / 8;
@@ -191,7 +194,11 @@ fn portable(ty: QuantType, gw: &[u8], acts: &[ActBlock], blocks: usize, m: usize
             }
         }
         for lane in 0..ROWS {
-            out[lane] = if ty == QuantType::Q4_1 { acc[lane] + off[lane] } else { acc[lane] };
+            out[lane] = if ty == QuantType::Q4_1 {
+                acc[lane] + off[lane]
+            } else {
+                acc[lane]
+            };
         }
     }
 }
@@ -281,7 +288,11 @@ macro_rules! x8_kernels {
                     if T == Q8_0 {
                         for (c, w) in w.iter_mut().enumerate() {
                             let raw = _mm256_loadu_si256(q.add(32 * c) as *const __m256i);
-                            *w = if $signed { _mm256_xor_si256(raw, _mm256_set1_epi8(-128)) } else { raw };
+                            *w = if $signed {
+                                _mm256_xor_si256(raw, _mm256_set1_epi8(-128))
+                            } else {
+                                raw
+                            };
                         }
                     } else {
                         for c in 0..4 {
@@ -316,7 +327,11 @@ macro_rules! x8_kernels {
                 }
             }
             for r in 0..M {
-                let v = if T == Q4_1 { _mm256_add_ps(acc[r], off[r]) } else { acc[r] };
+                let v = if T == Q4_1 {
+                    _mm256_add_ps(acc[r], off[r])
+                } else {
+                    acc[r]
+                };
                 // SAFETY: `out[r]` is eight f32.
                 unsafe { _mm256_storeu_ps(out[r].as_mut_ptr(), v) };
             }
@@ -480,7 +495,11 @@ pub(super) mod vnni512 {
             }
         }
         for r in 0..M {
-            let v = if T == Q4_1 { _mm512_add_ps(acc[r], off[r]) } else { acc[r] };
+            let v = if T == Q4_1 {
+                _mm512_add_ps(acc[r], off[r])
+            } else {
+                acc[r]
+            };
             let mut lanes = [0f32; 2 * ROWS];
             // SAFETY: `lanes` is sixteen f32.
             unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), v) };
