@@ -393,17 +393,18 @@ pub fn matvec_many_with(isa: Isa, x: &[f32], m: usize, k: usize, products: &mut 
         Pool::global().run(split.tasks(), &|t| {
             let (i, u0, u1) = split.task(t);
             let (ty, layout, w, bias, n, row_bytes, out) = jobs[i].expect("a product of this call");
-            let emit = |j: usize, sums: &[f32]| {
-                let b = bias.map_or(0.0, |b| b[j]);
-                for (r, s) in sums.iter().enumerate() {
-                    // SAFETY: task `t` alone writes columns of its rows (or groups) of
-                    // product i's `y` (m rows of n), which outlives the job.
-                    unsafe { *{ out }.0.add((r0 + r) * n + j) = s + b };
-                }
+            // SAFETY: task `t` alone writes columns of its rows (or groups) of product
+            // i's `y` (m rows of n), which outlives the job.
+            let put = |r: usize, j: usize, s: f32| unsafe {
+                *{ out }.0.add((r0 + r) * n + j) = s + bias.map_or(0.0, |b| b[j])
             };
             match layout {
-                Layout::Rows => rows_range(isa, ty, w, row_bytes, a, blocks, rows, u0..u1, emit),
-                Layout::X8 => groups_range(isa, ty, w, row_bytes, a, blocks, rows, u0..u1, emit),
+                Layout::Rows => rows_range(isa, ty, w, row_bytes, a, blocks, rows, u0..u1, |j, sums| {
+                    for (r, &s) in sums.iter().enumerate() {
+                        put(r, j, s)
+                    }
+                }),
+                Layout::X8 => groups_range(isa, ty, w, row_bytes, a, blocks, rows, u0..u1, put),
             }
         });
     }
@@ -464,7 +465,7 @@ fn rows_range(
 }
 
 /// Groups `gs` of eight weight rows of `w` ([`Layout::X8`]) · each of the `m` quantized
-/// activation rows: `emit(j, sums)` as [`rows_range`].
+/// activation rows: `put(r, j, sum)` for activation row `r` and weight row `j`.
 #[allow(clippy::too_many_arguments)]
 fn groups_range(
     isa: Isa,
@@ -475,7 +476,7 @@ fn groups_range(
     blocks: usize,
     m: usize,
     gs: std::ops::Range<usize>,
-    mut emit: impl FnMut(usize, &[f32]),
+    put: impl Fn(usize, usize, f32),
 ) {
     let mut out = [[[0f32; x8::ROWS]; MAX_ROWS]; 2];
     let group_bytes = x8::ROWS * row_bytes;
@@ -497,9 +498,10 @@ fn groups_range(
             x8::group(isa, ty, gw, acts, blocks, m, &mut out[0]);
         }
         for (i, out) in out.iter().enumerate().take(1 + two as usize) {
-            for lane in 0..x8::ROWS {
-                let sums: [f32; MAX_ROWS] = std::array::from_fn(|r| out[r][lane]);
-                emit((g + i) * x8::ROWS + lane, &sums[..m]);
+            for (r, sums) in out.iter().enumerate().take(m) {
+                for (lane, &s) in sums.iter().enumerate() {
+                    put(r, (g + i) * x8::ROWS + lane, s);
+                }
             }
         }
         g += 1 + two as usize;
@@ -1059,10 +1061,11 @@ mod tests {
                     assert_eq!(alone, batch[r * n..(r + 1) * n], "{ty:?} {isa:?} row {r}");
                     let mut acts = vec![ActBlock::default(); k / BLOCK];
                     quantize_act(&x[r * k..(r + 1) * k], &mut acts);
-                    let mut shifted = vec![f32::NAN; n];
-                    groups_range(isa, ty, &w, row_bytes, &acts, k / BLOCK, 1, 2..n / 8, |j, s| {
-                        shifted[j] = s[0]
+                    let shifted = std::cell::RefCell::new(vec![f32::NAN; n]);
+                    groups_range(isa, ty, &w, row_bytes, &acts, k / BLOCK, 1, 2..n / 8, |_, j, s| {
+                        shifted.borrow_mut()[j] = s
                     });
+                    let shifted = shifted.into_inner();
                     assert_eq!(shifted[16..], alone[16..], "{ty:?} {isa:?} row {r}, groups from 2");
                 }
                 // Beside a product in GGUF's layout, in one call.
