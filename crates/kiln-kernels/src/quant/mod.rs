@@ -830,6 +830,14 @@ mod tests {
 
     const TYPES: [QuantType; 3] = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1];
 
+    /// `matvec_with` into a fresh output.
+    #[allow(clippy::too_many_arguments)]
+    fn product(isa: Isa, ty: QuantType, layout: Layout, w: &[u8], x: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut y = vec![0f32; m * n];
+        matvec_with(isa, ty, layout, w, x, None, &mut y, m, k, n);
+        y
+    }
+
     use crate::test_fill as fill;
 
     /// The values a block format holds, decoded the plain way.
@@ -997,19 +1005,7 @@ mod tests {
                     avx2_family.push((isa, batch.clone()));
                 }
                 for r in 0..m {
-                    let mut alone = vec![0f32; n];
-                    matvec_with(
-                        isa,
-                        ty,
-                        Layout::Rows,
-                        &w,
-                        &x[r * k..(r + 1) * k],
-                        None,
-                        &mut alone,
-                        1,
-                        k,
-                        n,
-                    );
+                    let alone = product(isa, ty, Layout::Rows, &w, &x[r * k..(r + 1) * k], 1, k, n);
                     assert_eq!(alone, batch[r * n..(r + 1) * n], "{ty:?} {isa:?} row {r}");
                     // Rows from 1 on: groups of four start at another row.
                     let mut acts = vec![ActBlock::default(); k / BLOCK];
@@ -1045,19 +1041,7 @@ mod tests {
                 }
                 first.get_or_insert(batch.clone());
                 for r in 0..m {
-                    let mut alone = vec![0f32; n];
-                    matvec_with(
-                        isa,
-                        ty,
-                        Layout::X8,
-                        &w,
-                        &x[r * k..(r + 1) * k],
-                        None,
-                        &mut alone,
-                        1,
-                        k,
-                        n,
-                    );
+                    let alone = product(isa, ty, Layout::X8, &w, &x[r * k..(r + 1) * k], 1, k, n);
                     assert_eq!(alone, batch[r * n..(r + 1) * n], "{ty:?} {isa:?} row {r}");
                     let mut acts = vec![ActBlock::default(); k / BLOCK];
                     quantize_act(&x[r * k..(r + 1) * k], &mut acts);

@@ -34,6 +34,33 @@ use crate::matvec::MAX_ROWS;
 /// Rows per group.
 pub const ROWS: usize = 8;
 
+/// `$f::<T, M>(args)` for the type code `T` of `$ty` (0 Q8_0, 1 Q4_0, 2 Q4_1) and `M =
+/// $m` activation rows (1 to 8): one compiled loop per type and row count.
+macro_rules! by_type_and_rows {
+    ($f:ident, $ty:expr, $m:expr, $args:tt) => {
+        match $ty {
+            QuantType::Q8_0 => by_rows!($f, 0, $m, $args),
+            QuantType::Q4_0 => by_rows!($f, 1, $m, $args),
+            QuantType::Q4_1 => by_rows!($f, 2, $m, $args),
+        }
+    };
+}
+
+macro_rules! by_rows {
+    ($f:ident, $t:expr, $m:expr, ($($arg:expr),*)) => {
+        match $m {
+            1 => $f::<{ $t }, 1>($($arg),*),
+            2 => $f::<{ $t }, 2>($($arg),*),
+            3 => $f::<{ $t }, 3>($($arg),*),
+            4 => $f::<{ $t }, 4>($($arg),*),
+            5 => $f::<{ $t }, 5>($($arg),*),
+            6 => $f::<{ $t }, 6>($($arg),*),
+            7 => $f::<{ $t }, 7>($($arg),*),
+            _ => $f::<{ $t }, 8>($($arg),*),
+        }
+    };
+}
+
 /// Bytes of the scales (and Q4_1's minima) at the start of a group-block.
 const fn head_bytes(ty: QuantType) -> usize {
     match ty {
@@ -233,27 +260,8 @@ macro_rules! x8_kernels {
             m: usize,
             out: &mut [[f32; ROWS]; MAX_ROWS],
         ) {
-            macro_rules! by_rows {
-                ($t:expr) => {
-                    unsafe {
-                        match m {
-                            1 => rows::<{ $t }, 1>(gw, acts, blocks, out),
-                            2 => rows::<{ $t }, 2>(gw, acts, blocks, out),
-                            3 => rows::<{ $t }, 3>(gw, acts, blocks, out),
-                            4 => rows::<{ $t }, 4>(gw, acts, blocks, out),
-                            5 => rows::<{ $t }, 5>(gw, acts, blocks, out),
-                            6 => rows::<{ $t }, 6>(gw, acts, blocks, out),
-                            7 => rows::<{ $t }, 7>(gw, acts, blocks, out),
-                            _ => rows::<{ $t }, 8>(gw, acts, blocks, out),
-                        }
-                    }
-                };
-            }
-            match ty {
-                QuantType::Q8_0 => by_rows!(Q8_0),
-                QuantType::Q4_0 => by_rows!(Q4_0),
-                QuantType::Q4_1 => by_rows!(Q4_1),
-            }
+            // SAFETY: as the caller's.
+            unsafe { by_type_and_rows!(rows, ty, m, (gw, acts, blocks, out)) }
         }
 
         /// `M` activation rows against one group: the group-block's values loaded (and
@@ -388,27 +396,8 @@ pub(super) mod vnni512 {
         out: &mut [[[f32; ROWS]; MAX_ROWS]; 2],
     ) {
         assert!(gw.len() >= 2 * blocks * ROWS * ty.block_bytes() && acts.len() >= m * blocks && m <= MAX_ROWS);
-        macro_rules! by_rows {
-            ($t:expr) => {
-                unsafe {
-                    match m {
-                        1 => rows::<{ $t }, 1>(gw, acts, blocks, out),
-                        2 => rows::<{ $t }, 2>(gw, acts, blocks, out),
-                        3 => rows::<{ $t }, 3>(gw, acts, blocks, out),
-                        4 => rows::<{ $t }, 4>(gw, acts, blocks, out),
-                        5 => rows::<{ $t }, 5>(gw, acts, blocks, out),
-                        6 => rows::<{ $t }, 6>(gw, acts, blocks, out),
-                        7 => rows::<{ $t }, 7>(gw, acts, blocks, out),
-                        _ => rows::<{ $t }, 8>(gw, acts, blocks, out),
-                    }
-                }
-            };
-        }
-        match ty {
-            QuantType::Q8_0 => by_rows!(Q8_0),
-            QuantType::Q4_0 => by_rows!(Q4_0),
-            QuantType::Q4_1 => by_rows!(Q4_1),
-        }
+        // SAFETY: as the caller's.
+        unsafe { by_type_and_rows!(rows, ty, m, (gw, acts, blocks, out)) }
     }
 
     /// Two 16-byte halves (one per group) as one 256-bit vector.
