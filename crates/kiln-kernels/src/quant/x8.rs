@@ -28,7 +28,7 @@
 //! taken out in integers), then `acc = fma(d_w * d_x, dot, acc)`, and for Q4_1 `off =
 //! fma(m_w, d_x Σ x, off)`; the row's value is `acc (+ off)`.
 
-use super::{ActBlock, BLOCK, QuantType};
+use super::{ActBlock, BLOCK, QuantType, f16_at};
 use crate::matvec::MAX_ROWS;
 
 /// Rows per group.
@@ -81,10 +81,37 @@ pub fn preferred() -> bool {
     crate::Isa::best().has_avx2()
 }
 
-/// Where value byte `i` of a GGUF block (after its scale and minimum) goes in a
-/// group-block's chunks, for row `r`: (chunk, byte within the chunk).
-fn place(i: usize, r: usize) -> usize {
-    (i / 4) * 32 + r * 4 + i % 4
+/// Where byte `i` of row `r`'s GGUF block goes in the group-block, and what it is XORed
+/// with there: the f16 scale (and Q4_1's minimum) into the scales, each value byte into
+/// its chunk (Q8_0's offset by 128). The one map [`interleave_in_place`] and
+/// [`row_blocks`] both follow, one way and back, as a table made once per call
+/// ([`byte_map`]: the loads of a whole model go through it byte by byte).
+fn byte_at(ty: QuantType, r: usize, i: usize) -> (usize, u8) {
+    let head = head_bytes(ty);
+    let numbers = head / ROWS;
+    match i {
+        0 | 1 => (2 * r + i, 0),
+        2 | 3 if ty == QuantType::Q4_1 => (16 + 2 * r + i - 2, 0),
+        _ => {
+            let v = i - numbers;
+            let flip = if ty == QuantType::Q8_0 { 0x80 } else { 0 };
+            (head + (v / 4) * 32 + r * 4 + v % 4, flip)
+        }
+    }
+}
+
+/// The largest group-block (Q8_0's).
+const MAX_GROUP_BLOCK: usize = ROWS * QuantType::Q8_0.block_bytes();
+
+/// [`byte_at`] for every row and byte of a group-block: entry `r * block_bytes + i`.
+fn byte_map(ty: QuantType) -> [(u16, u8); MAX_GROUP_BLOCK] {
+    let bb = ty.block_bytes();
+    let mut map = [(0u16, 0u8); MAX_GROUP_BLOCK];
+    for (e, slot) in map.iter_mut().enumerate().take(ROWS * bb) {
+        let (at, flip) = byte_at(ty, e / bb, e % bb);
+        *slot = (at as u16, flip);
+    }
+    map
 }
 
 /// `rows` (`n` rows of `k` values packed as `ty`, GGUF's layout) in [`Layout::X8`](super::Layout::X8).
@@ -105,21 +132,15 @@ pub fn interleave_in_place(ty: QuantType, w: &mut [u8], n: usize, k: usize) {
         "whole groups of 8 rows and 32-value blocks"
     );
     assert_eq!(w.len(), n * rb, "{}: n rows of k values", ty.name());
-    let head = head_bytes(ty);
-    let values = bb - head / 8;
-    let flip = if ty == QuantType::Q8_0 { 0x80 } else { 0 };
+    let map = byte_map(ty);
     let mut rows = vec![0u8; ROWS * rb];
     for group in w.chunks_exact_mut(ROWS * rb) {
         rows.copy_from_slice(group);
         for (b, dst) in group.chunks_exact_mut(ROWS * bb).enumerate() {
             for r in 0..ROWS {
                 let src = &rows[r * rb + b * bb..][..bb];
-                dst[2 * r..2 * r + 2].copy_from_slice(&src[..2]);
-                if ty == QuantType::Q4_1 {
-                    dst[16 + 2 * r..16 + 2 * r + 2].copy_from_slice(&src[2..4]);
-                }
-                for i in 0..values {
-                    dst[head + place(i, r)] = src[head / 8 + i] ^ flip;
+                for (&byte, &(at, flip)) in src.iter().zip(&map[r * bb..(r + 1) * bb]) {
+                    dst[at as usize] = byte ^ flip;
                 }
             }
         }
@@ -132,17 +153,11 @@ pub fn row_blocks(ty: QuantType, w: &[u8], k: usize, j: usize, out: &mut [u8]) {
     let (bb, blocks) = (ty.block_bytes(), k / BLOCK);
     assert_eq!(out.len(), blocks * bb, "one row's bytes");
     let (g, r) = (j / ROWS, j % ROWS);
-    let head = head_bytes(ty);
-    let values = bb - head / 8;
-    let flip = if ty == QuantType::Q8_0 { 0x80 } else { 0 };
+    let map = byte_map(ty);
     for (b, dst) in out.chunks_exact_mut(bb).enumerate() {
         let src = &w[(g * blocks + b) * ROWS * bb..][..ROWS * bb];
-        dst[..2].copy_from_slice(&src[2 * r..2 * r + 2]);
-        if ty == QuantType::Q4_1 {
-            dst[2..4].copy_from_slice(&src[16 + 2 * r..16 + 2 * r + 2]);
-        }
-        for i in 0..values {
-            dst[head / 8 + i] = src[head + place(i, r)] ^ flip;
+        for (byte, &(at, flip)) in dst.iter_mut().zip(&map[r * bb..(r + 1) * bb]) {
+            *byte = src[at as usize] ^ flip;
         }
     }
 }
@@ -180,10 +195,6 @@ pub(super) fn group(
         crate::Isa::Avx512Vnni => unsafe { vnni::group(ty, gw, acts, blocks, m, out) },
         _ => portable(ty, gw, acts, blocks, m, out),
     }
-}
-
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
 
 fn portable(ty: QuantType, gw: &[u8], acts: &[ActBlock], blocks: usize, m: usize, out: &mut [[f32; ROWS]; MAX_ROWS]) {
