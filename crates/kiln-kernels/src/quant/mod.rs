@@ -10,9 +10,11 @@
 //!
 //! The products quantize the activation rows to 8 bits per 32-value block first (as
 //! llama.cpp does: Q8_0 with an f16 scale, plus each block's scaled sum for Q4_1), then
-//! take integer dot products block by block: AVX2 `vpmaddubsw` / `vpmaddwd` when the CPU
-//! has them, a portable loop otherwise, never an f32 copy of the weight. Rows of the
-//! weight (`[out, in]`, GGUF's layout) are split over [`Pool`](crate::pool::Pool).
+//! take integer dot products block by block: AVX-512 VNNI `vpdpbusd` or AVX2
+//! `vpmaddubsw` / `vpmaddwd` when the CPU has them, a portable loop otherwise, never an
+//! f32 copy of the weight. The weight is `[out, in]` in GGUF's row order
+//! ([`Layout::Rows`]) or eight rows interleaved ([`Layout::X8`], [`x8`]); its rows (or
+//! groups of eight) are split over [`Pool`](crate::pool::Pool).
 
 use crate::matvec::MAX_ROWS;
 use crate::pool::Pool;
