@@ -14,7 +14,7 @@
 //! `vpmaddubsw` / `vpmaddwd` when the CPU has them, a portable loop otherwise, never an
 //! f32 copy of the weight. The weight is `[out, in]` in GGUF's row order
 //! ([`Layout::Rows`]) or eight rows interleaved ([`Layout::X8`], [`x8`]); its rows (or
-//! groups of eight) are split over [`Pool`](crate::pool::Pool).
+//! groups of eight) are split over [`Pool`].
 
 use crate::matvec::MAX_ROWS;
 use crate::pool::Pool;

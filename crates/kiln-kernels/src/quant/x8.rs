@@ -1,4 +1,4 @@
-//! Packed weights interleaved eight rows at a time ([`Layout::X8`]), the layout the
+//! Packed weights interleaved eight rows at a time ([`Layout::X8`](super::Layout::X8)), the layout the
 //! products read fastest (llama.cpp repacks its Q4_0 the same way at load, its
 //! `block_q4_0x8`; this layout is Kiln's own). GGUF stores each row's blocks one after
 //! another, so a product of one weight row with an activation block ends in eight i32
