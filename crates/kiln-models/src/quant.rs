@@ -642,10 +642,9 @@ pub fn packed_layout<M: Module>(model: M, plan: &Quantization) -> Result<M, Layo
                     layout: kiln_kernels::quant::Layout::Rows,
                 },
             );
-            let device = param.lazy_device();
             let mut shape = [0usize; D];
             shape[D - 1] = kept;
-            Param::initialized(param.id, Tensor::empty(shape, &device))
+            lazy_empty(param.id, param.lazy_device(), shape, DType::F32)
         }
         fn map_int<const D: usize>(&mut self, param: Param<Tensor<D, Int>>) -> Param<Tensor<D, Int>> {
             let Some((module, _)) = self.path.weight_of("packed") else {
@@ -655,15 +654,35 @@ pub fn packed_layout<M: Module>(model: M, plan: &Quantization) -> Result<M, Layo
                 return param;
             };
             self.done.insert(module);
-            let device = param.lazy_device();
             let dims = shape.dims();
             let mut d = [0usize; D];
             if D != 3 {
                 return param;
             }
             d.copy_from_slice(&dims[..D]);
-            Param::initialized(param.id, Tensor::empty(d, (&device, DType::U8)))
+            lazy_empty(param.id, param.lazy_device(), d, DType::U8)
         }
+    }
+    /// A parameter of `shape` made only if nothing loads into it: the loader replaces it
+    /// by the file's tensor, and an eager placeholder (flex zeroes its memory) would hold
+    /// a second copy of every packed weight while the file's is read (Gemma 3's Q8_0
+    /// embedding: 178 MB twice at the peak).
+    fn lazy_empty<const D: usize, K: burn::tensor::kind::Basic + 'static>(
+        id: burn::module::ParamId,
+        device: Device,
+        shape: [usize; D],
+        dtype: DType,
+    ) -> Param<Tensor<D, K>>
+    where
+        Tensor<D, K>: burn::module::Parameter,
+    {
+        Param::uninitialized(
+            id,
+            move |device, _| Tensor::empty(shape, (device, dtype)),
+            device,
+            false,
+            Shape::new(shape),
+        )
     }
     let mut layout = Layout {
         plan,
@@ -801,9 +820,26 @@ pub fn check_packed<M: Module>(model: &M) -> Result<(), String> {
                 self.error = Some(format!("{module}.packed: {bytes}-byte blocks are no known format"));
                 return;
             };
-            // (before `interleaved`: the blocks as loaded, in GGUF's order)
-            let data = param.val().into_data();
-            if let Err(e) = kiln_kernels::quant::check_blocks(ty, data.as_bytes(), rows, blocks * BLOCK) {
+            // (before `interleaved`: the blocks as loaded, in GGUF's order; a flex
+            // tensor's own bytes, not a copy of a weight that can be 178 MB)
+            let stored = crate::fused::flex::packed_bytes(param);
+            let copied;
+            let bytes = match stored.as_ref().and_then(|t| t.as_slice::<u8>()) {
+                Some(bytes) => bytes,
+                None => {
+                    let data = param.val().into_data();
+                    if data.dtype() != DType::U8 {
+                        self.error = Some(format!(
+                            "{module}.packed: stored as {:?}, expected U8 bytes",
+                            data.dtype()
+                        ));
+                        return;
+                    }
+                    copied = data;
+                    copied.as_bytes()
+                }
+            };
+            if let Err(e) = kiln_kernels::quant::check_blocks(ty, bytes, rows, blocks * BLOCK) {
                 self.error = Some(format!("{module}.packed ({}): {e}", ty.name()));
             }
         }

@@ -88,7 +88,7 @@ pub(crate) fn linear<const D: usize>(x: &Tensor<D>, weight: &Tensor<2>, bias: Op
 }
 
 /// The U8 flex tensor of a packed weight ([`crate::quant`]), if that is what it is.
-pub(crate) fn packed_bytes(packed: &Param<Tensor<3, Int>>) -> Option<FlexTensor> {
+pub(crate) fn packed_bytes<const D: usize>(packed: &Param<Tensor<D, Int>>) -> Option<FlexTensor> {
     let dispatch = packed.val().into_dispatch();
     match dispatch.kind {
         DispatchTensorKind::Flex(BackendTensor::Int(t)) if t.dtype() == DType::U8 => Some(t),
