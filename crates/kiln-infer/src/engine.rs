@@ -351,7 +351,7 @@ impl<'a, M: CausalLm + ?Sized> Engine<'a, M> {
             budget = budget.saturating_sub(n);
             let chunk = tokens_tensor(&seq.request.prompt[seq.prefilled..end], &self.device);
             let cache = seq.cache.as_mut().expect("admitted");
-            let logits = self.model.forward_cached(chunk, cache);
+            let logits = self.model.forward_cached_last(chunk, cache);
             seq.prefilled = end;
             if end == seq.request.prompt.len() {
                 let (token, lp) = sample(seq, last_row_logits(logits));
@@ -378,7 +378,9 @@ impl<'a, M: CausalLm + ?Sized> Engine<'a, M> {
             cache.clear();
             let keep = (context / 2).max(1);
             let window = &seq.tokens[seq.tokens.len() - keep..];
-            let logits = self.model.forward_cached(tokens_tensor(window, &self.device), cache);
+            let logits = self
+                .model
+                .forward_cached_last(tokens_tensor(window, &self.device), cache);
             debug_assert_eq!(seq.tokens.last(), Some(&token));
             seq.pending = None;
             let (next, lp) = sample(seq, last_row_logits(logits));

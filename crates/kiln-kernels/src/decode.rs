@@ -43,18 +43,21 @@ pub fn gated(gate: &[f32], up: &[f32], gelu: bool, out: &mut [f32]) {
 }
 
 /// Rotary embedding of one position per row, HF's rotate-half layout: `x` `[rows, heads, d]`,
-/// row `r` at `positions[r]`, `cos`/`sin` tables `[positions, d]`:
-/// `out = x * cos[p] + rotate_half(x) * sin[p]`, `rotate_half([x1, x2]) = [-x2, x1]`
+/// `cos`/`sin` `[rows, d]` the values of each row's position:
+/// `out = x * cos + rotate_half(x) * sin`, `rotate_half([x1, x2]) = [-x2, x1]`
 /// (the products and the sum in that order, as the Burn ops compute them).
-pub fn rope_rows(x: &[f32], cos: &[f32], sin: &[f32], heads: usize, d: usize, positions: &[usize], out: &mut [f32]) {
-    assert!(d % 2 == 0 && d > 0, "even head size");
-    assert_eq!(x.len(), positions.len() * heads * d, "x is [rows, heads, d]");
+pub fn rope_rows(x: &[f32], cos: &[f32], sin: &[f32], heads: usize, d: usize, out: &mut [f32]) {
+    assert!(d % 2 == 0 && d > 0 && heads > 0, "even head size");
+    assert_eq!(x.len() % (heads * d), 0, "x is [rows, heads, d]");
+    let rows = x.len() / (heads * d);
     assert_eq!(out.len(), x.len(), "out is like x");
-    assert_eq!(cos.len(), sin.len(), "cos and sin tables alike");
+    assert!(
+        cos.len() == rows * d && sin.len() == rows * d,
+        "cos and sin are [rows, d]"
+    );
     let half = d / 2;
-    for (r, &p) in positions.iter().enumerate() {
-        assert!((p + 1) * d <= cos.len(), "position {p} is past the table");
-        let (c, s) = (&cos[p * d..(p + 1) * d], &sin[p * d..(p + 1) * d]);
+    for r in 0..rows {
+        let (c, s) = (&cos[r * d..(r + 1) * d], &sin[r * d..(r + 1) * d]);
         for h in 0..heads {
             let at = (r * heads + h) * d;
             let (xh, oh) = (&x[at..at + d], &mut out[at..at + d]);
@@ -565,21 +568,22 @@ mod tests {
     }
 
     #[test]
-    fn rope_rows_rotates_each_row_at_its_position() {
-        let (heads, d, table) = (2, 4, 5);
+    fn rope_rows_rotates_each_row_by_its_own_values() {
+        let (heads, d) = (2, 4);
         let angle = |p: usize, j: usize| p as f32 * (j % 2 + 1) as f32 * 0.3;
-        let cos: Vec<f32> = (0..table * d).map(|i| angle(i / d, i % d).cos()).collect();
-        let sin: Vec<f32> = (0..table * d).map(|i| angle(i / d, i % d).sin()).collect();
-        let x: Vec<f32> = (0..2 * heads * d).map(|i| i as f32 * 0.5 - 3.0).collect();
+        // rows at positions 3 and 0
         let positions = [3, 0];
+        let cos: Vec<f32> = (0..2 * d).map(|i| angle(positions[i / d], i % d).cos()).collect();
+        let sin: Vec<f32> = (0..2 * d).map(|i| angle(positions[i / d], i % d).sin()).collect();
+        let x: Vec<f32> = (0..2 * heads * d).map(|i| i as f32 * 0.5 - 3.0).collect();
         let mut out = vec![0f32; x.len()];
-        rope_rows(&x, &cos, &sin, heads, d, &positions, &mut out);
-        for (r, &p) in positions.iter().enumerate() {
+        rope_rows(&x, &cos, &sin, heads, d, &mut out);
+        for r in 0..2 {
             for h in 0..heads {
                 let v = &x[(r * heads + h) * d..][..d];
                 let rot = [-v[2], -v[3], v[0], v[1]];
                 for j in 0..d {
-                    let want = v[j] * cos[p * d + j] + rot[j] * sin[p * d + j];
+                    let want = v[j] * cos[r * d + j] + rot[j] * sin[r * d + j];
                     assert_eq!(out[(r * heads + h) * d + j], want, "row {r} head {h} [{j}]");
                 }
             }

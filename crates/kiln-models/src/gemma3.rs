@@ -27,8 +27,8 @@ use crate::fused::{attention, gelu_tanh_mul, linear, linears, tied_head};
 use crate::kv_cache::repeat_kv;
 use crate::quant::{Embedding, Linear};
 use crate::registry::{FieldError, ensure};
-use crate::rope::{RopeScaling, RotaryEmbedding};
-use crate::{CausalLm, KvCache};
+use crate::rope::{RopeScaling, RotaryEmbedding, Rotation};
+use crate::{CausalLm, KvCache, Logits};
 
 fn default_rope_theta() -> f64 {
     1_000_000.0
@@ -210,14 +210,8 @@ impl Gemma3Config {
                 ),
                 layers,
                 norm: norm(c),
-                rotary_global: RotaryEmbedding::new(
-                    d,
-                    self.block_size,
-                    self.rope_theta,
-                    self.rope_scaling.as_ref(),
-                    device,
-                ),
-                rotary_local: RotaryEmbedding::new(d, self.block_size, self.rope_local_theta, None, device),
+                rotary_global: RotaryEmbedding::new(d, self.block_size, self.rope_theta, self.rope_scaling.as_ref()),
+                rotary_local: RotaryEmbedding::new(d, self.block_size, self.rope_local_theta, None),
                 // HF: sqrt(hidden_size) as a tensor of the embedding dtype (f32).
                 embed_scale: (c as f64).sqrt() as f32,
                 final_logit_softcapping: self.final_logit_softcapping,
@@ -238,8 +232,10 @@ pub struct Gemma3Model {
     pub embed_tokens: Embedding,
     pub layers: Vec<Gemma3DecoderLayer>,
     pub norm: GemmaRmsNorm,
-    /// Rotary tables of the global and the local layers (constants, not saved).
+    /// Rotary frequencies of the global and the local layers (constants, not saved).
+    #[module(skip)]
     pub rotary_global: RotaryEmbedding,
+    #[module(skip)]
     pub rotary_local: RotaryEmbedding,
     #[module(skip)]
     pub embed_scale: f32,
@@ -351,12 +347,27 @@ fn window_bias(t: usize, tk: usize, start: usize, window: usize, device: &Device
     Tensor::<2>::from_data(TensorData::new(bias, [t, tk]), device).unsqueeze()
 }
 
+/// The rotations of one forward pass: the global layers' and the local layers'.
+struct Rotations {
+    global: Rotation,
+    local: Rotation,
+}
+
+impl Gemma3Model {
+    fn rotations(&self, rotation: impl Fn(&RotaryEmbedding) -> Rotation) -> Rotations {
+        Rotations {
+            global: rotation(&self.rotary_global),
+            local: rotation(&self.rotary_local),
+        }
+    }
+}
+
 impl Gemma3Attention {
-    fn rotary<'a>(&self, model: &'a Gemma3Model) -> &'a RotaryEmbedding {
+    fn rotation<'a>(&self, rotations: &'a Rotations) -> &'a Rotation {
         if self.window.is_some() {
-            &model.rotary_local
+            &rotations.local
         } else {
-            &model.rotary_global
+            &rotations.global
         }
     }
 
@@ -389,16 +400,16 @@ impl Gemma3Attention {
     fn forward(
         &self,
         x: Tensor<3>,
-        model: &Gemma3Model,
+        rotations: &Rotations,
         start: usize,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let (h, k) = (self.n_head, self.n_kv_head);
         let (q, kk, v) = self.qkv(x);
-        let rotary = self.rotary(model);
-        let q = rotary.apply(q, start);
-        let kk = rotary.apply(kk, start);
+        let rotation = self.rotation(rotations);
+        let q = rotation.apply(q);
+        let kk = rotation.apply(kk);
         let (kk, v) = match cache {
             Some((cache, layer)) => cache.append(layer, kk, v),
             None => (kk, v),
@@ -416,20 +427,20 @@ impl Gemma3Attention {
         self.out(y)
     }
 
-    /// Decode step of independent sequences: `x` `[B, 1, C]`, row `b` at `positions[b]`
-    /// attending over `caches[b]` (its last `window` positions on a local layer).
+    /// Decode step of independent sequences: `x` `[B, 1, C]`, row `b` at its position
+    /// (`rotations`, [`RotaryEmbedding::at`]) attending over `caches[b]` (its last
+    /// `window` positions on a local layer).
     fn forward_step(
         &self,
         x: Tensor<3>,
-        model: &Gemma3Model,
-        positions: Tensor<1, Int>,
+        rotations: &Rotations,
         caches: &mut [&mut KvCache],
         layer: usize,
     ) -> Tensor<3> {
         let (q, kk, v) = self.qkv(x);
-        let rotary = self.rotary(model);
-        let q = rotary.apply_rows(q, positions.clone());
-        let kk = rotary.apply_rows(kk, positions);
+        let rotation = self.rotation(rotations);
+        let q = rotation.apply(q);
+        let kk = rotation.apply(kk);
         let rows = crate::kv_cache::append_rows(caches, layer, kk, v);
         let y = crate::kv_cache::attend_rows(q, rows, self.window, self.options(false));
         self.out(y)
@@ -447,20 +458,14 @@ impl Gemma3ForCausalLM {
     /// The weights as the fused flex decode step reads them; `None` off flex or in
     /// Burn's `[in, out]` weight layout.
     fn step_plan(&self) -> Option<crate::fused::step::Plan> {
-        use crate::fused::step::{Head, Layer, Matrix, Norm, Plan, Proj, Values};
+        use crate::fused::step::{Head, Layer, Matrix, Norm, Plan, Proj};
         let m = &self.model;
         let norm = |n: &GemmaRmsNorm| Norm::new(&n.weight.val(), n.epsilon);
-        let (global, local) = (Values::rotary(&m.rotary_global)?, Values::rotary(&m.rotary_local)?);
         let layers = m
             .layers
             .iter()
             .map(|l| {
                 let (a, f) = (&l.self_attn, &l.mlp);
-                let (cos, sin) = if a.window.is_some() {
-                    local.clone()
-                } else {
-                    global.clone()
-                };
                 Some(Layer {
                     attn_norm: norm(&l.input_layernorm)?,
                     q: Proj::new(&a.q_proj)?,
@@ -474,8 +479,8 @@ impl Gemma3ForCausalLM {
                     up: Proj::new(&f.up_proj)?,
                     down: Proj::new(&f.down_proj)?,
                     post_ff_norm: Some(norm(&l.post_feedforward_layernorm)?),
-                    cos,
-                    sin,
+                    // (Plan::rotary: the global frequencies, then the local ones)
+                    rotary: usize::from(a.window.is_some()),
                     window: a.window,
                 })
             })
@@ -495,6 +500,7 @@ impl Gemma3ForCausalLM {
             head_dim: attn.head_dim,
             scale: Some(attn.scale),
             attn_softcap: attn.softcap,
+            rotary: vec![m.rotary_global.clone(), m.rotary_local.clone()],
         })
     }
 
@@ -513,13 +519,21 @@ impl Gemma3ForCausalLM {
         }
     }
 
-    fn forward_from(&self, tokens: Tensor<2, Int>, start: usize, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    fn forward_from(
+        &self,
+        tokens: Tensor<2, Int>,
+        start: usize,
+        mut cache: Option<&mut KvCache>,
+        logits: Logits,
+    ) -> Tensor<3> {
         let t = tokens.dims()[1];
+        let device = tokens.device();
+        let rotations = self.model.rotations(|r| r.range(start, t, &device));
         let mut x = self.embed(tokens);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let y = layer.self_attn.forward(
                 layer.input_layernorm.forward(x.clone()),
-                &self.model,
+                &rotations,
                 start,
                 cache.as_deref_mut().map(|c| (c, i)),
             );
@@ -528,7 +542,7 @@ impl Gemma3ForCausalLM {
         if let Some(cache) = cache {
             cache.advance(t);
         }
-        self.head(x)
+        self.head(logits.positions(x))
     }
 }
 
@@ -542,7 +556,7 @@ impl CausalLm for Gemma3ForCausalLM {
     }
 
     fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
-        self.forward_from(tokens, 0, None)
+        self.forward_from(tokens, 0, None, Logits::All)
     }
 
     fn new_cache(&self, batch: usize, device: &Device) -> KvCache {
@@ -559,7 +573,12 @@ impl CausalLm for Gemma3ForCausalLM {
 
     fn forward_cached(&self, tokens: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
         let start = cache.len();
-        self.forward_from(tokens, start, Some(cache))
+        self.forward_from(tokens, start, Some(cache), Logits::All)
+    }
+
+    fn forward_cached_last(&self, tokens: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
+        let start = cache.len();
+        self.forward_from(tokens, start, Some(cache), Logits::Last)
     }
 
     fn forward_step(&self, tokens: Tensor<2, Int>, caches: &mut [&mut KvCache]) -> Tensor<3> {
@@ -569,16 +588,13 @@ impl CausalLm for Gemma3ForCausalLM {
         {
             return logits;
         }
-        let positions = crate::kv_cache::row_positions(caches, &tokens.device());
+        let (positions, device) = (crate::kv_cache::cache_lengths(caches), tokens.device());
+        let rotations = self.model.rotations(|r| r.at(&positions, &device));
         let mut x = self.embed(tokens);
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let y = layer.self_attn.forward_step(
-                layer.input_layernorm.forward(x.clone()),
-                &self.model,
-                positions.clone(),
-                caches,
-                i,
-            );
+            let y = layer
+                .self_attn
+                .forward_step(layer.input_layernorm.forward(x.clone()), &rotations, caches, i);
             x = layer.mlp_block(x + layer.post_attention_layernorm.forward(y));
         }
         crate::kv_cache::advance_rows(caches);

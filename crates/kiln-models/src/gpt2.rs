@@ -15,7 +15,7 @@ pub use crate::fused::gelu_tanh;
 use crate::fused::{LayerNorm, attention, linear};
 use crate::quant::Linear;
 use crate::registry::{FieldError, ensure};
-use crate::{CausalLm, KvCache};
+use crate::{CausalLm, KvCache, Logits};
 
 fn default_epsilon() -> f64 {
     1e-5
@@ -274,7 +274,13 @@ impl Gpt2LMHeadModel {
     }
 
     /// `tokens` `[B, T]` starting at position `start` -> logits `[B, T, V]`.
-    fn forward_from(&self, tokens: Tensor<2, Int>, start: usize, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    fn forward_from(
+        &self,
+        tokens: Tensor<2, Int>,
+        start: usize,
+        mut cache: Option<&mut KvCache>,
+        logits: Logits,
+    ) -> Tensor<3> {
         let tf = &self.transformer;
         let [_, t] = tokens.dims();
         let device = tokens.device();
@@ -288,7 +294,7 @@ impl Gpt2LMHeadModel {
         if let Some(cache) = cache {
             cache.advance(t);
         }
-        self.head(x)
+        self.head(logits.positions(x))
     }
 }
 
@@ -302,7 +308,7 @@ impl CausalLm for Gpt2LMHeadModel {
     }
 
     fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
-        self.forward_from(tokens, 0, None)
+        self.forward_from(tokens, 0, None, Logits::All)
     }
 
     fn new_cache(&self, batch: usize, device: &Device) -> KvCache {
@@ -313,7 +319,12 @@ impl CausalLm for Gpt2LMHeadModel {
 
     fn forward_cached(&self, tokens: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
         let start = cache.len();
-        self.forward_from(tokens, start, Some(cache))
+        self.forward_from(tokens, start, Some(cache), Logits::All)
+    }
+
+    fn forward_cached_last(&self, tokens: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
+        let start = cache.len();
+        self.forward_from(tokens, start, Some(cache), Logits::Last)
     }
 
     fn forward_step(&self, tokens: Tensor<2, Int>, caches: &mut [&mut KvCache]) -> Tensor<3> {

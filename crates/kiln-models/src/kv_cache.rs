@@ -29,8 +29,10 @@ pub struct KvCache {
     capacity: usize,
 }
 
-/// Positions allocated by a new cache (at most its capacity).
-pub const INITIAL_POSITIONS: usize = 512;
+/// Positions allocated by a new cache (at most its capacity): a chat turn's prompt and
+/// reply fit, or need one doubling (128 f32 positions are 4.7 MB for Gemma 3 270M, 5.9 MB
+/// for SmolLM2-135M).
+pub const INITIAL_POSITIONS: usize = 128;
 
 impl KvCache {
     /// An empty cache of `layers` layers for up to `capacity` positions of
@@ -177,9 +179,14 @@ pub fn advance_rows(caches: &mut [&mut KvCache]) {
     }
 }
 
-/// The positions the rows of a decode step write: each cache's length, `[B]`.
+/// The positions the rows of a decode step write: each cache's length.
+pub fn cache_lengths(caches: &[&mut KvCache]) -> Vec<usize> {
+    caches.iter().map(|c| c.len()).collect()
+}
+
+/// [`cache_lengths`] as a tensor `[B]` on `device`.
 pub fn row_positions(caches: &[&mut KvCache], device: &Device) -> Tensor<1, Int> {
-    let positions: Vec<i64> = caches.iter().map(|c| c.len() as i64).collect();
+    let positions: Vec<i64> = cache_lengths(caches).into_iter().map(|p| p as i64).collect();
     let b = positions.len();
     Tensor::from_data(TensorData::new(positions, [b]), device)
 }

@@ -52,11 +52,35 @@ pub trait CausalLm {
     /// Incremental forward pass: `tokens` `[batch, new]` continue the sequence held in
     /// `cache`; returns logits `[batch, new, vocab]` and appends the new keys/values.
     fn forward_cached(&self, tokens: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3>;
+    /// [`forward_cached`](Self::forward_cached) for generation: the logits of the last
+    /// position only, `[batch, 1, vocab]` (the LM head over one row instead of `new`:
+    /// for Gemma 3's 262,144-token vocabulary a 512-token prompt's logits are 537 MB).
+    fn forward_cached_last(&self, tokens: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3>;
     /// One decode step of `B` independent sequences: `tokens` `[B, 1]`, row `b`
     /// continuing `caches[b]` (a batch-1 cache, each at its own length) and appending to
     /// it. Linear layers run over the `B` rows at once; each row attends over its own
     /// cache only. Returns logits `[B, 1, V]`.
     fn forward_step(&self, tokens: Tensor<2, Int>, caches: &mut [&mut KvCache]) -> Tensor<3>;
+}
+
+/// Which positions' logits a forward pass computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    All,
+    Last,
+}
+
+impl Logits {
+    /// The hidden states `[B, T, C]` of the positions wanted.
+    pub fn positions(self, x: Tensor<3>) -> Tensor<3> {
+        match self {
+            Logits::All => x,
+            Logits::Last => {
+                let t = x.dims()[1];
+                x.slice(s![.., t - 1..t, ..])
+            }
+        }
+    }
 }
 
 /// An image classifier: `[batch, channels, height, width]` -> logits `[batch, classes]`.

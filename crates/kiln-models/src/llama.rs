@@ -18,8 +18,8 @@ use crate::fused::{attention, linear, linears, rms_norm, silu_mul};
 use crate::kv_cache::repeat_kv;
 use crate::quant::{Embedding, Linear};
 use crate::registry::{FieldError, ensure};
-pub use crate::rope::{RopeScaling, RotaryEmbedding};
-use crate::{CausalLm, KvCache};
+pub use crate::rope::{RopeScaling, RotaryEmbedding, Rotation};
+use crate::{CausalLm, KvCache, Logits};
 
 fn is_false(b: &bool) -> bool {
     !*b
@@ -171,7 +171,7 @@ impl LlamaConfig {
                 ),
                 layers,
                 norm: rms_norm(),
-                rotary: RotaryEmbedding::new(d, self.block_size, self.rope_theta, self.rope_scaling.as_ref(), device),
+                rotary: RotaryEmbedding::new(d, self.block_size, self.rope_theta, self.rope_scaling.as_ref()),
             },
             lm_head: (!self.tie_word_embeddings).then(|| linear(c, self.vocab_size)),
         }
@@ -193,7 +193,8 @@ pub struct LlamaModel {
     pub embed_tokens: Embedding,
     pub layers: Vec<LlamaDecoderLayer>,
     pub norm: RmsNorm,
-    /// Precomputed cos/sin tables (constants: not parameters, not saved).
+    /// The rotary frequencies (constants: not parameters, not saved).
+    #[module(skip)]
     pub rotary: RotaryEmbedding,
 }
 
@@ -243,18 +244,12 @@ impl LlamaAttention {
     }
 
     /// `x`: `[B, T, C]` at positions `start..start+T` -> `[B, T, C]`.
-    fn forward(
-        &self,
-        x: Tensor<3>,
-        rotary: &RotaryEmbedding,
-        start: usize,
-        cache: Option<(&mut KvCache, usize)>,
-    ) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, rotation: &Rotation, cache: Option<(&mut KvCache, usize)>) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let (h, k, d) = (self.n_head, self.n_kv_head, self.head_dim);
         let (q, kk, v) = self.qkv(x);
-        let q = rotary.apply(q, start);
-        let kk = rotary.apply(kk, start);
+        let q = rotation.apply(q);
+        let kk = rotation.apply(kk);
         let (kk, v) = match cache {
             Some((cache, layer)) => cache.append(layer, kk, v),
             None => (kk, v),
@@ -274,21 +269,14 @@ impl LlamaAttention {
 }
 
 impl LlamaAttention {
-    /// Decode step of independent sequences: `x` `[B, 1, C]`, row `b` at `positions[b]`
-    /// attending over `caches[b]` -> `[B, 1, C]`.
-    fn forward_step(
-        &self,
-        x: Tensor<3>,
-        rotary: &RotaryEmbedding,
-        positions: Tensor<1, Int>,
-        caches: &mut [&mut KvCache],
-        layer: usize,
-    ) -> Tensor<3> {
+    /// Decode step of independent sequences: `x` `[B, 1, C]`, row `b` at its position
+    /// (`rotation`, [`RotaryEmbedding::at`]) attending over `caches[b]` -> `[B, 1, C]`.
+    fn forward_step(&self, x: Tensor<3>, rotation: &Rotation, caches: &mut [&mut KvCache], layer: usize) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let (h, d) = (self.n_head, self.head_dim);
         let (q, kk, v) = self.qkv(x);
-        let q = rotary.apply_rows(q, positions.clone());
-        let kk = rotary.apply_rows(kk, positions);
+        let q = rotation.apply(q);
+        let kk = rotation.apply(kk);
         let options = AttentionModuleOptions {
             scale: None,
             softcap: None,
@@ -309,44 +297,44 @@ impl LlamaMlp {
 }
 
 impl LlamaDecoderLayer {
-    fn forward(
-        &self,
-        x: Tensor<3>,
-        rotary: &RotaryEmbedding,
-        start: usize,
-        cache: Option<(&mut KvCache, usize)>,
-    ) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, rotation: &Rotation, cache: Option<(&mut KvCache, usize)>) -> Tensor<3> {
         let x = x.clone()
             + self
                 .self_attn
-                .forward(rms_norm(&self.input_layernorm, x), rotary, start, cache);
+                .forward(rms_norm(&self.input_layernorm, x), rotation, cache);
         x.clone() + self.mlp.forward(rms_norm(&self.post_attention_layernorm, x))
     }
 }
 
 impl LlamaForCausalLM {
-    fn forward_from(&self, tokens: Tensor<2, Int>, start: usize, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    fn forward_from(
+        &self,
+        tokens: Tensor<2, Int>,
+        start: usize,
+        mut cache: Option<&mut KvCache>,
+        logits: Logits,
+    ) -> Tensor<3> {
         let m = &self.model;
         let t = tokens.dims()[1];
         // [B, T] -> [B, T, C]
+        let rotation = m.rotary.range(start, t, &tokens.device());
         let mut x = m.embed_tokens.forward(tokens);
         for (i, layer) in m.layers.iter().enumerate() {
-            x = layer.forward(x, &m.rotary, start, cache.as_deref_mut().map(|c| (c, i)));
+            x = layer.forward(x, &rotation, cache.as_deref_mut().map(|c| (c, i)));
         }
         if let Some(cache) = cache {
             cache.advance(t);
         }
-        // [B, T, C] -> [B, T, V]
-        self.head(rms_norm(&m.norm, x))
+        // [B, T, C] -> [B, T or 1, V]
+        self.head(rms_norm(&m.norm, logits.positions(x)))
     }
 
     /// The weights as the fused flex decode step reads them; `None` off flex or in
     /// Burn's `[in, out]` weight layout.
     fn step_plan(&self) -> Option<crate::fused::step::Plan> {
-        use crate::fused::step::{Head, Layer, Matrix, Norm, Plan, Proj, Values};
+        use crate::fused::step::{Head, Layer, Matrix, Norm, Plan, Proj};
         let m = &self.model;
         let norm = |n: &RmsNorm| Norm::new(&n.gamma.val(), n.epsilon);
-        let (cos, sin) = Values::rotary(&m.rotary)?;
         let layers = m
             .layers
             .iter()
@@ -365,8 +353,7 @@ impl LlamaForCausalLM {
                     up: Proj::new(&f.up_proj)?,
                     down: Proj::new(&f.down_proj)?,
                     post_ff_norm: None,
-                    cos: cos.clone(),
-                    sin: sin.clone(),
+                    rotary: 0,
                     window: None,
                 })
             })
@@ -389,6 +376,7 @@ impl LlamaForCausalLM {
             head_dim: attn.head_dim,
             scale: None,
             attn_softcap: None,
+            rotary: vec![m.rotary.clone()],
         })
     }
 
@@ -403,7 +391,7 @@ impl LlamaForCausalLM {
 
 impl CausalLm for LlamaForCausalLM {
     fn context_len(&self) -> usize {
-        self.model.rotary.cos.dims()[0]
+        self.model.rotary.max_positions()
     }
 
     fn vocab_size(&self) -> usize {
@@ -411,7 +399,7 @@ impl CausalLm for LlamaForCausalLM {
     }
 
     fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
-        self.forward_from(tokens, 0, None)
+        self.forward_from(tokens, 0, None, Logits::All)
     }
 
     fn new_cache(&self, batch: usize, device: &Device) -> KvCache {
@@ -428,7 +416,12 @@ impl CausalLm for LlamaForCausalLM {
 
     fn forward_cached(&self, tokens: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
         let start = cache.len();
-        self.forward_from(tokens, start, Some(cache))
+        self.forward_from(tokens, start, Some(cache), Logits::All)
+    }
+
+    fn forward_cached_last(&self, tokens: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<3> {
+        let start = cache.len();
+        self.forward_from(tokens, start, Some(cache), Logits::Last)
     }
 
     fn forward_step(&self, tokens: Tensor<2, Int>, caches: &mut [&mut KvCache]) -> Tensor<3> {
@@ -439,17 +432,13 @@ impl CausalLm for LlamaForCausalLM {
             return logits;
         }
         let m = &self.model;
-        let positions = crate::kv_cache::row_positions(caches, &tokens.device());
+        let rotation = m.rotary.at(&crate::kv_cache::cache_lengths(caches), &tokens.device());
         // [B, 1] -> [B, 1, C]
         let mut x = m.embed_tokens.forward(tokens);
         for (i, layer) in m.layers.iter().enumerate() {
-            let y = layer.self_attn.forward_step(
-                rms_norm(&layer.input_layernorm, x.clone()),
-                &m.rotary,
-                positions.clone(),
-                caches,
-                i,
-            );
+            let y = layer
+                .self_attn
+                .forward_step(rms_norm(&layer.input_layernorm, x.clone()), &rotation, caches, i);
             x = x + y;
             x = x.clone() + layer.mlp.forward(rms_norm(&layer.post_attention_layernorm, x));
         }

@@ -79,69 +79,106 @@ impl RopeScaling {
     }
 }
 
-/// Rotary position tables `cos`, `sin`: `[max_positions, D]`, computed once at init.
-#[derive(Module, Debug)]
+/// Rotary position embedding: the inverse frequencies, from which the cos/sin values of
+/// the positions a forward pass rotates are made when it needs them ([`Rotation`]). The
+/// values are those of a `[max_positions, D]` table computed once, bit for bit (the same
+/// f64 angle, rounded to f32), without holding one: Gemma 3 270M's two tables at its
+/// 32,768 positions were 134 MB, more than its Q4_0 weights.
+#[derive(Debug, Clone)]
 pub struct RotaryEmbedding {
-    pub cos: Tensor<2>,
-    pub sin: Tensor<2>,
+    /// `[D / 2]`: `theta^(-2i/D)`, rescaled.
+    inv_freq: Vec<f64>,
+    max_positions: usize,
 }
 
 impl RotaryEmbedding {
-    pub fn new(
-        head_dim: usize,
-        max_positions: usize,
-        theta: f64,
-        scaling: Option<&RopeScaling>,
-        device: &Device,
-    ) -> Self {
+    pub fn new(head_dim: usize, max_positions: usize, theta: f64, scaling: Option<&RopeScaling>) -> Self {
         // inv_freq[i] = theta^(-2i/D), i < D/2, then rescaled; angles[p, i] = p * inv_freq[i],
         // duplicated to [p, D] as HF does (cat(freqs, freqs)).
-        let half = head_dim / 2;
-        let inv_freq: Vec<f64> = (0..half)
+        let inv_freq = (0..head_dim / 2)
             .map(|i| {
                 let f = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
                 scaling.map_or(f, |s| s.apply(f))
             })
             .collect();
-        let mut cos = Vec::with_capacity(max_positions * head_dim);
-        let mut sin = Vec::with_capacity(max_positions * head_dim);
-        for p in 0..max_positions {
-            for j in 0..head_dim {
-                let angle = p as f64 * inv_freq[j % half];
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+        Self {
+            inv_freq,
+            max_positions,
+        }
+    }
+
+    /// The positions the model was configured for (its context).
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    pub fn head_dim(&self) -> usize {
+        2 * self.inv_freq.len()
+    }
+
+    /// `cos` and `sin` `[positions.len(), D]` of `positions`, row `r` at `positions[r]`
+    /// (resized and overwritten).
+    pub fn rows(&self, positions: impl IntoIterator<Item = usize>, cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+        let (half, d) = (self.inv_freq.len(), self.head_dim());
+        cos.clear();
+        sin.clear();
+        for p in positions {
+            let at = cos.len();
+            cos.resize(at + d, 0.0);
+            sin.resize(at + d, 0.0);
+            for (i, f) in self.inv_freq.iter().enumerate() {
+                let angle = p as f64 * f;
+                let (s, c) = (angle.sin() as f32, angle.cos() as f32);
+                (cos[at + i], cos[at + half + i]) = (c, c);
+                (sin[at + i], sin[at + half + i]) = (s, s);
             }
         }
-        Self {
-            cos: Tensor::from_data(TensorData::new(cos, [max_positions, head_dim]), device),
-            sin: Tensor::from_data(TensorData::new(sin, [max_positions, head_dim]), device),
+    }
+
+    /// The rotation of positions `start..start + t` (a prompt, a training sequence),
+    /// for queries and keys `[B, heads, t, D]`.
+    pub fn range(&self, start: usize, t: usize, device: &Device) -> Rotation {
+        self.rotation(start..start + t, [1, 1, t, self.head_dim()], device)
+    }
+
+    /// The rotation of one position per row (a decode step of independent sequences),
+    /// row `b` at `positions[b]`, for queries and keys `[B, heads, 1, D]`.
+    pub fn at(&self, positions: &[usize], device: &Device) -> Rotation {
+        self.rotation(
+            positions.iter().copied(),
+            [positions.len(), 1, 1, self.head_dim()],
+            device,
+        )
+    }
+
+    fn rotation(&self, positions: impl IntoIterator<Item = usize>, shape: [usize; 4], device: &Device) -> Rotation {
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        self.rows(positions, &mut cos, &mut sin);
+        Rotation {
+            cos: Tensor::from_data(TensorData::new(cos, shape), device),
+            sin: Tensor::from_data(TensorData::new(sin, shape), device),
         }
     }
+}
 
-    pub fn max_positions(&self) -> usize {
-        self.cos.dims()[0]
-    }
+/// The cos/sin values of the positions one forward pass rotates, made once
+/// ([`RotaryEmbedding::range`] / [`RotaryEmbedding::at`]) and applied by every layer:
+/// `[1, 1, T, D]` for a run of positions, `[B, 1, 1, D]` for one per row.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    cos: Tensor<4>,
+    sin: Tensor<4>,
+}
 
-    /// Rotate `x` `[B, heads, T, D]` for positions `start..start+T`:
-    /// `x * cos + rotate_half(x) * sin`, `rotate_half([x1, x2]) = [-x2, x1]`.
-    pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
-        let t = x.dims()[2];
-        let cos = self.cos.clone().slice(s![start..start + t, ..]).unsqueeze::<4>(); // [1, 1, T, D]
-        let sin = self.sin.clone().slice(s![start..start + t, ..]).unsqueeze::<4>();
-        rotate(x, cos, sin)
-    }
-
-    /// Rotate `x` `[B, heads, 1, D]` row `b` at position `positions[b]` (a decode step
-    /// of independent sequences); the same arithmetic as [`apply`](Self::apply).
-    pub fn apply_rows(&self, x: Tensor<4>, positions: Tensor<1, Int>) -> Tensor<4> {
-        // On flex: one pass over the rows (the same products and sum).
-        if let Some(y) = crate::fused::flex::rope_rows(&x, &self.cos, &self.sin, &positions) {
+impl Rotation {
+    /// Rotate `x` `[B, heads, T, D]`: `x * cos + rotate_half(x) * sin`,
+    /// `rotate_half([x1, x2]) = [-x2, x1]`.
+    pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        // On flex, one position per row: one pass over the rows (the same products and sum).
+        if let Some(y) = crate::fused::flex::rope_rows(&x, &self.cos, &self.sin) {
             return y;
         }
-        let [b, _, _, d] = x.dims();
-        let cos = self.cos.clone().select(0, positions.clone()).reshape([b, 1, 1, d]);
-        let sin = self.sin.clone().select(0, positions).reshape([b, 1, 1, d]);
-        rotate(x, cos, sin)
+        rotate(x, self.cos.clone(), self.sin.clone())
     }
 }
 
@@ -175,6 +212,48 @@ mod tests {
         let mid = 2.0 * std::f64::consts::PI / 4000.0;
         assert!(s.apply(mid) < mid && s.apply(mid) > mid / 8.0);
         assert_eq!(RopeScaling::Linear { factor: 4.0 }.apply(2.0), 0.5);
+    }
+
+    #[test]
+    fn rows_hold_the_values_of_the_precomputed_table() {
+        let scaling = RopeScaling::Linear { factor: 2.0 };
+        let (d, theta) = (8, 10_000.0);
+        let rope = RotaryEmbedding::new(d, 64, theta, Some(&scaling));
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        rope.rows([5, 0, 40_000], &mut cos, &mut sin);
+        assert_eq!((cos.len(), sin.len()), (3 * d, 3 * d));
+        for (r, p) in [5usize, 0, 40_000].into_iter().enumerate() {
+            for j in 0..d {
+                let f = scaling.apply(1.0 / theta.powf((2 * (j % (d / 2))) as f64 / d as f64));
+                let angle = p as f64 * f;
+                assert_eq!(cos[r * d + j], angle.cos() as f32, "cos row {r} [{j}]");
+                assert_eq!(sin[r * d + j], angle.sin() as f32, "sin row {r} [{j}]");
+            }
+        }
+    }
+
+    #[test]
+    fn a_range_and_rows_at_the_same_positions_rotate_alike() {
+        let device = Device::flex();
+        let rope = RotaryEmbedding::new(4, 16, 10_000.0, None);
+        // [1, 2 heads, 3 positions, 4]
+        let x = Tensor::<4>::from_data(
+            TensorData::new(
+                (0..24).map(|i| i as f32 * 0.25 - 2.0).collect::<Vec<f32>>(),
+                [1, 2, 3, 4],
+            ),
+            &device,
+        );
+        let by_range: Vec<f32> = rope
+            .range(7, 3, &device)
+            .apply(x.clone())
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        // the same three positions as three rows of one position each: [3, 2, 1, 4]
+        let rows = x.swap_dims(0, 2);
+        let by_row = rope.at(&[7, 8, 9], &device).apply(rows).swap_dims(0, 2);
+        assert_eq!(by_range, by_row.into_data().try_to_vec::<f32>().unwrap());
     }
 
     #[test]

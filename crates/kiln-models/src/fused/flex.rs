@@ -290,27 +290,18 @@ pub(super) fn flex_indices<const D: usize>(t: &Tensor<D, Int>) -> Option<Vec<usi
     values.into_iter().map(|v| usize::try_from(v).ok()).collect()
 }
 
-/// [`crate::rope::RotaryEmbedding::apply_rows`] as one pass
-/// ([`kiln_kernels::decode::rope_rows`]): `x` `[B, heads, 1, D]`, row `b` at
-/// `positions[b]`; `None` unless every tensor is an untracked f32 flex tensor.
-pub(crate) fn rope_rows(
-    x: &Tensor<4>,
-    cos: &Tensor<2>,
-    sin: &Tensor<2>,
-    positions: &Tensor<1, Int>,
-) -> Option<Tensor<4>> {
+/// [`crate::rope::Rotation::apply`] of one position per row as one pass
+/// ([`kiln_kernels::decode::rope_rows`]): `x` `[B, heads, 1, D]`, `cos`/`sin`
+/// `[B, 1, 1, D]`; `None` unless every tensor is an untracked f32 flex tensor.
+pub(crate) fn rope_rows(x: &Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Option<Tensor<4>> {
     let [b, heads, t, d] = x.dims();
-    if t != 1 || positions.dims()[0] != b || cos.dims()[1] != d || d % 2 != 0 {
+    if t != 1 || cos.dims() != [b, 1, 1, d] || sin.dims() != [b, 1, 1, d] || d % 2 != 0 {
         return None;
     }
     let (xt, ct, st) = (flex_f32(x)?, flex_f32(cos)?, flex_f32(sin)?);
     let (xs, cs, ss) = (xt.as_slice::<f32>()?, ct.as_slice::<f32>()?, st.as_slice::<f32>()?);
-    let positions = flex_indices(positions)?;
-    if positions.iter().any(|&p| p >= cos.dims()[0]) {
-        return None;
-    }
     let mut y = vec![0f32; xs.len()];
-    kiln_kernels::decode::rope_rows(xs, cs, ss, heads, d, &positions, &mut y);
+    kiln_kernels::decode::rope_rows(xs, cs, ss, heads, d, &mut y);
     Some(wrap(y, &[b, heads, 1, d]))
 }
 

@@ -223,9 +223,8 @@ pub(crate) struct Layer {
     pub up: Proj,
     pub down: Proj,
     pub post_ff_norm: Option<Norm>,
-    /// The rotary tables `[positions, D]` this layer uses.
-    pub cos: Values,
-    pub sin: Values,
+    /// Which of [`Plan::rotary`] rotates this layer's queries and keys.
+    pub rotary: usize,
     /// Attend only to the last `window` positions.
     pub window: Option<usize>,
 }
@@ -257,13 +256,8 @@ pub(crate) struct Plan {
     /// Attention scale; `None` is `1 / sqrt(D)`.
     pub scale: Option<f64>,
     pub attn_softcap: Option<f64>,
-}
-
-impl Values {
-    /// The rotary tables of `rotary`.
-    pub(crate) fn rotary(rotary: &crate::rope::RotaryEmbedding) -> Option<(Values, Values)> {
-        Some((Values::contiguous(&rotary.cos)?, Values::contiguous(&rotary.sin)?))
-    }
+    /// The rotary embeddings the layers use (Gemma 3: global, local).
+    pub rotary: Vec<crate::rope::RotaryEmbedding>,
 }
 
 /// Buffers of one thread's decode steps, reused from step to step.
@@ -282,6 +276,9 @@ struct Buffers {
     gate: Vec<f32>,
     up: Vec<f32>,
     act: Vec<f32>,
+    /// `[rotary, B, D]`: cos and sin of the step's positions for each of `Plan::rotary`.
+    cos: Vec<Vec<f32>>,
+    sin: Vec<Vec<f32>>,
 }
 
 /// Decode steps run here so far (process-wide).
@@ -316,6 +313,9 @@ pub(crate) fn run(plan: &Plan, tokens: &Tensor<2, Int>, caches: &mut [&mut KvCac
     }
     let positions: Vec<usize> = caches.iter().map(|cache| cache.len()).collect();
     // Everything checked before anything is written.
+    if plan.rotary.iter().any(|r| r.head_dim() != d) || plan.layers.iter().any(|l| l.rotary >= plan.rotary.len()) {
+        return None;
+    }
     for cache in caches.iter_mut() {
         if cache.layers() != plan.layers.len() || !cache.reserve_next() {
             return None;
@@ -336,6 +336,12 @@ pub(crate) fn run(plan: &Plan, tokens: &Tensor<2, Int>, caches: &mut [&mut KvCac
     let add_one = plan.norm_add_one;
     let norm = |n: &Norm, x: &[f32], out: &mut [f32]| rms_norm(x, n.gamma.get(), n.eps, add_one, out);
     let logits = BUFFERS.with_borrow_mut(|buf| {
+        // The rotations of this step's positions, once for all layers.
+        buf.cos.resize_with(plan.rotary.len(), Vec::new);
+        buf.sin.resize_with(plan.rotary.len(), Vec::new);
+        for (r, rotary) in plan.rotary.iter().enumerate() {
+            rotary.rows(positions.iter().copied(), &mut buf.cos[r], &mut buf.sin[r]);
+        }
         let x = sized(&mut buf.x, b * c);
         for (row, &id) in x.chunks_exact_mut(c).zip(&ids) {
             plan.embed.row(id, row);
@@ -362,11 +368,11 @@ pub(crate) fn run(plan: &Plan, tokens: &Tensor<2, Int>, caches: &mut [&mut KvCac
                 norm(kn, k, tmp);
                 k.copy_from_slice(tmp);
             }
-            let (cos, sin) = (layer.cos.get(), layer.sin.get());
+            let (cos, sin) = (&buf.cos[layer.rotary], &buf.sin[layer.rotary]);
             let q_rot = sized(&mut buf.q_rot, b * h * d);
-            rope_rows(q, cos, sin, h, d, &positions, q_rot);
+            rope_rows(q, cos, sin, h, d, q_rot);
             let k_rot = sized(&mut buf.k_rot, b * kv * d);
-            rope_rows(k, cos, sin, kv, d, &positions, k_rot);
+            rope_rows(k, cos, sin, kv, d, k_rot);
             let mut held = Vec::with_capacity(b);
             for (row, cache) in caches.iter_mut().enumerate() {
                 let (keys, values) = cache.buffers_mut(i);
