@@ -338,6 +338,32 @@ fn smollm2_gguf_tokenizer_matches_transformers_on_every_line() {
     );
 }
 
+/// Kiln reads a BPE `tokenizer.json` in one streaming pass (`kiln_data::bpe_json`, a
+/// third of the memory): for both models' files it builds the tokenizer `tokenizers`'
+/// own reader builds, the same serialized, the same ids on the corpus.
+#[test]
+fn the_streaming_tokenizer_reader_builds_what_tokenizers_builds() {
+    let lines = corpus();
+    for (case, cell) in [(&SMOLLM2, &SMOLLM2_DIR), (&GEMMA3, &GEMMA3_DIR)] {
+        let text = std::fs::read_to_string(kiln_dir(case, cell).join("tokenizer.json")).unwrap();
+        let ours = kiln_data::bpe_json::read(&text).expect("a BPE tokenizer.json the streaming reader knows");
+        let theirs: tokenizers::Tokenizer = text.parse().unwrap();
+        assert_eq!(
+            ours.to_string(false).unwrap(),
+            theirs.to_string(false).unwrap(),
+            "{}",
+            case.dir
+        );
+        for line in lines.iter().step_by(50) {
+            let (a, b) = (
+                ours.encode(line.as_str(), false).unwrap(),
+                theirs.encode(line.as_str(), false).unwrap(),
+            );
+            assert_eq!(a.get_ids(), b.get_ids(), "{}: {line:?}", case.dir);
+        }
+    }
+}
+
 /// The ids llama.cpp's `llama-tokenize` gives each corpus file, as a whole
 /// (scripts/make_tokenizer_fixture.py).
 fn llama_cpp_tokens(name: &str) -> Vec<Vec<u32>> {

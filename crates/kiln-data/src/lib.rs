@@ -4,6 +4,7 @@
 //! so a resumed run sees exactly the batches the uninterrupted run would have seen,
 //! and "the data position" to checkpoint is just the step number.
 
+pub mod bpe_json;
 pub mod config;
 pub mod idx;
 pub mod images;

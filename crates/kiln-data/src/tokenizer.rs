@@ -136,6 +136,10 @@ impl Tokenizer {
             }
             return Ok(Self::Char(CharTokenizer::from_chars(file.chars)));
         }
+        // A BPE file in one streaming pass (a third of the peak memory for Gemma 3's).
+        if let Some(tokenizer) = crate::bpe_json::read(&text) {
+            return Ok(Self::Hf(Box::new(tokenizer)));
+        }
         let tokenizer = text
             .parse::<tokenizers::Tokenizer>()
             .map_err(|e| DataError::format(path, format!("not a Hugging Face tokenizer.json: {e}")))?;
