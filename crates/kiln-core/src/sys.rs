@@ -13,22 +13,7 @@ pub fn parse_vm_hwm(status: &str) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// Hand the heap's free pages back to the system (glibc's `malloc_trim`; nothing
-/// elsewhere). Freed small allocations stay resident otherwise: after a load whose
-/// transient data dwarfs what it keeps (a 262,144-token tokenizer's parse), the next
-/// large allocation would sit on top of them in the peak RSS.
-pub fn release_free_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        unsafe extern "C" {
-            fn malloc_trim(pad: usize) -> std::ffi::c_int;
-        }
-        // SAFETY: glibc's malloc_trim takes any pad and only returns free pages.
-        unsafe {
-            malloc_trim(0);
-        }
-    }
-}
+pub use kiln_kernels::memory::release_free_heap;
 
 #[cfg(test)]
 mod tests {

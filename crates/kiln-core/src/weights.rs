@@ -307,7 +307,19 @@ pub fn load_weights<M: Module>(mut model: M, path: &Path) -> Result<M, StoreErro
                         Ok(Bytes::from_elems(values))
                     }};
                 }
-                if widen {
+                if st_dtype == safetensors::Dtype::F32 && len >= HUGE_TENSOR_BYTES {
+                    // A token embedding: straight onto huge pages, where the decode step
+                    // reads it (`fused::for_decoding` keeps a buffer already there
+                    // instead of copying it: Gemma 3's f32 embedding is 671 MB).
+                    let mut values = kiln_kernels::memory::HugeBuffer::zeroed(len / 4);
+                    let slice = values.as_mut_slice();
+                    // SAFETY: the bytes of `slice`, exactly `len` of them.
+                    read(unsafe { std::slice::from_raw_parts_mut(slice.as_mut_ptr() as *mut u8, len) })?;
+                    Ok(Bytes::from_shared(
+                        bytes::Bytes::from_owner(values),
+                        burn::tensor::AllocationProperty::Native,
+                    ))
+                } else if widen {
                     let mut bytes = vec![0u8; len];
                     read(&mut bytes)?;
                     let values = f32_values(st_dtype, &bytes).expect("a half-precision dtype");
@@ -337,6 +349,9 @@ pub fn load_weights<M: Module>(mut model: M, path: &Path) -> Result<M, StoreErro
     }
     Ok(model)
 }
+
+/// F32 tensors from this size up are read onto huge pages ([`load_weights`]).
+const HUGE_TENSOR_BYTES: usize = 64 << 20;
 
 /// The Burn dtype of a safetensors dtype Kiln stores.
 fn burn_dtype(dtype: safetensors::Dtype) -> Option<burn::tensor::DType> {

@@ -15,7 +15,7 @@ use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{AllocationProperty, Bytes, DType, Shape};
-use kiln_kernels::memory::HugeBuffer;
+use kiln_kernels::memory::{HugeArena, HugeSlice};
 
 use crate::quant::PackedShape;
 
@@ -306,35 +306,38 @@ pub(crate) fn rope_rows(x: &Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Opti
 }
 
 /// `w` `[k, n]` (a Burn `Linear` weight) re-laid as a transposed view of row-major
-/// `[n, k]` storage on huge pages ([`HugeBuffer`]), the layout [`linear`] multiplies fastest (one contiguous dot product
+/// `[n, k]` storage on huge pages ([`HugeArena`]), the layout [`linear`] multiplies fastest (one contiguous dot product
 /// per output: 15-20 % more weight bandwidth than `[k, n]` on the SmolLM2 decode step's
 /// matrices, `kiln-kernels/examples/matvec_bandwidth.rs`). Same logical tensor, so
 /// Burn's ops (the strided GEMM of a prefill) read it unchanged. Anything but an
 /// untracked contiguous f32 flex matrix is returned as it is.
-pub(crate) fn out_in_layout(w: Tensor<2>) -> Tensor<2> {
+pub(crate) fn out_in_layout(w: Tensor<2>, arena: &mut HugeArena) -> Tensor<2> {
     let Some(t) = flex_f32(&w) else { return w };
     let [k, n] = w.dims();
     let Some(src) = t.as_slice::<f32>() else { return w };
-    let mut dst = HugeBuffer::zeroed(k * n);
-    kiln_kernels::transpose(src, k, n, dst.as_mut_slice());
+    let dst = arena.alloc(k * n, |dst| kiln_kernels::transpose(src, k, n, dst));
     let layout = Layout::new(Shape::from(vec![k, n]), vec![1, k as isize], 0);
     from_huge(dst, layout)
 }
 
 /// `w` (a token embedding, read by the tied head every step) copied onto huge pages
-/// ([`HugeBuffer`]), same layout; anything but an untracked contiguous f32 flex matrix
-/// is returned as it is.
-pub(crate) fn on_huge_pages(w: Tensor<2>) -> Tensor<2> {
+/// ([`HugeArena`]), same layout; anything but an untracked contiguous f32 flex matrix
+/// is returned as it is, and so is one whose values start on a huge page (Kiln's loader
+/// reads an embedding there: no second copy at the peak; a heap buffer never starts
+/// there, its allocator's header comes first).
+pub(crate) fn on_huge_pages(w: Tensor<2>, arena: &mut HugeArena) -> Tensor<2> {
     let Some(t) = flex_f32(&w) else { return w };
     let Some(src) = t.as_slice::<f32>() else { return w };
-    let mut dst = HugeBuffer::zeroed(src.len());
-    dst.as_mut_slice().copy_from_slice(src);
+    if (src.as_ptr() as usize).is_multiple_of(kiln_kernels::memory::HUGE_PAGE) {
+        return w;
+    }
+    let dst = arena.alloc(src.len(), |dst| dst.copy_from_slice(src));
     from_huge(dst, Layout::contiguous(Shape::from(w.dims().to_vec())))
 }
 
-/// An untracked flex tensor over `buffer`'s values, laid out by `layout`.
-fn from_huge(buffer: HugeBuffer, layout: Layout) -> Tensor<2> {
-    let bytes = Bytes::from_shared(bytes::Bytes::from_owner(buffer), AllocationProperty::Native);
+/// An untracked flex tensor over `values`, laid out by `layout`.
+fn from_huge(values: HugeSlice, layout: Layout) -> Tensor<2> {
+    let bytes = Bytes::from_shared(bytes::Bytes::from_owner(values), AllocationProperty::Native);
     untracked(FlexTensor::new(bytes, layout, DType::F32))
 }
 
