@@ -73,6 +73,7 @@ fn config(max_batch: usize) -> EngineConfig {
     EngineConfig {
         max_batch,
         prefill_chunk: 8,
+        step_prompt: kiln_infer::engine::STEP_PROMPT,
         context_full: ContextFull::Stop,
     }
 }

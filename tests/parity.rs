@@ -541,6 +541,72 @@ fn adamw_matches_burns_adamw_on_every_backend() {
     }
 }
 
+/// Whole prompts inside the batched step (`forward_chunks`, the fused pass on flex):
+/// each prompt's rows attend causally over its own sequence, so its last logits are
+/// the prefill's (`forward_cached_last`, Burn's ops) to 1e-5 relative, and the decode
+/// steps after it read the same cached keys and values; a sequence's logits have the
+/// same bits alone as batched with a 10-token prompt and a decoding sequence (13 rows,
+/// past the kernels' 8).
+fn chunks_match_the_prefill<M: CausalLm>(name: &str, model: &M, device: &Device) {
+    let ids = |v: &[i64]| Tensor::<2, Int>::from_data(TensorData::new(v.to_vec(), [1, v.len()]), device);
+    let step = |model: &M, token: u32, cache: &mut kiln_models::KvCache| {
+        values(model.forward_step(ids(&[token as i64]), &mut [cache]))
+    };
+    let (p1, p2): (&[u32], &[u32]) = (&[1, 5, 2, 7, 3, 9, 4, 10, 6, 8], &[4, 6]);
+    // The reference: each prompt prefilled on its own by Burn's ops, then one step each.
+    let mut want = Vec::new();
+    let mut tails = Vec::new();
+    for p in [p1, p2] {
+        let mut cache = model.new_cache(1, device);
+        let ids64: Vec<i64> = p.iter().map(|&t| t as i64).collect();
+        want.push(values(model.forward_cached_last(ids(&ids64), &mut cache)));
+        tails.push(step(model, 3, &mut cache));
+    }
+    // One prompt alone through the chunk pass.
+    let mut alone = model.new_cache(1, device);
+    let alone_logits = values(
+        model
+            .forward_chunks(&[p1], &mut [&mut alone])
+            .expect("the fused layout"),
+    );
+    assert_eq!(alone.len(), p1.len(), "{name}: the chunk advanced its cache");
+    // Both prompts and a decoding sequence in one pass.
+    let (mut a, mut b, mut c) = (
+        model.new_cache(1, device),
+        model.new_cache(1, device),
+        model.new_cache(1, device),
+    );
+    let _ = model
+        .forward_chunks(&[&[2, 2]], &mut [&mut c])
+        .expect("the fused layout");
+    let batched = values(
+        model
+            .forward_chunks(&[p1, &[5], p2], &mut [&mut a, &mut c, &mut b])
+            .expect("the fused layout"),
+    );
+    let v = batched.len() / 3;
+    assert_eq!(
+        alone_logits,
+        batched[..v],
+        "{name}: a prompt's logits have the same bits alone and batched"
+    );
+    for (got, want) in [(&batched[..v], &want[0]), (&batched[2 * v..], &want[1])] {
+        assert!(
+            rel_diff(got, want) < 1e-5,
+            "{name}: chunk vs prefill {}",
+            rel_diff(got, want)
+        );
+    }
+    for (cache, want) in [(&mut a, &tails[0]), (&mut b, &tails[1])] {
+        let got = step(model, 3, cache);
+        assert!(
+            rel_diff(&got, want) < 1e-5,
+            "{name}: the step after a chunk vs after a prefill {}",
+            rel_diff(&got, want)
+        );
+    }
+}
+
 /// Decode steps of two sequences of different lengths (a prefill each, one of 10 rows,
 /// past the kernels' 8, one of 2; then batched `forward_step`s, the last with eight more
 /// sequences, ten rows): on flex these run Kiln's
@@ -602,6 +668,12 @@ fn decode_steps_on_flex_kernels_match_every_backend() {
             "{name}, decode layout: {}",
             rel_diff(&want, &got)
         );
+        let mut cache = model.new_cache(1, &flex);
+        assert!(
+            model.forward_chunks(&[&[1, 2]], &mut [&mut cache]).is_none() && cache.is_empty(),
+            "{name}: Burn's layout has no batched chunk pass (and it changes nothing)"
+        );
+        chunks_match_the_prefill(name, &kiln_models::fused::for_decoding(model.clone()), &flex);
         let mut compared = 0;
         for kind in [BackendKind::Ndarray, BackendKind::Wgpu, BackendKind::Tch] {
             if !kind.is_compiled() {

@@ -75,6 +75,11 @@ struct Cli {
     /// gives.
     #[arg(long)]
     prefill_chunk: Option<usize>,
+    /// Prompts of at most this many tokens run inside the batched decode pass, their
+    /// rows beside the decoding sequences' (longer ones prefill on their own; 0: every
+    /// prompt does). `serve --step-prompt` with the same value gives the same tokens.
+    #[arg(long, default_value_t = kiln_infer::engine::STEP_PROMPT)]
+    step_prompt: usize,
     /// Re-run the whole sequence for every token instead of using the KV cache (the
     /// reference path: one prompt, no stop conditions).
     #[arg(long)]
@@ -371,6 +376,7 @@ fn engine_config(cli: &Cli, model: &dyn CausalLm, max_batch: usize) -> EngineCon
         max_batch,
         // By default the whole prompt in one pass: what a prompt alone gets, in a batch too.
         prefill_chunk: cli.prefill_chunk.unwrap_or(model.context_len()),
+        step_prompt: cli.step_prompt,
         context_full: match cli.context_full {
             OnFull::Slide => ContextFull::Slide,
             OnFull::Stop => ContextFull::Stop,

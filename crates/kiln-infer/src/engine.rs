@@ -2,14 +2,19 @@
 //! sequence, per-sequence sampling and stop conditions, and a step API a server drives.
 //!
 //! Each step (1) admits waiting sequences up to `max_batch`, (2) runs prompt chunks
-//! ("prefill") of the sequences still reading theirs, up to `prefill_chunk` tokens in
-//! all (chunk boundaries fixed per prompt, so a long prompt never stalls the others for
-//! more than a chunk, and short ones arriving together all start in one step), and
-//! (3) decodes one token for every running sequence in one batched forward pass
-//! ([`CausalLm::forward_step`]: linear layers over all rows, attention per sequence
-//! over its own cache). A sequence's tokens depend only on its prompt, its settings and
-//! its own random stream, not on what it is batched with. Finished or removed sequences
-//! leave at once and their caches are reused.
+//! ("prefill") of the sequences still reading long prompts, up to `prefill_chunk`
+//! tokens in all (chunk boundaries fixed per prompt, so a long prompt never stalls the
+//! others for more than a chunk, and short ones arriving together all start in one
+//! step), and (3) runs one batched forward pass ([`CausalLm::forward_chunks`]) over
+//! every running sequence's next token and the whole of each new prompt of at most
+//! `step_prompt` tokens: linear layers over all rows at once, each row attending over
+//! its own sequence's cache up to its own position. A server's requests are mostly
+//! short prompts arriving while others decode; in their own forward pass each paid for
+//! a pass over the weights and a few hundred small ops, where inside the step they share
+//! one. (A model without that pass prefills them alone and decodes through
+//! [`CausalLm::forward_step`].) A sequence's tokens depend only on its prompt, its
+//! settings and its own random stream, not on what it is batched with. Finished or
+//! removed sequences leave at once and their caches are reused.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -94,6 +99,9 @@ pub enum GenerateError {
     Detokenize(#[from] kiln_data::DataError),
 }
 
+/// [`EngineConfig::step_prompt`]'s default.
+pub const STEP_PROMPT: usize = 64;
+
 /// Engine settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineConfig {
@@ -102,6 +110,12 @@ pub struct EngineConfig {
     /// Prompt tokens per chunk, and most prompt tokens run in one step (several
     /// prompts' chunks while they fit, at least one chunk).
     pub prefill_chunk: usize,
+    /// Prompts of at most this many tokens run inside the step's one batched pass
+    /// ([`CausalLm::forward_chunks`]): their rows share the weights' pass with the
+    /// decoding sequences' instead of a forward pass of their own. Longer prompts
+    /// prefill in chunks. Which way a prompt goes depends on its length only, so a
+    /// sequence computes the same alone as in any batch.
+    pub step_prompt: usize,
     pub context_full: ContextFull,
 }
 
@@ -110,6 +124,7 @@ impl Default for EngineConfig {
         Self {
             max_batch: 16,
             prefill_chunk: 512,
+            step_prompt: STEP_PROMPT,
             context_full: ContextFull::Stop,
         }
     }
@@ -333,29 +348,40 @@ impl<'a, M: CausalLm + ?Sized> Engine<'a, M> {
             self.running.push(seq);
         }
         let mut events = Vec::new();
-        // Prefill: chunks of the sequences still reading their prompts, in admission
-        // order, up to `prefill_chunk` tokens in all (at least one chunk). A prompt's
-        // chunk boundaries do not depend on the budget, only on its own length.
+        // Prefill: the sequences still reading their prompts, in admission order, up to
+        // `prefill_chunk` tokens in all (at least one prompt or chunk). A prompt of at
+        // most `step_prompt` tokens joins the batched step below whole; a longer one
+        // runs here in chunks whose boundaries depend only on its own length.
         let mut budget = self.config.prefill_chunk;
         let mut ran_one = false;
-        for seq in self.running.iter_mut() {
+        let mut whole = vec![false; self.running.len()];
+        for (i, seq) in self.running.iter_mut().enumerate() {
             if seq.finished.is_some() || seq.prefilled >= seq.request.prompt.len() {
                 continue;
             }
+            let in_step = seq.prefilled == 0 && seq.request.prompt.len() <= self.config.step_prompt;
             let end = (seq.prefilled + self.config.prefill_chunk).min(seq.request.prompt.len());
-            let n = end - seq.prefilled;
+            let n = if in_step {
+                seq.request.prompt.len()
+            } else {
+                end - seq.prefilled
+            };
             if ran_one && n > budget {
                 break;
             }
             ran_one = true;
             budget = budget.saturating_sub(n);
-            let chunk = tokens_tensor(&seq.request.prompt[seq.prefilled..end], &self.device);
-            let cache = seq.cache.as_mut().expect("admitted");
-            let logits = self.model.forward_cached_last(chunk, cache);
-            seq.prefilled = end;
-            if end == seq.request.prompt.len() {
-                let (token, lp) = sample(seq, last_row_logits(logits));
-                events.push(accept(seq, token, lp, self.tokenizer, self.model.context_len())?);
+            if in_step {
+                whole[i] = true;
+            } else {
+                let chunk = tokens_tensor(&seq.request.prompt[seq.prefilled..end], &self.device);
+                let cache = seq.cache.as_mut().expect("admitted");
+                let logits = self.model.forward_cached_last(chunk, cache);
+                seq.prefilled = end;
+                if end == seq.request.prompt.len() {
+                    let (token, lp) = sample(seq, last_row_logits(logits));
+                    events.push(accept(seq, token, lp, self.tokenizer, self.model.context_len())?);
+                }
             }
             if budget == 0 {
                 break;
@@ -363,15 +389,13 @@ impl<'a, M: CausalLm + ?Sized> Engine<'a, M> {
         }
         // Decode: every sequence with a pending token, batched; full windows slide alone.
         let context = self.model.context_len();
-        let mut rows: Vec<usize> = Vec::new();
-        for (i, seq) in self.running.iter_mut().enumerate() {
+        for seq in self.running.iter_mut() {
             if seq.finished.is_some() {
                 continue;
             }
             let Some(token) = seq.pending else { continue };
             let cache = seq.cache.as_mut().expect("admitted");
             if cache.len() < cache.capacity() {
-                rows.push(i);
                 continue;
             }
             // Window full (only with ContextFull::Slide): refill from the last half-context.
@@ -386,39 +410,68 @@ impl<'a, M: CausalLm + ?Sized> Engine<'a, M> {
             let (next, lp) = sample(seq, last_row_logits(logits));
             events.push(accept(seq, next, lp, self.tokenizer, context)?);
         }
-        if !rows.is_empty() {
-            let ids: Vec<u32> = rows
+        // One batched pass: the whole short prompts and every pending token, each
+        // sequence over its own cache (`forward_chunks`); where the model has no such
+        // pass, the prompts run alone and the tokens through `forward_step`.
+        let step_rows = |running: &[Sequence], whole: &[bool]| -> Vec<(usize, Vec<u32>)> {
+            running
                 .iter()
-                .map(|&i| self.running[i].pending.take().expect("pending"))
-                .collect();
-            let tokens = Tensor::<2, Int>::from_data(
-                TensorData::new(ids.iter().map(|&t| t as i64).collect::<Vec<_>>(), [ids.len(), 1]),
-                &self.device,
-            );
-            let logits = {
-                let mut caches: Vec<&mut KvCache> = Vec::with_capacity(rows.len());
-                // Borrow the rows' caches (distinct sequences) for the one forward pass.
-                let mut rest: &mut [Sequence] = &mut self.running;
-                let mut offset = 0;
-                for &i in &rows {
-                    let (_, tail) = rest.split_at_mut(i - offset);
-                    let (seq, tail) = tail.split_first_mut().expect("row in range");
-                    caches.push(seq.cache.as_mut().expect("admitted"));
-                    rest = tail;
-                    offset = i + 1;
+                .enumerate()
+                .filter(|(_, seq)| seq.finished.is_none())
+                .filter_map(|(i, seq)| {
+                    if whole[i] {
+                        Some((i, seq.request.prompt.clone()))
+                    } else {
+                        seq.pending.map(|token| (i, vec![token]))
+                    }
+                })
+                .collect()
+        };
+        let rows = step_rows(&self.running, &whole);
+        if !rows.is_empty() {
+            let chunks: Vec<&[u32]> = rows.iter().map(|(_, chunk)| chunk.as_slice()).collect();
+            let indices: Vec<usize> = rows.iter().map(|&(i, _)| i).collect();
+            let logits = self
+                .model
+                .forward_chunks(&chunks, &mut caches_of(&mut self.running, &indices));
+            match logits {
+                Some(logits) => {
+                    let [b, v] = logits.dims();
+                    let host = logits
+                        .reshape([b * v])
+                        .into_data()
+                        .try_into_vec::<f32>()
+                        .expect("logits are f32");
+                    for (row, &i) in indices.iter().enumerate() {
+                        let seq = &mut self.running[i];
+                        if whole[i] {
+                            seq.prefilled = seq.request.prompt.len();
+                        } else {
+                            seq.pending = None;
+                        }
+                        let (token, lp) = sample(seq, host[row * v..(row + 1) * v].to_vec());
+                        events.push(accept(seq, token, lp, self.tokenizer, context)?);
+                    }
                 }
-                self.model.forward_step(tokens, &mut caches)
-            };
-            let [b, _, v] = logits.dims();
-            let host = logits
-                .reshape([b * v])
-                .into_data()
-                .try_into_vec::<f32>()
-                .expect("logits are f32");
-            for (row, &i) in rows.iter().enumerate() {
-                let seq = &mut self.running[i];
-                let (token, lp) = sample(seq, host[row * v..(row + 1) * v].to_vec());
-                events.push(accept(seq, token, lp, self.tokenizer, context)?);
+                None => {
+                    for (i, seq) in self.running.iter_mut().enumerate() {
+                        if !whole[i] {
+                            continue;
+                        }
+                        let prompt = tokens_tensor(&seq.request.prompt, &self.device);
+                        let logits = self
+                            .model
+                            .forward_cached_last(prompt, seq.cache.as_mut().expect("admitted"));
+                        seq.prefilled = seq.request.prompt.len();
+                        let (token, lp) = sample(seq, last_row_logits(logits));
+                        events.push(accept(seq, token, lp, self.tokenizer, context)?);
+                    }
+                    whole.fill(false);
+                    let indices: Vec<usize> = step_rows(&self.running, &whole).into_iter().map(|(i, _)| i).collect();
+                    if !indices.is_empty() {
+                        self.decode_step(&indices, &mut events)?;
+                    }
+                }
             }
         }
         // Leave.
@@ -434,6 +487,32 @@ impl<'a, M: CausalLm + ?Sized> Engine<'a, M> {
         }
         done.sort_by_key(|c| c.id);
         Ok((events, done))
+    }
+
+    /// The pending tokens of the running sequences at `indices` (in increasing order)
+    /// through [`CausalLm::forward_step`], one token each.
+    fn decode_step(&mut self, indices: &[usize], events: &mut Vec<TokenEvent>) -> Result<(), GenerateError> {
+        let context = self.model.context_len();
+        let ids: Vec<i64> = indices
+            .iter()
+            .map(|&i| self.running[i].pending.take().expect("pending") as i64)
+            .collect();
+        let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [indices.len(), 1]), &self.device);
+        let logits = self
+            .model
+            .forward_step(tokens, &mut caches_of(&mut self.running, indices));
+        let [b, _, v] = logits.dims();
+        let host = logits
+            .reshape([b * v])
+            .into_data()
+            .try_into_vec::<f32>()
+            .expect("logits are f32");
+        for (row, &i) in indices.iter().enumerate() {
+            let seq = &mut self.running[i];
+            let (token, lp) = sample(seq, host[row * v..(row + 1) * v].to_vec());
+            events.push(accept(seq, token, lp, self.tokenizer, context)?);
+        }
+        Ok(())
     }
 
     /// Step until every sequence has finished. `on_event` sees every token as it comes
@@ -477,6 +556,22 @@ impl<'a, M: CausalLm + ?Sized> Engine<'a, M> {
             cancelled,
         }
     }
+}
+
+/// The caches of `running[i]` for each of `indices` (increasing, distinct), borrowed
+/// together for one batched forward pass.
+fn caches_of<'s>(running: &'s mut [Sequence], indices: &[usize]) -> Vec<&'s mut KvCache> {
+    let mut caches = Vec::with_capacity(indices.len());
+    let mut rest = running;
+    let mut offset = 0;
+    for &i in indices {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - offset);
+        let (seq, tail) = tail.split_first_mut().expect("row in range");
+        caches.push(seq.cache.as_mut().expect("admitted"));
+        rest = tail;
+        offset = i + 1;
+    }
+    caches
 }
 
 /// Sample `seq`'s next token from its logits (with their log-probabilities when asked).
@@ -609,6 +704,7 @@ pub fn generate<M: CausalLm + ?Sized>(
     let config = EngineConfig {
         max_batch: 1,
         prefill_chunk: model.context_len(),
+        step_prompt: STEP_PROMPT,
         context_full: ContextFull::Slide,
     };
     let mut engine = Engine::new(model, device, None, config);

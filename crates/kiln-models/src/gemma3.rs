@@ -581,6 +581,10 @@ impl CausalLm for Gemma3ForCausalLM {
         self.forward_from(tokens, start, Some(cache), Logits::Last)
     }
 
+    fn forward_chunks(&self, chunks: &[&[u32]], caches: &mut [&mut KvCache]) -> Option<Tensor<2>> {
+        crate::fused::step::forward_chunks(&self.step_plan()?, chunks, caches)
+    }
+
     fn forward_step(&self, tokens: Tensor<2, Int>, caches: &mut [&mut KvCache]) -> Tensor<3> {
         // On flex with the decode layout: the whole step as one pass over raw buffers.
         if let Some(plan) = self.step_plan()

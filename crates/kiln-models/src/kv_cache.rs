@@ -78,13 +78,13 @@ impl KvCache {
         self.allocated = allocated;
     }
 
-    /// Make room for one more position (the fused decode step writes it itself);
-    /// `false` when the cache is full.
-    pub(crate) fn reserve_next(&mut self) -> bool {
-        if self.len >= self.capacity {
+    /// Make room for `new` more positions (the fused step writes them itself); `false`,
+    /// changing nothing, when they do not fit in the capacity.
+    pub(crate) fn reserve_more(&mut self, new: usize) -> bool {
+        if self.len + new > self.capacity {
             return false;
         }
-        self.reserve(self.len + 1);
+        self.reserve(self.len + new);
         true
     }
 

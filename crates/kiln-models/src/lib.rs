@@ -61,6 +61,18 @@ pub trait CausalLm {
     /// it. Linear layers run over the `B` rows at once; each row attends over its own
     /// cache only. Returns logits `[B, 1, V]`.
     fn forward_step(&self, tokens: Tensor<2, Int>, caches: &mut [&mut KvCache]) -> Tensor<3>;
+    /// One step of `B` independent sequences, each continuing its own cache by a chunk
+    /// of tokens (a decode step's one token, or a short prompt): the chunks' rows share
+    /// every linear layer and each row attends over its own sequence up to its own
+    /// position. Returns the logits of each chunk's last position, `[B, V]`, and appends
+    /// every chunk to its cache; a sequence's logits are the same alone as in any batch.
+    /// `None`, changing nothing, where the model has no such path (on this backend or
+    /// weight layout): the caller runs [`forward_cached_last`](Self::forward_cached_last)
+    /// and [`forward_step`](Self::forward_step) instead.
+    fn forward_chunks(&self, chunks: &[&[u32]], caches: &mut [&mut KvCache]) -> Option<Tensor<2>> {
+        let _ = (chunks, caches);
+        None
+    }
 }
 
 /// Which positions' logits a forward pass computes.

@@ -18,6 +18,8 @@ pub mod generation;
 pub mod metrics;
 pub mod routes;
 
+pub use kiln_infer::engine::STEP_PROMPT;
+
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock, mpsc};
@@ -47,6 +49,8 @@ pub struct ServeConfig {
     pub max_queue: usize,
     /// Prompt tokens per prefill chunk (interleaved with decode steps).
     pub prefill_chunk: usize,
+    /// Prompts of at most this many tokens join the batched decode pass whole.
+    pub step_prompt: usize,
     /// Padded tokens per encoder batch.
     pub batch_tokens: usize,
     pub api_key: Option<String>,
@@ -70,6 +74,7 @@ impl Default for ServeConfig {
             max_batch: 16,
             max_queue: 256,
             prefill_chunk: 512,
+            step_prompt: kiln_infer::engine::STEP_PROMPT,
             batch_tokens: 16384,
             api_key: None,
             max_body_bytes: 4 << 20,
@@ -251,6 +256,7 @@ fn load_and_run(state: &AppState) -> Result<(), ServeError> {
             let engine = EngineConfig {
                 max_batch: config.max_batch,
                 prefill_chunk: config.prefill_chunk,
+                step_prompt: config.step_prompt,
                 context_full: ContextFull::Stop,
             };
             generation::run(model, &tokenizer, &device, engine, jobs, outstanding, || {

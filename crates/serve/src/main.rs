@@ -47,6 +47,11 @@ struct Cli {
     /// --prefill-chunk` with the same value gives the same tokens).
     #[arg(long, default_value_t = 512)]
     prefill_chunk: usize,
+    /// Prompts of at most this many tokens join the batched decode pass whole, their
+    /// rows beside the running sequences' (longer ones prefill in chunks; 0: every
+    /// prompt does). `infer --step-prompt` with the same value gives the same tokens.
+    #[arg(long, default_value_t = kiln_serve::STEP_PROMPT)]
+    step_prompt: usize,
     /// Padded tokens per embeddings/classification batch.
     #[arg(long, default_value_t = 16384)]
     batch_tokens: usize,
@@ -101,6 +106,7 @@ fn main() -> Result<()> {
         max_batch: cli.max_batch,
         max_queue: cli.max_queue,
         prefill_chunk: cli.prefill_chunk.max(1),
+        step_prompt: cli.step_prompt,
         batch_tokens: cli.batch_tokens.max(1),
         api_key,
         max_body_bytes: cli.max_body_bytes,

@@ -295,31 +295,73 @@ fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 
 /// The decode step of `caches.len()` independent sequences, `tokens` `[B, 1]`, row `b`
 /// written at position `caches[b].len()` of its cache -> logits `[B, 1, V]`, every cache
-/// advanced by one. `None`, changing nothing, unless the tokens and every cache buffer
-/// are flex tensors this step can read and write, and every cache has room. Any number
-/// of sequences: the products take their rows [`kiln_kernels::MAX_ROWS`] at a time (f32 weights one
-/// product after another beyond that), each row's sums the same whatever the batch.
+/// advanced by one: [`run_chunks`] with one token per sequence.
 pub(crate) fn run(plan: &Plan, tokens: &Tensor<2, Int>, caches: &mut [&mut KvCache]) -> Option<Tensor<3>> {
     let [b, t] = tokens.dims();
-    let (h, kv, d) = (plan.heads, plan.kv_heads, plan.head_dim);
-    let c = plan.norm.gamma.len;
-    let vocab = plan.embed.rows(c);
-    if t != 1 || b == 0 || b != caches.len() || c == 0 {
+    if t != 1 {
         return None;
     }
     let ids = flex_indices(tokens)?;
-    if ids.iter().any(|&id| id >= vocab) {
+    let chunks: Vec<&[usize]> = ids.chunks_exact(1).collect();
+    let logits = run_chunks(plan, &chunks, caches)?;
+    let vocab = logits.len() / b.max(1);
+    Some(wrap(logits, &[b, 1, vocab]))
+}
+
+/// [`CausalLm::forward_chunks`](crate::CausalLm::forward_chunks) through a plan: [`run_chunks`]
+/// on token ids, logits as a `[B, V]` tensor.
+pub(crate) fn forward_chunks(plan: &Plan, chunks: &[&[u32]], caches: &mut [&mut KvCache]) -> Option<Tensor<2>> {
+    let ids: Vec<Vec<usize>> = chunks
+        .iter()
+        .map(|chunk| chunk.iter().map(|&id| id as usize).collect())
+        .collect();
+    let ids: Vec<&[usize]> = ids.iter().map(Vec::as_slice).collect();
+    let logits = run_chunks(plan, &ids, caches)?;
+    let vocab = logits.len() / chunks.len();
+    Some(wrap(logits, &[chunks.len(), vocab]))
+}
+
+/// One step of `caches.len()` independent sequences, each continuing its own cache by
+/// a chunk of tokens: `chunks[b]` written at positions `caches[b].len()..` (a decode
+/// step's one token, or a whole short prompt) -> the logits of each chunk's last
+/// position, `[B, V]` row-major, every cache advanced by its chunk. A chunk's rows join
+/// the batch's rows in every product, and each row attends over its own sequence's
+/// cache up to its own position (a prompt's causal mask). `None`, changing nothing,
+/// unless every cache buffer is a flex tensor this step can read and write and every
+/// cache has room. Any number of rows: the products take them
+/// [`kiln_kernels::MAX_ROWS`] at a time (f32 weights one product after another beyond
+/// that), each row's sums the same whatever the batch, so a sequence gets the same
+/// logits alone as batched with others.
+pub(crate) fn run_chunks(plan: &Plan, chunks: &[&[usize]], caches: &mut [&mut KvCache]) -> Option<Vec<f32>> {
+    let b = chunks.len();
+    let (h, kv, d) = (plan.heads, plan.kv_heads, plan.head_dim);
+    let c = plan.norm.gamma.len;
+    let vocab = plan.embed.rows(c);
+    if b == 0 || b != caches.len() || c == 0 || chunks.iter().any(|chunk| chunk.is_empty()) {
         return None;
     }
-    let positions: Vec<usize> = caches.iter().map(|cache| cache.len()).collect();
+    if chunks.iter().flat_map(|chunk| chunk.iter()).any(|&id| id >= vocab) {
+        return None;
+    }
+    // Row `r` of the step: its sequence and its position in that sequence.
+    let rows_of: Vec<(usize, usize)> = chunks
+        .iter()
+        .zip(caches.iter())
+        .enumerate()
+        .flat_map(|(seq, (chunk, cache))| (0..chunk.len()).map(move |i| (seq, cache.len() + i)))
+        .collect();
+    let n = rows_of.len();
     // Everything checked before anything is written.
     if plan.rotary.iter().any(|r| r.head_dim() != d) || plan.layers.iter().any(|l| l.rotary >= plan.rotary.len()) {
         return None;
     }
-    for cache in caches.iter_mut() {
-        if cache.layers() != plan.layers.len() || !cache.reserve_next() {
+    for (cache, chunk) in caches.iter_mut().zip(chunks) {
+        if cache.layers() != plan.layers.len() || cache.len() + chunk.len() > cache.capacity() {
             return None;
         }
+    }
+    for (cache, chunk) in caches.iter_mut().zip(chunks) {
+        assert!(cache.reserve_more(chunk.len()), "checked above");
         for layer in 0..plan.layers.len() {
             let (keys, values) = cache.buffers_mut(layer);
             for buf in [&*keys, &*values] {
@@ -340,10 +382,11 @@ pub(crate) fn run(plan: &Plan, tokens: &Tensor<2, Int>, caches: &mut [&mut KvCac
         buf.cos.resize_with(plan.rotary.len(), Vec::new);
         buf.sin.resize_with(plan.rotary.len(), Vec::new);
         for (r, rotary) in plan.rotary.iter().enumerate() {
-            rotary.rows(positions.iter().copied(), &mut buf.cos[r], &mut buf.sin[r]);
+            rotary.rows(rows_of.iter().map(|&(_, p)| p), &mut buf.cos[r], &mut buf.sin[r]);
         }
-        let x = sized(&mut buf.x, b * c);
-        for (row, &id) in x.chunks_exact_mut(c).zip(&ids) {
+        let x = sized(&mut buf.x, n * c);
+        let ids = chunks.iter().flat_map(|chunk| chunk.iter());
+        for (row, &id) in x.chunks_exact_mut(c).zip(ids) {
             plan.embed.row(id, row);
             if let Some(s) = plan.embed_scale {
                 row.iter_mut().for_each(|v| *v *= s);
@@ -351,67 +394,79 @@ pub(crate) fn run(plan: &Plan, tokens: &Tensor<2, Int>, caches: &mut [&mut KvCac
         }
         for (i, layer) in plan.layers.iter().enumerate() {
             // Attention block.
-            let normed = sized(&mut buf.normed, b * c);
+            let normed = sized(&mut buf.normed, n * c);
             norm(&layer.attn_norm, x, normed);
             let (q, k, v) = (
-                sized(&mut buf.q, b * layer.q.n),
-                sized(&mut buf.k, b * layer.k.n),
-                sized(&mut buf.v, b * layer.v.n),
+                sized(&mut buf.q, n * layer.q.n),
+                sized(&mut buf.k, n * layer.k.n),
+                sized(&mut buf.v, n * layer.v.n),
             );
-            apply_all(normed, b, c, [(&layer.q, q), (&layer.k, k), (&layer.v, v)]);
-            let (q, k, v) = (&mut buf.q[..b * h * d], &mut buf.k[..b * kv * d], &buf.v[..b * kv * d]);
+            apply_all(normed, n, c, [(&layer.q, q), (&layer.k, k), (&layer.v, v)]);
+            let (q, k, v) = (&mut buf.q[..n * h * d], &mut buf.k[..n * kv * d], &buf.v[..n * kv * d]);
             if let Some((qn, kn)) = &layer.qk_norm {
-                let tmp = sized(&mut buf.q_rot, b * h * d);
+                let tmp = sized(&mut buf.q_rot, n * h * d);
                 norm(qn, q, tmp);
                 q.copy_from_slice(tmp);
-                let tmp = sized(&mut buf.k_rot, b * kv * d);
+                let tmp = sized(&mut buf.k_rot, n * kv * d);
                 norm(kn, k, tmp);
                 k.copy_from_slice(tmp);
             }
             let (cos, sin) = (&buf.cos[layer.rotary], &buf.sin[layer.rotary]);
-            let q_rot = sized(&mut buf.q_rot, b * h * d);
+            let q_rot = sized(&mut buf.q_rot, n * h * d);
             rope_rows(q, cos, sin, h, d, q_rot);
-            let k_rot = sized(&mut buf.k_rot, b * kv * d);
+            let k_rot = sized(&mut buf.k_rot, n * kv * d);
             rope_rows(k, cos, sin, kv, d, k_rot);
-            let mut held = Vec::with_capacity(b);
-            for (row, cache) in caches.iter_mut().enumerate() {
-                let (keys, values) = cache.buffers_mut(i);
-                let p = positions[row];
+            // Every row's key and value into its cache, then each row attends over its
+            // sequence's positions up to its own.
+            for (row, &(seq, p)) in rows_of.iter().enumerate() {
+                let (keys, values) = caches[seq].buffers_mut(i);
                 let written = write_cache_position(keys, p, &k_rot[row * kv * d..(row + 1) * kv * d])
                     && write_cache_position(values, p, &v[row * kv * d..(row + 1) * kv * d]);
                 assert!(written, "cache buffers checked above");
+            }
+            let mut held = Vec::with_capacity(b);
+            for cache in caches.iter_mut() {
+                let (keys, values) = cache.buffers_mut(i);
                 held.push((flex_f32(keys)?, flex_f32(values)?));
             }
-            let mut rows = Vec::with_capacity(b);
-            for (row, (kt, vt)) in held.iter().enumerate() {
+            let mut rows = Vec::with_capacity(n);
+            for (row, &(seq, p)) in rows_of.iter().enumerate() {
+                let (kt, vt) = &held[seq];
                 rows.push(AttentionRow {
                     q: &q_rot[row * h * d..(row + 1) * h * d],
                     keys: cache_view(kt)?,
                     values: cache_view(vt)?,
-                    len: positions[row] + 1,
+                    len: p + 1,
                 });
             }
-            let attn = sized(&mut buf.attn, b * h * d);
+            let attn = sized(&mut buf.attn, n * h * d);
             attention_steps(&rows, h, kv, d, layer.window, scale, attn_softcap, attn);
             drop(rows);
             drop(held);
-            let out = sized(&mut buf.out, b * c);
-            layer.o.apply(attn, out, b);
+            let out = sized(&mut buf.out, n * c);
+            layer.o.apply(attn, out, n);
             residual(x, out, layer.post_attn_norm.as_ref(), &mut buf.out_normed, norm);
             // MLP block.
-            let normed = sized(&mut buf.normed, b * c);
+            let normed = sized(&mut buf.normed, n * c);
             norm(&layer.ff_norm, x, normed);
             let f = layer.gate.n;
-            let (gate, up) = (sized(&mut buf.gate, b * f), sized(&mut buf.up, b * f));
-            apply_all(normed, b, c, [(&layer.gate, gate), (&layer.up, up)]);
-            let act = sized(&mut buf.act, b * f);
-            gated(&buf.gate[..b * f], &buf.up[..b * f], plan.gelu, act);
-            let out = sized(&mut buf.out, b * c);
-            layer.down.apply(act, out, b);
+            let (gate, up) = (sized(&mut buf.gate, n * f), sized(&mut buf.up, n * f));
+            apply_all(normed, n, c, [(&layer.gate, gate), (&layer.up, up)]);
+            let act = sized(&mut buf.act, n * f);
+            gated(&buf.gate[..n * f], &buf.up[..n * f], plan.gelu, act);
+            let out = sized(&mut buf.out, n * c);
+            layer.down.apply(act, out, n);
             residual(x, out, layer.post_ff_norm.as_ref(), &mut buf.out_normed, norm);
         }
+        // The head over each chunk's last row only.
+        let last = sized(&mut buf.out, b * c);
+        let mut end = 0;
+        for (chunk, dst) in chunks.iter().zip(last.chunks_exact_mut(c)) {
+            end += chunk.len();
+            dst.copy_from_slice(&x[(end - 1) * c..end * c]);
+        }
         let normed = sized(&mut buf.normed, b * c);
-        norm(&plan.norm, x, normed);
+        norm(&plan.norm, &buf.out[..b * c], normed);
         let mut logits = vec![0f32; b * vocab];
         match &plan.head {
             Head::Tied => plan.embed.product(normed, None, &mut logits, b, c, vocab),
@@ -423,11 +478,11 @@ pub(crate) fn run(plan: &Plan, tokens: &Tensor<2, Int>, caches: &mut [&mut KvCac
         }
         Some(logits)
     })?;
-    for cache in caches.iter_mut() {
-        cache.advance(1);
+    for (cache, chunk) in caches.iter_mut().zip(chunks) {
+        cache.advance(chunk.len());
     }
     STEPS.fetch_add(1, Ordering::Relaxed);
-    Some(wrap(logits, &[b, 1, vocab]))
+    Some(logits)
 }
 
 /// `x += y`, or `x += norm(y)` when the block has an output norm (Gemma's sandwich).
