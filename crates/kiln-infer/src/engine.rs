@@ -436,12 +436,7 @@ impl<'a, M: CausalLm + ?Sized> Engine<'a, M> {
                 .forward_chunks(&chunks, &mut caches_of(&mut self.running, &indices));
             match logits {
                 Some(logits) => {
-                    let [b, v] = logits.dims();
-                    let host = logits
-                        .reshape([b * v])
-                        .into_data()
-                        .try_into_vec::<f32>()
-                        .expect("logits are f32");
+                    let (host, v) = host_logits(logits);
                     for (row, &i) in indices.iter().enumerate() {
                         let seq = &mut self.running[i];
                         if whole[i] {
@@ -501,12 +496,7 @@ impl<'a, M: CausalLm + ?Sized> Engine<'a, M> {
         let logits = self
             .model
             .forward_step(tokens, &mut caches_of(&mut self.running, indices));
-        let [b, _, v] = logits.dims();
-        let host = logits
-            .reshape([b * v])
-            .into_data()
-            .try_into_vec::<f32>()
-            .expect("logits are f32");
+        let (host, v) = host_logits(logits);
         for (row, &i) in indices.iter().enumerate() {
             let seq = &mut self.running[i];
             let (token, lp) = sample(seq, host[row * v..(row + 1) * v].to_vec());
@@ -556,6 +546,13 @@ impl<'a, M: CausalLm + ?Sized> Engine<'a, M> {
             cancelled,
         }
     }
+}
+
+/// Logits `[..., V]` on the host, row-major, and `V`.
+fn host_logits<const D: usize>(logits: Tensor<D>) -> (Vec<f32>, usize) {
+    let v = logits.dims()[D - 1];
+    let host = logits.into_data().try_into_vec::<f32>().expect("logits are f32");
+    (host, v)
 }
 
 /// The caches of `running[i]` for each of `indices` (increasing, distinct), borrowed
