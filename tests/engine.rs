@@ -70,28 +70,40 @@ fn lm(loaded: &LoadedModel) -> &dyn CausalLm {
 }
 
 fn config(max_batch: usize) -> EngineConfig {
+    with_step_prompt(max_batch, kiln_infer::engine::STEP_PROMPT)
+}
+
+/// Prompts of up to `step_prompt` tokens run inside the batched pass; longer ones (all,
+/// with 0) prefill in chunks of 8.
+fn with_step_prompt(max_batch: usize, step_prompt: usize) -> EngineConfig {
     EngineConfig {
         max_batch,
         prefill_chunk: 8,
-        step_prompt: kiln_infer::engine::STEP_PROMPT,
+        step_prompt,
         context_full: ContextFull::Stop,
     }
 }
 
 /// Each prompt through an engine of its own (the "alone" reference).
-fn alone(model: &dyn CausalLm, device: &Device, requests: &[Request]) -> Vec<Vec<u32>> {
+fn alone(model: &dyn CausalLm, device: &Device, requests: &[Request], step_prompt: usize) -> Vec<Vec<u32>> {
     requests
         .iter()
         .map(|r| {
-            let mut engine = Engine::new(model, device, None, config(1));
+            let mut engine = Engine::new(model, device, None, with_step_prompt(1, step_prompt));
             engine.add(r.clone()).unwrap();
             engine.run(|_| true).unwrap().remove(0).tokens
         })
         .collect()
 }
 
-fn batched(model: &dyn CausalLm, device: &Device, requests: &[Request], max_batch: usize) -> Vec<Vec<u32>> {
-    let mut engine = Engine::new(model, device, None, config(max_batch));
+fn batched(
+    model: &dyn CausalLm,
+    device: &Device,
+    requests: &[Request],
+    max_batch: usize,
+    step_prompt: usize,
+) -> Vec<Vec<u32>> {
+    let mut engine = Engine::new(model, device, None, with_step_prompt(max_batch, step_prompt));
     for r in requests {
         engine.add(r.clone()).unwrap();
     }
@@ -121,16 +133,25 @@ fn a_batch_of_eight_prompts_gives_each_prompt_what_it_gives_alone() {
                 top_p: Some(0.95),
                 seed: 100 + i as u64,
             });
-            for reqs in [&greedy, &sampled] {
-                let reference = alone(model, &device, reqs);
+            // The prompts (1-24 tokens) inside the batched pass, and all in chunks of 8.
+            for (reqs, step_prompt) in [&greedy, &sampled]
+                .into_iter()
+                .flat_map(|r| [(r, kiln_infer::engine::STEP_PROMPT), (r, 0)])
+            {
+                let reference = alone(model, &device, reqs, step_prompt);
                 // max_new_tokens, or as many as the 32-token context holds (the long prompts).
                 let context = model.context_len();
                 for (i, (t, p)) in reference.iter().zip(&prompts).enumerate() {
                     assert_eq!(t.len(), (12 + i).min(context + 1 - p.len()), "prompt {i}");
                 }
                 for max_batch in [8, 3] {
-                    let together = batched(model, &device, reqs, max_batch);
-                    assert_eq!(together, reference, "{backend} {} max_batch {max_batch}", dir.display());
+                    let together = batched(model, &device, reqs, max_batch, step_prompt);
+                    assert_eq!(
+                        together,
+                        reference,
+                        "{backend} {} max_batch {max_batch} step_prompt {step_prompt}",
+                        dir.display()
+                    );
                 }
             }
             // The engine's single-sequence path is what `infer` ran before it: greedy
@@ -149,7 +170,7 @@ fn sequences_join_and_leave_mid_flight_without_changing_the_others() {
     let (loaded, prompts) = open(&dirs[1], &device);
     let model = lm(&loaded);
     let reqs = requests(&prompts, |_| Sampling::greedy());
-    let reference = alone(model, &device, &reqs);
+    let reference = alone(model, &device, &reqs, kiln_infer::engine::STEP_PROMPT);
     let mut engine = Engine::new(model, &device, None, config(4));
     let first = engine.add(reqs[0].clone()).unwrap();
     let doomed = engine.add(reqs[1].clone()).unwrap();
@@ -176,7 +197,13 @@ fn a_callback_can_cancel_and_every_stop_condition_gives_its_reason() {
     let model = lm(&loaded);
     let tok = loaded.tokenizer.as_ref().unwrap();
     let greedy = |prompt: &[u32], n: usize| Request::new(prompt.to_vec(), n, Sampling::greedy());
-    let reference = alone(model, &device, &[greedy(&prompts[2], 20)]).remove(0);
+    let reference = alone(
+        model,
+        &device,
+        &[greedy(&prompts[2], 20)],
+        kiln_infer::engine::STEP_PROMPT,
+    )
+    .remove(0);
 
     // Max new tokens: `length`.
     let mut engine = Engine::new(model, &device, Some(tok), config(2));
