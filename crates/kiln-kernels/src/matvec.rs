@@ -279,22 +279,21 @@ fn nk_slab(
     j1: usize,
     write: impl Fn(usize, usize, f32),
 ) {
-    let mut sums = [0f32; MAX_ROWS];
-    for j in j0..j1 {
-        let row = &w[j * k..(j + 1) * k];
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `isa` is available (checked by the caller): AVX2 and FMA.
-            Isa::Avx2Fma | Isa::Avx512Vnni => unsafe { avx2::dots(row, x, m, &mut sums) },
-            _ => {
-                for (r, s) in sums.iter_mut().enumerate().take(m) {
-                    *s = row.iter().zip(&x[r * k..(r + 1) * k]).map(|(a, b)| a * b).sum();
+    assert!(m <= MAX_ROWS && j1 * k <= w.len() && x.len() >= m * k);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is available (checked by the caller): AVX2 and FMA; the lengths
+        // are checked above.
+        Isa::Avx2Fma | Isa::Avx512Vnni => unsafe { avx2::nk_tiles(x, w, bias, m, k, j0, j1, &write) },
+        _ => {
+            for j in j0..j1 {
+                let row = &w[j * k..(j + 1) * k];
+                let b = bias.map_or(0.0, |b| b[j]);
+                for r in 0..m {
+                    let s: f32 = row.iter().zip(&x[r * k..(r + 1) * k]).map(|(a, b)| a * b).sum();
+                    write(r, j, s + b);
                 }
             }
-        }
-        let b = bias.map_or(0.0, |b| b[j]);
-        for (r, s) in sums.iter().enumerate().take(m) {
-            write(r, j, s + b);
         }
     }
 }
@@ -382,35 +381,112 @@ mod avx2 {
         }
     }
 
-    /// `sums[r] = row · x[r, :]` for the `m` rows of `x` (`[m, row.len()]`).
+    /// Activation rows one tile takes.
+    const TILE_X: usize = 4;
+
+    /// `write(r, j, x[r, :] · w[j, :] + bias[j])` for the weight rows `j0..j1` and the `m`
+    /// rows of `x`, in register tiles of up to 4 weight rows by [`TILE_X`] activation
+    /// rows (12 or 16 accumulators, 7 or 8 loads per 12 or 16 fused multiply-adds, where
+    /// one weight row against each activation row took a load per multiply-add): at 8
+    /// rows the products are bound by the core, not the memory. Each output's sum is the
+    /// same whatever the tile: one 8-lane accumulator over `k` in steps of 8, its lanes
+    /// added in a fixed order, then the tail, so a row gets the same bits in any batch.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `w` holds rows `j0..j1` of `k` values and `x` `m` rows.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dots(row: &[f32], x: &[f32], m: usize, sums: &mut [f32; MAX_ROWS]) {
-        let k = row.len();
-        let k16 = k / 16 * 16;
-        let wp = row.as_ptr();
-        let mut r0 = 0;
-        while r0 < m {
-            let g = (m - r0).min(4);
-            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-            let mut i = 0;
-            while i < k16 {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn nk_tiles(
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        m: usize,
+        k: usize,
+        j0: usize,
+        j1: usize,
+        write: &impl Fn(usize, usize, f32),
+    ) {
+        let mut out = [[0f32; TILE_X]; 4];
+        let mut j = j0;
+        while j < j1 {
+            // Four weight rows against up to three activation rows, three against four:
+            // the accumulators and the tile's weight vectors fill the 16 registers.
+            let wide = if m >= TILE_X { 3 } else { 4 };
+            let q = wide.min(j1 - j);
+            let mut r0 = 0;
+            while r0 < m {
+                let r = TILE_X.min(m - r0);
+                // SAFETY: rows j..j + q of `w` and r0..r0 + r of `x` are in bounds (the
+                // caller's checks).
                 unsafe {
-                    let w0 = _mm256_loadu_ps(wp.add(i));
-                    let w1 = _mm256_loadu_ps(wp.add(i + 8));
-                    for (q, acc) in acc.iter_mut().enumerate().take(g) {
-                        let xp = x.as_ptr().add((r0 + q) * k + i);
-                        acc[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), acc[0]);
-                        acc[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), acc[1]);
+                    let (wp, xp) = (w.as_ptr().add(j * k), x.as_ptr().add(r0 * k));
+                    match (q, r) {
+                        (1, 1) => tile::<1, 1>(wp, xp, k, &mut out),
+                        (1, 2) => tile::<1, 2>(wp, xp, k, &mut out),
+                        (1, 3) => tile::<1, 3>(wp, xp, k, &mut out),
+                        (1, _) => tile::<1, 4>(wp, xp, k, &mut out),
+                        (2, 1) => tile::<2, 1>(wp, xp, k, &mut out),
+                        (2, 2) => tile::<2, 2>(wp, xp, k, &mut out),
+                        (2, 3) => tile::<2, 3>(wp, xp, k, &mut out),
+                        (2, _) => tile::<2, 4>(wp, xp, k, &mut out),
+                        (3, 1) => tile::<3, 1>(wp, xp, k, &mut out),
+                        (3, 2) => tile::<3, 2>(wp, xp, k, &mut out),
+                        (3, 3) => tile::<3, 3>(wp, xp, k, &mut out),
+                        (3, _) => tile::<3, 4>(wp, xp, k, &mut out),
+                        (_, 1) => tile::<4, 1>(wp, xp, k, &mut out),
+                        (_, 2) => tile::<4, 2>(wp, xp, k, &mut out),
+                        (_, _) => tile::<4, 3>(wp, xp, k, &mut out),
                     }
                 }
-                i += 16;
+                for (dq, row) in out.iter().enumerate().take(q) {
+                    let b = bias.map_or(0.0, |b| b[j + dq]);
+                    for (dr, s) in row.iter().enumerate().take(r) {
+                        write(r0 + dr, j + dq, s + b);
+                    }
+                }
+                r0 += r;
             }
-            for (q, acc) in acc.iter().enumerate().take(g) {
-                let xr = &x[(r0 + q) * k..(r0 + q + 1) * k];
-                let tail: f32 = row[k16..].iter().zip(&xr[k16..]).map(|(a, b)| a * b).sum();
-                sums[r0 + q] = crate::hsum256(_mm256_add_ps(acc[0], acc[1])) + tail;
+            j += q;
+        }
+    }
+
+    /// `out[q][r] = w[q, :] · x[r, :]` for `Q` weight rows and `R` activation rows of `k`
+    /// values from `wp` and `xp`.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const Q: usize, const R: usize>(
+        wp: *const f32,
+        xp: *const f32,
+        k: usize,
+        out: &mut [[f32; TILE_X]; 4],
+    ) {
+        let k8 = k / 8 * 8;
+        let mut acc = [[_mm256_setzero_ps(); R]; Q];
+        let mut i = 0;
+        while i < k8 {
+            // SAFETY: i + 8 <= k, within each of the rows (the caller's bounds).
+            unsafe {
+                let mut wv = [_mm256_setzero_ps(); Q];
+                for (q, wv) in wv.iter_mut().enumerate() {
+                    *wv = _mm256_loadu_ps(wp.add(q * k + i));
+                }
+                for r in 0..R {
+                    let xv = _mm256_loadu_ps(xp.add(r * k + i));
+                    for (acc, wv) in acc.iter_mut().zip(&wv) {
+                        acc[r] = _mm256_fmadd_ps(*wv, xv, acc[r]);
+                    }
+                }
             }
-            r0 += g;
+            i += 8;
+        }
+        for (q, acc) in acc.iter().enumerate() {
+            for (r, acc) in acc.iter().enumerate() {
+                let mut s = crate::hsum256(*acc);
+                for t in k8..k {
+                    // SAFETY: t < k, within both rows.
+                    unsafe { s = (*wp.add(q * k + t)).mul_add(*xp.add(r * k + t), s) };
+                }
+                out[q][r] = s;
+            }
         }
     }
 }
@@ -475,6 +551,9 @@ mod tests {
         (8, 64, 1000),
         (11, 130, 257),
         (1, 576, 4099),
+        (5, 24, 11),
+        (6, 129, 50),
+        (7, 17, 7),
     ];
 
     #[test]
@@ -523,14 +602,22 @@ mod tests {
     fn one_row_equals_its_row_in_a_batch_bit_for_bit() {
         let (k, n) = (37 * 16 + 5, 43);
         let (x, w) = (fill(k, 3), fill(k * n, 4));
-        let x2: Vec<f32> = x.iter().chain(&x).copied().collect();
         for isa in Isa::available() {
             let mut y1 = vec![0f32; n];
             linear_nk_with(isa, &x, &w, None, &mut y1, 1, k, n);
-            let mut y2 = vec![0f32; 2 * n];
-            linear_nk_with(isa, &x2, &w, None, &mut y2, 2, k, n);
-            assert_eq!(y1[..], y2[..n], "{isa:?}");
-            assert_eq!(y1[..], y2[n..], "{isa:?}");
+            // Batches whose tiles differ (4 weight rows by 2, by 1 + 4, 3 by 4 + 4): the
+            // row sits in every position of them.
+            for m in [2, 5, 8] {
+                let others = fill((m - 1) * k, 5 + m as u64);
+                for at in 0..m {
+                    let mut xm = others[..at * k].to_vec();
+                    xm.extend_from_slice(&x);
+                    xm.extend_from_slice(&others[at * k..]);
+                    let mut ym = vec![0f32; m * n];
+                    linear_nk_with(isa, &xm, &w, None, &mut ym, m, k, n);
+                    assert_eq!(y1[..], ym[at * n..(at + 1) * n], "{isa:?} m={m} at {at}");
+                }
+            }
         }
     }
 
