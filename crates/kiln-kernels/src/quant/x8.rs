@@ -246,7 +246,7 @@ fn portable(ty: QuantType, gw: &[u8], acts: &[ActBlock], blocks: usize, m: usize
 /// i32 accumulation of the u8 x i8 products of 32 bytes, four per lane.
 #[cfg(target_arch = "x86_64")]
 macro_rules! x8_kernels {
-    ($features:literal, signed_q8 = $signed:literal, |$acc:ident, $u:ident, $s:ident| $dot:expr) => {
+    ($features:literal, signed_q8 = $signed:literal, pairs16 = $pairs16:literal, |$acc:ident, $u:ident, $s:ident| $dot:expr) => {
         use super::{ROWS, head_bytes};
         use crate::matvec::MAX_ROWS;
         use crate::quant::{ActBlock, QuantType};
@@ -324,13 +324,25 @@ macro_rules! x8_kernels {
                         let a = acts.get_unchecked(r * blocks + b);
                         let x = a.q.as_ptr() as *const i32;
                         let mut isum = _mm256_setzero_si256();
-                        for (i, &wi) in w.iter().enumerate() {
-                            let xi = _mm256_set1_epi32(x.add(i).read_unaligned());
-                            isum = if T == Q8_0 && $signed {
-                                dot(isum, _mm256_sign_epi8(wi, wi), _mm256_sign_epi8(xi, wi))
-                            } else {
-                                dot(isum, wi, xi)
-                            };
+                        if T != Q8_0 && $pairs16 {
+                            // A nibble (0..=15) times an activation byte, two to an i16
+                            // lane: at most 2 x 15 x 128 = 3,840, so the eight chunks'
+                            // pairs add up in i16 (<= 30,720) and widen to i32 once.
+                            let mut pairs = _mm256_setzero_si256();
+                            for (i, &wi) in w.iter().enumerate() {
+                                let xi = _mm256_set1_epi32(x.add(i).read_unaligned());
+                                pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(wi, xi));
+                            }
+                            isum = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+                        } else {
+                            for (i, &wi) in w.iter().enumerate() {
+                                let xi = _mm256_set1_epi32(x.add(i).read_unaligned());
+                                isum = if T == Q8_0 && $signed {
+                                    dot(isum, _mm256_sign_epi8(wi, wi), _mm256_sign_epi8(xi, wi))
+                                } else {
+                                    dot(isum, wi, xi)
+                                };
+                            }
                         }
                         if T == Q4_0 {
                             isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * a.sum));
@@ -358,13 +370,13 @@ macro_rules! x8_kernels {
     };
 }
 
-/// AVX2: `vpmaddubsw` into i16 pairs, `vpmaddwd` by ones into i32.
+/// AVX2: `vpmaddubsw` into i16 pairs, `vpmaddwd` by ones into i32 (for Q4, once per
+/// block: the nibbles' pairs of all eight chunks fit an i16).
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    x8_kernels!("avx2,fma,f16c", signed_q8 = true, |acc, u, s| _mm256_add_epi32(
-        acc,
-        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
-    ));
+    x8_kernels!("avx2,fma,f16c", signed_q8 = true, pairs16 = true, |acc, u, s| {
+        _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+    });
 }
 
 /// AVX-512 VNNI on 256-bit vectors: `vpdpbusd` accumulates the four u8 x i8 products of
@@ -374,6 +386,7 @@ mod vnni {
     x8_kernels!(
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
         signed_q8 = false,
+        pairs16 = false,
         |acc, u, s| _mm256_dpbusd_epi32(acc, u, s)
     );
 }
