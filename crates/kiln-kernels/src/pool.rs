@@ -13,15 +13,47 @@
 //!
 //! The pool has `RAYON_NUM_THREADS` threads (rayon's global setting, which the rest of
 //! Kiln follows), counting the caller. Jobs from several threads at once are
-//! serialised (one job at a time).
+//! serialised (one job at a time). `KILN_POOL_SPIN_US` sets how long the helpers spin
+//! (microseconds; [`set_spin`] from code): spinning costs the CPU that a server's other
+//! threads (its HTTP edge, its clients on the same machine) would use.
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// How long a helper spins for the next job before it parks.
-const SPIN: Duration = Duration::from_millis(2);
+/// How long a helper spins for the next job before it parks, by default.
+pub const SPIN: Duration = Duration::from_millis(2);
+
+/// The spin of every pool's helpers, in nanoseconds ([`set_spin`]).
+static SPIN_NANOS: AtomicU64 = AtomicU64::new(SPIN.as_nanos() as u64);
+
+/// How long the helpers of every pool spin for the next job before they park, from
+/// their next wait on (zero: they park at once).
+pub fn set_spin(spin: Duration) {
+    SPIN_NANOS.store(u64::try_from(spin.as_nanos()).unwrap_or(u64::MAX), SeqCst);
+}
+
+/// The helpers' spin ([`set_spin`]; [`SPIN`] unless set).
+pub fn spin() -> Duration {
+    Duration::from_nanos(SPIN_NANOS.load(SeqCst))
+}
+
+/// `KILN_POOL_SPIN_US`, when set: microseconds. Anything else is an error naming it.
+fn spin_from_env() -> Result<Option<Duration>, String> {
+    std::env::var("KILN_POOL_SPIN_US")
+        .ok()
+        .map(|v| parse_spin(&v))
+        .transpose()
+}
+
+/// A spin in microseconds, as `KILN_POOL_SPIN_US` gives it.
+fn parse_spin(v: &str) -> Result<Duration, String> {
+    v.trim()
+        .parse::<u64>()
+        .map(Duration::from_micros)
+        .map_err(|_| format!("KILN_POOL_SPIN_US must be a number of microseconds, got {v:?}"))
+}
 
 /// A job: `tasks` calls of `f`, by index.
 #[derive(Clone, Copy)]
@@ -62,10 +94,18 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// The process-wide pool, started on first use.
+    /// The process-wide pool, started on first use (with `KILN_POOL_SPIN_US` when set;
+    /// a value that is not a number is reported on stderr and the default kept).
     pub fn global() -> &'static Pool {
         static POOL: OnceLock<Pool> = OnceLock::new();
-        POOL.get_or_init(|| Pool::new(rayon::current_num_threads().max(1)))
+        POOL.get_or_init(|| {
+            match spin_from_env() {
+                Ok(Some(spin)) => set_spin(spin),
+                Ok(None) => {}
+                Err(e) => eprintln!("warning: {e}; the kernel threads spin {SPIN:?}"),
+            }
+            Pool::new(rayon::current_num_threads().max(1))
+        })
     }
 
     /// A pool of `threads` threads counting the caller (`threads - 1` helpers, which
@@ -172,12 +212,12 @@ fn helper(s: &'static Shared) {
     let mut seen = 0u64;
     loop {
         // Wait for a new epoch: spin, then park.
-        let start = Instant::now();
+        let (start, limit) = (Instant::now(), spin());
         let mut spins = 0u32;
         while s.ticket.load(SeqCst) >> 32 == seen {
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
-            if spins % 1024 == 0 && start.elapsed() > SPIN {
+            if (limit.is_zero() || spins % 1024 == 0) && start.elapsed() >= limit {
                 s.parked.fetch_add(1, SeqCst);
                 let mut guard = s.lock.lock().unwrap_or_else(|e| e.into_inner());
                 while s.ticket.load(SeqCst) >> 32 == seen {
@@ -229,6 +269,29 @@ mod tests {
             sum.fetch_add(i, SeqCst);
         });
         assert_eq!(sum.load(SeqCst), 12);
+    }
+
+    #[test]
+    fn helpers_that_park_at_once_still_run_every_job() {
+        let pool = Pool::new(2);
+        set_spin(Duration::ZERO);
+        for _ in 0..50 {
+            let sum = AtomicUsize::new(0);
+            pool.run(6, &|i| {
+                sum.fetch_add(i, SeqCst);
+            });
+            assert_eq!(sum.load(SeqCst), 15);
+        }
+        set_spin(SPIN);
+        assert_eq!(spin(), SPIN);
+    }
+
+    #[test]
+    fn the_spin_setting_is_microseconds_or_an_error_naming_it() {
+        assert_eq!(parse_spin(" 100 "), Ok(Duration::from_micros(100)));
+        assert_eq!(parse_spin("0"), Ok(Duration::ZERO));
+        let e = parse_spin("2ms").unwrap_err();
+        assert!(e.contains("KILN_POOL_SPIN_US") && e.contains("\"2ms\""), "{e}");
     }
 
     #[test]
