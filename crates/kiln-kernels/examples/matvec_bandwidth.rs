@@ -108,7 +108,7 @@ fn main() {
     println!("| weights | path | rows | GFLOP/s |");
     println!("|---|---|---:|---:|");
     for isa in Isa::available() {
-        for m in [1, 8] {
+        for m in [1, 8, 16] {
             if wanted(&format!("hot f32 {isa:?} {m}")) {
                 let rate = hot(m, hk, hn, |x, y| linear_nk_with(isa, x, &hw, None, y, m, hk, hn));
                 println!("| hot f32 | {isa:?} | {m} | {rate:.1} |");
@@ -118,7 +118,7 @@ fn main() {
             let mut q = vec![0u8; ty.bytes_for(hk * hn).unwrap()];
             quantize(ty, &hw, &mut q);
             let q = x8::interleave(ty, &q, hn, hk);
-            for m in [1, 8] {
+            for m in [1, 8, 16] {
                 if wanted(&format!("hot {} X8 {isa:?} {m}", ty.name())) {
                     let rate = hot(m, hk, hn, |x, y| {
                         matvec_with(isa, ty, Layout::X8, &q, x, None, y, m, hk, hn)
@@ -131,7 +131,7 @@ fn main() {
     println!();
     for isa in Isa::available() {
         for kn in [true, false] {
-            for m in [1, 8] {
+            for m in [1, 8, 16] {
                 let layout = if kn { "[in, out]" } else { "[out, in]" };
                 if !wanted(&format!("{layout} f32 {isa:?} {m}")) {
                     continue;
@@ -174,7 +174,7 @@ fn main() {
         let xhead = x8::interleave(ty, &qhead, v, c);
         for isa in Isa::available() {
             for (layout, ws, head) in [(Layout::Rows, &qweights, &qhead), (Layout::X8, &xweights, &xhead)] {
-                for m in [1, 8] {
+                for m in [1, 8, 16] {
                     if !wanted(&format!("[out, in] {} {layout:?} {isa:?} {m}", ty.name())) {
                         continue;
                     }

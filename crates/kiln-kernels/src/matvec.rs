@@ -9,8 +9,8 @@
 //!   tied LM head): each output is a dot product of a weight row with `x`; the `n` rows
 //!   are cut into one slab per thread.
 //!
-//! `x` is `[m, k]`, `y` `[m, n]`, both row-major; `m` up to [`MAX_ROWS`] is one pass over
-//! the weight (more rows are done [`MAX_ROWS`] at a time). Sums are in f32, in a different
+//! `x` is `[m, k]`, `y` `[m, n]`, both row-major; `m` up to [`MAX_ROWS`] (`[in, out]`) or
+//! [`PASS_ROWS`] (`[out, in]`) is one pass over the weight (more rows take more passes). Sums are in f32, in a different
 //! order from a GEMM's, so results agree with one to rounding (the tests use 1e-5
 //! relative to the sum of magnitudes).
 
@@ -18,8 +18,14 @@ use crate::pool::Pool;
 use crate::{Isa, MAX_PRODUCTS, SharedMut, Split};
 use std::cell::RefCell;
 
-/// The rows one pass over a weight serves; the rest of a batch takes further passes.
+/// The activation rows the kernels take at once (their registers); a weight's rows or
+/// tiles go through the rows of a pass this many at a time while they are in L1.
 pub const MAX_ROWS: usize = 8;
+
+/// The rows one pass over a weight serves (one pool job); the rest of a batch takes
+/// further passes. A serving batch of 16 reads each weight from memory once; past 32
+/// (long prompts in the step) the activations would leave L2 for every weight tile.
+pub const PASS_ROWS: usize = 32;
 
 /// Weights smaller than this many elements run on the calling thread (handing out
 /// the work costs more than the product).
@@ -185,7 +191,21 @@ pub fn linear_nk_with(
     k: usize,
     n: usize,
 ) {
-    in_passes(isa, x, w, bias, y, m, k, n, nk_pass);
+    check(x, w, bias, y, m, k, n);
+    assert!(isa.is_available(), "{isa:?} is not available on this CPU");
+    for r0 in (0..m).step_by(PASS_ROWS) {
+        let rows = PASS_ROWS.min(m - r0);
+        nk_pass(
+            isa,
+            &x[r0 * k..(r0 + rows) * k],
+            w,
+            bias,
+            &mut y[r0 * n..(r0 + rows) * n],
+            rows,
+            k,
+            n,
+        );
+    }
 }
 
 /// One product of [`linear_nk_many`]: `y[m, n] = x · w[n, k]ᵀ + bias`.
@@ -201,7 +221,7 @@ pub struct NkProduct<'a> {
 /// instead of one per product. Panics if a slice's length disagrees with `m`, `k`, `n`.
 pub fn linear_nk_many(x: &[f32], m: usize, k: usize, products: &mut [NkProduct<'_>]) {
     let isa = Isa::best();
-    if m > MAX_ROWS {
+    if m > PASS_ROWS {
         for p in products.iter_mut() {
             linear_nk_with(isa, x, p.w, p.bias, p.y, m, k, p.n);
         }
@@ -279,7 +299,7 @@ fn nk_slab(
     j1: usize,
     write: impl Fn(usize, usize, f32),
 ) {
-    assert!(m <= MAX_ROWS && j1 * k <= w.len() && x.len() >= m * k);
+    assert!(j1 * k <= w.len() && x.len() >= m * k);
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is available (checked by the caller): AVX2 and FMA; the lengths
@@ -421,21 +441,21 @@ mod avx2 {
                 unsafe {
                     let (wp, xp) = (w.as_ptr().add(j * k), x.as_ptr().add(r0 * k));
                     match (q, r) {
-                        (1, 1) => tile::<1, 1>(wp, xp, k, &mut out),
-                        (1, 2) => tile::<1, 2>(wp, xp, k, &mut out),
-                        (1, 3) => tile::<1, 3>(wp, xp, k, &mut out),
-                        (1, _) => tile::<1, 4>(wp, xp, k, &mut out),
-                        (2, 1) => tile::<2, 1>(wp, xp, k, &mut out),
-                        (2, 2) => tile::<2, 2>(wp, xp, k, &mut out),
-                        (2, 3) => tile::<2, 3>(wp, xp, k, &mut out),
-                        (2, _) => tile::<2, 4>(wp, xp, k, &mut out),
-                        (3, 1) => tile::<3, 1>(wp, xp, k, &mut out),
-                        (3, 2) => tile::<3, 2>(wp, xp, k, &mut out),
-                        (3, 3) => tile::<3, 3>(wp, xp, k, &mut out),
-                        (3, _) => tile::<3, 4>(wp, xp, k, &mut out),
-                        (_, 1) => tile::<4, 1>(wp, xp, k, &mut out),
-                        (_, 2) => tile::<4, 2>(wp, xp, k, &mut out),
-                        (_, _) => tile::<4, 3>(wp, xp, k, &mut out),
+                        (1, 1) => tile::<1, 1>(wp, xp, k, r0 == 0, &mut out),
+                        (1, 2) => tile::<1, 2>(wp, xp, k, r0 == 0, &mut out),
+                        (1, 3) => tile::<1, 3>(wp, xp, k, r0 == 0, &mut out),
+                        (1, _) => tile::<1, 4>(wp, xp, k, r0 == 0, &mut out),
+                        (2, 1) => tile::<2, 1>(wp, xp, k, r0 == 0, &mut out),
+                        (2, 2) => tile::<2, 2>(wp, xp, k, r0 == 0, &mut out),
+                        (2, 3) => tile::<2, 3>(wp, xp, k, r0 == 0, &mut out),
+                        (2, _) => tile::<2, 4>(wp, xp, k, r0 == 0, &mut out),
+                        (3, 1) => tile::<3, 1>(wp, xp, k, r0 == 0, &mut out),
+                        (3, 2) => tile::<3, 2>(wp, xp, k, r0 == 0, &mut out),
+                        (3, 3) => tile::<3, 3>(wp, xp, k, r0 == 0, &mut out),
+                        (3, _) => tile::<3, 4>(wp, xp, k, r0 == 0, &mut out),
+                        (_, 1) => tile::<4, 1>(wp, xp, k, r0 == 0, &mut out),
+                        (_, 2) => tile::<4, 2>(wp, xp, k, r0 == 0, &mut out),
+                        (_, _) => tile::<4, 3>(wp, xp, k, r0 == 0, &mut out),
                     }
                 }
                 for (dq, row) in out.iter().enumerate().take(q) {
@@ -451,18 +471,28 @@ mod avx2 {
     }
 
     /// `out[q][r] = w[q, :] · x[r, :]` for `Q` weight rows and `R` activation rows of `k`
-    /// values from `wp` and `xp`.
+    /// values from `wp` and `xp`. With `ahead`, the `Q` rows after these (the next tile,
+    /// contiguous in memory) are prefetched as these are read, `32 Q` bytes a step: with
+    /// 8 activation rows the core computes long enough per cache line that the hardware
+    /// prefetcher's streams fall behind, and the step paid memory time plus compute time.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile<const Q: usize, const R: usize>(
         wp: *const f32,
         xp: *const f32,
         k: usize,
+        ahead: bool,
         out: &mut [[f32; TILE_X]; 4],
     ) {
         let k8 = k / 8 * 8;
         let mut acc = [[_mm256_setzero_ps(); R]; Q];
         let mut i = 0;
         while i < k8 {
+            if ahead {
+                // A prefetch never faults; past the weight's end it fetches nothing useful.
+                let next = wp.wrapping_add(Q * k + i * Q) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(next);
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64));
+            }
             // SAFETY: i + 8 <= k, within each of the rows (the caller's bounds).
             unsafe {
                 let mut wv = [_mm256_setzero_ps(); Q];
@@ -539,7 +569,7 @@ mod tests {
     }
 
     /// Shapes that hit every tail: k not a multiple of 4 or 16, n not a multiple of 8,
-    /// m over MAX_ROWS, weights above and below the parallel threshold.
+    /// m over MAX_ROWS and PASS_ROWS, weights above and below the parallel threshold.
     const SHAPES: &[(usize, usize, usize)] = &[
         (1, 1, 1),
         (1, 7, 3),
@@ -554,6 +584,8 @@ mod tests {
         (5, 24, 11),
         (6, 129, 50),
         (7, 17, 7),
+        (16, 576, 200),
+        (40, 70, 33),
     ];
 
     #[test]
@@ -607,7 +639,7 @@ mod tests {
             linear_nk_with(isa, &x, &w, None, &mut y1, 1, k, n);
             // Batches whose tiles differ (4 weight rows by 2, by 1 + 4, 3 by 4 + 4): the
             // row sits in every position of them.
-            for m in [2, 5, 8] {
+            for m in [2, 5, 8, 16] {
                 let others = fill((m - 1) * k, 5 + m as u64);
                 for at in 0..m {
                     let mut xm = others[..at * k].to_vec();

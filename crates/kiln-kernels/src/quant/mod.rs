@@ -16,7 +16,7 @@
 //! ([`Layout::Rows`]) or eight rows interleaved ([`Layout::X8`], [`x8`]); its rows (or
 //! groups of eight) are split over [`Pool`].
 
-use crate::matvec::MAX_ROWS;
+use crate::matvec::{MAX_ROWS, PASS_ROWS};
 use crate::pool::Pool;
 use crate::{Isa, MAX_PRODUCTS, SharedMut, Split};
 use std::cell::RefCell;
@@ -388,25 +388,28 @@ pub fn matvec_many_with(isa: Isa, x: &[f32], m: usize, k: usize, products: &mut 
     for (row, out) in x.chunks_exact(k).zip(acts.chunks_exact_mut(blocks)) {
         quantize_act_with(isa, row, out);
     }
-    for r0 in (0..m).step_by(MAX_ROWS) {
-        let rows = MAX_ROWS.min(m - r0);
-        let a = &acts[r0 * blocks..(r0 + rows) * blocks];
-        let (jobs, split) = (&jobs, &split);
+    // One job per PASS_ROWS rows: each task takes its weight rows (or groups) through
+    // every activation row of the pass, MAX_ROWS at a time while they are in L1, so a
+    // batch of 16 reads the weight from memory once, not once per 8 rows, and waits on
+    // one job.
+    for p0 in (0..m).step_by(PASS_ROWS) {
+        let pass = PASS_ROWS.min(m - p0);
+        let (jobs, split, a) = (&jobs, &split, &acts[p0 * blocks..(p0 + pass) * blocks]);
         Pool::global().run(split.tasks(), &|t| {
             let (i, u0, u1) = split.task(t);
             let (ty, layout, w, bias, n, row_bytes, out) = jobs[i].expect("a product of this call");
             // SAFETY: task `t` alone writes columns of its rows (or groups) of product
             // i's `y` (m rows of n), which outlives the job.
             let put = |r: usize, j: usize, s: f32| unsafe {
-                *{ out }.0.add((r0 + r) * n + j) = s + bias.map_or(0.0, |b| b[j])
+                *{ out }.0.add((p0 + r) * n + j) = s + bias.map_or(0.0, |b| b[j])
             };
             match layout {
-                Layout::Rows => rows_range(isa, ty, w, row_bytes, a, blocks, rows, u0..u1, |j, sums| {
+                Layout::Rows => rows_range(isa, ty, w, row_bytes, a, blocks, pass, u0..u1, |r0, j, sums| {
                     for (r, &s) in sums.iter().enumerate() {
-                        put(r, j, s)
+                        put(r0 + r, j, s)
                     }
                 }),
-                Layout::X8 => groups_range(isa, ty, w, row_bytes, a, blocks, rows, u0..u1, put),
+                Layout::X8 => groups_range(isa, ty, w, row_bytes, a, blocks, pass, u0..u1, put),
             }
         });
     }
@@ -414,7 +417,8 @@ pub fn matvec_many_with(isa: Isa, x: &[f32], m: usize, k: usize, products: &mut 
 }
 
 /// Weight rows `js` of `w` (packed, `row_bytes` each) · each of the `m` quantized
-/// activation rows: `emit(j, sums)`, `sums[r]` for activation row `r`. One activation
+/// activation rows: `emit(r0, j, sums)`, `sums[r]` for activation row `r0 + r` (at most
+/// [`MAX_ROWS`] rows at a time, each weight row through all of them). One activation
 /// row (decode at batch 1) on AVX2 takes the weight rows four at a time, each activation
 /// block loaded once for the four (the products of a small model have rows of only
 /// 18-48 blocks, so a row's fixed costs, the final horizontal sum among them, count).
@@ -428,7 +432,7 @@ fn rows_range(
     blocks: usize,
     m: usize,
     js: std::ops::Range<usize>,
-    mut emit: impl FnMut(usize, &[f32]),
+    mut emit: impl FnMut(usize, usize, &[f32]),
 ) {
     let mut j = js.start;
     #[cfg(target_arch = "x86_64")]
@@ -446,28 +450,33 @@ fn rows_range(
                 }
             };
             for (i, s) in sums.iter().enumerate() {
-                emit(j + i, std::slice::from_ref(s));
+                emit(0, j + i, std::slice::from_ref(s));
             }
             j += 4;
         }
     }
     let mut sums = [0f32; MAX_ROWS];
     for j in j..js.end {
-        row_dots(
-            isa,
-            ty,
-            &w[j * row_bytes..(j + 1) * row_bytes],
-            acts,
-            blocks,
-            m,
-            &mut sums,
-        );
-        emit(j, &sums[..m]);
+        for r0 in (0..m).step_by(MAX_ROWS) {
+            let rows = MAX_ROWS.min(m - r0);
+            let acts = &acts[r0 * blocks..(r0 + rows) * blocks];
+            row_dots(
+                isa,
+                ty,
+                &w[j * row_bytes..(j + 1) * row_bytes],
+                acts,
+                blocks,
+                rows,
+                &mut sums,
+            );
+            emit(r0, j, &sums[..rows]);
+        }
     }
 }
 
 /// Groups `gs` of eight weight rows of `w` ([`Layout::X8`]) · each of the `m` quantized
-/// activation rows: `put(r, j, sum)` for activation row `r` and weight row `j`.
+/// activation rows: `put(r, j, sum)` for activation row `r` and weight row `j`; each
+/// group (or pair) through all the rows, [`MAX_ROWS`] at a time.
 #[allow(clippy::too_many_arguments)]
 fn groups_range(
     isa: Isa,
@@ -490,19 +499,23 @@ fn groups_range(
         // medians 3.20 vs 4.61 ms; at 8 rows Q4_1 9.66 vs 6.94 ms, Q4_0 8.74 vs 8.03).
         let two = cfg!(target_arch = "x86_64") && isa == Isa::Avx512Vnni && g + 1 < gs.end && m >= 2;
         let gw = &w[g * group_bytes..(g + 1 + two as usize) * group_bytes];
-        if two {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `isa` is available (checked by the caller): AVX-512 VNNI, VL and BW.
-            unsafe {
-                x8::vnni512::pair(ty, gw, acts, blocks, m, &mut out)
-            };
-        } else {
-            x8::group(isa, ty, gw, acts, blocks, m, &mut out[0]);
-        }
-        for (i, out) in out.iter().enumerate().take(1 + two as usize) {
-            for (r, sums) in out.iter().enumerate().take(m) {
-                for (lane, &s) in sums.iter().enumerate() {
-                    put(r, (g + i) * x8::ROWS + lane, s);
+        for r0 in (0..m).step_by(MAX_ROWS) {
+            let rows = MAX_ROWS.min(m - r0);
+            let acts = &acts[r0 * blocks..(r0 + rows) * blocks];
+            if two {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `isa` is available (checked by the caller): AVX-512 VNNI, VL and BW.
+                unsafe {
+                    x8::vnni512::pair(ty, gw, acts, blocks, rows, &mut out)
+                };
+            } else {
+                x8::group(isa, ty, gw, acts, blocks, rows, r0 == 0, &mut out[0]);
+            }
+            for (i, out) in out.iter().enumerate().take(1 + two as usize) {
+                for (r, sums) in out.iter().enumerate().take(rows) {
+                    for (lane, &s) in sums.iter().enumerate() {
+                        put(r0 + r, (g + i) * x8::ROWS + lane, s);
+                    }
                 }
             }
         }
@@ -995,7 +1008,8 @@ mod tests {
             let row_bytes = ty.bytes_for(k).unwrap();
             let mut avx2_family: Vec<(Isa, Vec<f32>)> = Vec::new();
             for isa in Isa::available() {
-                let m = 6;
+                // Past MAX_ROWS: the rows go through in chunks of 8 inside one job.
+                let m = 10;
                 let x = fill(m * k, 22);
                 let mut batch = vec![0f32; m * n];
                 matvec_with(isa, ty, Layout::Rows, &w, &x, None, &mut batch, m, k, n);
@@ -1013,7 +1027,7 @@ mod tests {
                     let mut acts = vec![ActBlock::default(); k / BLOCK];
                     quantize_act(&x[r * k..(r + 1) * k], &mut acts);
                     let mut shifted = vec![f32::NAN; n];
-                    rows_range(isa, ty, &w, row_bytes, &acts, k / BLOCK, 1, 1..n, |j, s| {
+                    rows_range(isa, ty, &w, row_bytes, &acts, k / BLOCK, 1, 1..n, |_, j, s| {
                         shifted[j] = s[0]
                     });
                     assert_eq!(shifted[1..], alone[1..], "{ty:?} {isa:?} row {r}, split at 1");
@@ -1032,7 +1046,7 @@ mod tests {
             quantize(ty, &fill(n * k, 41), &mut rows);
             let w = x8::interleave(ty, &rows, n, k);
             let row_bytes = ty.bytes_for(k).unwrap();
-            let m = 7;
+            let m = 11;
             let x = fill(m * k, 42);
             let mut first: Option<Vec<f32>> = None;
             for isa in Isa::available() {

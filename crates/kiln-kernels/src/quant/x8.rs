@@ -174,7 +174,9 @@ pub fn deinterleave(ty: QuantType, w: &[u8], n: usize, k: usize) -> Vec<u8> {
 
 /// The sums of one group (`gw`: its `blocks` group-blocks) with each of the `m`
 /// quantized activation rows: `out[r][lane]` for activation row `r` and the group's row
-/// `lane`.
+/// `lane`. With `ahead`, the x86 paths prefetch the next group (the bytes after these)
+/// as they read this one: at 8 activation rows the hardware prefetcher falls behind.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn group(
     isa: crate::Isa,
     ty: QuantType,
@@ -182,6 +184,7 @@ pub(super) fn group(
     acts: &[ActBlock],
     blocks: usize,
     m: usize,
+    ahead: bool,
     out: &mut [[f32; ROWS]; MAX_ROWS],
 ) {
     assert!(gw.len() >= blocks * ROWS * ty.block_bytes() && acts.len() >= m * blocks && m <= MAX_ROWS);
@@ -189,10 +192,10 @@ pub(super) fn group(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is available (checked by the caller): AVX2, FMA and F16C; the
         // lengths are checked above.
-        crate::Isa::Avx2Fma => unsafe { avx2::group(ty, gw, acts, blocks, m, out) },
+        crate::Isa::Avx2Fma => unsafe { avx2::group(ty, gw, acts, blocks, m, ahead, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, with AVX-512 VNNI and VL.
-        crate::Isa::Avx512Vnni => unsafe { vnni::group(ty, gw, acts, blocks, m, out) },
+        crate::Isa::Avx512Vnni => unsafe { vnni::group(ty, gw, acts, blocks, m, ahead, out) },
         _ => portable(ty, gw, acts, blocks, m, out),
     }
 }
@@ -269,10 +272,11 @@ macro_rules! x8_kernels {
             acts: &[ActBlock],
             blocks: usize,
             m: usize,
+            ahead: bool,
             out: &mut [[f32; ROWS]; MAX_ROWS],
         ) {
             // SAFETY: as the caller's.
-            unsafe { by_type_and_rows!(rows, ty, m, (gw, acts, blocks, out)) }
+            unsafe { by_type_and_rows!(rows, ty, m, (gw, acts, blocks, ahead, out)) }
         }
 
         /// `M` activation rows against one group: the group-block's values loaded (and
@@ -282,6 +286,7 @@ macro_rules! x8_kernels {
             gw: &[u8],
             acts: &[ActBlock],
             blocks: usize,
+            ahead: bool,
             out: &mut [[f32; ROWS]; MAX_ROWS],
         ) {
             let ty = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1][T as usize];
@@ -290,7 +295,17 @@ macro_rules! x8_kernels {
             let mut acc = [_mm256_setzero_ps(); M];
             let mut off = [_mm256_setzero_ps(); M];
             let low = _mm256_set1_epi8(0x0f);
+            // The next group: the `blocks * gb` bytes after this one.
+            let next = gw.as_ptr().wrapping_add(blocks * gb) as *const i8;
             for b in 0..blocks {
+                if ahead {
+                    // A prefetch never faults; past the weight's end it fetches nothing.
+                    let mut at = 0;
+                    while at < gb {
+                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(b * gb + at));
+                        at += 64;
+                    }
+                }
                 // SAFETY: the caller checked that `gw` holds `blocks` group-blocks and
                 // `acts` `M` rows of `blocks` blocks.
                 unsafe {
