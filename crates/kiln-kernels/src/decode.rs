@@ -50,7 +50,7 @@ pub fn gated(gate: &[f32], up: &[f32], gelu: bool, out: &mut [f32]) {
 }
 
 /// Elements of one task of [`gated`].
-pub const GATED_CHUNK: usize = 4096;
+const GATED_CHUNK: usize = 4096;
 
 fn gated_range(gate: &[f32], up: &[f32], gelu: bool, out: &mut [f32]) {
     const TWO_SQRT_2_OVER_PI: f32 = 2.0 * 0.797_884_6;

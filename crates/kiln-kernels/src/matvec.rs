@@ -10,9 +10,9 @@
 //!   are cut into one slab per thread.
 //!
 //! `x` is `[m, k]`, `y` `[m, n]`, both row-major; `m` up to [`MAX_ROWS`] (`[in, out]`) or
-//! [`PASS_ROWS`] (`[out, in]`) is one pass over the weight (more rows take more passes). Sums are in f32, in a different
-//! order from a GEMM's, so results agree with one to rounding (the tests use 1e-5
-//! relative to the sum of magnitudes).
+//! [`PASS_ROWS`] (`[out, in]`) is one pass over the weight (more rows take more passes).
+//! Sums are in f32, in a different order from a GEMM's, so results agree with one to
+//! rounding (the tests use 1e-5 relative to the sum of magnitudes).
 
 use crate::pool::Pool;
 use crate::{Isa, MAX_PRODUCTS, SharedMut, Split};
@@ -95,13 +95,13 @@ pub fn linear_kn_with(
     k: usize,
     n: usize,
 ) {
-    in_passes(isa, x, w, bias, y, m, k, n, kn_pass);
+    in_passes(isa, x, w, bias, y, m, k, n, MAX_ROWS, kn_pass);
 }
 
-/// The signature of one pass over a weight for at most [`MAX_ROWS`] rows.
+/// The signature of one pass over a weight for a pass's rows.
 type Pass = fn(Isa, &[f32], &[f32], Option<&[f32]>, &mut [f32], usize, usize, usize);
 
-/// Check the arguments, then run `pass` over the rows of `x` [`MAX_ROWS`] at a time.
+/// Check the arguments, then run `pass` over the rows of `x` `pass_rows` at a time.
 #[allow(clippy::too_many_arguments)]
 fn in_passes(
     isa: Isa,
@@ -112,12 +112,13 @@ fn in_passes(
     m: usize,
     k: usize,
     n: usize,
+    pass_rows: usize,
     pass: Pass,
 ) {
     check(x, w, bias, y, m, k, n);
     assert!(isa.is_available(), "{isa:?} is not available on this CPU");
-    for r0 in (0..m).step_by(MAX_ROWS) {
-        let rows = MAX_ROWS.min(m - r0);
+    for r0 in (0..m).step_by(pass_rows) {
+        let rows = pass_rows.min(m - r0);
         let x = &x[r0 * k..(r0 + rows) * k];
         let y = &mut y[r0 * n..(r0 + rows) * n];
         pass(isa, x, w, bias, y, rows, k, n);
@@ -191,21 +192,7 @@ pub fn linear_nk_with(
     k: usize,
     n: usize,
 ) {
-    check(x, w, bias, y, m, k, n);
-    assert!(isa.is_available(), "{isa:?} is not available on this CPU");
-    for r0 in (0..m).step_by(PASS_ROWS) {
-        let rows = PASS_ROWS.min(m - r0);
-        nk_pass(
-            isa,
-            &x[r0 * k..(r0 + rows) * k],
-            w,
-            bias,
-            &mut y[r0 * n..(r0 + rows) * n],
-            rows,
-            k,
-            n,
-        );
-    }
+    in_passes(isa, x, w, bias, y, m, k, n, PASS_ROWS, nk_pass);
 }
 
 /// One product of [`linear_nk_many`]: `y[m, n] = x · w[n, k]ᵀ + bias`.
@@ -427,11 +414,11 @@ mod avx2 {
         write: &impl Fn(usize, usize, f32),
     ) {
         let mut out = [[0f32; TILE_X]; 4];
+        // Four weight rows against up to three activation rows, three against four: the
+        // accumulators and the tile's weight vectors fill the 16 registers.
+        let wide = if m >= TILE_X { 3 } else { 4 };
         let mut j = j0;
         while j < j1 {
-            // Four weight rows against up to three activation rows, three against four:
-            // the accumulators and the tile's weight vectors fill the 16 registers.
-            let wide = if m >= TILE_X { 3 } else { 4 };
             let q = wide.min(j1 - j);
             let mut r0 = 0;
             while r0 < m {

@@ -329,9 +329,9 @@ pub(crate) fn forward_chunks(plan: &Plan, chunks: &[&[u32]], caches: &mut [&mut 
 /// cache up to its own position (a prompt's causal mask). `None`, changing nothing,
 /// unless every cache buffer is a flex tensor this step can read and write and every
 /// cache has room. Any number of rows: the products take them
-/// [`kiln_kernels::MAX_ROWS`] at a time (f32 weights one product after another beyond
-/// that), each row's sums the same whatever the batch, so a sequence gets the same
-/// logits alone as batched with others.
+/// [`kiln_kernels::matvec::PASS_ROWS`] to a pass over each weight (f32 products one
+/// after another beyond that), each row's sums the same whatever the batch, so a
+/// sequence gets the same logits alone as batched with others.
 pub(crate) fn run_chunks(plan: &Plan, chunks: &[&[usize]], caches: &mut [&mut KvCache]) -> Option<Vec<f32>> {
     let b = chunks.len();
     let (h, kv, d) = (plan.heads, plan.kv_heads, plan.head_dim);
