@@ -1,26 +1,41 @@
-//! GGUF's 32-value block formats kept quantized: the quantizers (the same bytes as
-//! llama.cpp's reference, `gguf.quants.quantize` of PyPI `gguf`) and matrix-vector
-//! products that read the packed weights in place.
+//! GGUF's block formats kept quantized: the quantizers (the same bytes as llama.cpp's
+//! reference, `gguf.quants.quantize` of PyPI `gguf`) and matrix-vector products that read
+//! the packed weights in place. Every format here is a sequence of 32-value blocks:
 //!
 //! | type | bytes per 32 values | block | value |
 //! |---|---:|---|---|
 //! | Q8_0 | 34 | f16 `d`, 32 x i8 `q` | `d * q` |
 //! | Q4_0 | 18 | f16 `d`, 16 bytes: low nibbles values 0..16, high 16..32 | `d * (q - 8)` |
 //! | Q4_1 | 20 | f16 `d`, f16 `m`, nibbles as Q4_0 | `d * q + m` |
+//! | Q5_0 | 22 | f16 `d`, u32 `qh` (bit `i`: value `i`'s fifth bit), nibbles as Q4_0 | `d * (q - 16)` |
+//! | Q4_K | 24 | f32 `s`, f32 `m`, nibbles as Q4_0 | `s * q + m` |
+//! | Q6_K | 36 | f16 `d`, i8 `s0`, i8 `s1`, 32 x i8 `q` | `(d * s0) * q` (values 0..16), `(d * s1) * q` (16..32) |
+//!
+//! Q8_0, Q4_0, Q4_1 and Q5_0 are GGUF's own blocks, byte for byte. GGUF's Q4_K and Q6_K
+//! are 256-value super-blocks (scales of 6 and 8 bits relative to one or two f16 numbers
+//! per super-block); [`kquant`] rewrites each into eight 32-value blocks that hold the
+//! same values exactly (every product of an f16 and a small integer is exact in f32), so
+//! the same kernels read them: Q4_K is Q4_1 with f32 scale and minimum (`d * sc` and `-dmin *
+//! m` of its 32-value sub-block), Q6_K keeps its f16 `d` and the i8 scales of its two
+//! 16-value sub-blocks, and the values `q - 32` as bytes. Only Q8_0, Q4_0 and Q4_1 are made
+//! by [`quantize`]; the others come from GGUF files.
 //!
 //! The products quantize the activation rows to 8 bits per 32-value block first (as
-//! llama.cpp does: Q8_0 with an f16 scale, plus each block's scaled sum for Q4_1), then
-//! take integer dot products block by block: AVX-512 VNNI `vpdpbusd` or AVX2
+//! llama.cpp does: Q8_0 with an f16 scale, plus each block's scaled sum for the minima),
+//! then take integer dot products block by block: AVX-512 VNNI `vpdpbusd` or AVX2
 //! `vpmaddubsw` / `vpmaddwd` when the CPU has them, a portable loop otherwise, never an
 //! f32 copy of the weight. The weight is `[out, in]` in GGUF's row order
 //! ([`Layout::Rows`]) or eight rows interleaved ([`Layout::X8`], [`x8`]); its rows (or
-//! groups of eight) are split over [`Pool`].
+//! groups of eight) are split over [`Pool`]. Q5_0, Q4_K and Q6_K have SIMD kernels in the
+//! interleaved layout (where every weight of whole groups of eight rows goes on an AVX2
+//! CPU) and the portable loop in GGUF's.
 
 use crate::matvec::{MAX_ROWS, PASS_ROWS};
 use crate::pool::Pool;
 use crate::{Isa, MAX_PRODUCTS, SharedMut, Split};
 use std::cell::RefCell;
 
+pub mod kquant;
 pub mod x8;
 
 /// Values per block, for every type here.
@@ -32,15 +47,33 @@ pub enum QuantType {
     Q8_0,
     Q4_0,
     Q4_1,
+    Q5_0,
+    /// GGUF's Q4_K in 32-value blocks ([`kquant`]).
+    Q4K,
+    /// GGUF's Q6_K in 32-value blocks ([`kquant`]).
+    Q6K,
 }
 
 impl QuantType {
+    /// Every format.
+    pub const ALL: [QuantType; 6] = [
+        QuantType::Q8_0,
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q5_0,
+        QuantType::Q4K,
+        QuantType::Q6K,
+    ];
+
     /// Bytes of one block of 32 values.
     pub const fn block_bytes(self) -> usize {
         match self {
             QuantType::Q8_0 => 34,
             QuantType::Q4_0 => 18,
             QuantType::Q4_1 => 20,
+            QuantType::Q5_0 => 22,
+            QuantType::Q4K => 24,
+            QuantType::Q6K => 36,
         }
     }
 
@@ -50,25 +83,33 @@ impl QuantType {
             QuantType::Q8_0 => "Q8_0",
             QuantType::Q4_0 => "Q4_0",
             QuantType::Q4_1 => "Q4_1",
+            QuantType::Q5_0 => "Q5_0",
+            QuantType::Q4K => "Q4_K",
+            QuantType::Q6K => "Q6_K",
         }
     }
 
-    /// By name (`q8_0`, `Q4_0`, ...).
+    /// By name (`q8_0`, `Q4_K`, ...).
     pub fn from_name(name: &str) -> Option<QuantType> {
-        match name.to_ascii_uppercase().as_str() {
-            "Q8_0" => Some(QuantType::Q8_0),
-            "Q4_0" => Some(QuantType::Q4_0),
-            "Q4_1" => Some(QuantType::Q4_1),
-            _ => None,
-        }
+        let name = name.to_ascii_uppercase();
+        QuantType::ALL.into_iter().find(|t| t.name() == name)
     }
 
-    /// The format whose blocks are `bytes` long (34, 18, 20), the last dimension of a
-    /// packed weight.
+    /// Whether [`quantize`] makes this format (the others come from GGUF files).
+    pub const fn quantizable(self) -> bool {
+        matches!(self, QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4_1)
+    }
+
+    /// Whether the blocks are GGUF's own, byte for byte (Q4_K and Q6_K are Kiln's
+    /// 32-value form of GGUF's super-blocks, [`kquant`]).
+    pub const fn gguf_blocks(self) -> bool {
+        !matches!(self, QuantType::Q4K | QuantType::Q6K)
+    }
+
+    /// The format whose blocks are `bytes` long (34, 18, 20, 22, 24, 36), the last
+    /// dimension of a packed weight.
     pub fn from_block_bytes(bytes: usize) -> Option<QuantType> {
-        [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1]
-            .into_iter()
-            .find(|t| t.block_bytes() == bytes)
+        QuantType::ALL.into_iter().find(|t| t.block_bytes() == bytes)
     }
 
     /// Bytes of `values` values, `None` unless a whole number of blocks.
@@ -76,6 +117,16 @@ impl QuantType {
         values
             .is_multiple_of(BLOCK)
             .then(|| values / BLOCK * self.block_bytes())
+    }
+
+    /// The numbers at the start of each block (their byte offsets and whether each is an
+    /// f32, else an f16), what [`check_blocks`] checks are finite.
+    const fn numbers(self) -> &'static [(usize, bool)] {
+        match self {
+            QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q6K => &[(0, false)],
+            QuantType::Q4_1 => &[(0, false), (2, false)],
+            QuantType::Q4K => &[(0, true), (4, true)],
+        }
     }
 }
 
@@ -139,14 +190,9 @@ pub fn check_blocks(ty: QuantType, data: &[u8], rows: usize, k: usize) -> Result
             found: data.len(),
         });
     }
-    // Byte offsets of the f16 numbers within a block.
-    let numbers: &[usize] = match ty {
-        QuantType::Q8_0 | QuantType::Q4_0 => &[0],
-        QuantType::Q4_1 => &[0, 2],
-    };
     for (i, block) in data.chunks_exact(ty.block_bytes()).enumerate() {
-        for &at in numbers {
-            let value = f16_at(block, at);
+        for &(at, wide) in ty.numbers() {
+            let value = if wide { f32_at(block, at) } else { f16_at(block, at) };
             if !value.is_finite() {
                 let per_row = k / BLOCK;
                 return Err(BlockError::Scale {
@@ -169,6 +215,10 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
 
+fn f32_at(b: &[u8], at: usize) -> f32 {
+    f32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
 /// numpy's `np_roundf` of gguf-py (and C's `roundf`): round half away from zero.
 fn roundf(v: f32) -> f32 {
     let a = v.abs();
@@ -177,8 +227,14 @@ fn roundf(v: f32) -> f32 {
 }
 
 /// Quantize `x` (a whole number of 32-value blocks) into `out`, byte for byte as
-/// `gguf.quants.quantize` (gguf 0.19.0) does. Panics on lengths that disagree.
+/// `gguf.quants.quantize` (gguf 0.19.0) does. Panics on lengths that disagree, and on a
+/// format that is not [`QuantType::quantizable`].
 pub fn quantize(ty: QuantType, x: &[f32], out: &mut [u8]) {
+    assert!(
+        ty.quantizable(),
+        "{} blocks come from GGUF files, Kiln does not make them",
+        ty.name()
+    );
     let bytes = ty.bytes_for(x.len()).expect("a whole number of 32-value blocks");
     assert_eq!(
         out.len(),
@@ -226,6 +282,62 @@ pub fn quantize(ty: QuantType, x: &[f32], out: &mut [u8]) {
                 for j in 0..16 {
                     o[4 + j] = q(b[j]) | (q(b[j + 16]) << 4);
                 }
+            }
+            QuantType::Q5_0 | QuantType::Q4K | QuantType::Q6K => unreachable!("checked above"),
+        }
+    }
+}
+
+/// The values of `data` (whole `ty` blocks) into `out`, in the arithmetic of gguf-py's
+/// `gguf.quants.dequantize` (for Q4_K and Q6_K, of the GGUF super-blocks they came from:
+/// the same f32 values, [`kquant`]). Panics on lengths that disagree.
+pub fn dequantize(ty: QuantType, data: &[u8], out: &mut [f32]) {
+    let bb = ty.block_bytes();
+    assert_eq!(data.len() % bb, 0, "{}: whole blocks", ty.name());
+    assert_eq!(out.len(), data.len() / bb * BLOCK, "{}: 32 values per block", ty.name());
+    for (b, o) in data.chunks_exact(bb).zip(out.chunks_exact_mut(BLOCK)) {
+        let (lo, hi) = o.split_at_mut(16);
+        match ty {
+            QuantType::Q8_0 => {
+                let d = f16_at(b, 0);
+                o.iter_mut().zip(&b[2..]).for_each(|(v, &q)| *v = d * q as i8 as f32);
+            }
+            QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q4K => {
+                let start = match ty {
+                    QuantType::Q4_0 => 2,
+                    QuantType::Q4_1 => 4,
+                    QuantType::Q5_0 => 6,
+                    _ => 8,
+                };
+                let nibbles = &b[start..start + 16];
+                let qh = if ty == QuantType::Q5_0 {
+                    u32::from_le_bytes([b[2], b[3], b[4], b[5]])
+                } else {
+                    0
+                };
+                let value = |i: usize, q: u8| -> f32 {
+                    let q = q as i32 | (((qh >> i) & 1) << 4) as i32;
+                    match ty {
+                        QuantType::Q4_0 => f16_at(b, 0) * (q - 8) as f32,
+                        QuantType::Q5_0 => f16_at(b, 0) * (q - 16) as f32,
+                        QuantType::Q4_1 => f16_at(b, 0) * q as f32 + f16_at(b, 2),
+                        _ => f32_at(b, 0) * q as f32 + f32_at(b, 4),
+                    }
+                };
+                for (j, &q) in nibbles.iter().enumerate() {
+                    lo[j] = value(j, q & 0x0f);
+                    hi[j] = value(j + 16, q >> 4);
+                }
+            }
+            QuantType::Q6K => {
+                let d = f16_at(b, 0);
+                let (s0, s1) = (d * b[2] as i8 as f32, d * b[3] as i8 as f32);
+                lo.iter_mut()
+                    .zip(&b[4..20])
+                    .for_each(|(v, &q)| *v = s0 * q as i8 as f32);
+                hi.iter_mut()
+                    .zip(&b[20..36])
+                    .for_each(|(v, &q)| *v = s1 * q as i8 as f32);
             }
         }
     }
@@ -436,7 +548,7 @@ fn rows_range(
 ) {
     let mut j = js.start;
     #[cfg(target_arch = "x86_64")]
-    if m == 1 && isa.has_avx2() {
+    if m == 1 && isa.has_avx2() && ty.quantizable() {
         while j + 4 <= js.end {
             let four = &w[j * row_bytes..(j + 4) * row_bytes];
             let acts = &acts[..blocks];
@@ -497,7 +609,8 @@ fn groups_range(
         // two activation rows or more: at one row the 256-bit kernel was as fast or faster
         // (AMD EPYC Zen 5 VM, examples/matvec_bandwidth.rs, 3 interleaved runs: Q4_0
         // medians 3.20 vs 4.61 ms; at 8 rows Q4_1 9.66 vs 6.94 ms, Q4_0 8.74 vs 8.03).
-        let two = cfg!(target_arch = "x86_64") && isa == Isa::Avx512Vnni && g + 1 < gs.end && m >= 2;
+        let two =
+            cfg!(target_arch = "x86_64") && isa == Isa::Avx512Vnni && ty.quantizable() && g + 1 < gs.end && m >= 2;
         let gw = &w[g * group_bytes..(g + 1 + two as usize) * group_bytes];
         for r0 in (0..m).step_by(MAX_ROWS) {
             let rows = MAX_ROWS.min(m - r0);
@@ -525,14 +638,15 @@ fn groups_range(
 
 /// One weight row (packed) · each of the `m` quantized activation rows (`acts`, `m`
 /// rows of `blocks` blocks) into `sums[..m]`; the weight is decoded once for all rows.
+/// (Q5_0, Q4_K and Q6_K take the portable loop in this layout on every path.)
 fn row_dots(isa: Isa, ty: QuantType, w: &[u8], acts: &[ActBlock], blocks: usize, m: usize, sums: &mut [f32; MAX_ROWS]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is available (checked by the caller): AVX2, FMA and F16C.
-        Isa::Avx2Fma => unsafe { avx2::row_dots(ty, w, acts, blocks, m, sums) },
+        Isa::Avx2Fma if ty.quantizable() => unsafe { avx2::row_dots(ty, w, acts, blocks, m, sums) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, with AVX-512 VNNI and VL.
-        Isa::Avx512Vnni => unsafe { vnni::row_dots(ty, w, acts, blocks, m, sums) },
+        Isa::Avx512Vnni if ty.quantizable() => unsafe { vnni::row_dots(ty, w, acts, blocks, m, sums) },
         _ => {
             for (r, s) in sums.iter_mut().enumerate().take(m) {
                 *s = portable_row_dot(ty, w, &acts[r * blocks..(r + 1) * blocks]);
@@ -565,6 +679,30 @@ fn portable_row_dot(ty: QuantType, w: &[u8], acts: &[ActBlock]) -> f32 {
                     dot += (b[4 + j] >> 4) as i32 * a.q[j + 16] as i32;
                 }
                 sum += f16_at(b, 0) * a.d * dot as f32 + f16_at(b, 2) * a.s;
+            }
+            QuantType::Q5_0 => {
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                let fifth = |i: usize| (((qh >> i) & 1) << 4) as i32;
+                let mut dot = 0i32;
+                for j in 0..16 {
+                    dot += ((b[6 + j] & 0x0f) as i32 | fifth(j)) * a.q[j] as i32;
+                    dot += ((b[6 + j] >> 4) as i32 | fifth(j + 16)) * a.q[j + 16] as i32;
+                }
+                sum += f16_at(b, 0) * a.d * (dot - 16 * a.sum) as f32;
+            }
+            QuantType::Q4K => {
+                let mut dot = 0i32;
+                for j in 0..16 {
+                    dot += (b[8 + j] & 0x0f) as i32 * a.q[j] as i32;
+                    dot += (b[8 + j] >> 4) as i32 * a.q[j + 16] as i32;
+                }
+                sum += f32_at(b, 0) * a.d * dot as f32 + f32_at(b, 4) * a.s;
+            }
+            QuantType::Q6K => {
+                let half = |i: usize| -> i32 { (0..16).map(|j| b[4 + i + j] as i8 as i32 * a.q[i + j] as i32).sum() };
+                let d = f16_at(b, 0);
+                sum += d * b[2] as i8 as f32 * a.d * half(0) as f32;
+                sum += d * b[3] as i8 as f32 * a.d * half(16) as f32;
             }
         }
     }
@@ -626,6 +764,7 @@ macro_rules! int_kernels {
                     QuantType::Q8_0 => rows::<Q8_0>(w, acts, blocks, m, sums),
                     QuantType::Q4_0 => rows::<Q4_0>(w, acts, blocks, m, sums),
                     QuantType::Q4_1 => rows::<Q4_1>(w, acts, blocks, m, sums),
+                    _ => unreachable!("{} takes the portable loop in rows", ty.name()),
                 }
             }
         }
@@ -679,6 +818,7 @@ macro_rules! int_kernels {
                     QuantType::Q8_0 => four::<Q8_0>(w, row_bytes, acts, blocks),
                     QuantType::Q4_0 => four::<Q4_0>(w, row_bytes, acts, blocks),
                     QuantType::Q4_1 => four::<Q4_1>(w, row_bytes, acts, blocks),
+                    _ => unreachable!("{} takes the portable loop in rows", ty.name()),
                 }
             }
         }
@@ -804,18 +944,17 @@ mod tests {
     #[test]
     fn many_products_give_each_product_the_bits_it_gets_alone() {
         let (k, ns) = (96, [40usize, 24, 64]);
-        for m in [1, 3, 8, 11] {
+        let sets = [
+            [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1],
+            [QuantType::Q5_0, QuantType::Q4K, QuantType::Q6K],
+        ];
+        for (m, types) in [1, 3, 8, 11].into_iter().flat_map(|m| sets.map(|t| (m, t))) {
             let x = crate::test_fill(m * k, 5);
-            let types = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1];
             let weights: Vec<Vec<u8>> = ns
                 .iter()
                 .zip(types)
                 .enumerate()
-                .map(|(i, (&n, ty))| {
-                    let mut w = vec![0u8; ty.bytes_for(n * k).unwrap()];
-                    quantize(ty, &crate::test_fill(n * k, 10 + i as u64), &mut w);
-                    w
-                })
+                .map(|(i, (&n, ty))| pack(ty, n * k, 10 + i as u64))
                 .collect();
             let bias = crate::test_fill(24, 99);
             let mut alone: Vec<Vec<f32>> = Vec::new();
@@ -843,7 +982,8 @@ mod tests {
         }
     }
 
-    const TYPES: [QuantType; 3] = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1];
+    const TYPES: [QuantType; 6] = QuantType::ALL;
+    const QUANTIZABLE: [QuantType; 3] = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1];
 
     /// `matvec_with` into a fresh output.
     #[allow(clippy::too_many_arguments)]
@@ -855,24 +995,39 @@ mod tests {
 
     use crate::test_fill as fill;
 
-    /// The values a block format holds, decoded the plain way.
+    /// The values a block format holds.
     fn decode(ty: QuantType, data: &[u8]) -> Vec<f32> {
-        let mut out = Vec::new();
-        for b in data.chunks_exact(ty.block_bytes()) {
-            let d = f16_at(b, 0);
-            match ty {
-                QuantType::Q8_0 => out.extend(b[2..].iter().map(|&q| d * q as i8 as f32)),
-                QuantType::Q4_0 => {
-                    out.extend(b[2..18].iter().map(|&q| d * ((q & 15) as f32 - 8.0)));
-                    out.extend(b[2..18].iter().map(|&q| d * ((q >> 4) as f32 - 8.0)));
-                }
-                QuantType::Q4_1 => {
-                    let m = f16_at(b, 2);
-                    out.extend(b[4..20].iter().map(|&q| d * (q & 15) as f32 + m));
-                    out.extend(b[4..20].iter().map(|&q| d * (q >> 4) as f32 + m));
-                }
+        let mut out = vec![0f32; data.len() / ty.block_bytes() * BLOCK];
+        dequantize(ty, data, &mut out);
+        out
+    }
+
+    /// `values` values packed as `ty`: quantized from [`fill`] for the formats Kiln
+    /// makes, pseudo-random GGUF blocks (small f16 scales, any bits) through
+    /// [`kquant::from_gguf`] for the others.
+    fn pack(ty: QuantType, values: usize, seed: u64) -> Vec<u8> {
+        if ty.quantizable() {
+            let mut w = vec![0u8; ty.bytes_for(values).unwrap()];
+            quantize(ty, &fill(values, seed), &mut w);
+            return w;
+        }
+        // (whole super-blocks, cut to `values`: the blocks are 32 values each)
+        let gguf = kquant::gguf_bytes_for(ty, values.div_ceil(kquant::SUPER) * kquant::SUPER).unwrap();
+        let mut src: Vec<u8> = fill(gguf, seed).iter().map(|v| ((v + 1.0) * 127.9) as u8).collect();
+        let (block, scales): (usize, &[usize]) = match ty {
+            QuantType::Q5_0 => (22, &[0]),
+            QuantType::Q4K => (kquant::Q4_K_BYTES, &[0, 2]),
+            _ => (kquant::Q6_K_BYTES, &[208]),
+        };
+        for (b, blk) in src.chunks_exact_mut(block).enumerate() {
+            for &at in scales {
+                let d = 0.001 + 0.003 * ((b * 7 + at) % 11) as f32;
+                blk[at..at + 2].copy_from_slice(&f16_bits(d));
             }
         }
+        let mut out = Vec::new();
+        kquant::from_gguf(ty, &src, &mut out).unwrap();
+        out.truncate(ty.bytes_for(values).unwrap());
         out
     }
 
@@ -893,7 +1048,7 @@ mod tests {
     #[test]
     fn quantize_then_decode_is_within_half_a_step() {
         let x = fill(32 * 64, 1);
-        for ty in TYPES {
+        for ty in QUANTIZABLE {
             let mut q = vec![0u8; ty.bytes_for(x.len()).unwrap()];
             quantize(ty, &x, &mut q);
             let back = decode(ty, &q);
@@ -904,6 +1059,7 @@ mod tests {
                     QuantType::Q8_0 => amax / 127.0,
                     QuantType::Q4_0 => amax / 8.0,
                     QuantType::Q4_1 => (max - min) / 15.0,
+                    _ => unreachable!("quantizable types only"),
                 };
                 // Q4_0 spans d * [-8, 7] with d = max / -8: the side opposite the largest
                 // value reaches only 7/8 of it, and values beyond are clipped (as in ggml).
@@ -928,7 +1084,7 @@ mod tests {
 
     #[test]
     fn a_zero_block_stays_zero() {
-        for ty in TYPES {
+        for ty in QUANTIZABLE {
             let mut q = vec![0u8; ty.block_bytes()];
             quantize(ty, &[0.0; 32], &mut q);
             assert!(decode(ty, &q).iter().all(|&v| v == 0.0), "{ty:?}");
@@ -973,9 +1129,7 @@ mod tests {
                 (8, 96, 40),
                 (11, 160, 24),
             ] {
-                let (wf, x) = (fill(n * k, 2), fill(m * k, 3));
-                let mut w = vec![0u8; ty.bytes_for(n * k).unwrap()];
-                quantize(ty, &wf, &mut w);
+                let (w, x) = (pack(ty, n * k, 2), fill(m * k, 3));
                 let (want, mag) = reference(ty, &w, &x, m, k, n);
                 let interleaved = x8::fits(n).then(|| x8::interleave(ty, &w, n, k));
                 let layouts = [(Layout::Rows, Some(&w)), (Layout::X8, interleaved.as_ref())];
@@ -1003,8 +1157,7 @@ mod tests {
     fn a_row_gets_the_same_bits_in_any_batch_and_any_split() {
         let (k, n) = (160, 37);
         for ty in TYPES {
-            let mut w = vec![0u8; ty.bytes_for(n * k).unwrap()];
-            quantize(ty, &fill(n * k, 21), &mut w);
+            let w = pack(ty, n * k, 21);
             let row_bytes = ty.bytes_for(k).unwrap();
             let mut avx2_family: Vec<(Isa, Vec<f32>)> = Vec::new();
             for isa in Isa::available() {
@@ -1042,8 +1195,7 @@ mod tests {
     fn x8_rows_get_the_same_bits_on_every_path_batch_and_split() {
         let (k, n) = (160, 40);
         for ty in TYPES {
-            let mut rows = vec![0u8; ty.bytes_for(n * k).unwrap()];
-            quantize(ty, &fill(n * k, 41), &mut rows);
+            let rows = pack(ty, n * k, 41);
             let w = x8::interleave(ty, &rows, n, k);
             let row_bytes = ty.bytes_for(k).unwrap();
             let m = 11;
@@ -1101,8 +1253,7 @@ mod tests {
     fn x8_interleaving_round_trips_and_gives_back_each_row() {
         let (k, n) = (96, 24);
         for ty in TYPES {
-            let mut rows = vec![0u8; ty.bytes_for(n * k).unwrap()];
-            quantize(ty, &fill(n * k, 51), &mut rows);
+            let rows = pack(ty, n * k, 51);
             let w = x8::interleave(ty, &rows, n, k);
             assert_eq!(w.len(), rows.len());
             assert_ne!(w, rows, "{ty:?}: the layout moves bytes");
@@ -1185,9 +1336,8 @@ mod tests {
     #[test]
     fn check_blocks_refuses_a_wrong_length_and_corrupt_scales_by_offset() {
         let (rows, k) = (3, 64);
-        for ty in [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1] {
-            let mut w = vec![0u8; ty.bytes_for(rows * k).unwrap()];
-            quantize(ty, &fill(rows * k, 9), &mut w);
+        for ty in TYPES {
+            let w = pack(ty, rows * k, 9);
             assert_eq!(check_blocks(ty, &w, rows, k), Ok(()), "{ty:?}");
             assert_eq!(check_blocks(ty, &w, rows, 48), Err(BlockError::Columns { k: 48 }));
             assert_eq!(
@@ -1197,14 +1347,18 @@ mod tests {
                     found: w.len() - 1
                 })
             );
-            // Row 1's second block: its scale, then (Q4_1) its minimum, made NaN / infinite.
+            // Row 1's second block: each of its numbers made NaN / infinite.
             let block = 2 + 1;
-            let numbers: &[usize] = if ty == QuantType::Q4_1 { &[0, 2] } else { &[0] };
-            for &at in numbers {
-                for bits in [0x7e00u16, 0x7c00] {
+            for &(at, wide) in ty.numbers() {
+                let bad_bits: [&[u8]; 2] = if wide {
+                    [&f32::NAN.to_le_bytes(), &f32::INFINITY.to_le_bytes()]
+                } else {
+                    [&0x7e00u16.to_le_bytes(), &0x7c00u16.to_le_bytes()]
+                };
+                for bits in bad_bits {
                     let mut bad = w.clone();
                     let offset = block * ty.block_bytes() + at;
-                    bad[offset..offset + 2].copy_from_slice(&bits.to_le_bytes());
+                    bad[offset..offset + bits.len()].copy_from_slice(bits);
                     match check_blocks(ty, &bad, rows, k) {
                         Err(BlockError::Scale {
                             row: 1,
@@ -1212,7 +1366,7 @@ mod tests {
                             offset: o,
                             ..
                         }) => assert_eq!(o, offset),
-                        other => panic!("{ty:?} {at} {bits:#x}: {other:?}"),
+                        other => panic!("{ty:?} {at} {bits:?}: {other:?}"),
                     }
                 }
             }

@@ -15,6 +15,12 @@
 //! | Q8_0 | 272 | 8 f16 `d`; 8 chunks of 32: chunk `c`, byte `4r + t` = row `r`'s `q[4c + t] ^ 0x80` |
 //! | Q4_0 | 144 | 8 f16 `d`; 4 chunks of 32: chunk `c`, byte `4r + t` = row `r`'s packed byte `4c + t` |
 //! | Q4_1 | 160 | 8 f16 `d`; 8 f16 `m`; 4 chunks as Q4_0 |
+//! | Q5_0 | 176 | 8 f16 `d`; 8 u32 `qh`; 4 chunks as Q4_0 |
+//! | Q4_K | 192 | 8 f32 `s`; 8 f32 `m`; 4 chunks as Q4_0 |
+//! | Q6_K | 288 | 8 f16 `d`; 8 i8 `s0`; 8 i8 `s1`; 8 chunks as Q8_0, the values as they are |
+//!
+//! (Each row's numbers of its block, in the block's order, eight rows at a time: a field
+//! `w` bytes wide is `8 w` bytes, row `r`'s at `w r`.)
 //!
 //! (Q8_0's values are stored offset by 128, as unsigned bytes, so `vpdpbusd` takes them
 //! directly: `Σ (q + 128) x - 128 Σ x = Σ q x`, exact in i32.) Groups follow each other,
@@ -26,22 +32,29 @@
 //! any batch and any split over threads: per block, the i32 dot product of the values
 //! with the activation block's (exact; Q4_0 and Q8_0 with their offsets `-8` and `-128`
 //! taken out in integers), then `acc = fma(d_w * d_x, dot, acc)`, and for Q4_1 `off =
-//! fma(m_w, d_x Σ x, off)`; the row's value is `acc (+ off)`.
+//! fma(m_w, d_x Σ x, off)`; the row's value is `acc (+ off)`. Q5_0 is Q4_0 with the fifth
+//! bits ORed into the nibbles and the offset `-16`; Q4_K is Q4_1 with f32 numbers; Q6_K
+//! takes the dot products of its two 16-value halves apart, `acc = fma((d s0) d_x, dot0,
+//! acc)` then the same with `s1`.
 
-use super::{ActBlock, BLOCK, QuantType, f16_at};
+use super::{ActBlock, BLOCK, QuantType, f16_at, f32_at};
 use crate::matvec::MAX_ROWS;
 
 /// Rows per group.
 pub const ROWS: usize = 8;
 
-/// `$f::<T, M>(args)` for the type code `T` of `$ty` (0 Q8_0, 1 Q4_0, 2 Q4_1) and `M =
-/// $m` activation rows (1 to 8): one compiled loop per type and row count.
+/// `$f::<T, M>(args)` for the type code `T` of `$ty` (0 Q8_0, 1 Q4_0, 2 Q4_1, 3 Q5_0, 4
+/// Q4_K, 5 Q6_K) and `M = $m` activation rows (1 to 8): one compiled loop per type and
+/// row count.
 macro_rules! by_type_and_rows {
     ($f:ident, $ty:expr, $m:expr, $args:tt) => {
         match $ty {
             QuantType::Q8_0 => by_rows!($f, 0, $m, $args),
             QuantType::Q4_0 => by_rows!($f, 1, $m, $args),
             QuantType::Q4_1 => by_rows!($f, 2, $m, $args),
+            QuantType::Q5_0 => by_rows!($f, 3, $m, $args),
+            QuantType::Q4K => by_rows!($f, 4, $m, $args),
+            QuantType::Q6K => by_rows!($f, 5, $m, $args),
         }
     };
 }
@@ -61,10 +74,27 @@ macro_rules! by_rows {
     };
 }
 
-/// Bytes of the scales (and Q4_1's minima) at the start of a group-block.
-const fn head_bytes(ty: QuantType) -> usize {
+/// The widths in bytes of the numbers at the start of a block, in order (the values
+/// follow them).
+const fn fields(ty: QuantType) -> &'static [usize] {
     match ty {
-        QuantType::Q4_1 => 32,
+        QuantType::Q8_0 | QuantType::Q4_0 => &[2],
+        QuantType::Q4_1 => &[2, 2],
+        QuantType::Q5_0 => &[2, 4],
+        QuantType::Q4K => &[4, 4],
+        QuantType::Q6K => &[2, 1, 1],
+    }
+}
+
+/// Bytes of the numbers (scales, minima, fifth bits) at the start of a group-block.
+const fn head_bytes(ty: QuantType) -> usize {
+    ROWS * (ty.block_bytes() - value_bytes(ty))
+}
+
+/// Bytes of one block's values.
+const fn value_bytes(ty: QuantType) -> usize {
+    match ty {
+        QuantType::Q8_0 | QuantType::Q6K => 32,
         _ => 16,
     }
 }
@@ -87,21 +117,21 @@ pub fn preferred() -> bool {
 /// [`row_blocks`] both follow, one way and back, as a table made once per call
 /// ([`byte_map`]: the loads of a whole model go through it byte by byte).
 fn byte_at(ty: QuantType, r: usize, i: usize) -> (usize, u8) {
-    let head = head_bytes(ty);
-    let numbers = head / ROWS;
-    match i {
-        0 | 1 => (2 * r + i, 0),
-        2 | 3 if ty == QuantType::Q4_1 => (16 + 2 * r + i - 2, 0),
-        _ => {
-            let v = i - numbers;
-            let flip = if ty == QuantType::Q8_0 { 0x80 } else { 0 };
-            (head + (v / 4) * 32 + r * 4 + v % 4, flip)
+    let (mut base, mut start) = (0, 0);
+    for &width in fields(ty) {
+        if i < start + width {
+            return (base + width * r + i - start, 0);
         }
+        base += ROWS * width;
+        start += width;
     }
+    let v = i - start;
+    let flip = if ty == QuantType::Q8_0 { 0x80 } else { 0 };
+    (base + (v / 4) * 32 + r * 4 + v % 4, flip)
 }
 
-/// The largest group-block (Q8_0's).
-const MAX_GROUP_BLOCK: usize = ROWS * QuantType::Q8_0.block_bytes();
+/// The largest group-block (Q6_K's).
+const MAX_GROUP_BLOCK: usize = ROWS * QuantType::Q6K.block_bytes();
 
 /// [`byte_at`] for every row and byte of a group-block: entry `r * block_bytes + i`.
 fn byte_map(ty: QuantType) -> [(u16, u8); MAX_GROUP_BLOCK] {
@@ -203,6 +233,7 @@ pub(super) fn group(
 fn portable(ty: QuantType, gw: &[u8], acts: &[ActBlock], blocks: usize, m: usize, out: &mut [[f32; ROWS]; MAX_ROWS]) {
     let gb = ROWS * ty.block_bytes();
     let head = head_bytes(ty);
+    let minimum = matches!(ty, QuantType::Q4_1 | QuantType::Q4K);
     for (r, out) in out.iter_mut().enumerate().take(m) {
         let (mut acc, mut off) = ([0f32; ROWS], [0f32; ROWS]);
         for b in 0..blocks {
@@ -217,29 +248,54 @@ fn portable(ty: QuantType, gw: &[u8], acts: &[ActBlock], blocks: usize, m: usize
                             dot += (q(i / 4, i % 4) ^ 0x80) as i8 as i32 * a.q[i] as i32;
                         }
                     }
+                    QuantType::Q6K => {
+                        let half = |h: usize| -> i32 {
+                            (16 * h..16 * h + 16)
+                                .map(|i| q(i / 4, i % 4) as i8 as i32 * a.q[i] as i32)
+                                .sum()
+                        };
+                        let d = f16_at(blk, 2 * lane);
+                        for (h, at) in [(0, 16), (1, 24)] {
+                            let s = d * blk[at + lane] as i8 as f32;
+                            acc[lane] = (s * a.d).mul_add(half(h) as f32, acc[lane]);
+                        }
+                        continue;
+                    }
                     _ => {
+                        let qh = if ty == QuantType::Q5_0 {
+                            u32::from_le_bytes(blk[16 + 4 * lane..20 + 4 * lane].try_into().expect("4 bytes"))
+                        } else {
+                            0
+                        };
+                        let fifth = |i: usize| (((qh >> i) & 1) << 4) as i32;
                         for i in 0..16 {
                             let byte = q(i / 4, i % 4);
-                            dot += (byte & 0x0f) as i32 * a.q[i] as i32 + (byte >> 4) as i32 * a.q[i + 16] as i32;
+                            dot += ((byte & 0x0f) as i32 | fifth(i)) * a.q[i] as i32
+                                + ((byte >> 4) as i32 | fifth(i + 16)) * a.q[i + 16] as i32;
                         }
-                        if ty == QuantType::Q4_0 {
-                            dot -= 8 * a.sum;
+                        match ty {
+                            QuantType::Q4_0 => dot -= 8 * a.sum,
+                            QuantType::Q5_0 => dot -= 16 * a.sum,
+                            _ => {}
                         }
                     }
                 }
-                let d = f16_at(blk, 2 * lane);
+                let (d, min) = if ty == QuantType::Q4K {
+                    (f32_at(blk, 4 * lane), f32_at(blk, 32 + 4 * lane))
+                } else {
+                    (
+                        f16_at(blk, 2 * lane),
+                        if minimum { f16_at(blk, 16 + 2 * lane) } else { 0.0 },
+                    )
+                };
                 acc[lane] = (d * a.d).mul_add(dot as f32, acc[lane]);
-                if ty == QuantType::Q4_1 {
-                    off[lane] = f16_at(blk, 16 + 2 * lane).mul_add(a.s, off[lane]);
+                if minimum {
+                    off[lane] = min.mul_add(a.s, off[lane]);
                 }
             }
         }
         for lane in 0..ROWS {
-            out[lane] = if ty == QuantType::Q4_1 {
-                acc[lane] + off[lane]
-            } else {
-                acc[lane]
-            };
+            out[lane] = if minimum { acc[lane] + off[lane] } else { acc[lane] };
         }
     }
 }
@@ -264,6 +320,9 @@ macro_rules! x8_kernels {
         const Q8_0: u8 = 0;
         const Q4_0: u8 = 1;
         const Q4_1: u8 = 2;
+        const Q5_0: u8 = 3;
+        const Q4K: u8 = 4;
+        const Q6K: u8 = 5;
 
         #[target_feature(enable = $features)]
         pub(super) unsafe fn group(
@@ -279,6 +338,21 @@ macro_rules! x8_kernels {
             unsafe { by_type_and_rows!(rows, ty, m, (gw, acts, blocks, ahead, out)) }
         }
 
+        /// Q5_0's fifth bits for one chunk of nibbles: `qh` holds row `r`'s 32 bits in
+        /// lane `r`; byte `t` of lane `r` gets bit `at + t` as 0x10. The four bits are
+        /// spread to the four bytes by one multiply (`b * 0x00204081` puts bit `t` at
+        /// bit `8 t`, no two shifted copies overlapping).
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn fifth_bits(qh: __m256i, at: i32) -> __m256i {
+            let b = _mm256_and_si256(
+                _mm256_srl_epi32(qh, _mm_cvtsi32_si128(at)),
+                _mm256_set1_epi32(0x0f),
+            );
+            let spread = _mm256_mullo_epi32(b, _mm256_set1_epi32(0x0020_4081));
+            _mm256_and_si256(_mm256_slli_epi32(spread, 4), _mm256_set1_epi32(0x1010_1010))
+        }
+
         /// `M` activation rows against one group: the group-block's values loaded (and
         /// Q4's nibbles split) once for the `M` rows.
         #[target_feature(enable = $features)]
@@ -289,9 +363,11 @@ macro_rules! x8_kernels {
             ahead: bool,
             out: &mut [[f32; ROWS]; MAX_ROWS],
         ) {
-            let ty = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1][T as usize];
+            let ty = QuantType::ALL[T as usize];
             let gb = ROWS * ty.block_bytes();
             let head = head_bytes(ty);
+            // Whether the row's value has a minimum term (Q4_1, Q4_K).
+            let minimum = T == Q4_1 || T == Q4K;
             let mut acc = [_mm256_setzero_ps(); M];
             let mut off = [_mm256_setzero_ps(); M];
             let low = _mm256_set1_epi8(0x0f);
@@ -310,36 +386,72 @@ macro_rules! x8_kernels {
                 // `acts` `M` rows of `blocks` blocks.
                 unsafe {
                     let p = gw.as_ptr().add(b * gb);
-                    let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-                    let mins = if T == Q4_1 {
-                        _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i))
+                    let d = if T == Q4K {
+                        _mm256_loadu_ps(p as *const f32)
                     } else {
-                        _mm256_setzero_ps()
+                        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+                    };
+                    let mins = match T {
+                        Q4_1 => _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i)),
+                        Q4K => _mm256_loadu_ps(p.add(32) as *const f32),
+                        _ => _mm256_setzero_ps(),
+                    };
+                    // Q6_K: the scales of the two halves, d * s0 and d * s1 (exact).
+                    let halves = if T == Q6K {
+                        let s = |at: usize| {
+                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(at) as *const __m128i)))
+                        };
+                        [_mm256_mul_ps(d, s(16)), _mm256_mul_ps(d, s(24))]
+                    } else {
+                        [d, d]
                     };
                     let q = p.add(head);
                     // w[i] holds four values of each row, against activation values 4i..4i+4.
                     let mut w = [_mm256_setzero_si256(); 8];
-                    if T == Q8_0 {
+                    if T == Q8_0 || T == Q6K {
                         for (c, w) in w.iter_mut().enumerate() {
                             let raw = _mm256_loadu_si256(q.add(32 * c) as *const __m256i);
-                            *w = if $signed {
+                            *w = if T == Q8_0 && $signed {
                                 _mm256_xor_si256(raw, _mm256_set1_epi8(-128))
                             } else {
                                 raw
                             };
                         }
                     } else {
+                        let qh = if T == Q5_0 {
+                            _mm256_loadu_si256(p.add(16) as *const __m256i)
+                        } else {
+                            _mm256_setzero_si256()
+                        };
                         for c in 0..4 {
                             let raw = _mm256_loadu_si256(q.add(32 * c) as *const __m256i);
                             w[c] = _mm256_and_si256(raw, low);
                             w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                            if T == Q5_0 {
+                                w[c] = _mm256_or_si256(w[c], fifth_bits(qh, 4 * c as i32));
+                                w[c + 4] = _mm256_or_si256(w[c + 4], fifth_bits(qh, 16 + 4 * c as i32));
+                            }
                         }
                     }
                     for r in 0..M {
                         let a = acts.get_unchecked(r * blocks + b);
                         let x = a.q.as_ptr() as *const i32;
+                        if T == Q6K {
+                            // Signed values on both paths: |w| x sign(w) x (at most 32 x
+                            // 127 per product, no i16 pair saturates).
+                            let mut half = [_mm256_setzero_si256(); 2];
+                            for (i, &wi) in w.iter().enumerate() {
+                                let xi = _mm256_set1_epi32(x.add(i).read_unaligned());
+                                half[i / 4] = dot(half[i / 4], _mm256_sign_epi8(wi, wi), _mm256_sign_epi8(xi, wi));
+                            }
+                            let dx = _mm256_set1_ps(a.d);
+                            for (h, &s) in half.iter().zip(&halves) {
+                                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(s, dx), _mm256_cvtepi32_ps(*h), acc[r]);
+                            }
+                            continue;
+                        }
                         let mut isum = _mm256_setzero_si256();
-                        if T != Q8_0 && $pairs16 {
+                        if (T == Q4_0 || T == Q4_1 || T == Q4K) && $pairs16 {
                             // A nibble (0..=15) times an activation byte, two to an i16
                             // lane: at most 2 x 15 x 128 = 3,840, so the eight chunks'
                             // pairs add up in i16 (<= 30,720) and widen to i32 once.
@@ -361,19 +473,21 @@ macro_rules! x8_kernels {
                         }
                         if T == Q4_0 {
                             isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * a.sum));
+                        } else if T == Q5_0 {
+                            isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(16 * a.sum));
                         } else if T == Q8_0 && !$signed {
                             isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(128 * a.sum));
                         }
                         let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.d));
                         acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), acc[r]);
-                        if T == Q4_1 {
+                        if minimum {
                             off[r] = _mm256_fmadd_ps(mins, _mm256_set1_ps(a.s), off[r]);
                         }
                     }
                 }
             }
             for r in 0..M {
-                let v = if T == Q4_1 {
+                let v = if minimum {
                     _mm256_add_ps(acc[r], off[r])
                 } else {
                     acc[r]
@@ -436,7 +550,14 @@ pub(super) mod vnni512 {
     ) {
         assert!(gw.len() >= 2 * blocks * ROWS * ty.block_bytes() && acts.len() >= m * blocks && m <= MAX_ROWS);
         // SAFETY: as the caller's.
-        unsafe { by_type_and_rows!(rows, ty, m, (gw, acts, blocks, out)) }
+        unsafe {
+            match ty {
+                QuantType::Q8_0 => by_rows!(rows, 0, m, (gw, acts, blocks, out)),
+                QuantType::Q4_0 => by_rows!(rows, 1, m, (gw, acts, blocks, out)),
+                QuantType::Q4_1 => by_rows!(rows, 2, m, (gw, acts, blocks, out)),
+                _ => unreachable!("{}: the 256-bit kernel (groups_range)", ty.name()),
+            }
+        }
     }
 
     /// Two 16-byte halves (one per group) as one 256-bit vector.
@@ -470,7 +591,7 @@ pub(super) mod vnni512 {
         blocks: usize,
         out: &mut [[[f32; ROWS]; MAX_ROWS]; 2],
     ) {
-        let ty = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1][T as usize];
+        let ty = QuantType::ALL[T as usize];
         let gb = ROWS * ty.block_bytes();
         let second = blocks * gb;
         let head = head_bytes(ty);
