@@ -538,12 +538,12 @@ fn lora_fine_tuning_of_pretrained_smollm2_lowers_the_loss() {
 /// row where it permuted Q and K, and run packed on flex. The only difference from the
 /// dequantized model is then the kernels' 8-bit activations: perplexity within 1 % of
 /// the f32 model's and the same greedy token after each reference prompt. Gemma 3's
-/// Q4_K_M file keeps only its Q8_0 tensors; every other one is dequantized, by name and
-/// with its type.
+/// Q4_K_M file keeps all of its tensors too: Q8_0 and Q5_0 byte for byte, Q4_K and Q6_K
+/// as 32-value blocks that dequantize to the f32 model's weights bit for bit.
 #[test]
 fn gguf_blocks_are_kept_packed_byte_for_byte() {
     use kiln_convert::quantize::keep_gguf_blocks;
-    use kiln_models::quant::{Layout, PackedShape, QuantType, dequantize_rows};
+    use kiln_models::quant::QuantType;
     let gguf = source_dir(&SMOLLM2).join(SMOLLM2.gguf);
     let (source, model, weights, report) = converted(&SMOLLM2, true);
     let (packed, plan, q) = keep_gguf_blocks(&weights, &gguf, &model, &source.packed, &report.mapped).unwrap();
@@ -582,50 +582,112 @@ fn gguf_blocks_are_kept_packed_byte_for_byte() {
     // Q and K: the rows of the file reordered, dequantizing to exactly the f32 model's
     // weights (stored [in, out] there).
     for module in ["model.layers.0.self_attn.q_proj", "model.layers.7.self_attn.k_proj"] {
+        assert_same_values(&st, &f32_st, module, QuantType::Q4_1);
+    }
+    packed_matches_dequantized(&SMOLLM2, &SMOLLM2_DIR, &model, &plan, &packed, &source.extra_files);
+
+    // Gemma 3: every quantized tensor kept, Q8_0 and Q5_0 as the file's bytes, Q4_K and
+    // Q6_K as Kiln's 32-value blocks of the same values.
+    let gguf = source_dir(&GEMMA3).join(GEMMA3.gguf);
+    let (source, model, weights, report) = converted(&GEMMA3, true);
+    let (packed, plan, q) = keep_gguf_blocks(&weights, &gguf, &model, &source.packed, &report.mapped).unwrap();
+    assert!(
+        q.kept.is_empty(),
+        "every quantized Gemma 3 tensor is kept: {:?}",
+        q.kept
+    );
+    assert_eq!(
+        plan.tensors.len(),
+        18 * 7 + 1,
+        "seven linear layers per block and the embedding"
+    );
+    let st = safetensors::SafeTensors::deserialize(&packed).unwrap();
+    let f32_st = safetensors::SafeTensors::deserialize(&weights).unwrap();
+    let file = kiln_gguf::GgufFile::open(&gguf).unwrap();
+    for (module, ty, gguf_name) in [
+        ("model.embed_tokens", QuantType::Q8_0, "token_embd.weight"),
+        (
+            "model.layers.0.self_attn.q_proj",
+            QuantType::Q5_0,
+            "blk.0.attn_q.weight",
+        ),
+        (
+            "model.layers.0.self_attn.o_proj",
+            QuantType::Q4K,
+            "blk.0.attn_output.weight",
+        ),
+        ("model.layers.0.mlp.down_proj", QuantType::Q6K, "blk.0.ffn_down.weight"),
+    ] {
+        assert_eq!(plan.get(module), Some(ty), "{module}");
         let blocks = st.tensor(&format!("{module}.packed")).unwrap();
-        let [rows, nb, _] = blocks.shape()[..] else {
-            panic!("3-D")
-        };
-        let shape = PackedShape {
-            ty: QuantType::Q4_1,
-            rows,
-            cols: nb * 32,
-            layout: Layout::Rows,
-        };
-        let mut rows_f32 = vec![0f32; rows * shape.cols];
-        dequantize_rows(shape, blocks.data(), &mut rows_f32);
-        let dense = f32_st.tensor(&format!("{module}.weight")).unwrap();
-        let dense: Vec<f32> = dense
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        for (j, row) in rows_f32.chunks(shape.cols).enumerate() {
-            for (i, &v) in row.iter().enumerate() {
-                assert_eq!(
-                    v.to_bits(),
-                    dense[i * rows + j].to_bits(),
-                    "{module}: output {j}, input {i}"
-                );
-            }
+        let same_bytes = blocks.data() == file.data(file.tensor(gguf_name).unwrap());
+        assert_eq!(
+            same_bytes,
+            ty.gguf_blocks(),
+            "{module}: the bytes of {gguf_name} unless a K-quant"
+        );
+        if module != "model.embed_tokens" {
+            assert_same_values(&st, &f32_st, module, ty);
         }
     }
+    packed_matches_dequantized(&GEMMA3, &GEMMA3_DIR, &model, &plan, &packed, &source.extra_files);
+}
 
-    // Packed on flex against the dequantized model.
-    let dir = common::scratch_dir("pretrained-smollm2-gguf-blocks").join("model");
-    write_model_dir_with(
-        &dir,
-        &model_file(&model, Some(&plan)),
-        &packed,
-        None,
-        None,
-        &source.extra_files,
-    )
-    .unwrap();
+/// The packed `module` of `st` dequantizes to exactly the f32 model's weight (`[in,
+/// out]` in `dense`).
+fn assert_same_values(
+    st: &safetensors::SafeTensors<'_>,
+    dense: &safetensors::SafeTensors<'_>,
+    module: &str,
+    ty: kiln_models::quant::QuantType,
+) {
+    use kiln_models::quant::{Layout, PackedShape, dequantize_rows};
+    let blocks = st.tensor(&format!("{module}.packed")).unwrap();
+    let [rows, nb, _] = blocks.shape()[..] else {
+        panic!("3-D")
+    };
+    let shape = PackedShape {
+        ty,
+        rows,
+        cols: nb * 32,
+        layout: Layout::Rows,
+    };
+    let mut rows_f32 = vec![0f32; rows * shape.cols];
+    dequantize_rows(shape, blocks.data(), &mut rows_f32);
+    let dense: Vec<f32> = dense
+        .tensor(&format!("{module}.weight"))
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    for (j, row) in rows_f32.chunks(shape.cols).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            assert_eq!(
+                v.to_bits(),
+                dense[i * rows + j].to_bits(),
+                "{module}: output {j}, input {i}"
+            );
+        }
+    }
+}
+
+/// The model packed as `plan` says, on flex, against the dequantized one: perplexity
+/// within 1 % and the same next greedy token on every reference prompt.
+fn packed_matches_dequantized(
+    case: &'static Case,
+    cell: &'static OnceLock<PathBuf>,
+    model: &kiln_models::ModelConfig,
+    plan: &kiln_models::quant::Quantization,
+    packed: &[u8],
+    extra_files: &[(String, Vec<u8>)],
+) {
+    let dir = common::scratch_dir(&format!("pretrained-{}-gguf-blocks", case.dir)).join("model");
+    write_model_dir_with(&dir, &model_file(model, Some(plan)), packed, None, None, extra_files).unwrap();
     let device = Device::flex();
     let quantized = LoadedModel::open(&dir, WhichWeights::Best, &device).unwrap();
-    let dense = LoadedModel::open(kiln_dir(&SMOLLM2, &SMOLLM2_DIR), WhichWeights::Best, &device).unwrap();
-    let r = reference(&SMOLLM2);
+    let dense = LoadedModel::open(kiln_dir(case, cell), WhichWeights::Best, &device).unwrap();
+    let r = reference(case);
     let ppl = |m: &LoadedModel| {
         let method = PerplexityMethod::Sliding {
             context: r.perplexity.context,
@@ -636,33 +698,28 @@ fn gguf_blocks_are_kept_packed_byte_for_byte() {
             .perplexity
     };
     let (got, want) = (ppl(&quantized), ppl(&dense));
-    eprintln!("smollm2 perplexity: GGUF blocks on flex {got:.4}, dequantized {want:.4}");
+    eprintln!(
+        "{} perplexity: GGUF blocks on flex {got:.4}, dequantized {want:.4}",
+        case.dir
+    );
     assert!(
         (got / want - 1.0).abs() < 0.01,
-        "perplexity {got} packed vs {want} dequantized"
+        "{}: perplexity {got} packed vs {want} dequantized",
+        case.dir
     );
     for p in &r.prompts {
         let next = |m: &LoadedModel| {
             let (tokens, _) = generate(lm(m), &p.ids, 1, &Sampling::greedy(), true, &device, |_| {}).unwrap();
             tokens
         };
-        assert_eq!(next(&quantized), next(&dense), "{:?}: the next greedy token", p.text);
+        assert_eq!(
+            next(&quantized),
+            next(&dense),
+            "{}, {:?}: the next greedy token",
+            case.dir,
+            p.text
+        );
     }
-
-    // Gemma 3: only the Q8_0 tensors have a Kiln kernel.
-    let gguf = source_dir(&GEMMA3).join(GEMMA3.gguf);
-    let (source, model, weights, report) = converted(&GEMMA3, true);
-    let (_, plan, q) = keep_gguf_blocks(&weights, &gguf, &model, &source.packed, &report.mapped).unwrap();
-    assert!(plan.tensors.values().all(|t| t == "Q8_0"), "{plan:?}");
-    assert_eq!(plan.get("model.embed_tokens"), Some(QuantType::Q8_0));
-    assert_eq!(plan.tensors.len(), 1 + 9, "the embedding and half the layers' v_proj");
-    let (module, why) = q
-        .kept
-        .iter()
-        .find(|(m, _)| m.ends_with("layers.0.self_attn.o_proj"))
-        .unwrap();
-    assert!(why.contains("Q4_K"), "{module}: {why}");
-    assert_eq!(q.kept.len(), 18 * 7 - 9, "{:?}", q.kept);
 }
 
 /// The `config.toml` of a converted LM directory (packed by `plan` when given).

@@ -20,8 +20,9 @@
 //! `--quantize q8_0|q4_0|q4_1 --input KILN_DIR --output DIR [--keep REGEX]...` packs the
 //! linear weights (and a language model's token embedding) of a Kiln model directory
 //! in GGUF blocks (`kiln_convert::quantize`), which `infer` runs on Kiln's quantized
-//! kernels. `--keep-quantized` with a `.gguf` input keeps the file's own Q8_0/Q4_0/Q4_1
-//! blocks packed the same way, byte for byte, instead of dequantizing them.
+//! kernels. `--keep-quantized` with a `.gguf` input keeps the file's own Q8_0/Q4_0/Q4_1/
+//! Q5_0 blocks packed the same way, byte for byte, and its Q4_K/Q6_K ones as 32-value
+//! blocks of the same values, instead of dequantizing them.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -63,9 +64,9 @@ struct Cli {
     /// With --quantize: keep the modules whose path matches this regex f32 (repeatable).
     #[arg(long, requires = "quantize")]
     keep: Vec<String>,
-    /// With a .gguf --input: keep the file's Q8_0/Q4_0/Q4_1 weights in their blocks
-    /// (as `--quantize` packs them) instead of dequantizing them to f32; tensors in other
-    /// types are dequantized (each listed with its reason).
+    /// With a .gguf --input: keep the file's Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K weights packed
+    /// (Q4_K and Q6_K as 32-value blocks of the same values) instead of dequantizing them
+    /// to f32; tensors in other types are dequantized (each listed with its reason).
     #[arg(long, conflicts_with_all = ["quantize", "to"])]
     keep_quantized: bool,
     /// The float type of the converted weights: f32 (what Kiln computes in), or f16 /

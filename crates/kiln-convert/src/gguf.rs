@@ -6,8 +6,9 @@
 //! metadata-to-config mapping and the fix-ups undoing llama.cpp's converter (the Q/K row
 //! permutation of Llama, the `+1` folded into Gemma's norms). Tensors are dequantised
 //! to f32 here (block by block, from the memory-mapped file); with `keep_quantized`,
-//! the blocks of every 2-D tensor in a format Kiln has kernels for (Q8_0, Q4_0, Q4_1)
-//! are kept as well, rows put in Hugging Face order ([`GgufBlocks`]), for
+//! the blocks of every 2-D tensor in a format Kiln has kernels for (Q8_0, Q4_0, Q4_1,
+//! Q5_0 as they are; Q4_K and Q6_K rewritten into 32-value blocks of the same values,
+//! [`kquant`]) are kept as well, rows put in Hugging Face order ([`GgufBlocks`]), for
 //! [`crate::quantize::keep_gguf_blocks`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -18,7 +19,7 @@ use burn_pack::Tensor as PackTensor;
 use kiln_core::layout::{GENERATION_CONFIG, HF_CONFIG, TOKENIZER, TOKENIZER_CONFIG};
 use kiln_gguf::quants::GgmlType;
 use kiln_gguf::{GgufError, GgufFile};
-use kiln_kernels::quant::QuantType;
+use kiln_kernels::quant::{QuantType, kquant};
 use regex::Regex;
 use serde_json::{Value, json};
 
@@ -55,7 +56,7 @@ pub fn rules_for(file: &GgufFile) -> Result<(&'static str, &'static GgufRules), 
 
 /// A GGUF tensor's blocks, kept packed: `rows` rows of `cols` values, row `j` being
 /// row `j` of the Hugging Face tensor (`[out, in]`: output `j`), the bytes as the file
-/// stores them.
+/// stores them (Q4_K and Q6_K: as [`kquant::from_gguf`] rewrites them).
 #[derive(Debug, Clone)]
 pub struct GgufBlocks {
     pub ty: QuantType,
@@ -104,15 +105,17 @@ fn keep_blocks(
     let perm = row_permutation(rules, hf, rows, config)
         .ok_or_else(|| "the architecture's fix-up of this tensor is not a row permutation".to_string())?;
     let data = file.data(info);
-    let row_bytes = ty
-        .bytes_for(cols)
+    // GGUF's row, and Kiln's (for Q4_K and Q6_K, 32-value blocks of the same values)
+    let (row_bytes, kiln_row) = kquant::gguf_bytes_for(ty, cols)
+        .zip(ty.bytes_for(cols))
         .ok_or_else(|| format!("rows of {cols} values are not whole {} blocks", ty.name()))?;
     if data.len() != rows * row_bytes {
         return Err(format!("{} bytes for {rows} rows of {row_bytes}", data.len()));
     }
-    let mut bytes = Vec::with_capacity(data.len());
+    let mut bytes = Vec::with_capacity(rows * kiln_row);
     for &from in &perm {
-        bytes.extend_from_slice(&data[from * row_bytes..(from + 1) * row_bytes]);
+        kquant::from_gguf(ty, &data[from * row_bytes..(from + 1) * row_bytes], &mut bytes)
+            .map_err(|e| e.to_string())?;
     }
     Ok(GgufBlocks { ty, rows, cols, bytes })
 }

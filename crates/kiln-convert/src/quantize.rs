@@ -242,10 +242,11 @@ fn write_packed(
 /// A GGUF file's own blocks in the converted model: `weights` are the f32 safetensors of
 /// [`crate::convert`] on a source read with `keep_quantized` ([`crate::gguf::read_with`])
 /// and `mapped` its report's (source name, Kiln name) pairs. Each linear weight or token
-/// embedding whose GGUF tensor is Q8_0, Q4_0 or Q4_1 is replaced by the file's blocks,
-/// byte for byte (rows reordered where the architecture undoes llama.cpp's Q/K
-/// permutation); the others stay f32, each with its reason in the report. Returns the
-/// new weights and their `[quantization]`.
+/// embedding whose GGUF tensor is Q8_0, Q4_0, Q4_1, Q5_0, Q4_K or Q6_K is replaced by
+/// the file's blocks, byte for byte (Q4_K and Q6_K: the same values in Kiln's 32-value
+/// blocks; rows reordered where the architecture undoes llama.cpp's Q/K permutation);
+/// the others stay f32, each with its reason in the report. Returns the new weights and
+/// their `[quantization]`.
 pub fn keep_gguf_blocks(
     weights: &[u8],
     path: &Path,

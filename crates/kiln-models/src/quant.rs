@@ -1,6 +1,7 @@
-//! Linear layers and embeddings whose weight may be kept packed in GGUF's 32-value
-//! block formats (Q8_0, Q4_0, Q4_1: [`kiln_kernels::quant`]), and the `[quantization]`
-//! section of a model directory that says which.
+//! Linear layers and embeddings whose weight may be kept packed in 32-value block
+//! formats (GGUF's Q8_0, Q4_0, Q4_1, Q5_0, and Q4_K / Q6_K in Kiln's 32-value form:
+//! [`kiln_kernels::quant`]), and the `[quantization]` section of a model directory that
+//! says which.
 //!
 //! [`Linear`] and [`Embedding`] are Burn's `nn::Linear` and `nn::Embedding` (the same
 //! parameter names and shapes, so checkpoints and LoRA paths are unchanged) plus an
@@ -8,7 +9,7 @@
 //! bytes]` U8, row `j` being output `j` of a linear layer (GGUF's `[out, in]` layout) or
 //! token `j` of an embedding. A packed module's `weight` is empty (`[0, out]`, `[0, C]`),
 //! so nothing can read a stale f32 copy; the block format follows from the last
-//! dimension (34, 18 or 20 bytes).
+//! dimension (34, 18, 20, 22, 24 or 36 bytes).
 //!
 //! On flex a packed product is [`kiln_kernels::quant::matvec`] over the blocks in place
 //! (activations quantized to 8 bits, integer dot products); elsewhere the weight is
@@ -17,7 +18,8 @@
 //!
 //! On disk (`model.safetensors` + `config.toml`):
 //! - `<module>.packed`: U8 `[rows, cols / 32, block bytes]`, the blocks byte for byte as
-//!   GGUF stores that tensor (f16 scales little-endian);
+//!   GGUF stores that tensor (f16 scales little-endian), or for Q4_K and Q6_K Kiln's
+//!   32-value blocks of the same values (the table in [`kiln_kernels::quant`]);
 //! - `<module>.weight`: F32 `[0, out]` (linear) or `[0, C]` (embedding), a marker;
 //! - `[quantization.tensors]` in `config.toml`: `"<module>" = "Q8_0"` for each packed
 //!   module. Loading checks that every entry names a linear layer or embedding of the
@@ -31,28 +33,31 @@ use burn::module::{
 };
 use burn::prelude::*;
 use burn::tensor::DType;
-use kiln_gguf::quants::{GgmlType, dequantize};
+use kiln_gguf::quants::GgmlType;
 use kiln_kernels::quant::BLOCK;
+use kiln_kernels::quant::dequantize;
 use kiln_kernels::quant::x8;
 pub use kiln_kernels::quant::{Layout, QuantType};
 use serde::{Deserialize, Serialize};
 
 use crate::registry::FieldError;
 
-/// The GGUF type of a block format.
+/// The GGUF type a block format comes from (Q4_K and Q6_K in Kiln's 32-value form of
+/// GGUF's super-blocks, [`kiln_kernels::quant::kquant`]).
 pub fn ggml_type(ty: QuantType) -> GgmlType {
     match ty {
         QuantType::Q8_0 => GgmlType::Q8_0,
         QuantType::Q4_0 => GgmlType::Q4_0,
         QuantType::Q4_1 => GgmlType::Q4_1,
+        QuantType::Q5_0 => GgmlType::Q5_0,
+        QuantType::Q4K => GgmlType::Q4_K,
+        QuantType::Q6K => GgmlType::Q6_K,
     }
 }
 
 /// The block format of a GGUF type, if Kiln has kernels for it ([`ggml_type`] reversed).
 pub fn quant_type(ty: GgmlType) -> Option<QuantType> {
-    [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1]
-        .into_iter()
-        .find(|&q| ggml_type(q) == ty)
+    QuantType::ALL.into_iter().find(|&q| ggml_type(q) == ty)
 }
 
 /// `[quantization]` of a model directory: the modules whose weight is stored packed.
@@ -60,7 +65,7 @@ pub fn quant_type(ty: GgmlType) -> Option<QuantType> {
 #[serde(deny_unknown_fields)]
 pub struct Quantization {
     /// Module path (`model.layers.0.self_attn.q_proj`) -> block format (`Q8_0`, `Q4_0`,
-    /// `Q4_1`).
+    /// `Q4_1`, `Q5_0`, `Q4_K`, `Q6_K`).
     pub tensors: BTreeMap<String, String>,
 }
 
@@ -71,7 +76,7 @@ impl Quantization {
             if QuantType::from_name(ty).is_none() {
                 return Err(FieldError::new(
                     "quantization.tensors",
-                    format!("{path} = {ty:?}: unknown block format (Q8_0, Q4_0 or Q4_1)"),
+                    format!("{path} = {ty:?}: unknown block format (Q8_0, Q4_0, Q4_1, Q5_0, Q4_K or Q6_K)"),
                 ));
             }
         }
@@ -166,9 +171,9 @@ fn packed_bytes(packed: &Param<Tensor<3, Int>>) -> Vec<u8> {
 /// Dequantize all rows of `shape` from `bytes` into `out` (`rows * cols` values).
 pub fn dequantize_rows(shape: PackedShape, bytes: &[u8], out: &mut [f32]) {
     match shape.layout {
-        Layout::Rows => dequantize(ggml_type(shape.ty), bytes, out),
+        Layout::Rows => dequantize(shape.ty, bytes, out),
         Layout::X8 => dequantize(
-            ggml_type(shape.ty),
+            shape.ty,
             &x8::deinterleave(shape.ty, bytes, shape.rows, shape.cols),
             out,
         ),
@@ -184,11 +189,11 @@ thread_local! {
 pub fn dequantize_row(shape: PackedShape, bytes: &[u8], i: usize, out: &mut [f32]) {
     let rb = shape.row_bytes();
     match shape.layout {
-        Layout::Rows => dequantize(ggml_type(shape.ty), &bytes[i * rb..(i + 1) * rb], out),
+        Layout::Rows => dequantize(shape.ty, &bytes[i * rb..(i + 1) * rb], out),
         Layout::X8 => ROW.with_borrow_mut(|row| {
             row.resize(rb, 0);
             x8::row_blocks(shape.ty, bytes, shape.cols, i, row);
-            dequantize(ggml_type(shape.ty), row, out)
+            dequantize(shape.ty, row, out)
         }),
     }
 }
@@ -934,7 +939,8 @@ mod tests {
             err.contains("model.layers.5.mlp.up_proj") && err.contains("model.norm"),
             "{err}"
         );
-        assert!(plan(&[("lm_head", "Q6_K")]).validate().is_err());
+        assert!(plan(&[("lm_head", "Q5_1")]).validate().is_err());
+        assert!(plan(&[("lm_head", "Q6_K")]).validate().is_ok());
     }
 
     #[test]
