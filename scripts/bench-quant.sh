@@ -5,7 +5,9 @@
 # --pure`, every tensor in the one type as Kiln packs it: the linear weights and the
 # token embedding, norms f32), 2 threads each. Format `shipped`: the downloaded GGUF
 # file itself, run by llama.cpp as it is and by Kiln after `convert --keep-quantized`
-# (its Q8_0/Q4_0/Q4_1 tensors kept in their blocks, any other type dequantized).
+# (its Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K tensors kept packed, any other type dequantized).
+# A Kiln directory older than the `convert` binary is made again (a stale one would
+# measure an earlier converter's output).
 #   scripts/bench-quant.sh [smollm2|gemma3]...            (default: smollm2 gemma3)
 #   FORMATS="q8_0 q4_0" SPEED=0 ERROR=0 scripts/bench-quant.sh ...   (subsets)
 # Speed: decode tokens/s at batch 1 (128 tokens after a 16-token prompt) and batch 8,
@@ -37,6 +39,8 @@ declare -A DIR=([smollm2]=smollm2-135m-instruct [gemma3]=gemma-3-270m)
 declare -A GGUF=([smollm2]=SmolLM2-135M-Instruct.Q4_1.gguf [gemma3]=gemma-3-270m-q4_k_m.gguf)
 models=("$@")
 [ ${#models[@]} -gt 0 ] || models=(smollm2 gemma3)
+# Whether the Kiln directory $1 must be (re)made: missing, or older than `convert`.
+stale() { [ ! -f "$1/model.safetensors" ] || [ "$target/release/convert" -nt "$1/model.safetensors" ]; }
 rss() { awk '/Maximum resident/ {printf "%.0f", $6 / 1024}' "$1"; }
 up() { if [ "$1" = shipped ]; then echo "as shipped (${GGUF[$m]})"; else echo "$1" | tr a-z A-Z; fi; }
 
@@ -53,7 +57,7 @@ for m in "${models[@]}"; do
   src="datasets/pretrained/${DIR[$m]}/${GGUF[$m]}"
   kiln="$work/$m-kiln"
   f32="$work/$m-f32.gguf"
-  [ -f "$kiln/model.safetensors" ] || "$target/release/convert" --input "$src" --output "$kiln" > /dev/null
+  stale "$kiln" && "$target/release/convert" --input "$src" --output "$kiln" > /dev/null
   [ -f "$f32" ] || "$llama/llama-quantize" --allow-requantize "$src" "$f32" F32 > "$work/$m-quantize.log" 2>&1
   "$py" scripts/llm_prompts.py "$kiln/tokenizer.json" "$work/$m"
   declare -A kdir ggufs
@@ -62,10 +66,10 @@ for m in "${models[@]}"; do
     kdir[$f]="$work/$m-kiln-$f"; ggufs[$f]="$work/$m-$f.gguf"
     if [ "$f" = shipped ]; then
       ggufs[$f]="$src"
-      [ -f "${kdir[$f]}/model.safetensors" ] || "$target/release/convert" --keep-quantized --input "$src" --output "${kdir[$f]}" > "$work/$m-kiln-$f.log"
+      stale "${kdir[$f]}" && "$target/release/convert" --keep-quantized --input "$src" --output "${kdir[$f]}" > "$work/$m-kiln-$f.log"
       continue
     fi
-    [ -f "${kdir[$f]}/model.safetensors" ] || "$target/release/convert" --quantize "$f" --input "$kiln" --output "${kdir[$f]}" > "$work/$m-kiln-$f.log"
+    stale "${kdir[$f]}" && "$target/release/convert" --quantize "$f" --input "$kiln" --output "${kdir[$f]}" > "$work/$m-kiln-$f.log"
     [ -f "${ggufs[$f]}" ] || "$llama/llama-quantize" --pure "$f32" "${ggufs[$f]}" "$(up "$f")" > "$work/$m-quantize-$f.log" 2>&1
   done
   all=(f32 "${formats[@]}")
