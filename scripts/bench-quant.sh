@@ -39,8 +39,12 @@ declare -A DIR=([smollm2]=smollm2-135m-instruct [gemma3]=gemma-3-270m)
 declare -A GGUF=([smollm2]=SmolLM2-135M-Instruct.Q4_1.gguf [gemma3]=gemma-3-270m-q4_k_m.gguf)
 models=("$@")
 [ ${#models[@]} -gt 0 ] || models=(smollm2 gemma3)
-# Whether the Kiln directory $1 must be (re)made: missing, or older than `convert`.
-stale() { [ ! -f "$1/model.safetensors" ] || [ "$target/release/convert" -nt "$1/model.safetensors" ]; }
+# Whether the Kiln directory $1 must be (re)made: missing, or older than `convert`
+# (then it is removed: convert refuses an existing output directory).
+stale() {
+  [ -f "$1/model.safetensors" ] && [ ! "$target/release/convert" -nt "$1/model.safetensors" ] && return 1
+  rm -rf "$1"
+}
 rss() { awk '/Maximum resident/ {printf "%.0f", $6 / 1024}' "$1"; }
 up() { if [ "$1" = shipped ]; then echo "as shipped (${GGUF[$m]})"; else echo "$1" | tr a-z A-Z; fi; }
 
