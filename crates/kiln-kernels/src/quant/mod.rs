@@ -664,40 +664,13 @@ fn portable_row_dot(ty: QuantType, w: &[u8], acts: &[ActBlock]) -> f32 {
                 let dot: i32 = b[2..].iter().zip(&a.q).map(|(&q, &x)| q as i8 as i32 * x as i32).sum();
                 sum += f16_at(b, 0) * a.d * dot as f32;
             }
-            QuantType::Q4_0 => {
-                let mut dot = 0i32;
-                for j in 0..16 {
-                    dot += ((b[2 + j] & 0x0f) as i32 - 8) * a.q[j] as i32;
-                    dot += ((b[2 + j] >> 4) as i32 - 8) * a.q[j + 16] as i32;
-                }
-                sum += f16_at(b, 0) * a.d * dot as f32;
-            }
-            QuantType::Q4_1 => {
-                let mut dot = 0i32;
-                for j in 0..16 {
-                    dot += (b[4 + j] & 0x0f) as i32 * a.q[j] as i32;
-                    dot += (b[4 + j] >> 4) as i32 * a.q[j + 16] as i32;
-                }
-                sum += f16_at(b, 0) * a.d * dot as f32 + f16_at(b, 2) * a.s;
-            }
+            QuantType::Q4_0 => sum += f16_at(b, 0) * a.d * (nibble_dot(&b[2..18], 0, a) - 8 * a.sum) as f32,
+            QuantType::Q4_1 => sum += f16_at(b, 0) * a.d * nibble_dot(&b[4..20], 0, a) as f32 + f16_at(b, 2) * a.s,
             QuantType::Q5_0 => {
                 let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-                let fifth = |i: usize| (((qh >> i) & 1) << 4) as i32;
-                let mut dot = 0i32;
-                for j in 0..16 {
-                    dot += ((b[6 + j] & 0x0f) as i32 | fifth(j)) * a.q[j] as i32;
-                    dot += ((b[6 + j] >> 4) as i32 | fifth(j + 16)) * a.q[j + 16] as i32;
-                }
-                sum += f16_at(b, 0) * a.d * (dot - 16 * a.sum) as f32;
+                sum += f16_at(b, 0) * a.d * (nibble_dot(&b[6..22], qh, a) - 16 * a.sum) as f32;
             }
-            QuantType::Q4K => {
-                let mut dot = 0i32;
-                for j in 0..16 {
-                    dot += (b[8 + j] & 0x0f) as i32 * a.q[j] as i32;
-                    dot += (b[8 + j] >> 4) as i32 * a.q[j + 16] as i32;
-                }
-                sum += f32_at(b, 0) * a.d * dot as f32 + f32_at(b, 4) * a.s;
-            }
+            QuantType::Q4K => sum += f32_at(b, 0) * a.d * nibble_dot(&b[8..24], 0, a) as f32 + f32_at(b, 4) * a.s,
             QuantType::Q6K => {
                 let half = |i: usize| -> i32 { (0..16).map(|j| b[4 + i + j] as i8 as i32 * a.q[i + j] as i32).sum() };
                 let d = f16_at(b, 0);
@@ -707,6 +680,18 @@ fn portable_row_dot(ty: QuantType, w: &[u8], acts: &[ActBlock]) -> f32 {
         }
     }
     sum
+}
+
+/// `Σ q_i x_i` over a block's 32 nibbles (`nibbles`: byte `j` holds value `j` low and `j
+/// + 16` high), each with its fifth bit from `qh` (Q5_0's; 0 for the 4-bit types).
+fn nibble_dot(nibbles: &[u8], qh: u32, a: &ActBlock) -> i32 {
+    let fifth = |i: usize| (((qh >> i) & 1) << 4) as i32;
+    let mut dot = 0i32;
+    for (j, &byte) in nibbles.iter().enumerate() {
+        dot += ((byte & 0x0f) as i32 | fifth(j)) * a.q[j] as i32;
+        dot += ((byte >> 4) as i32 | fifth(j + 16)) * a.q[j + 16] as i32;
+    }
+    dot
 }
 
 /// The integer kernels, compiled once per x86-64 path: `$features` for the target
