@@ -96,7 +96,7 @@ fn keep_blocks(
     hf: &str,
     config: &Value,
 ) -> Result<GgufBlocks, String> {
-    let ty = kiln_models::quant::quant_type(info.ty)
+    let ty = QuantType::from_ggml(info.ty)
         .ok_or_else(|| format!("GGUF type {} has no Kiln kernel (dequantized)", info.ty.name()))?;
     let shape = info.shape();
     let [rows, cols] = shape[..] else {
@@ -106,7 +106,10 @@ fn keep_blocks(
         .ok_or_else(|| "the architecture's fix-up of this tensor is not a row permutation".to_string())?;
     let data = file.data(info);
     // GGUF's row, and Kiln's (for Q4_K and Q6_K, 32-value blocks of the same values)
-    let (row_bytes, kiln_row) = kquant::gguf_bytes_for(ty, cols)
+    let (row_bytes, kiln_row) = info
+        .ty
+        .bytes_for(cols)
+        .filter(|_| cols.is_multiple_of(info.ty.block_size()))
         .zip(ty.bytes_for(cols))
         .ok_or_else(|| format!("rows of {cols} values are not whole {} blocks", ty.name()))?;
     if data.len() != rows * row_bytes {

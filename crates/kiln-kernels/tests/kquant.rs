@@ -119,7 +119,7 @@ fn max_abs(v: &[f32]) -> f32 {
 fn gguf_blocks_of_the_wrong_length_are_refused() {
     let mut out = Vec::new();
     let err = kquant::from_gguf(QuantType::Q4K, &[0u8; 145], &mut out).unwrap_err();
-    assert_eq!((err.found, err.block), (145, kquant::Q4_K_BYTES));
+    assert_eq!((err.found, err.block), (145, GgmlType::Q4_K.type_size()));
     assert!(kquant::from_gguf(QuantType::Q6K, &[0u8; 209], &mut out).is_err());
     assert!(kquant::from_gguf(QuantType::Q5_0, &[0u8; 23], &mut out).is_err());
     assert!(out.is_empty(), "nothing appended on an error");

@@ -33,7 +33,6 @@ use burn::module::{
 };
 use burn::prelude::*;
 use burn::tensor::DType;
-use kiln_gguf::quants::GgmlType;
 use kiln_kernels::quant::BLOCK;
 use kiln_kernels::quant::dequantize;
 use kiln_kernels::quant::x8;
@@ -41,24 +40,6 @@ pub use kiln_kernels::quant::{Layout, QuantType};
 use serde::{Deserialize, Serialize};
 
 use crate::registry::FieldError;
-
-/// The GGUF type a block format comes from (Q4_K and Q6_K in Kiln's 32-value form of
-/// GGUF's super-blocks, [`kiln_kernels::quant::kquant`]).
-pub fn ggml_type(ty: QuantType) -> GgmlType {
-    match ty {
-        QuantType::Q8_0 => GgmlType::Q8_0,
-        QuantType::Q4_0 => GgmlType::Q4_0,
-        QuantType::Q4_1 => GgmlType::Q4_1,
-        QuantType::Q5_0 => GgmlType::Q5_0,
-        QuantType::Q4K => GgmlType::Q4_K,
-        QuantType::Q6K => GgmlType::Q6_K,
-    }
-}
-
-/// The block format of a GGUF type, if Kiln has kernels for it ([`ggml_type`] reversed).
-pub fn quant_type(ty: GgmlType) -> Option<QuantType> {
-    QuantType::ALL.into_iter().find(|&q| ggml_type(q) == ty)
-}
 
 /// `[quantization]` of a model directory: the modules whose weight is stored packed.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -16,35 +16,10 @@
 //! f32), so [`super::dequantize`] of the Kiln blocks gives the bits that dequantizing
 //! the GGUF ones gives (tests/kquant.rs checks it against Kiln's GGUF reader).
 
-use super::{BLOCK, QuantType};
+use super::{BLOCK, QuantType, f16_at};
 
-/// Values per super-block.
+/// Values per super-block (ggml's `QK_K`).
 pub const SUPER: usize = 256;
-
-/// Bytes of a GGUF Q4_K super-block.
-pub const Q4_K_BYTES: usize = 144;
-
-/// Bytes of a GGUF Q6_K super-block.
-pub const Q6_K_BYTES: usize = 210;
-
-/// The GGUF super-block size of a K-quant format (`None` for the others, whose blocks
-/// are GGUF's own).
-pub const fn gguf_super_bytes(ty: QuantType) -> Option<usize> {
-    match ty {
-        QuantType::Q4K => Some(Q4_K_BYTES),
-        QuantType::Q6K => Some(Q6_K_BYTES),
-        _ => None,
-    }
-}
-
-/// Bytes GGUF stores `values` values of `ty` in (`None` unless whole blocks or
-/// super-blocks).
-pub fn gguf_bytes_for(ty: QuantType, values: usize) -> Option<usize> {
-    match gguf_super_bytes(ty) {
-        Some(bytes) => values.is_multiple_of(SUPER).then(|| values / SUPER * bytes),
-        None => ty.bytes_for(values),
-    }
-}
 
 /// Why GGUF blocks cannot be rewritten.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -58,7 +33,7 @@ pub struct LengthError {
 /// Append GGUF's blocks of `ty` (`src`) to `out` as Kiln's: a copy for the formats whose
 /// blocks are GGUF's own, the rewrite above for Q4_K and Q6_K.
 pub fn from_gguf(ty: QuantType, src: &[u8], out: &mut Vec<u8>) -> Result<(), LengthError> {
-    let block = gguf_super_bytes(ty).unwrap_or(ty.block_bytes());
+    let block = ty.ggml().type_size();
     if !src.len().is_multiple_of(block) {
         return Err(LengthError {
             ty: ty.name(),
@@ -72,10 +47,6 @@ pub fn from_gguf(ty: QuantType, src: &[u8], out: &mut Vec<u8>) -> Result<(), Len
         _ => out.extend_from_slice(src),
     }
     Ok(())
-}
-
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
 
 /// Sub-block `j`'s 6-bit scale and minimum from the 12 packed bytes (`get_scale_min_k4`).

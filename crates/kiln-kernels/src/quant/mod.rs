@@ -33,6 +33,7 @@
 use crate::matvec::{MAX_ROWS, PASS_ROWS};
 use crate::pool::Pool;
 use crate::{Isa, MAX_PRODUCTS, SharedMut, Split};
+use kiln_gguf::GgmlType;
 use std::cell::RefCell;
 
 pub mod kquant;
@@ -119,13 +120,77 @@ impl QuantType {
             .then(|| values / BLOCK * self.block_bytes())
     }
 
-    /// The numbers at the start of each block (their byte offsets and whether each is an
-    /// f32, else an f16), what [`check_blocks`] checks are finite.
-    const fn numbers(self) -> &'static [(usize, bool)] {
+    /// The GGUF type the blocks come from (for Q4_K and Q6_K, in Kiln's 32-value form
+    /// of its super-blocks).
+    pub const fn ggml(self) -> GgmlType {
         match self {
-            QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q6K => &[(0, false)],
-            QuantType::Q4_1 => &[(0, false), (2, false)],
-            QuantType::Q4K => &[(0, true), (4, true)],
+            QuantType::Q8_0 => GgmlType::Q8_0,
+            QuantType::Q4_0 => GgmlType::Q4_0,
+            QuantType::Q4_1 => GgmlType::Q4_1,
+            QuantType::Q5_0 => GgmlType::Q5_0,
+            QuantType::Q4K => GgmlType::Q4_K,
+            QuantType::Q6K => GgmlType::Q6_K,
+        }
+    }
+
+    /// The format of a GGUF type, if Kiln has kernels for it ([`QuantType::ggml`]
+    /// reversed).
+    pub fn from_ggml(ty: GgmlType) -> Option<QuantType> {
+        QuantType::ALL.into_iter().find(|q| q.ggml() == ty)
+    }
+
+    /// The fields at the start of each block, in order; the values follow them.
+    pub(crate) const fn head(self) -> &'static [Field] {
+        match self {
+            QuantType::Q8_0 | QuantType::Q4_0 => &[Field::F16],
+            QuantType::Q4_1 => &[Field::F16, Field::F16],
+            QuantType::Q5_0 => &[Field::F16, Field::Bytes(4)],
+            QuantType::Q4K => &[Field::F32, Field::F32],
+            QuantType::Q6K => &[Field::F16, Field::Bytes(1), Field::Bytes(1)],
+        }
+    }
+
+    /// Bytes of a block's [`head`](QuantType::head): where its values start.
+    pub(crate) const fn head_len(self) -> usize {
+        let (head, mut i, mut len) = (self.head(), 0, 0);
+        while i < head.len() {
+            len += head[i].width();
+            i += 1;
+        }
+        len
+    }
+
+    /// The byte offsets of a block's scales and minima and whether each is an f32 (else
+    /// an f16): what [`check_blocks`] checks are finite.
+    fn numbers(self) -> impl Iterator<Item = (usize, bool)> {
+        let mut at = 0;
+        self.head().iter().filter_map(move |&f| {
+            let here = at;
+            at += f.width();
+            match f {
+                Field::F16 => Some((here, false)),
+                Field::F32 => Some((here, true)),
+                Field::Bytes(_) => None,
+            }
+        })
+    }
+}
+
+/// A field at the start of a block: an f16 or f32 number (a scale or minimum), or bytes
+/// that are not one (Q5_0's fifth bits, Q6_K's i8 scales).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Field {
+    F16,
+    F32,
+    Bytes(usize),
+}
+
+impl Field {
+    pub(crate) const fn width(self) -> usize {
+        match self {
+            Field::F16 => 2,
+            Field::F32 => 4,
+            Field::Bytes(n) => n,
         }
     }
 }
@@ -191,7 +256,7 @@ pub fn check_blocks(ty: QuantType, data: &[u8], rows: usize, k: usize) -> Result
         });
     }
     for (i, block) in data.chunks_exact(ty.block_bytes()).enumerate() {
-        for &(at, wide) in ty.numbers() {
+        for (at, wide) in ty.numbers() {
             let value = if wide { f32_at(block, at) } else { f16_at(block, at) };
             if !value.is_finite() {
                 let per_row = k / BLOCK;
@@ -289,56 +354,34 @@ pub fn quantize(ty: QuantType, x: &[f32], out: &mut [u8]) {
 }
 
 /// The values of `data` (whole `ty` blocks) into `out`, in the arithmetic of gguf-py's
-/// `gguf.quants.dequantize` (for Q4_K and Q6_K, of the GGUF super-blocks they came from:
-/// the same f32 values, [`kquant`]). Panics on lengths that disagree.
+/// `gguf.quants.dequantize`: GGUF's own blocks by Kiln's GGUF reader
+/// ([`kiln_gguf::quants::dequantize`]), Q4_K's and Q6_K's 32-value blocks here, to the
+/// values of the GGUF super-blocks they came from ([`kquant`]). Panics on lengths that
+/// disagree.
 pub fn dequantize(ty: QuantType, data: &[u8], out: &mut [f32]) {
+    if ty.gguf_blocks() {
+        return kiln_gguf::quants::dequantize(ty.ggml(), data, out);
+    }
     let bb = ty.block_bytes();
     assert_eq!(data.len() % bb, 0, "{}: whole blocks", ty.name());
     assert_eq!(out.len(), data.len() / bb * BLOCK, "{}: 32 values per block", ty.name());
     for (b, o) in data.chunks_exact(bb).zip(out.chunks_exact_mut(BLOCK)) {
         let (lo, hi) = o.split_at_mut(16);
-        match ty {
-            QuantType::Q8_0 => {
-                let d = f16_at(b, 0);
-                o.iter_mut().zip(&b[2..]).for_each(|(v, &q)| *v = d * q as i8 as f32);
+        if ty == QuantType::Q4K {
+            let (s, m) = (f32_at(b, 0), f32_at(b, 4));
+            for (j, &q) in b[ty.head_len()..].iter().enumerate() {
+                lo[j] = s * (q & 0x0f) as f32 + m;
+                hi[j] = s * (q >> 4) as f32 + m;
             }
-            QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q4K => {
-                let start = match ty {
-                    QuantType::Q4_0 => 2,
-                    QuantType::Q4_1 => 4,
-                    QuantType::Q5_0 => 6,
-                    _ => 8,
-                };
-                let nibbles = &b[start..start + 16];
-                let qh = if ty == QuantType::Q5_0 {
-                    u32::from_le_bytes([b[2], b[3], b[4], b[5]])
-                } else {
-                    0
-                };
-                let value = |i: usize, q: u8| -> f32 {
-                    let q = q as i32 | (((qh >> i) & 1) << 4) as i32;
-                    match ty {
-                        QuantType::Q4_0 => f16_at(b, 0) * (q - 8) as f32,
-                        QuantType::Q5_0 => f16_at(b, 0) * (q - 16) as f32,
-                        QuantType::Q4_1 => f16_at(b, 0) * q as f32 + f16_at(b, 2),
-                        _ => f32_at(b, 0) * q as f32 + f32_at(b, 4),
-                    }
-                };
-                for (j, &q) in nibbles.iter().enumerate() {
-                    lo[j] = value(j, q & 0x0f);
-                    hi[j] = value(j + 16, q >> 4);
-                }
-            }
-            QuantType::Q6K => {
-                let d = f16_at(b, 0);
-                let (s0, s1) = (d * b[2] as i8 as f32, d * b[3] as i8 as f32);
-                lo.iter_mut()
-                    .zip(&b[4..20])
-                    .for_each(|(v, &q)| *v = s0 * q as i8 as f32);
-                hi.iter_mut()
-                    .zip(&b[20..36])
-                    .for_each(|(v, &q)| *v = s1 * q as i8 as f32);
-            }
+        } else {
+            let d = f16_at(b, 0);
+            let (s0, s1) = (d * b[2] as i8 as f32, d * b[3] as i8 as f32);
+            lo.iter_mut()
+                .zip(&b[4..20])
+                .for_each(|(v, &q)| *v = s0 * q as i8 as f32);
+            hi.iter_mut()
+                .zip(&b[20..36])
+                .for_each(|(v, &q)| *v = s1 * q as i8 as f32);
         }
     }
 }
@@ -997,12 +1040,15 @@ mod tests {
             return w;
         }
         // (whole super-blocks, cut to `values`: the blocks are 32 values each)
-        let gguf = kquant::gguf_bytes_for(ty, values.div_ceil(kquant::SUPER) * kquant::SUPER).unwrap();
+        let gguf = ty
+            .ggml()
+            .bytes_for(values.div_ceil(kquant::SUPER) * kquant::SUPER)
+            .unwrap();
         let mut src: Vec<u8> = fill(gguf, seed).iter().map(|v| ((v + 1.0) * 127.9) as u8).collect();
         let (block, scales): (usize, &[usize]) = match ty {
             QuantType::Q5_0 => (22, &[0]),
-            QuantType::Q4K => (kquant::Q4_K_BYTES, &[0, 2]),
-            _ => (kquant::Q6_K_BYTES, &[208]),
+            QuantType::Q4K => (GgmlType::Q4_K.type_size(), &[0, 2]),
+            _ => (GgmlType::Q6_K.type_size(), &[208]),
         };
         for (b, blk) in src.chunks_exact_mut(block).enumerate() {
             for &at in scales {
@@ -1334,7 +1380,7 @@ mod tests {
             );
             // Row 1's second block: each of its numbers made NaN / infinite.
             let block = 2 + 1;
-            for &(at, wide) in ty.numbers() {
+            for (at, wide) in ty.numbers() {
                 let bad_bits: [&[u8]; 2] = if wide {
                     [&f32::NAN.to_le_bytes(), &f32::INFINITY.to_le_bytes()]
                 } else {

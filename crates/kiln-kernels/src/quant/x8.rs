@@ -74,29 +74,9 @@ macro_rules! by_rows {
     };
 }
 
-/// The widths in bytes of the numbers at the start of a block, in order (the values
-/// follow them).
-const fn fields(ty: QuantType) -> &'static [usize] {
-    match ty {
-        QuantType::Q8_0 | QuantType::Q4_0 => &[2],
-        QuantType::Q4_1 => &[2, 2],
-        QuantType::Q5_0 => &[2, 4],
-        QuantType::Q4K => &[4, 4],
-        QuantType::Q6K => &[2, 1, 1],
-    }
-}
-
 /// Bytes of the numbers (scales, minima, fifth bits) at the start of a group-block.
 const fn head_bytes(ty: QuantType) -> usize {
-    ROWS * (ty.block_bytes() - value_bytes(ty))
-}
-
-/// Bytes of one block's values.
-const fn value_bytes(ty: QuantType) -> usize {
-    match ty {
-        QuantType::Q8_0 | QuantType::Q6K => 32,
-        _ => 16,
-    }
+    ROWS * ty.head_len()
 }
 
 /// Whether a `[n, k]` weight can take the layout (whole groups of eight rows).
@@ -118,7 +98,7 @@ pub fn preferred() -> bool {
 /// ([`byte_map`]: the loads of a whole model go through it byte by byte).
 fn byte_at(ty: QuantType, r: usize, i: usize) -> (usize, u8) {
     let (mut base, mut start) = (0, 0);
-    for &width in fields(ty) {
+    for width in ty.head().iter().map(|f| f.width()) {
         if i < start + width {
             return (base + width * r + i - start, 0);
         }
