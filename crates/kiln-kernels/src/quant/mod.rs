@@ -558,13 +558,27 @@ pub fn matvec_many_with(isa: Isa, x: &[f32], m: usize, k: usize, products: &mut 
             let put = |r: usize, j: usize, s: f32| unsafe {
                 *{ out }.0.add((p0 + r) * n + j) = s + bias.map_or(0.0, |b| b[j])
             };
+            // Columns `j0..j0 + sums.len()` of row `r` at once (a group's eight lanes).
+            let put_lanes = |r: usize, j0: usize, sums: &[f32]| {
+                assert!(j0 + sums.len() <= n);
+                // SAFETY: as `put`, for these columns (checked to be in row `r`).
+                let y = unsafe { std::slice::from_raw_parts_mut({ out }.0.add((p0 + r) * n + j0), sums.len()) };
+                match bias {
+                    Some(b) => {
+                        for ((y, &s), &b) in y.iter_mut().zip(sums).zip(&b[j0..j0 + sums.len()]) {
+                            *y = s + b;
+                        }
+                    }
+                    None => y.copy_from_slice(sums),
+                }
+            };
             match layout {
                 Layout::Rows => rows_range(isa, ty, w, row_bytes, a, blocks, pass, u0..u1, |r0, j, sums| {
                     for (r, &s) in sums.iter().enumerate() {
                         put(r0 + r, j, s)
                     }
                 }),
-                Layout::X8 => groups_range(isa, ty, w, row_bytes, a, blocks, pass, u0..u1, put),
+                Layout::X8 => groups_range(isa, ty, w, row_bytes, a, blocks, pass, u0..u1, put_lanes),
             }
         });
     }
@@ -630,7 +644,8 @@ fn rows_range(
 }
 
 /// Groups `gs` of eight weight rows of `w` ([`Layout::X8`]) · each of the `m` quantized
-/// activation rows: `put(r, j, sum)` for activation row `r` and weight row `j`; each
+/// activation rows: `put(r, j, sums)` for activation row `r` and weight rows `j..j + 8`
+/// (one group's); each
 /// group (or pair) through all the rows, [`MAX_ROWS`] at a time.
 #[allow(clippy::too_many_arguments)]
 fn groups_range(
@@ -642,7 +657,7 @@ fn groups_range(
     blocks: usize,
     m: usize,
     gs: std::ops::Range<usize>,
-    put: impl Fn(usize, usize, f32),
+    put: impl Fn(usize, usize, &[f32]),
 ) {
     let mut out = [[[0f32; x8::ROWS]; MAX_ROWS]; 2];
     let group_bytes = x8::ROWS * row_bytes;
@@ -662,16 +677,14 @@ fn groups_range(
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `isa` is available (checked by the caller): AVX-512 VNNI, VL and BW.
                 unsafe {
-                    x8::vnni512::pair(ty, gw, acts, blocks, rows, &mut out)
+                    x8::vnni512::pair(ty, gw, acts, blocks, rows, r0 == 0, &mut out)
                 };
             } else {
                 x8::group(isa, ty, gw, acts, blocks, rows, r0 == 0, &mut out[0]);
             }
             for (i, out) in out.iter().enumerate().take(1 + two as usize) {
                 for (r, sums) in out.iter().enumerate().take(rows) {
-                    for (lane, &s) in sums.iter().enumerate() {
-                        put(r0 + r, (g + i) * x8::ROWS + lane, s);
-                    }
+                    put(r0 + r, (g + i) * x8::ROWS, sums);
                 }
             }
         }
@@ -1229,7 +1242,8 @@ mod tests {
             let rows = pack(ty, n * k, 41);
             let w = x8::interleave(ty, &rows, n, k);
             let row_bytes = ty.bytes_for(k).unwrap();
-            let m = 11;
+            // Past MAX_ROWS twice: the rows go through 8 at a time.
+            let m = 19;
             let x = fill(m * k, 42);
             let mut first: Option<Vec<f32>> = None;
             for isa in Isa::available() {
@@ -1246,7 +1260,7 @@ mod tests {
                     quantize_act(&x[r * k..(r + 1) * k], &mut acts);
                     let shifted = std::cell::RefCell::new(vec![f32::NAN; n]);
                     groups_range(isa, ty, &w, row_bytes, &acts, k / BLOCK, 1, 2..n / 8, |_, j, s| {
-                        shifted.borrow_mut()[j] = s
+                        shifted.borrow_mut()[j..j + s.len()].copy_from_slice(s)
                     });
                     let shifted = shifted.into_inner();
                     assert_eq!(shifted[16..], alone[16..], "{ty:?} {isa:?} row {r}, groups from 2");

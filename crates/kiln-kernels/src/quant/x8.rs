@@ -526,15 +526,16 @@ pub(super) mod vnni512 {
         acts: &[ActBlock],
         blocks: usize,
         m: usize,
+        ahead: bool,
         out: &mut [[[f32; ROWS]; MAX_ROWS]; 2],
     ) {
         assert!(gw.len() >= 2 * blocks * ROWS * ty.block_bytes() && acts.len() >= m * blocks && m <= MAX_ROWS);
         // SAFETY: as the caller's.
         unsafe {
             match ty {
-                QuantType::Q8_0 => by_rows!(rows, 0, m, (gw, acts, blocks, out)),
-                QuantType::Q4_0 => by_rows!(rows, 1, m, (gw, acts, blocks, out)),
-                QuantType::Q4_1 => by_rows!(rows, 2, m, (gw, acts, blocks, out)),
+                QuantType::Q8_0 => by_rows!(rows, 0, m, (gw, acts, blocks, ahead, out)),
+                QuantType::Q4_0 => by_rows!(rows, 1, m, (gw, acts, blocks, ahead, out)),
+                QuantType::Q4_1 => by_rows!(rows, 2, m, (gw, acts, blocks, ahead, out)),
                 _ => unreachable!("{}: the 256-bit kernel (groups_range)", ty.name()),
             }
         }
@@ -569,6 +570,7 @@ pub(super) mod vnni512 {
         gw: &[u8],
         acts: &[ActBlock],
         blocks: usize,
+        ahead: bool,
         out: &mut [[[f32; ROWS]; MAX_ROWS]; 2],
     ) {
         let ty = QuantType::ALL[T as usize];
@@ -578,7 +580,19 @@ pub(super) mod vnni512 {
         let mut acc = [_mm512_setzero_ps(); M];
         let mut off = [_mm512_setzero_ps(); M];
         let low = _mm512_set1_epi8(0x0f);
+        // The next pair: the two groups after these two.
+        let next = gw.as_ptr().wrapping_add(2 * second) as *const i8;
         for b in 0..blocks {
+            if ahead {
+                // As the 256-bit kernels: block `b` of both next groups while this pair's
+                // block `b` is read (a prefetch never faults).
+                let mut at = 0;
+                while at < gb {
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(b * gb + at));
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(second + b * gb + at));
+                    at += 64;
+                }
+            }
             // SAFETY: the caller checked that `gw` holds two groups of `blocks`
             // group-blocks and `acts` `M` rows of `blocks` blocks.
             unsafe {
