@@ -73,7 +73,7 @@ pub async fn completions(State(state): State<Shared>, body: Bytes) -> Result<Res
     if prompts.is_empty() {
         return Err(ApiError::bad_param("prompt", "is empty"));
     }
-    let vocab = lm.tokenizer.vocab_size() as u32;
+    let vocab = lm.vocab;
     for (i, p) in prompts.iter().enumerate() {
         if let Some(bad) = p.iter().find(|&&t| t >= vocab) {
             return Err(ApiError::bad_param(

@@ -101,6 +101,10 @@ pub enum ServeError {
 pub struct LanguageModel {
     pub generator: generation::Generator,
     pub tokenizer: Arc<Tokenizer>,
+    /// The tokenizer's vocabulary with its added tokens, counted once at load: the
+    /// `tokenizers` crate counts it by building the whole vocabulary map (49,152 entries
+    /// for SmolLM2), which every request paid on the async runtime.
+    pub vocab: u32,
     /// `None`: a base model (chat answers `400`).
     pub template: Option<Arc<ChatTemplate>>,
     pub context: usize,
@@ -249,6 +253,7 @@ fn load_and_run(state: &AppState) -> Result<(), ServeError> {
             let served = Served::Language(LanguageModel {
                 generator,
                 tokenizer: Arc::new(tokenizer.clone()),
+                vocab: tokenizer.vocab_size() as u32,
                 template,
                 context: model.context_len(),
                 eos_token_ids: loaded.eos_token_ids.clone(),
