@@ -553,15 +553,11 @@ pub fn matvec_many_with(isa: Isa, x: &[f32], m: usize, k: usize, products: &mut 
         Pool::global().run(split.tasks(), &|t| {
             let (i, u0, u1) = split.task(t);
             let (ty, layout, w, bias, n, row_bytes, out) = jobs[i].expect("a product of this call");
-            // SAFETY: task `t` alone writes columns of its rows (or groups) of product
-            // i's `y` (m rows of n), which outlives the job.
-            let put = |r: usize, j: usize, s: f32| unsafe {
-                *{ out }.0.add((p0 + r) * n + j) = s + bias.map_or(0.0, |b| b[j])
-            };
-            // Columns `j0..j0 + sums.len()` of row `r` at once (a group's eight lanes).
-            let put_lanes = |r: usize, j0: usize, sums: &[f32]| {
+            // Columns `j0..j0 + sums.len()` of row `r` (one column, or a group's eight).
+            let put = |r: usize, j0: usize, sums: &[f32]| {
                 assert!(j0 + sums.len() <= n);
-                // SAFETY: as `put`, for these columns (checked to be in row `r`).
+                // SAFETY: task `t` alone writes columns of its rows (or groups) of product
+                // i's `y` (m rows of n), which outlives the job; these are in row `r`.
                 let y = unsafe { std::slice::from_raw_parts_mut({ out }.0.add((p0 + r) * n + j0), sums.len()) };
                 match bias {
                     Some(b) => {
@@ -574,11 +570,11 @@ pub fn matvec_many_with(isa: Isa, x: &[f32], m: usize, k: usize, products: &mut 
             };
             match layout {
                 Layout::Rows => rows_range(isa, ty, w, row_bytes, a, blocks, pass, u0..u1, |r0, j, sums| {
-                    for (r, &s) in sums.iter().enumerate() {
-                        put(r0 + r, j, s)
+                    for (r, s) in sums.iter().enumerate() {
+                        put(r0 + r, j, std::slice::from_ref(s))
                     }
                 }),
-                Layout::X8 => groups_range(isa, ty, w, row_bytes, a, blocks, pass, u0..u1, put_lanes),
+                Layout::X8 => groups_range(isa, ty, w, row_bytes, a, blocks, pass, u0..u1, put),
             }
         });
     }
